@@ -1,0 +1,114 @@
+"""A hash-chained, signed audit log of model updates (append-only JSON Lines).
+
+Each entry carries the hash of the previous entry (a hash chain, as in Certificate
+Transparency's append-only log idea and RFC 6962's leaf hashing), and the aggregator's ML-DSA
+signature over its own hash; the log can be verified offline with only the federation's CA
+certificate: `pqfed audit verify LOG --ca ca.pem`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pqfed.pqc.backends import get_backend
+from pqfed.pqc.errors import AuditLogError, CertificateError, DecodeError, InvalidSignature
+from pqfed.pqc.identity import Certificate, Identity, Role, TrustAnchor
+
+AUDIT_CONTEXT = b"pqfed/audit/v1"
+GENESIS = "0" * 64
+
+
+def _canonical(entry: dict[str, Any]) -> bytes:
+    return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def entry_hash(entry: dict[str, Any]) -> str:
+    body = {k: v for k, v in entry.items() if k not in ("hash", "sig")}
+    return hashlib.sha3_256(_canonical(body)).hexdigest()
+
+
+class AuditLog:
+    """Appends signed entries; reopening an existing log continues its chain."""
+
+    def __init__(self, path: Path, identity: Identity) -> None:
+        self.path = path
+        self._identity = identity
+        self._seq = 0
+        self._prev = GENESIS
+        if path.exists():
+            summary = verify_audit_log(path, None)
+            self._seq, self._prev = summary.entries, summary.head
+
+    def append(self, event: str, **fields: Any) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "seq": self._seq,
+            "time": round(time.time(), 3),
+            "event": event,
+            "prev": self._prev,
+            "signer": self._identity.certificate.to_pem() if self._seq == 0 else
+            self._identity.certificate.fingerprint,
+            **fields,
+        }
+        digest = entry_hash(entry)
+        entry["hash"] = digest
+        entry["sig"] = self._identity.sign(bytes.fromhex(digest), AUDIT_CONTEXT).hex()
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry, sort_keys=True) + "\n")
+        self._seq += 1
+        self._prev = digest
+        return entry
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSummary:
+    entries: int
+    head: str
+    signer: str
+    events: dict[str, int]
+
+
+def verify_audit_log(path: Path, trust: TrustAnchor | None) -> AuditSummary:
+    """Verifies the chain and every signature. With `trust`, the signer's certificate must be
+    an aggregator's issued by that CA. Raises AuditLogError(line, reason)."""
+    prev, signer_cert = GENESIS, None
+    events: dict[str, int] = {}
+    count = 0
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AuditLogError(lineno, f"not JSON: {exc}") from None
+        if not isinstance(entry, dict):
+            raise AuditLogError(lineno, "entry is not an object")
+        if entry.get("seq") != count:
+            raise AuditLogError(lineno, f"seq {entry.get('seq')} where {count} was expected "
+                                        "(entry removed or reordered)")
+        if entry.get("prev") != prev:
+            raise AuditLogError(lineno, "prev does not match the previous entry's hash")
+        if entry.get("hash") != entry_hash(entry):
+            raise AuditLogError(lineno, "hash does not match the entry (entry modified)")
+        if count == 0:
+            try:
+                signer_cert = Certificate.from_pem(str(entry.get("signer", "")))
+                if trust is not None:
+                    trust.verify(signer_cert, roles=(Role.AGGREGATOR,), now=entry["time"])
+            except (DecodeError, CertificateError) as exc:
+                raise AuditLogError(lineno, f"signer certificate: {exc}") from None
+        elif signer_cert is None or entry.get("signer") != signer_cert.fingerprint:
+            raise AuditLogError(lineno, "signer differs from the log's first entry")
+        assert signer_cert is not None
+        try:
+            get_backend().sig_verify(signer_cert.sig_algorithm, signer_cert.public_key,
+                                     bytes.fromhex(entry["hash"]), bytes.fromhex(entry["sig"]),
+                                     AUDIT_CONTEXT)
+        except (InvalidSignature, ValueError, KeyError):
+            raise AuditLogError(lineno, "signature does not verify") from None
+        prev = entry["hash"]
+        events[entry["event"]] = events.get(entry["event"], 0) + 1
+        count += 1
+    return AuditSummary(count, prev, signer_cert.node_id if signer_cert else "", events)

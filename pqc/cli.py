@@ -1,0 +1,120 @@
+"""`pqfed ca|sidecar|audit|bench-pqc` subcommands (registered by pqfed.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+from pqfed.pqc.identity import Certificate, CertificateAuthority, Identity, Role, TrustAnchor
+
+
+def _ca_init(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ca = CertificateAuthority.generate(args.federation, algorithm=args.algorithm,
+                                       validity_s=args.days * 86400)
+    ca.identity.save(out / "ca.crt", out / "ca.key")
+    print(f"CA for federation {args.federation!r} written to {out}/ca.crt and {out}/ca.key "
+          f"(fingerprint {ca.root.fingerprint[:16]})")
+    return 0
+
+
+def _ca_issue(args: argparse.Namespace) -> int:
+    ca_dir, out = Path(args.ca), Path(args.out)
+    ca = CertificateAuthority(Identity.load_files(ca_dir / "ca.crt", ca_dir / "ca.key"))
+    out.mkdir(parents=True, exist_ok=True)
+    ident = ca.new_identity(args.node_id, Role.parse(args.role), algorithm=args.algorithm,
+                            validity_s=args.days * 86400)
+    ident.save(out / "tls.crt", out / "tls.key")
+    (out / "ca.crt").write_text(ca.root.to_pem())
+    print(f"{args.role} {args.node_id!r}: {out}/tls.crt, {out}/tls.key, {out}/ca.crt")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from pqfed.pqc.audit import verify_audit_log  # noqa: PLC0415
+
+    trust = TrustAnchor(Certificate.from_pem(Path(args.ca).read_text()))
+    summary = verify_audit_log(Path(args.log), trust)
+    print(json.dumps({"ok": True, "entries": summary.entries, "head": summary.head,
+                      "signer": summary.signer, "events": summary.events}, indent=2))
+    return 0
+
+
+def _sidecar(args: argparse.Namespace) -> int:
+    from pqfed.pqc.sidecar.admin import serve  # noqa: PLC0415
+    from pqfed.pqc.sidecar.config import Endpoint, Route, SidecarConfig  # noqa: PLC0415
+    from pqfed.pqc.sidecar.proxy import Sidecar  # noqa: PLC0415
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.config:
+        config = SidecarConfig.from_yaml(Path(args.config))
+    else:
+        config = SidecarConfig(
+            cert=Path(args.cert), key=Path(args.key), ca=Path(args.ca),
+            listen=Endpoint.parse(args.listen, "--listen") if args.listen else None,
+            upstream=Endpoint.parse(args.upstream, "--upstream") if args.upstream else None,
+            routes=tuple(Route.parse(r) for r in args.route),
+            admin=Endpoint.parse(args.admin, "--admin") if args.admin else None,
+            handshake_timeout_s=args.handshake_timeout,
+        )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(Sidecar(config)))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pqfed.pqc.bench import main as bench_main  # noqa: PLC0415
+
+    return int(bench_main(args))
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ca = sub.add_parser("ca", help="federation CA: init, issue node certificates")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True)
+    init = ca_sub.add_parser("init", help="create a federation CA (ML-DSA-65)")
+    init.add_argument("--federation", required=True)
+    init.add_argument("--out", required=True)
+    init.add_argument("--algorithm", default="ML-DSA-65")
+    init.add_argument("--days", type=int, default=365)
+    init.set_defaults(func=_ca_init)
+    issue = ca_sub.add_parser("issue", help="issue a node identity")
+    issue.add_argument("--ca", required=True, help="directory with ca.crt and ca.key")
+    issue.add_argument("--node-id", required=True)
+    issue.add_argument("--role", required=True, choices=["aggregator", "client", "edge"])
+    issue.add_argument("--out", required=True)
+    issue.add_argument("--algorithm", default="ML-DSA-65")
+    issue.add_argument("--days", type=int, default=30)
+    issue.set_defaults(func=_ca_issue)
+
+    audit = sub.add_parser("audit", help="verify a signed, hash-chained audit log offline")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser("verify")
+    verify.add_argument("log")
+    verify.add_argument("--ca", required=True, help="the federation's ca.crt")
+    verify.set_defaults(func=_audit_verify)
+
+    sc = sub.add_parser("sidecar", help="run the PQC sidecar proxy")
+    sc.add_argument("--config", help="YAML config (overrides the flags)")
+    sc.add_argument("--cert", default="/etc/pqfed/identity/tls.crt")
+    sc.add_argument("--key", default="/etc/pqfed/identity/tls.key")
+    sc.add_argument("--ca", default="/etc/pqfed/identity/ca.crt")
+    sc.add_argument("--listen", help="inbound secure HOST:PORT (aggregator side)")
+    sc.add_argument("--upstream", help="local plaintext app HOST:PORT for inbound channels")
+    sc.add_argument("--route", action="append", default=[],
+                    help="outbound LISTEN=PEER[@NODE_ID], repeatable")
+    sc.add_argument("--admin", default="127.0.0.1:9901")
+    sc.add_argument("--handshake-timeout", type=float, default=10.0)
+    sc.add_argument("--log-level", default="info")
+    sc.set_defaults(func=_sidecar)
+
+    bench = sub.add_parser("bench-pqc", help="PQC micro/macro benchmarks (docs/BENCHMARKS.md)")
+    bench.add_argument("--out", default="results/bench-pqc")
+    bench.add_argument("--quick", action="store_true", help="fewer iterations (CI smoke run)")
+    bench.set_defaults(func=_bench)
+

@@ -1,0 +1,130 @@
+"""Sidecar configuration: typed, validated, loadable from YAML or CLI flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pqfed.pqc.handshake import Group, Suite, default_suites
+from pqfed.pqc.identity import Role
+
+
+class ConfigError(ValueError):
+    """A sidecar setting is invalid; the message names the field and the fix."""
+
+    def __init__(self, field_name: str, reason: str) -> None:
+        super().__init__(f"sidecar config field {field_name!r}: {reason}")
+        self.field = field_name
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, field_name: str) -> Endpoint:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(field_name, f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9092)")
+        return cls(host.strip("[]"), int(port))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Outbound: plaintext on `listen` (loopback) is carried to the sidecar at `peer`."""
+
+    listen: Endpoint
+    peer: Endpoint
+    peer_node_id: str | None = None
+    peer_roles: tuple[Role, ...] = (Role.AGGREGATOR, Role.EDGE)
+
+    @classmethod
+    def parse(cls, text: str) -> Route:
+        """LISTEN=PEER[@NODE_ID], e.g. 127.0.0.1:19092=aggregator.fl.svc:7443@aggregator."""
+        left, sep, right = text.partition("=")
+        if not sep:
+            raise ConfigError("routes", f"{text!r} is not LISTEN=PEER[@NODE_ID]")
+        peer, _, node = right.partition("@")
+        return cls(Endpoint.parse(left, "routes.listen"), Endpoint.parse(peer, "routes.peer"),
+                   node or None)
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarConfig:
+    cert: Path
+    key: Path
+    ca: Path
+    listen: Endpoint | None = None  # inbound secure port (aggregators, edge aggregators)
+    upstream: Endpoint | None = None  # local plaintext app port for inbound connections
+    routes: tuple[Route, ...] = ()
+    admin: Endpoint | None = field(default_factory=lambda: Endpoint("127.0.0.1", 9901))
+    groups: tuple[Group, ...] = (Group.X25519_MLKEM768,)
+    suites: tuple[Suite, ...] = field(default_factory=default_suites)
+    handshake_timeout_s: float = 10.0
+    crypto_threads: int = 4
+    allowed_client_roles: tuple[Role, ...] = (Role.CLIENT, Role.EDGE)
+
+    def __post_init__(self) -> None:
+        if (self.listen is None) != (self.upstream is None):
+            raise ConfigError("listen", "set both listen and upstream, or neither")
+        if self.listen is None and not self.routes:
+            raise ConfigError("routes", "nothing to do: give listen+upstream and/or routes")
+        if self.handshake_timeout_s <= 0:
+            raise ConfigError("handshake_timeout_s", "must be > 0 seconds")
+        if self.crypto_threads < 1:
+            raise ConfigError("crypto_threads", "must be >= 1")
+        for route in self.routes:
+            if route.listen.host not in ("127.0.0.1", "::1", "localhost"):
+                raise ConfigError("routes.listen", f"{route.listen} must be a loopback address: "
+                                  "plaintext never leaves the pod")
+        if self.upstream is not None and self.upstream.host not in ("127.0.0.1", "::1",
+                                                                    "localhost"):
+            raise ConfigError("upstream", "must be a loopback address: plaintext stays local")
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], base: Path = Path()) -> SidecarConfig:
+        known = {"cert", "key", "ca", "listen", "upstream", "routes", "admin", "groups",
+                 "suites", "handshakeTimeoutSeconds", "cryptoThreads"}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(sorted(unknown)[0],
+                              f"unknown field; known: {', '.join(sorted(known))}")
+        for required in ("cert", "key", "ca"):
+            if required not in data:
+                raise ConfigError(required, "required (path to a PEM file)")
+        try:
+            groups = tuple(Group[g] for g in data.get("groups", ["X25519_MLKEM768"]))
+        except KeyError as exc:
+            raise ConfigError("groups", f"unknown group {exc}; use {[g.name for g in Group]}"
+                              ) from None
+        try:
+            suites = (tuple(Suite[s] for s in data["suites"]) if "suites" in data
+                      else default_suites())
+        except KeyError as exc:
+            raise ConfigError("suites", f"unknown suite {exc}; use {[s.name for s in Suite]}"
+                              ) from None
+        return cls(
+            cert=base / data["cert"], key=base / data["key"], ca=base / data["ca"],
+            listen=Endpoint.parse(data["listen"], "listen") if data.get("listen") else None,
+            upstream=(Endpoint.parse(data["upstream"], "upstream") if data.get("upstream")
+                      else None),
+            routes=tuple(Route.parse(r) for r in data.get("routes", [])),
+            admin=Endpoint.parse(data["admin"], "admin") if data.get("admin") else None,
+            groups=groups, suites=suites,
+            handshake_timeout_s=float(data.get("handshakeTimeoutSeconds", 10.0)),
+            crypto_threads=int(data.get("cryptoThreads", 4)),
+        )
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> SidecarConfig:
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict):
+            raise ConfigError("(root)", f"{path} must hold a mapping")
+        return cls.from_mapping(data, path.parent)

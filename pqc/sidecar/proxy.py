@@ -1,0 +1,210 @@
+"""The sidecar's data plane.
+
+Inbound (aggregator side): remote sidecar --SecureChannel--> listen --plaintext--> upstream.
+Outbound (client side): app --plaintext--> route.listen --SecureChannel--> remote sidecar.
+
+Plaintext only ever crosses loopback inside the pod; the config refuses anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+from pqfed.pqc.backends import Backend, SigPrivateKey, get_backend
+from pqfed.pqc.channel import SecureChannel, client_channel, server_channel
+from pqfed.pqc.errors import ChannelClosed, HandshakeError, PqcError, RecordError
+from pqfed.pqc.handshake import HandshakeConfig
+from pqfed.pqc.identity import Certificate, Identity, TrustAnchor
+from pqfed.pqc.sidecar.config import Route, SidecarConfig
+from pqfed.pqc.sidecar.metrics import SidecarMetrics
+
+log = logging.getLogger("pqfed.sidecar")
+PUMP_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class _TimedKey:
+    """Observes ML-DSA signing latency (the long-tailed operation) into the metrics."""
+
+    inner: SigPrivateKey
+    metrics: SidecarMetrics
+
+    @property
+    def algorithm(self) -> str:
+        return self.inner.algorithm
+
+    def public_bytes(self) -> bytes:
+        return self.inner.public_bytes()
+
+    def private_bytes(self) -> bytes:
+        return self.inner.private_bytes()
+
+    def sign(self, message: bytes, context: bytes = b"") -> bytes:
+        start = time.perf_counter()
+        try:
+            return self.inner.sign(message, context)
+        finally:
+            self.metrics.sign_seconds.observe(time.perf_counter() - start)
+
+
+class _TimedBackend:
+    def __init__(self, inner: Backend, metrics: SidecarMetrics) -> None:
+        self._inner = inner
+        self._metrics = metrics
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def sig_verify(self, algorithm: str, public_key: bytes, message: bytes, signature: bytes,
+                   context: bytes = b"") -> None:
+        start = time.perf_counter()
+        try:
+            self._inner.sig_verify(algorithm, public_key, message, signature, context)
+        finally:
+            self._metrics.verify_seconds.observe(time.perf_counter() - start)
+
+
+class Sidecar:
+    def __init__(self, config: SidecarConfig, metrics: SidecarMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or SidecarMetrics()
+        identity = Identity.load_files(config.cert, config.key)
+        self.identity = Identity(identity.certificate, _TimedKey(identity.key, self.metrics))
+        self.trust = TrustAnchor(Certificate.from_pem(config.ca.read_text()))
+        self.trust.verify(identity.certificate)  # refuse to start with a foreign/expired cert
+        self._executor = ThreadPoolExecutor(config.crypto_threads, "pqfed-handshake")
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.ready = False
+        self.bound: dict[str, int] = {}
+
+    def _handshake_config(self, route: Route | None) -> HandshakeConfig:
+        base = HandshakeConfig(
+            self.identity, self.trust, suites=self.config.suites, groups=self.config.groups,
+            timeout_s=self.config.handshake_timeout_s,
+            backend=_TimedBackend(get_backend(), self.metrics),
+        )
+        if route is None:
+            return replace(base, peer_roles=self.config.allowed_client_roles)
+        return replace(base, peer_roles=route.peer_roles, peer_node_id=route.peer_node_id)
+
+    async def start(self) -> None:
+        c = self.config
+        if c.listen is not None:
+            srv = await asyncio.start_server(self._inbound, c.listen.host, c.listen.port)
+            self._servers.append(srv)
+            self.bound["listen"] = srv.sockets[0].getsockname()[1]
+        for i, route in enumerate(c.routes):
+            srv = await asyncio.start_server(
+                functools.partial(self._outbound, route), route.listen.host, route.listen.port)
+            self._servers.append(srv)
+            self.bound[f"route{i}"] = srv.sockets[0].getsockname()[1]
+        self.ready = True
+        log.info("sidecar %s ready: %s", self.identity.certificate.node_id, self.bound)
+
+    async def stop(self) -> None:
+        self.ready = False
+        for srv in self._servers:
+            srv.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for srv in self._servers:
+            with contextlib.suppress(Exception):
+                await srv.wait_closed()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _track(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _secure(self, side: str, coro: Any) -> SecureChannel | None:
+        try:
+            channel: SecureChannel = await coro
+        except HandshakeError as exc:
+            self.metrics.failures.labels("handshake", exc.field).inc()
+            return None
+        except (ConnectionError, OSError) as exc:
+            log.warning("%s connection failed: %s", side, exc)
+            self.metrics.failures.labels("handshake", "connect").inc()
+            return None
+        self.metrics.handshake_seconds.labels(side).observe(channel.handshake.seconds)
+        log.info("%s channel with %s (%s) up in %.1f ms", side, channel.peer.node_id,
+                 channel.peername, channel.handshake.seconds * 1e3)
+        return channel
+
+    async def _inbound(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert self.config.upstream is not None
+        self.metrics.connections.labels("inbound").inc()
+        channel = await self._secure(
+            "server", server_channel(reader, writer, self._handshake_config(None), self._executor))
+        if channel is None:
+            return
+        try:
+            app_r, app_w = await asyncio.open_connection(self.config.upstream.host,
+                                                         self.config.upstream.port)
+        except OSError as exc:
+            log.warning("upstream %s unreachable: %s", self.config.upstream, exc)
+            await channel.close()
+            return
+        await self._splice(channel, app_r, app_w)
+
+    async def _outbound(self, route: Route, app_r: asyncio.StreamReader,
+                        app_w: asyncio.StreamWriter) -> None:
+        self.metrics.connections.labels("outbound").inc()
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(route.peer.host, route.peer.port),
+                self.config.handshake_timeout_s)
+        except (OSError, TimeoutError) as exc:
+            log.warning("peer %s unreachable: %s", route.peer, exc)
+            self.metrics.failures.labels("connect", "peer").inc()
+            app_w.close()
+            return
+        channel = await self._secure(
+            "client", client_channel(reader, writer, self._handshake_config(route),
+                                     self._executor))
+        if channel is None:
+            app_w.close()
+            return
+        await self._splice(channel, app_r, app_w)
+
+    async def _splice(self, channel: SecureChannel, app_r: asyncio.StreamReader,
+                      app_w: asyncio.StreamWriter) -> None:
+        self.metrics.active.inc()
+        up = asyncio.ensure_future(self._app_to_channel(app_r, channel))
+        down = asyncio.ensure_future(self._channel_to_app(channel, app_w))
+        try:
+            await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (up, down):
+                task.cancel()
+            await asyncio.gather(up, down, return_exceptions=True)
+            await channel.close()
+            app_w.close()
+            self.metrics.bytes.labels("tx").inc(channel.bytes_sent)
+            self.metrics.bytes.labels("rx").inc(channel.bytes_received)
+            self.metrics.active.dec()
+
+    async def _app_to_channel(self, app_r: asyncio.StreamReader, channel: SecureChannel) -> None:
+        while data := await app_r.read(PUMP_CHUNK):
+            await channel.send(data)
+
+    async def _channel_to_app(self, channel: SecureChannel, app_w: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                app_w.write(await channel.recv())
+                await app_w.drain()
+        except ChannelClosed:
+            return
+        except RecordError as exc:
+            self.metrics.failures.labels("record", exc.field).inc()
+        except PqcError as exc:
+            self.metrics.failures.labels("record", type(exc).__name__).inc()
