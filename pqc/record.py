@@ -79,24 +79,36 @@ class FrameDecoder:
         self._max_protected = max(max_plaintext, MAX_FLIGHT) + 1 + TAG_LEN
 
     def feed(self, data: bytes) -> Iterator[Frame]:
-        self._buf += data
-        while len(self._buf) >= HEADER_LEN:
-            ftype, version, length = HEADER.unpack_from(self._buf)
-            if ftype not in (FrameType.HANDSHAKE, FrameType.PROTECTED):
-                raise RecordError("type", f"unknown frame type {ftype:#04x}")
-            if version != WIRE_VERSION:
-                raise RecordError("version", f"{version:#06x} is not {WIRE_VERSION:#06x}")
-            limit = MAX_HANDSHAKE_FRAME if ftype == FrameType.HANDSHAKE else self._max_protected
-            if length > limit:
-                raise RecordError("length", f"{length} exceeds the maximum {limit} (oversized)")
-            if ftype == FrameType.PROTECTED and length < 1 + TAG_LEN:
-                raise RecordError("length", f"{length} is shorter than the AEAD tag")
-            if len(self._buf) < HEADER_LEN + length:
-                return
-            header = bytes(self._buf[:HEADER_LEN])
-            body = bytes(self._buf[HEADER_LEN : HEADER_LEN + length])
-            del self._buf[: HEADER_LEN + length]
+        # Parse in place from one contiguous view; only an incomplete tail is kept, so each
+        # byte is copied once on the way to the AEAD (bulk model updates are the hot path).
+        if self._buf:
+            self._buf += data
+            view = memoryview(bytes(self._buf))
+            self._buf.clear()
+        else:
+            view = memoryview(data)
+        pos, end = 0, len(view)
+        while end - pos >= HEADER_LEN:
+            ftype, version, length = HEADER.unpack_from(view, pos)
+            self._check_header(ftype, version, length)
+            if end - pos < HEADER_LEN + length:
+                break
+            header = bytes(view[pos : pos + HEADER_LEN])
+            body = bytes(view[pos + HEADER_LEN : pos + HEADER_LEN + length])
+            pos += HEADER_LEN + length
             yield Frame(FrameType(ftype), header, body)
+        self._buf += view[pos:]
+
+    def _check_header(self, ftype: int, version: int, length: int) -> None:
+        if ftype not in (FrameType.HANDSHAKE, FrameType.PROTECTED):
+            raise RecordError("type", f"unknown frame type {ftype:#04x}")
+        if version != WIRE_VERSION:
+            raise RecordError("version", f"{version:#06x} is not {WIRE_VERSION:#06x}")
+        limit = MAX_HANDSHAKE_FRAME if ftype == FrameType.HANDSHAKE else self._max_protected
+        if length > limit:
+            raise RecordError("length", f"{length} exceeds the maximum {limit} (oversized)")
+        if ftype == FrameType.PROTECTED and length < 1 + TAG_LEN:
+            raise RecordError("length", f"{length} is shorter than the AEAD tag")
 
     @property
     def pending(self) -> int:

@@ -28,3 +28,10 @@ class SidecarMetrics:
         self.connections = Counter("pqfed_connections", "Connections accepted or opened",
                                    ["direction"], registry=r)
         self.active = Gauge("pqfed_connections_active", "Open secure channels", registry=r)
+        # Export every series from the start, so dashboards and alerts see zeros, not gaps.
+        for side in ("server", "client"):
+            self.handshake_seconds.labels(side)
+        for direction in ("tx", "rx"):
+            self.bytes.labels(direction)
+        for direction in ("inbound", "outbound"):
+            self.connections.labels(direction)

@@ -1,0 +1,59 @@
+# pqfed — every target creates the project's virtualenv on first use (no global installs).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.pqfed-installed
+export PQFED_CACHE ?= $(HOME)/.cache/pqfed
+
+.PHONY: all venv demo test test-fast lint typecheck bench-pqc bench-fl bench-testbed \
+        cluster-binaries cluster-up cluster-down clean
+
+all: test
+
+# One install for everything (torch is pinned once in pyproject.toml; the venv is kept).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[fl,k8s,dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/pqfed run examples/jobs/demo.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check pqc services operator testbed src tests
+	$(BIN)/mypy src/pqfed
+
+typecheck: lint
+
+# The README's test command: lint, types, then every test (unit, slow, cluster e2e).
+test: $(STAMP) lint cluster-binaries
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not cluster"
+
+bench-pqc: $(STAMP)
+	$(BIN)/pqfed bench-pqc --out results/bench-pqc
+
+bench-fl: $(STAMP)
+	$(BIN)/pqfed bench-fl --out results/bench-fl
+
+bench-testbed: $(STAMP)
+	$(BIN)/pqfed bench --out results/bench-testbed
+
+# Real kube-apiserver/etcd/controller-manager/scheduler built from the Go module proxy,
+# cached in $(PQFED_CACHE)/bin (never in the repository).
+cluster-binaries:
+	testbed/cluster/build.sh
+
+cluster-up: cluster-binaries
+	testbed/cluster/up.sh
+
+cluster-down:
+	testbed/cluster/down.sh
+
+clean:
+	rm -rf results .pytest_cache .mypy_cache .ruff_cache .hypothesis

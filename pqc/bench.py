@@ -1,0 +1,460 @@
+"""`make bench-pqc`: PQC latency, handshake, throughput, parallelism and sidecar memory.
+
+Every figure is a ratio measured within one run (ours vs baseline), so results from machines
+of different speed are comparable. Results: JSON + Markdown + PNG under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import mldsa, mlkem
+
+from pqfed.pqc.backends import get_backend
+from pqfed.pqc.handshake import ClientHandshake, Group, HandshakeConfig, ServerHandshake
+from pqfed.pqc.identity import CertificateAuthority, Identity, Role
+from pqfed.pqc.pool import CryptoPool, PoolMode, usable_cpus
+from pqfed.pqc.record import FrameDecoder
+from pqfed.pqc.signing import sign_update, verify_update
+
+
+def _stats(samples: list[float]) -> dict[str, float]:
+    s = sorted(samples)
+    return {
+        "mean_us": statistics.fmean(s) * 1e6,
+        "p50_us": s[len(s) // 2] * 1e6,
+        "p99_us": s[min(len(s) - 1, int(len(s) * 0.99))] * 1e6,
+        "n": len(s),
+    }
+
+
+def _time_pair(ours: Callable[[], object], raw: Callable[[], object], n: int) -> tuple[
+        list[float], list[float]]:
+    """Interleaves the two so that frequency scaling and noise hit both alike."""
+    a: list[float] = []
+    b: list[float] = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        ours()
+        t1 = time.perf_counter()
+        raw()
+        t2 = time.perf_counter()
+        a.append(t1 - t0)
+        b.append(t2 - t1)
+    return a, b
+
+
+def bench_primitives(n: int) -> dict[str, Any]:
+    backend = get_backend("pyca")
+    kem = backend.kem_generate("ML-KEM-768")
+    raw_kem = mlkem.MLKEM768PrivateKey.generate()
+    raw_pub = raw_kem.public_key()
+    ct, _ = backend.kem_encapsulate("ML-KEM-768", kem.public_bytes())
+    _, raw_ct = raw_pub.encapsulate()
+    sig = backend.sig_generate("ML-DSA-65")
+    raw_sig = mldsa.MLDSA65PrivateKey.generate()
+    msg = os.urandom(64)
+    signature, raw_signature = sig.sign(msg), raw_sig.sign(msg)
+    pk_bytes, raw_pk = sig.public_bytes(), raw_sig.public_key()
+    kem_pk = kem.public_bytes()
+    raw_pk_bytes = raw_pub.public_bytes_raw()
+    ops: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {
+        "ML-KEM-768 keygen": (lambda: backend.kem_generate("ML-KEM-768").public_bytes(),
+                              lambda: mlkem.MLKEM768PrivateKey.generate().public_key()
+                              .public_bytes_raw()),
+        "ML-KEM-768 encaps": (lambda: backend.kem_encapsulate("ML-KEM-768", kem_pk),
+                              lambda: mlkem.MLKEM768PublicKey.from_public_bytes(raw_pk_bytes)
+                              .encapsulate()),
+        "ML-KEM-768 decaps": (lambda: kem.decapsulate(ct), lambda: raw_kem.decapsulate(raw_ct)),
+        "ML-DSA-65 keygen": (lambda: backend.sig_generate("ML-DSA-65").public_bytes(),
+                             lambda: mldsa.MLDSA65PrivateKey.generate().public_key()
+                             .public_bytes_raw()),
+        "ML-DSA-65 sign": (lambda: sig.sign(msg), lambda: raw_sig.sign(msg)),
+        "ML-DSA-65 verify": (lambda: backend.sig_verify("ML-DSA-65", pk_bytes, msg, signature),
+                             lambda: raw_pk.verify(raw_signature, msg)),
+    }
+    out: dict[str, Any] = {}
+    for name, (ours, raw) in ops.items():
+        _time_pair(ours, raw, max(5, n // 10))  # warm-up
+        a, b = _time_pair(ours, raw, n)
+        sa, sb = _stats(a), _stats(b)
+        out[name] = {"ours": sa, "raw": sb, "overhead": sa["mean_us"] / sb["mean_us"] - 1,
+                     "overhead_p50": sa["p50_us"] / sb["p50_us"] - 1}
+    return out
+
+
+def _identities(sig_alg: str) -> tuple[CertificateAuthority, Identity, Identity]:
+    ca = CertificateAuthority.generate("bench", algorithm=sig_alg)
+    return (ca, ca.new_identity("aggregator", Role.AGGREGATOR, algorithm=sig_alg),
+            ca.new_identity("client-0", Role.CLIENT, algorithm=sig_alg))
+
+
+def _configs(classical: bool) -> tuple[HandshakeConfig, HandshakeConfig]:
+    alg = "Ed25519" if classical else "ML-DSA-65"
+    ca, agg, cli = _identities(alg)
+    groups = (Group.X25519,) if classical else (Group.X25519_MLKEM768,)
+    accept = ("Ed25519",) if classical else ("ML-DSA-65",)
+    return (HandshakeConfig(cli, ca.trust, groups=groups, peer_signature_algorithms=accept),
+            HandshakeConfig(agg, ca.trust, groups=groups, peer_signature_algorithms=accept))
+
+
+def handshake_in_memory(c_cfg: HandshakeConfig, s_cfg: HandshakeConfig) -> None:
+    client, server = ClientHandshake(c_cfg), ServerHandshake(s_cfg)
+    to_s, to_c = FrameDecoder(), FrameDecoder()
+    f1 = b"".join(server.receive(f) for f in to_s.feed(client.start()))
+    f2 = b"".join(client.receive(f) for f in to_c.feed(f1))
+    for f in to_s.feed(f2):
+        server.receive(f)
+    assert client.complete and server.complete
+
+
+async def _socket_handshakes(c_cfg: HandshakeConfig, s_cfg: HandshakeConfig,
+                             n: int) -> list[float]:
+    from pqfed.pqc.channel import connect, server_channel  # noqa: PLC0415
+
+    async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ch = await server_channel(r, w, s_cfg)
+        await ch.close()
+
+    srv = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        ch = await connect("127.0.0.1", port, c_cfg)
+        out.append(time.perf_counter() - t0)
+        ch.abort()
+    srv.close()
+    return out
+
+
+def bench_handshake(n: int) -> dict[str, Any]:
+    pq, classical = _configs(False), _configs(True)
+    res: dict[str, Any] = {}
+    for _name, (c, s) in (("pq", pq), ("classical", classical)):
+        for _ in range(5):
+            handshake_in_memory(c, s)
+    mem: dict[str, list[float]] = {"pq": [], "classical": []}
+    for _ in range(n):
+        for name, (c, s) in (("pq", pq), ("classical", classical)):
+            t0 = time.perf_counter()
+            handshake_in_memory(c, s)
+            mem[name].append(time.perf_counter() - t0)
+    sock = {name: asyncio.run(_socket_handshakes(c, s, n))
+            for name, (c, s) in (("pq", pq), ("classical", classical))}
+    for name in ("pq", "classical"):
+        res[name] = {"in_memory": _stats(mem[name]), "loopback": _stats(sock[name])}
+    res["ratio_in_memory"] = res["pq"]["in_memory"]["mean_us"] / \
+        res["classical"]["in_memory"]["mean_us"]
+    res["ratio_loopback"] = res["pq"]["loopback"]["mean_us"] / \
+        res["classical"]["loopback"]["mean_us"]
+    res["ratio_loopback_p50"] = res["pq"]["loopback"]["p50_us"] / \
+        res["classical"]["loopback"]["p50_us"]
+    return res
+
+
+# --- parallelism: one "peer task" is the aggregator-side crypto of one client in a round ----
+
+_WORKER: dict[str, Any] = {}
+
+
+def _peer_init(pems: tuple[str, str, str, str, str]) -> None:
+    from pqfed.pqc.identity import Certificate, TrustAnchor  # noqa: PLC0415
+
+    ca_pem, agg_crt, agg_key, cli_crt, cli_key = pems
+    trust = TrustAnchor(Certificate.from_pem(ca_pem))
+    agg, cli = Identity.load(agg_crt, agg_key), Identity.load(cli_crt, cli_key)
+    _WORKER["cfg"] = (HandshakeConfig(cli, trust), HandshakeConfig(agg, trust))
+    _WORKER["cli"] = cli
+    _WORKER["trust"] = trust
+    _WORKER["payload"] = os.urandom(256 * 1024)
+
+
+def peer_task(i: int) -> int:
+    """Full hybrid handshake + the client's signed update + the aggregator's verification."""
+    c_cfg, s_cfg = _WORKER["cfg"]
+    handshake_in_memory(c_cfg, s_cfg)
+    payload = _WORKER["payload"]
+    signed = sign_update(_WORKER["cli"], "bench", i, payload)
+    verify_update(signed, payload, _WORKER["trust"], job="bench", round_number=i)
+    return i
+
+
+def bench_parallel(peer_counts: list[int], repeats: int) -> dict[str, Any]:
+    ca, agg, cli = _identities("ML-DSA-65")
+    pems = (ca.root.to_pem(), agg.certificate.to_pem(), agg.private_key_pem(),
+            cli.certificate.to_pem(), cli.private_key_pem())
+    workers = usable_cpus()
+    res: dict[str, Any] = {"cpus": workers, "peers": {}}
+    pools = {mode: CryptoPool(mode, workers, _peer_init, (pems,))
+             for mode in (PoolMode.SEQUENTIAL, PoolMode.THREADS, PoolMode.PROCESSES)}
+    try:
+        for pool in pools.values():
+            pool.warm_up()
+            pool.map(peer_task, range(workers * 2))
+        for peers in peer_counts:
+            times: dict[str, list[float]] = {m.value: [] for m in pools}
+            for _ in range(repeats):
+                for mode, pool in pools.items():
+                    t0 = time.perf_counter()
+                    pool.map(peer_task, range(peers))
+                    times[mode.value].append(time.perf_counter() - t0)
+            best = {m: min(v) for m, v in times.items()}
+            res["peers"][str(peers)] = {
+                "seconds": best,
+                "speedup_threads": best["sequential"] / best["threads"],
+                "speedup_processes": best["sequential"] / best["processes"],
+                "latency_reduction_processes": 1 - best["processes"] / best["sequential"],
+            }
+    finally:
+        for pool in pools.values():
+            pool.close()
+    return res
+
+
+# --- throughput: sidecar pair vs plaintext relay pair, each end its own process -------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _plain_relay(listen: int, target: int) -> None:
+    async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(1 << 16):
+            w.write(data)
+            await w.drain()
+        w.close()
+
+    async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection("127.0.0.1", target)
+        await asyncio.gather(pump(r, uw), pump(ur, w), return_exceptions=True)
+
+    srv = await asyncio.start_server(on_conn, "127.0.0.1", listen)
+    async with srv:
+        await srv.serve_forever()
+
+
+def _run_plain_relay(listen: int, target: int) -> None:
+    asyncio.run(_plain_relay(listen, target))
+
+
+async def _sink_and_source(entry: int, sink_port: int, total: int) -> float:
+    done = asyncio.get_running_loop().create_future()
+
+    got = 0
+
+    async def sink(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        # Readiness probes also open (empty) connections through the relays: count bytes
+        # across connections and finish only when every byte arrived.
+        nonlocal got
+        while data := await r.read(1 << 18):
+            got += len(data)
+            if got >= total and not done.done():
+                done.set_result(time.perf_counter())
+        w.close()
+
+    srv = await asyncio.start_server(sink, "127.0.0.1", sink_port)
+    for _ in range(100):
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", entry)
+            break
+        except OSError:
+            await asyncio.sleep(0.1)
+    block = os.urandom(1 << 16)
+    t0 = time.perf_counter()
+    sent = 0
+    while sent < total:
+        w.write(block)
+        sent += len(block)
+        await w.drain()
+    end = await asyncio.wait_for(done, 120)
+    w.close()
+    await asyncio.sleep(0.3)  # let the EOF travel through the relays so the sink task ends
+    srv.close()
+    return float(total / (end - t0))
+
+
+def _wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"port {port} did not open")
+
+
+def _wait_ready(admin_port: int, timeout: float = 30) -> None:
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=1):
+                return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.1)
+    raise TimeoutError(f"sidecar admin port {admin_port} never became ready")
+
+
+def bench_throughput(total: int) -> dict[str, Any]:
+    res: dict[str, Any] = {"bytes": total}
+    ctx = get_context("spawn")
+    # plaintext relay pair: source -> relayA -> relayB -> sink
+    sink, a, b = _free_port(), _free_port(), _free_port()
+    procs = [ctx.Process(target=_run_plain_relay, args=(b, sink), daemon=True),
+             ctx.Process(target=_run_plain_relay, args=(a, b), daemon=True)]
+    for p in procs:
+        p.start()
+    _wait_port(a)
+    _wait_port(b)
+    res["plaintext_Bps"] = asyncio.run(_sink_and_source(a, sink, total))
+    for p in procs:
+        p.terminate()
+    # sidecar pair: source -> client sidecar -> (SecureChannel) -> aggregator sidecar -> sink
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        ca, agg, cli = _identities("ML-DSA-65")
+        (d / "ca.crt").write_text(ca.root.to_pem())
+        agg.save(d / "agg.crt", d / "agg.key")
+        cli.save(d / "cli.crt", d / "cli.key")
+        sink, secure, entry = _free_port(), _free_port(), _free_port()
+        admin_s, admin_c = _free_port(), _free_port()
+        base = [sys.executable, "-m", "pqfed.cli", "sidecar", "--ca", str(d / "ca.crt"),
+                "--log-level", "warning"]
+        server = subprocess.Popen([*base, "--cert", str(d / "agg.crt"), "--key",
+                                   str(d / "agg.key"), "--listen", f"127.0.0.1:{secure}",
+                                   "--upstream", f"127.0.0.1:{sink}", "--admin",
+                                   f"127.0.0.1:{admin_s}"])
+        client = subprocess.Popen([*base, "--cert", str(d / "cli.crt"), "--key",
+                                   str(d / "cli.key"), "--route",
+                                   f"127.0.0.1:{entry}=127.0.0.1:{secure}@aggregator",
+                                   "--admin", f"127.0.0.1:{admin_c}"])
+        try:
+            _wait_ready(admin_s)
+            _wait_ready(admin_c)
+            res["secure_Bps"] = asyncio.run(_sink_and_source(entry, sink, total))
+            import psutil  # noqa: PLC0415
+
+            res["sidecar_rss_mib"] = {
+                "aggregator": psutil.Process(server.pid).memory_info().rss / 2**20,
+                "client": psutil.Process(client.pid).memory_info().rss / 2**20,
+            }
+        finally:
+            for proc in (server, client):
+                proc.terminate()
+                proc.wait(10)
+    res["ratio"] = res["secure_Bps"] / res["plaintext_Bps"]
+    return res
+
+
+def _plot(results: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    files = []
+    par = results["parallel"]["peers"]
+    peers = [int(p) for p in par]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in ("sequential", "threads", "processes"):
+        ax.plot(peers, [par[str(p)]["seconds"][mode] * 1e3 for p in peers], marker="o",
+                label=mode)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("peers per round")
+    ax.set_ylabel("aggregator crypto time per round (ms)")
+    ax.set_title(f"Handshake + signed update per peer ({results['parallel']['cpus']} CPUs)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "parallel.png", dpi=120)
+    files.append("parallel.png")
+    plt.close(fig)
+    prim = results["primitives"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = list(prim)
+    ax.barh(names, [prim[n]["ours"]["mean_us"] for n in names], label="pqfed API")
+    ax.barh(names, [prim[n]["raw"]["mean_us"] for n in names], label="raw pyca", alpha=0.6)
+    ax.set_xlabel("mean latency (µs)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "primitives.png", dpi=120)
+    files.append("primitives.png")
+    plt.close(fig)
+    return files
+
+
+def _report(r: dict[str, Any]) -> str:
+    lines = ["| operation | pqfed mean µs | raw mean µs | p50 µs | p99 µs | API overhead |",
+             "|---|---|---|---|---|---|"]
+    for name, v in r["primitives"].items():
+        lines.append(f"| {name} | {v['ours']['mean_us']:.1f} | {v['raw']['mean_us']:.1f} | "
+                     f"{v['ours']['p50_us']:.1f} | {v['ours']['p99_us']:.1f} | "
+                     f"{v['overhead'] * 100:+.1f}% |")
+    h = r["handshake"]
+    lines += ["", "| handshake | PQ mean ms | classical mean ms | ratio |", "|---|---|---|---|",
+              f"| in memory (both ends) | {h['pq']['in_memory']['mean_us'] / 1e3:.2f} | "
+              f"{h['classical']['in_memory']['mean_us'] / 1e3:.2f} | {h['ratio_in_memory']:.2f}x |",
+              f"| loopback TCP | {h['pq']['loopback']['mean_us'] / 1e3:.2f} | "
+              f"{h['classical']['loopback']['mean_us'] / 1e3:.2f} | {h['ratio_loopback']:.2f}x |"]
+    t = r["throughput"]
+    lines += ["", "| channel | MB/s |", "|---|---|",
+              f"| plaintext relay pair | {t['plaintext_Bps'] / 1e6:.0f} |",
+              f"| sidecar pair (ML-KEM-768+X25519, AES-256-GCM) | {t['secure_Bps'] / 1e6:.0f} |",
+              f"| ratio | {t['ratio'] * 100:.0f}% |",
+              "", f"Sidecar RSS: aggregator {t['sidecar_rss_mib']['aggregator']:.0f} MiB, "
+              f"client {t['sidecar_rss_mib']['client']:.0f} MiB", "",
+              f"| peers | sequential ms | threads ms | processes ms | speedup threads | "
+              f"speedup processes ({r['parallel']['cpus']} CPUs) |", "|---|---|---|---|---|---|"]
+    for peers, v in r["parallel"]["peers"].items():
+        s = v["seconds"]
+        lines.append(f"| {peers} | {s['sequential'] * 1e3:.1f} | {s['threads'] * 1e3:.1f} | "
+                     f"{s['processes'] * 1e3:.1f} | {v['speedup_threads']:.2f}x | "
+                     f"{v['speedup_processes']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    quick = bool(args.quick)
+    results: dict[str, Any] = {"host": {"cpus": usable_cpus(), "python": sys.version.split()[0]},
+                               "quick": quick}
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("primitives", lambda: bench_primitives(50 if quick else 1000)),
+        ("handshake", lambda: bench_handshake(10 if quick else 200)),
+        ("parallel", lambda: bench_parallel([1, 4] if quick else [1, 4, 16, 64],
+                                            1 if quick else 5)),
+        ("throughput", lambda: bench_throughput((8 if quick else 256) << 20)),
+    ]
+    from rich.progress import Progress  # noqa: PLC0415
+
+    with Progress() as progress:
+        task = progress.add_task("bench-pqc", total=len(steps))
+        for name, fn in steps:
+            progress.update(task, description=f"bench-pqc: {name}")
+            results[name] = fn()
+            progress.advance(task)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    results["plots"] = _plot(results, out)
+    report = _report(results)
+    (out / "report.md").write_text(report)
+    print(report)
+    return 0

@@ -1,0 +1,156 @@
+"""Two real sidecars (client and aggregator) carrying an app's TCP stream, plus the admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from pqfed.pqc.identity import CertificateAuthority, Identity, Role
+from pqfed.pqc.sidecar import Endpoint, Route, Sidecar, SidecarConfig
+from pqfed.pqc.sidecar.admin import build_admin_app
+from pqfed.pqc.sidecar.config import ConfigError
+
+
+def _write(tmp: Path, name: str, ident: Identity, ca: CertificateAuthority) -> SidecarConfig:
+    ident.save(tmp / f"{name}.crt", tmp / f"{name}.key")
+    (tmp / "ca.crt").write_text(ca.root.to_pem())
+    return SidecarConfig(cert=tmp / f"{name}.crt", key=tmp / f"{name}.key", ca=tmp / "ca.crt",
+                         routes=(Route(Endpoint("127.0.0.1", 0), Endpoint("127.0.0.1", 1)),),
+                         admin=None)
+
+
+async def _upper_app(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    while data := await r.read(65536):
+        w.write(data.upper())
+        await w.drain()
+    w.close()
+
+
+def test_app_traffic_flows_through_two_sidecars(tmp_path: Path, ca: CertificateAuthority,
+                                                client: Identity, aggregator: Identity) -> None:
+    async def main() -> None:
+        app = await asyncio.start_server(_upper_app, "127.0.0.1", 0)
+        app_port = app.sockets[0].getsockname()[1]
+        base_s = _write(tmp_path, "agg", aggregator, ca)
+        s_cfg = SidecarConfig(cert=base_s.cert, key=base_s.key, ca=base_s.ca,
+                              listen=Endpoint("127.0.0.1", 0),
+                              upstream=Endpoint("127.0.0.1", app_port), admin=None)
+        server = Sidecar(s_cfg)
+        await server.start()
+        base_c = _write(tmp_path, "cli", client, ca)
+        c_cfg = SidecarConfig(
+            cert=base_c.cert, key=base_c.key, ca=base_c.ca, admin=None,
+            routes=(Route(Endpoint("127.0.0.1", 0),
+                          Endpoint("127.0.0.1", server.bound["listen"]), "aggregator"),))
+        side = Sidecar(c_cfg)
+        await side.start()
+        r, w = await asyncio.open_connection("127.0.0.1", side.bound["route0"])
+        payload = b"weights " * 50000
+        w.write(payload)
+        await w.drain()
+        got = await r.readexactly(len(payload))
+        assert got == payload.upper()
+        w.close()
+        await asyncio.sleep(0.1)
+        metrics = server.metrics.registry
+        assert metrics.get_sample_value("pqfed_handshake_seconds_count", {"side": "server"}) == 1
+        assert (metrics.get_sample_value("pqfed_verify_seconds_count") or 0) >= 1
+        assert (side.metrics.registry.get_sample_value("pqfed_sign_seconds_count") or 0) >= 1
+        await side.stop()
+        await server.stop()
+        app.close()
+
+    asyncio.run(main())
+
+
+def test_wrong_aggregator_identity_never_reaches_app(
+        tmp_path: Path, ca: CertificateAuthority, client: Identity,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The client's route pins node id 'aggregator'; an impostor with a valid certificate for
+    another aggregator name is refused and the app connection is closed."""
+    impostor = ca.new_identity("aggregator-evil", Role.AGGREGATOR)
+    caplog.set_level(logging.WARNING)
+
+    async def main() -> None:
+        reached: list[bytes] = []
+
+        async def app_fn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            reached.append(await r.read(100))
+
+        app = await asyncio.start_server(app_fn, "127.0.0.1", 0)
+        base_s = _write(tmp_path, "evil", impostor, ca)
+        server = Sidecar(SidecarConfig(
+            cert=base_s.cert, key=base_s.key, ca=base_s.ca, listen=Endpoint("127.0.0.1", 0),
+            upstream=Endpoint("127.0.0.1", app.sockets[0].getsockname()[1]), admin=None))
+        await server.start()
+        base_c = _write(tmp_path, "cli", client, ca)
+        side = Sidecar(SidecarConfig(
+            cert=base_c.cert, key=base_c.key, ca=base_c.ca, admin=None,
+            routes=(Route(Endpoint("127.0.0.1", 0),
+                          Endpoint("127.0.0.1", server.bound["listen"]), "aggregator"),)))
+        await side.start()
+        r, w = await asyncio.open_connection("127.0.0.1", side.bound["route0"])
+        w.write(b"secret update")
+        assert await r.read() == b""  # closed
+        await asyncio.sleep(0.1)
+        assert reached == []
+        fails = side.metrics.registry.get_sample_value(
+            "pqfed_channel_failures_total",
+            {"stage": "handshake", "field": "server_flight.certificate.node_id"})
+        assert fails == 1
+        await side.stop()
+        await server.stop()
+        app.close()
+
+    asyncio.run(main())
+    assert "aggregator-evil" in caplog.text
+
+
+def test_admin_endpoints(tmp_path: Path, ca: CertificateAuthority, client: Identity) -> None:
+    sidecar = Sidecar(_write(tmp_path, "cli", client, ca))
+    api = TestClient(build_admin_app(sidecar))
+    assert api.get("/healthz").json() == {"status": "ok"}
+    assert api.get("/readyz").status_code == 503  # listeners not started yet
+    sidecar.ready = True
+    assert api.get("/readyz").status_code == 200
+    ident = api.get("/identity").json()
+    assert ident["nodeId"] == "client-1" and ident["signatureAlgorithm"] == "ML-DSA-65"
+    assert ident["backends"]["pyca"] == "ok"
+    text = api.get("/metrics").text
+    assert "pqfed_handshake_seconds_bucket" in text and "pqfed_channel_bytes_total" in text
+
+
+def test_sidecar_refuses_foreign_identity(tmp_path: Path, ca: CertificateAuthority,
+                                          other_ca: CertificateAuthority) -> None:
+    from pqfed.pqc.errors import CertificateError
+
+    stranger = other_ca.new_identity("client-1", Role.CLIENT)
+    with pytest.raises(CertificateError, match="issuer"):
+        Sidecar(_write(tmp_path, "x", stranger, ca))
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"key": "k", "ca": "c", "routes": ["127.0.0.1:1=h:2"]}, "cert"),
+        ({"cert": "a", "key": "k", "ca": "c", "routes": ["10.0.0.1:1=h:2"]}, "routes.listen"),
+        ({"cert": "a", "key": "k", "ca": "c", "routes": ["nope"]}, "routes"),
+        ({"cert": "a", "key": "k", "ca": "c", "listen": "0.0.0.0:7443"}, "listen"),
+        ({"cert": "a", "key": "k", "ca": "c", "listen": "0.0.0.0:1", "upstream": "10.1.1.1:2"},
+         "upstream"),
+        ({"cert": "a", "key": "k", "ca": "c", "routes": ["127.0.0.1:1=h:2"], "grups": []},
+         "grups"),
+        ({"cert": "a", "key": "k", "ca": "c", "routes": ["127.0.0.1:1=h:2"], "groups": ["P256"]},
+         "groups"),
+        ({"cert": "a", "key": "k", "ca": "c", "listen": "0.0.0.0:99999", "upstream": "x:1"},
+         "listen"),
+    ],
+)
+def test_bad_config_names_the_field(data: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        SidecarConfig.from_mapping(data)
+    assert err.value.field == field
