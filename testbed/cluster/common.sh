@@ -1,0 +1,48 @@
+# Shared settings for up.sh / down.sh. Source it, do not run it.
+# Every value can be overridden from the environment.
+# shellcheck shell=bash disable=SC2034  # variables are used by the scripts that source this
+
+PQFED_CACHE="${PQFED_CACHE:-$HOME/.cache/pqfed}"
+PQFED_BIN="${PQFED_BIN:-$PQFED_CACHE/bin}"
+PQFED_CLUSTER_DIR="${PQFED_CLUSTER_DIR:-$PQFED_CACHE/cluster}"
+
+PQFED_ETCD_CLIENT_PORT="${PQFED_ETCD_CLIENT_PORT:-12379}"
+PQFED_ETCD_PEER_PORT="${PQFED_ETCD_PEER_PORT:-12380}"
+PQFED_APISERVER_PORT="${PQFED_APISERVER_PORT:-16443}"
+PQFED_KCM_PORT="${PQFED_KCM_PORT:-16257}"
+PQFED_SCHEDULER_PORT="${PQFED_SCHEDULER_PORT:-16259}"
+PQFED_SERVICE_CIDR="${PQFED_SERVICE_CIDR:-10.96.0.0/16}"
+PQFED_SERVICE_IP="${PQFED_SERVICE_IP:-10.96.0.1}"          # first IP of the range
+PQFED_NODE_NAMES="${PQFED_NODE_NAMES:-pqfed-node-0 pqfed-node-1}"
+PQFED_UP_TIMEOUT="${PQFED_UP_TIMEOUT:-180}"
+# A throw-away test cluster does not need durable writes; fsync is slow on CI.
+PQFED_ETCD_UNSAFE_NO_FSYNC="${PQFED_ETCD_UNSAFE_NO_FSYNC:-1}"
+
+# Never bind anything but loopback.
+PQFED_HOST=127.0.0.1
+
+PKI="$PQFED_CLUSTER_DIR/pki"
+RUN="$PQFED_CLUSTER_DIR/run"
+LOGS="$PQFED_CLUSTER_DIR/logs"
+KUBECONFIG_ADMIN="$PQFED_CLUSTER_DIR/kubeconfig"
+APISERVER_URL="https://$PQFED_HOST:$PQFED_APISERVER_PORT"
+
+# Start order; down.sh stops them in reverse.
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler)
+
+log() { printf '[%s %s] %s\n' "${PQFED_SCRIPT:-cluster}" "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf '[%s] ERROR: %s\n' "${PQFED_SCRIPT:-cluster}" "$*" >&2; exit 1; }
+
+# pid of a running component, from its pidfile, or nothing. The process must
+# still run our binary, so a recycled pid is not mistaken for it.
+component_pid() {  # <name>
+    local pidfile="$RUN/$1.pid" pid exe
+    [[ -f "$pidfile" ]] || return 1
+    pid="$(cat "$pidfile" 2>/dev/null || true)"
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    kill -0 "$pid" 2>/dev/null || return 1
+    exe="$(readlink "/proc/$pid/exe" 2>/dev/null || true)"
+    exe="${exe% (deleted)}"
+    [[ "$exe" == "$PQFED_BIN/$1" || "$exe" == "$(cd "$PQFED_BIN" 2>/dev/null && pwd -P)/$1" ]] || return 1
+    echo "$pid"
+}
