@@ -44,6 +44,11 @@ class AuditLog:
             summary = verify_audit_log(path, None)
             self._seq, self._prev = summary.entries, summary.head
 
+    @property
+    def head(self) -> str:
+        """Hash of the newest entry; recorded elsewhere, it detects truncation of the log."""
+        return self._prev
+
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "seq": self._seq,

@@ -1,0 +1,336 @@
+"""The Flower ServerApp and ClientApp of pqfed (Flower 1.42 Message API, deployment mode).
+
+What pqfed adds to Flower, as composition rather than rewrites:
+* ClientApp `pqfed_mod` (a Flower mod): optional Flower LocalDpMod, then update compression
+  with error feedback, then an ML-DSA signature over the exact bytes sent (pqc.signing).
+* ServerApp `VerifiedStrategy`: wraps any Flower strategy (FedAvg, FedProx, FedTrimmedAvg,
+  Krum, MultiKrum, optionally inside Flower's central-DP wrapper); verifies every reply's
+  signature before anything else touches it, records rejections in the signed audit log,
+  decodes compressed deltas, and records each round (accuracy, bytes, crypto time,
+  participants) with a checkpoint so a restarted aggregator resumes after the last
+  completed round.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from pqfed.pqc.audit import AuditLog
+from pqfed.pqc.errors import PqcError
+from pqfed.pqc.identity import Certificate, Identity, Role, TrustAnchor
+from pqfed.pqc.signing import SignedUpdate, sign_update, verify_update
+from pqfed.services import compression
+from pqfed.services.rounds import RoundRecorder
+from pqfed.services.spec import FederationJobSpec, parse_spec
+from pqfed.services.strategies import build_strategy
+
+log = logging.getLogger("pqfed.services")
+UPDATE_KEY = "pqfed-update"  # ConfigRecord carrying the signed manifest and blob
+BLOB_KEY = "blob"
+
+
+# ---------------------------------------------------------------- shared helpers --------
+
+def job_spec(context: Context) -> FederationJobSpec:
+    return _spec_from_json(str(context.run_config["spec"]))
+
+
+@functools.lru_cache(maxsize=4)
+def _spec_from_json(text: str) -> FederationJobSpec:
+    return parse_spec(json.loads(text), "run_config.spec")
+
+
+@functools.lru_cache(maxsize=4)
+def _identity(directory: str) -> tuple[Identity, TrustAnchor]:
+    d = Path(directory)
+    ident = Identity.load_files(d / "tls.crt", d / "tls.key")
+    trust = TrustAnchor(Certificate.from_pem((d / "ca.crt").read_text()))
+    return ident, trust
+
+
+def arrays_digest_bytes(record: ArrayRecord) -> bytes:
+    """Canonical bytes of an ArrayRecord (names, dtypes, shapes, data in order)."""
+    h = hashlib.sha3_256()
+    for name, arr in record.items():
+        h.update(json.dumps([name, arr.dtype, list(arr.shape), arr.stype]).encode())
+        h.update(arr.data)
+    return h.digest()
+
+
+def _arrays(record: ArrayRecord) -> list[np.ndarray[Any, Any]]:
+    return [np.asarray(a, dtype=np.float32) for a in record.to_numpy_ndarrays()]
+
+
+# Typed access to message records: a reply of the wrong shape raises TypeError and is
+# rejected like any other bad update.
+def _record(content: RecordDict, key: str) -> ArrayRecord:
+    rec = content[key]
+    if not isinstance(rec, ArrayRecord):
+        raise TypeError(f"{key!r} is not an ArrayRecord")
+    return rec
+
+
+def _config(content: RecordDict, key: str) -> ConfigRecord:
+    rec = content[key]
+    if not isinstance(rec, ConfigRecord):
+        raise TypeError(f"{key!r} is not a ConfigRecord")
+    return rec
+
+
+def _metrics(content: RecordDict, key: str = "metrics") -> MetricRecord:
+    rec = content[key]
+    if not isinstance(rec, MetricRecord):
+        raise TypeError(f"{key!r} is not a MetricRecord")
+    return rec
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{value!r} is not a number")
+    return float(value)
+
+
+def _round_of(msg: Message) -> int:
+    return int(_number(_config(msg.content, "config")["round"]))
+
+
+# ---------------------------------------------------------------- client side -----------
+
+def pqfed_mod(msg: Message, context: Context, call_next: Any) -> Message:
+    """Client-side pipeline around the train handler: [LocalDpMod] -> compress -> sign."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, context)  # type: ignore[no-any-return]
+    spec = job_spec(context)
+    global_record = _record(msg.content, "arrays")
+    if spec.privacy.enabled and spec.privacy.mode == "local":
+        from flwr.clientapp.mod import LocalDpMod
+
+        eps_round = (spec.privacy.target_epsilon or 1.0) / spec.rounds
+        reply: Message = LocalDpMod(spec.privacy.clipping_norm, spec.privacy.clipping_norm,
+                                    eps_round, spec.privacy.delta)(msg, context, call_next)
+    else:
+        reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    global_w = _arrays(global_record)
+    local_w = _arrays(_record(reply.content, "arrays"))
+    delta = [lw - gw for lw, gw in zip(local_w, global_w, strict=True)]
+    method = compression.Method.parse(spec.compression.method)
+    sparse = method in (compression.Method.TOPK, compression.Method.TOPK_INT8)
+    if sparse and "residual" in context.state:
+        # Error feedback: add what earlier rounds did not send (kept in the node's state).
+        residual_prev = _arrays(_record(context.state, "residual"))
+        delta = [d + r for d, r in zip(delta, residual_prev, strict=True)]
+    blob, residual = compression.encode(delta, method, spec.compression.topk_fraction)
+    if sparse:
+        context.state["residual"] = ArrayRecord(list(residual))
+    ident, _ = _identity(str(context.node_config["identity-dir"]))
+    round_number = _round_of(msg)
+    t0 = time.perf_counter()
+    signed = sign_update(ident, str(context.run_config["job"]), round_number, blob)
+    sign_s = time.perf_counter() - t0
+    metrics = _metrics(reply.content)
+    metrics["sign-seconds"] = sign_s
+    content = RecordDict({
+        "arrays": ArrayRecord({BLOB_KEY: Array(np.frombuffer(blob, dtype=np.uint8))}),
+        "metrics": metrics,
+        UPDATE_KEY: ConfigRecord({"signed": signed.to_bytes()}),
+    })
+    return Message(content, reply_to=msg)
+
+
+client_app = ClientApp(mods=[pqfed_mod])
+
+
+@functools.lru_cache(maxsize=2)
+def _client_data(spec_json: str, partition_id: int) -> Any:
+    from pqfed.services.data import load_task
+
+    spec = _spec_from_json(spec_json)
+    data = load_task(spec.task, spec.clients, spec.dataset.partition, spec.dataset.seed)
+    return data.client(partition_id)
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    import torch
+
+    from pqfed.services.models import build_model, get_weights, set_weights, train_epochs
+
+    torch.set_num_threads(int(os.environ.get("PQFED_TORCH_THREADS", "1")))
+    spec = job_spec(context)
+    pid = int(_number(context.node_config["partition-id"]))
+    data = _client_data(str(context.run_config["spec"]), pid)
+    x, y = data.x_train, data.y_train
+    if str(context.node_config.get("attack", "")) == "label-flip":
+        # Poisoning emulation for robustness benchmarks: a consistent label permutation.
+        n_classes = int(np.max(y)) + 1
+        y = (n_classes - 1 - np.asarray(y)).astype(y.dtype)
+    model = build_model(spec.task, seed=spec.dataset.seed)
+    set_weights(model, _arrays(_record(msg.content, "arrays")))
+    t0 = time.perf_counter()
+    loss = train_epochs(model, x, y, spec.training.local_epochs, spec.training.batch_size,
+                        spec.training.learning_rate,
+                        proximal_mu=_number(_config(msg.content, "config").get("proximal-mu", 0.0)),
+                        seed=spec.dataset.seed + pid * 1000 + _round_of(msg))
+    metrics = MetricRecord({"train-loss": float(loss), "num-examples": len(y),
+                            "train-seconds": time.perf_counter() - t0})
+    return Message(RecordDict({"arrays": ArrayRecord(get_weights(model)),
+                               "metrics": metrics}), reply_to=msg)
+
+
+@client_app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    from pqfed.services.models import build_model, set_weights
+    from pqfed.services.models import evaluate as eval_model
+
+    spec = job_spec(context)
+    data = _client_data(str(context.run_config["spec"]),
+                        int(_number(context.node_config["partition-id"])))
+    model = build_model(spec.task, seed=spec.dataset.seed)
+    set_weights(model, _arrays(_record(msg.content, "arrays")))
+    loss, acc = eval_model(model, data.x_test, data.y_test)
+    return Message(RecordDict({"metrics": MetricRecord(
+        {"eval-loss": loss, "eval-acc": acc, "num-examples": len(data.y_test)})}),
+        reply_to=msg)
+
+
+
+
+# ---------------------------------------------------------------- server side -----------
+
+class VerifiedStrategy(Strategy):
+    """Verifies, audits and decodes every training reply, then delegates to `inner`."""
+
+    def __init__(self, inner: Strategy, *, trust: TrustAnchor, job: str,
+                 recorder: RoundRecorder, audit: AuditLog | None, round_offset: int,
+                 min_clients: int) -> None:
+        self.inner = inner
+        self.trust = trust
+        self.job = job
+        self.recorder = recorder
+        self.audit = audit
+        self.offset = round_offset
+        self.min_clients = min_clients
+        self._global: list[np.ndarray[Any, Any]] = []
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._global = _arrays(arrays)
+        config["round"] = self.offset + server_round
+        msgs = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self.recorder.start_round(self.offset + server_round,
+                                  bytes_sent=arrays.count_bytes() * len(msgs))
+        return msgs
+
+    def _verify(self, server_round: int, reply: Message) -> Message | None:
+        rnd = self.offset + server_round
+        if reply.has_error():
+            self.recorder.note_failure(rnd, f"node {reply.metadata.src_node_id}: "
+                                            f"{reply.error.reason}")
+            return None
+        try:
+            raw = _config(reply.content, UPDATE_KEY)["signed"]
+            if not isinstance(raw, bytes):
+                raise TypeError("signed manifest is not bytes")
+            signed = SignedUpdate.from_bytes(raw)
+            blob = _record(reply.content, "arrays")[BLOB_KEY].numpy().tobytes()
+            t0 = time.perf_counter()
+            manifest = verify_update(signed, blob, self.trust, job=self.job, round_number=rnd,
+                                     roles=(Role.CLIENT, Role.EDGE))
+            self.recorder.add_crypto(rnd, time.perf_counter() - t0)
+            delta = compression.decode(blob, self._global)
+        except (PqcError, KeyError, TypeError, ValueError) as exc:
+            reason = str(exc)
+            log.warning("round %d: rejected update from node %s: %s", rnd,
+                        reply.metadata.src_node_id, reason)
+            self.recorder.note_rejected(rnd, reason)
+            if self.audit:
+                self.audit.append("update-rejected", round=rnd,
+                                  node=str(reply.metadata.src_node_id), reason=reason)
+            return None
+        metrics = _metrics(reply.content)
+        self.recorder.add_crypto(rnd, _number(metrics.get("sign-seconds", 0.0)))
+        self.recorder.note_update(rnd, manifest.node_id, len(blob))
+        if self.audit:
+            self.audit.append("update-accepted", round=rnd, node=manifest.node_id,
+                              digest=manifest.digest.hex(), size=manifest.size)
+        weights = [g + d for g, d in zip(self._global, delta, strict=True)]
+        reply.content = RecordDict({"arrays": ArrayRecord(list(weights)), "metrics": metrics})
+        return reply
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid = [m for m in (self._verify(server_round, r) for r in replies) if m is not None]
+        rnd = self.offset + server_round
+        if len(valid) < self.min_clients:
+            self.recorder.note_failure(
+                rnd, f"{len(valid)} valid updates, fewer than minClients={self.min_clients}; "
+                     "global model kept")
+            return None, None
+        return self.inner.aggregate_train(server_round, valid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
+                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    from pqfed.services.models import build_model, get_weights
+
+    spec = job_spec(context)
+    job = str(context.run_config["job"])
+    state_dir = Path(str(context.run_config["state-dir"]))
+    ident, trust = _identity(str(context.run_config["identity-dir"]))
+    recorder = RoundRecorder(state_dir, job, spec)
+    done, checkpoint = recorder.resume()
+    initial = checkpoint if checkpoint is not None else get_weights(
+        build_model(spec.task, seed=spec.dataset.seed))
+    rounds = recorder.rounds_allowed() - done
+    if rounds <= 0:
+        recorder.finish()
+        return
+    audit = AuditLog(state_dir / "audit.jsonl", ident)
+    audit.append("job-started" if done == 0 else "job-resumed", job=job, fromRound=done)
+    strategy = VerifiedStrategy(build_strategy(spec), trust=trust, job=job, recorder=recorder,
+                                audit=audit, round_offset=done, min_clients=spec.min_clients)
+    train_config = ConfigRecord()  # FedProx adds "proximal-mu" itself
+    strategy.start(grid, ArrayRecord(list(initial)), num_rounds=rounds,
+                   timeout=spec.timeouts.round_seconds, train_config=train_config,
+                   evaluate_fn=functools.partial(recorder.evaluate, offset=done))
+    audit.append("job-finished", job=job, rounds=recorder.completed_rounds())
+    recorder.finish(audit_head=audit.head)
