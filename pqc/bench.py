@@ -123,7 +123,7 @@ def handshake_in_memory(c_cfg: HandshakeConfig, s_cfg: HandshakeConfig) -> None:
 
 async def _socket_handshakes(c_cfg: HandshakeConfig, s_cfg: HandshakeConfig,
                              n: int) -> list[float]:
-    from pqfed.pqc.channel import connect, server_channel  # noqa: PLC0415
+    from pqfed.pqc.channel import connect, server_channel
 
     async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         ch = await server_channel(r, w, s_cfg)
@@ -172,7 +172,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _peer_init(pems: tuple[str, str, str, str, str]) -> None:
-    from pqfed.pqc.identity import Certificate, TrustAnchor  # noqa: PLC0415
+    from pqfed.pqc.identity import Certificate, TrustAnchor
 
     ca_pem, agg_crt, agg_key, cli_crt, cli_key = pems
     trust = TrustAnchor(Certificate.from_pem(ca_pem))
@@ -300,8 +300,8 @@ def _wait_port(port: int, timeout: float = 20) -> None:
 
 
 def _wait_ready(admin_port: int, timeout: float = 30) -> None:
-    import urllib.error  # noqa: PLC0415
-    import urllib.request  # noqa: PLC0415
+    import urllib.error
+    import urllib.request
 
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -350,7 +350,7 @@ def bench_throughput(total: int) -> dict[str, Any]:
             _wait_ready(admin_s)
             _wait_ready(admin_c)
             res["secure_Bps"] = asyncio.run(_sink_and_source(entry, sink, total))
-            import psutil  # noqa: PLC0415
+            import psutil
 
             res["sidecar_rss_mib"] = {
                 "aggregator": psutil.Process(server.pid).memory_info().rss / 2**20,
@@ -365,10 +365,10 @@ def bench_throughput(total: int) -> dict[str, Any]:
 
 
 def _plot(results: dict[str, Any], out: Path) -> list[str]:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     files = []
     par = results["parallel"]["peers"]
@@ -444,7 +444,7 @@ def main(args: argparse.Namespace) -> int:
                                             1 if quick else 5)),
         ("throughput", lambda: bench_throughput((8 if quick else 256) << 20)),
     ]
-    from rich.progress import Progress  # noqa: PLC0415
+    from rich.progress import Progress
 
     with Progress() as progress:
         task = progress.add_task("bench-pqc", total=len(steps))

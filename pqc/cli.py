@@ -36,7 +36,7 @@ def _ca_issue(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from pqfed.pqc.audit import verify_audit_log  # noqa: PLC0415
+    from pqfed.pqc.audit import verify_audit_log
 
     trust = TrustAnchor(Certificate.from_pem(Path(args.ca).read_text()))
     summary = verify_audit_log(Path(args.log), trust)
@@ -46,9 +46,9 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 
 def _sidecar(args: argparse.Namespace) -> int:
-    from pqfed.pqc.sidecar.admin import serve  # noqa: PLC0415
-    from pqfed.pqc.sidecar.config import Endpoint, Route, SidecarConfig  # noqa: PLC0415
-    from pqfed.pqc.sidecar.proxy import Sidecar  # noqa: PLC0415
+    from pqfed.pqc.sidecar.admin import serve
+    from pqfed.pqc.sidecar.config import Endpoint, Route, SidecarConfig
+    from pqfed.pqc.sidecar.proxy import Sidecar
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -69,7 +69,7 @@ def _sidecar(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pqfed.pqc.bench import main as bench_main  # noqa: PLC0415
+    from pqfed.pqc.bench import main as bench_main
 
     return int(bench_main(args))
 

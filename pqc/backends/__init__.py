@@ -21,11 +21,11 @@ __all__ = ["BACKENDS", "Backend", "KemPrivateKey", "SigPrivateKey", "available_b
 def get_backend(name: str | None = None) -> Backend:
     chosen = name or os.environ.get("PQFED_CRYPTO_BACKEND") or DEFAULT_BACKEND
     if chosen == "pyca":
-        from pqfed.pqc.backends.pyca import PycaBackend  # noqa: PLC0415
+        from pqfed.pqc.backends.pyca import PycaBackend
 
         return PycaBackend()
     if chosen == "liboqs":
-        from pqfed.pqc.backends.liboqs import LiboqsBackend  # noqa: PLC0415
+        from pqfed.pqc.backends.liboqs import LiboqsBackend
 
         return LiboqsBackend()
     raise BackendUnavailable(chosen, f"unknown backend; choose one of {', '.join(BACKENDS)}")

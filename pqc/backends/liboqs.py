@@ -39,7 +39,7 @@ def _import_oqs() -> Any:
             "set OQS_INSTALL_PATH, or use the default backend 'pyca'",
         )
     try:
-        import oqs  # noqa: PLC0415  (imported only once liboqs is known to exist)
+        import oqs
     except ImportError as exc:
         raise BackendUnavailable(
             "liboqs", f"liboqs-python is not installed ({exc}); pip install 'pqfed[oqs]'"

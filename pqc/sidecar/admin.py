@@ -54,9 +54,9 @@ def build_admin_app(sidecar: Sidecar) -> FastAPI:
 
 async def serve(sidecar: Sidecar) -> None:
     """Runs data plane and admin API in one event loop until cancelled."""
-    import asyncio  # noqa: PLC0415
+    import asyncio
 
-    import uvicorn  # noqa: PLC0415
+    import uvicorn
 
     await sidecar.start()
     admin = sidecar.config.admin

@@ -54,7 +54,7 @@ HR_RANGES: Final = {0: (60.0, 100.0), 1: (35.0, 55.0), 2: (105.0, 160.0), 3: (55
 @lru_cache(maxsize=1)
 def beat_template() -> FloatArray:
     """One cardiac cycle from neurokit2 (active part only, peak-normalized to 1)."""
-    import neurokit2 as nk  # noqa: PLC0415  (heavy import, ~1 s: only when the task is used)
+    import neurokit2 as nk
 
     beat = np.asarray(
         nk.ecg_simulate(duration=1, sampling_rate=1000, heart_rate=60, method="simple",
