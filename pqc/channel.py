@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import NoReturn
@@ -159,8 +160,10 @@ async def _run_handshake(
     early: list[Frame] = []  # records that arrived in the same read as the last flight
     start = time.perf_counter()
 
-    def step(frame: Frame) -> bytes:
-        return endpoint.receive(frame)
+    _done = object()
+
+    def step(parts: Iterator[bytes]) -> bytes | object:
+        return next(parts, _done)
 
     async def drive() -> None:
         nonlocal sent, received
@@ -176,12 +179,17 @@ async def _run_handshake(
                 if endpoint.complete:
                     early.append(frame)
                     continue
-                out = (await loop.run_in_executor(executor, step, frame) if executor
-                       else step(frame))
-                if out:
-                    writer.write(out)
-                    sent += len(out)
-                    await writer.drain()
+                parts = endpoint.receive_pipelined(frame)
+                while True:
+                    out = (await loop.run_in_executor(executor, step, parts) if executor
+                           else step(parts))
+                    if out is _done:
+                        break
+                    assert isinstance(out, bytes)
+                    if out:
+                        writer.write(out)
+                        sent += len(out)
+                        await writer.drain()
 
     try:
         await asyncio.wait_for(drive(), timeout=config.timeout_s)

@@ -27,10 +27,13 @@ over asyncio streams with a timeout.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,6 +149,9 @@ class HandshakeConfig:
     max_plaintext: int = MAX_PLAINTEXT
     key_update_after: int = DEFAULT_KEY_UPDATE_AFTER
     backend: Backend | None = None  # None: the process-wide default (get_backend())
+    # Verify the peer's certificate and transcript signature on two threads, and (client)
+    # sign our own transcript meanwhile. Off: strictly sequential (the benchmark baseline).
+    parallel_auth: bool = True
 
 
 @dataclass(slots=True)
@@ -216,9 +222,7 @@ class _Transcript:
         return self._h.copy().digest()
 
 
-def _verify_peer(
-    config: HandshakeConfig, cert_body: bytes, roles: tuple[Role, ...], structure: str,
-) -> Certificate:
+def _decode_peer(config: HandshakeConfig, cert_body: bytes, structure: str) -> Certificate:
     try:
         r = Reader(cert_body, structure)
         cert = Certificate.from_bytes(r.vec16("certificate", 1, 16384))
@@ -231,11 +235,50 @@ def _verify_peer(
             f"{cert.sig_algorithm} not accepted "
             f"(accepted: {', '.join(config.peer_signature_algorithms)})",
         )
+    return cert
+
+
+def _trust_peer(config: HandshakeConfig, cert: Certificate, roles: tuple[Role, ...],
+                structure: str) -> None:
     try:
         config.trust.verify(cert, roles=config.peer_roles or roles, node_id=config.peer_node_id)
     except CertificateError as exc:
         raise HandshakeError(f"{structure}.{exc.field}", exc.reason) from None
-    return cert
+
+
+_AUTH_POOL: ThreadPoolExecutor | None = None
+
+
+def _auth_pool() -> ThreadPoolExecutor:
+    global _AUTH_POOL  # noqa: PLW0603  (one lazily created pool per process)
+    if _AUTH_POOL is None:
+        _AUTH_POOL = ThreadPoolExecutor(2, thread_name_prefix="pqfed-auth")
+    return _AUTH_POOL
+
+
+def _run_all(jobs: list[Callable[[], object]], parallel: bool) -> list[object]:
+    """Runs independent authentication jobs; raises the first failure in job order.
+
+    In parallel mode jobs[1:] run on pool threads while jobs[0] runs here: ML-DSA sign and
+    verify release the GIL, so a client verifies the server's certificate and
+    CertificateVerify while it already signs its own transcript. The speculative signature
+    is only ever sent after every check passed."""
+    if not parallel:
+        return [job() for job in jobs]
+    futures = [_auth_pool().submit(job) for job in jobs[1:]]
+    results: list[object] = []
+    errors: list[BaseException | None] = []
+    for i, job in enumerate(jobs):
+        try:
+            results.append(job() if i == 0 else futures[i - 1].result())
+            errors.append(None)
+        except Exception as exc:
+            results.append(None)
+            errors.append(exc)
+    for err in errors:
+        if err is not None:
+            raise err
+    return results
 
 
 def _check_cv(backend: Backend, cert: Certificate, context: bytes, th: bytes, sig: bytes,
@@ -279,6 +322,7 @@ class _Endpoint:
         self.transcript = _Transcript()
         self.session: Session | None = None
         self._state = _State.START
+        self._deferred: Callable[[], bytes] | None = None
 
     @property
     def complete(self) -> bool:
@@ -288,8 +332,20 @@ class _Endpoint:
         """Processes one frame from the peer; returns the bytes to send (may be empty).
 
         Any error leaves the endpoint FAILED: the caller must close the connection."""
+        return b"".join(self.receive_pipelined(frame))
+
+    def receive_pipelined(self, frame: Frame) -> Iterator[bytes]:
+        """Like `receive`, but yields what can be sent before the rest is computed: the
+        server's ServerHello goes out before it signs its CertificateVerify, so the client
+        decapsulates and derives keys while the server signs (pipelining)."""
+        yield self._guard(self._receive, frame)
+        while self._deferred is not None:
+            job, self._deferred = self._deferred, None
+            yield self._guard(job)
+
+    def _guard(self, fn: Callable[..., bytes], *args: Frame) -> bytes:
         try:
-            return self._receive(frame)
+            return fn(*args)
         except DecodeError as exc:
             self._state = _State.FAILED
             raise HandshakeError(exc.field, exc.reason) from None
@@ -318,40 +374,51 @@ class _Endpoint:
             raise HandshakeError(f"{structure}.inner_type", f"{inner_type.name} during handshake")
         return data
 
-    def _sign_flight(self, hs_secret: bytes, context: bytes) -> bytes:
-        """Certificate, CertificateVerify and Finished of this side, added to the transcript."""
+    def _own_certificate(self, context: bytes) -> tuple[bytes, Callable[[], bytes]]:
+        """Adds this side's Certificate to the transcript; returns it and the signing job
+        for its CertificateVerify (RFC 8446 §4.4.3 content)."""
         cert_msg = _msg(MessageType.CERTIFICATE, _certificate_body(self.config.identity))
         self.transcript.add(cert_msg)
-        th = self.transcript.digest()
-        sig = self.config.identity.sign(_CV_PAD + context + b"\0" + th, b"")
+        content = _CV_PAD + context + b"\0" + self.transcript.digest()
+        return cert_msg, functools.partial(self.config.identity.sign, content, b"")
+
+    def _finish_flight(self, cert_msg: bytes, sig: bytes, hs_secret: bytes) -> bytes:
+        """CertificateVerify and Finished after `cert_msg`, added to the transcript."""
         cv_msg = _msg(MessageType.CERTIFICATE_VERIFY, Writer().vec16(sig).getvalue())
         self.transcript.add(cv_msg)
         fin_msg = _msg(MessageType.FINISHED, finished_mac(hs_secret, self.transcript.digest()))
         self.transcript.add(fin_msg)
         return cert_msg + cv_msg + fin_msg
 
-    def _check_flight(
+    def _read_flight(
         self, data: bytes, hs_secret: bytes, context: bytes, roles: tuple[Role, ...],
         structure: str,
-    ) -> Certificate:
+    ) -> tuple[Certificate, list[Callable[[], object]]]:
+        """Parses the peer's Certificate/CertificateVerify/Finished, checks the Finished MAC
+        and extends the transcript; returns the peer certificate and the two authentication
+        checks (CA signature + role, transcript signature) still to run."""
         msgs = _expect(
             _read_messages(data, structure),
             (MessageType.CERTIFICATE, MessageType.CERTIFICATE_VERIFY, MessageType.FINISHED),
             structure,
         )
         (_, cert_body, cert_msg), (_, cv_body, cv_msg), (_, fin_body, fin_msg) = msgs
-        peer = _verify_peer(self.config, cert_body, roles, f"{structure}.certificate")
+        peer = _decode_peer(self.config, cert_body, f"{structure}.certificate")
         self.transcript.add(cert_msg)
+        th_cert = self.transcript.digest()
         r = Reader(cv_body, f"{structure}.certificate_verify")
         sig = r.vec16("signature", 1, 8192)
         r.finish()
-        _check_cv(self.backend, peer, context, self.transcript.digest(), sig,
-                  f"{structure}.certificate_verify")
         self.transcript.add(cv_msg)
         _check_finished(finished_mac(hs_secret, self.transcript.digest()), fin_body,
                         f"{structure}.finished")
         self.transcript.add(fin_msg)
-        return peer
+        checks: list[Callable[[], object]] = [
+            functools.partial(_trust_peer, self.config, peer, roles, f"{structure}.certificate"),
+            functools.partial(_check_cv, self.backend, peer, context, th_cert, sig,
+                              f"{structure}.certificate_verify"),
+        ]
+        return peer, checks
 
 
 class ClientHandshake(_Endpoint):
@@ -404,13 +471,16 @@ class ClientHandshake(_Endpoint):
         self._require(_State.WAIT_SERVER_FLIGHT, frame, FrameType.PROTECTED)
         assert self._recv_hs is not None and self._suite is not None
         data = self._open_flight(self._recv_hs, frame, "server_flight")
-        peer = self._check_flight(data, self._server_hs, _SERVER_CV_CONTEXT,
-                                  (Role.AGGREGATOR, Role.EDGE), "server_flight")
+        peer, checks = self._read_flight(data, self._server_hs, _SERVER_CV_CONTEXT,
+                                         (Role.AGGREGATOR, Role.EDGE), "server_flight")
         app = application_secrets(self._master, self.transcript.digest())
+        cert_msg, sign = self._own_certificate(_CLIENT_CV_CONTEXT)
+        # Our signature runs in parallel with the checks of the server's; sent only if they pass.
+        *_, sig = _run_all([*checks, sign], self.config.parallel_auth)
+        assert isinstance(sig, bytes)
         aead = SUITE_AEAD[self._suite]
-        send_hs = RecordProtection(aead, self._hs_client)
-        flight = self._sign_flight(self._hs_client, _CLIENT_CV_CONTEXT)
-        out = send_hs.seal(InnerType.HANDSHAKE, flight)
+        flight = self._finish_flight(cert_msg, sig, self._hs_client)
+        out = RecordProtection(aead, self._hs_client).seal(InnerType.HANDSHAKE, flight)
         self.session = Session(self._suite, self._group, peer, RecordProtection(aead, app.client),
                                RecordProtection(aead, app.server), app.exporter,
                                self.transcript.digest())
@@ -468,8 +538,9 @@ class ServerHandshake(_Endpoint):
         aead = SUITE_AEAD[self._pending.suite]
         recv_hs = RecordProtection(aead, self._hs_client)
         data = self._open_flight(recv_hs, frame, "client_flight")
-        peer = self._check_flight(data, self._hs_client, _CLIENT_CV_CONTEXT,
-                                  (Role.CLIENT, Role.EDGE), "client_flight")
+        peer, checks = self._read_flight(data, self._hs_client, _CLIENT_CV_CONTEXT,
+                                         (Role.CLIENT, Role.EDGE), "client_flight")
+        _run_all(checks, self.config.parallel_auth)
         self._pending.peer = peer
         self._pending.transcript_hash = self.transcript.digest()
         self.session = self._pending
@@ -527,14 +598,19 @@ class ServerHandshake(_Endpoint):
         self.transcript.add(sh_msg)
         shared = xwing_combine(ss_m, ss_x, x_public, client_x)
         hs = handshake_secrets(shared, self.transcript.digest())
-        aead = SUITE_AEAD[suite]
-        send_hs = RecordProtection(aead, hs.server_handshake)
-        flight = self._sign_flight(hs.server_handshake, _SERVER_CV_CONTEXT)
-        app = application_secrets(hs.master, self.transcript.digest())
         self._hs_client = hs.client_handshake
-        placeholder = self.config.identity.certificate  # replaced by the client's on success
-        self._pending = Session(suite, group, placeholder, RecordProtection(aead, app.server),
-                                RecordProtection(aead, app.client), app.exporter, b"")
         self._state = _State.WAIT_CLIENT_FLIGHT
-        return encode_frame(FrameType.HANDSHAKE, sh_msg) + send_hs.seal(InnerType.HANDSHAKE,
-                                                                          flight)
+
+        def server_flight() -> bytes:
+            aead = SUITE_AEAD[suite]
+            cert_msg, sign = self._own_certificate(_SERVER_CV_CONTEXT)
+            flight = self._finish_flight(cert_msg, sign(), hs.server_handshake)
+            app = application_secrets(hs.master, self.transcript.digest())
+            placeholder = self.config.identity.certificate  # replaced by the client's
+            self._pending = Session(suite, group, placeholder,
+                                    RecordProtection(aead, app.server),
+                                    RecordProtection(aead, app.client), app.exporter, b"")
+            return RecordProtection(aead, hs.server_handshake).seal(InnerType.HANDSHAKE, flight)
+
+        self._deferred = server_flight
+        return encode_frame(FrameType.HANDSHAKE, sh_msg)

@@ -8,6 +8,7 @@ encoding, signed by the CA with a domain-separated ML-DSA context string (FIPS 2
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import re
 import secrets
@@ -138,6 +139,18 @@ class Certificate:
         return hashlib.sha3_256(self.to_bytes()).hexdigest()
 
 
+@functools.lru_cache(maxsize=4096)
+def _ca_signed(algorithm: str, ca_public_key: bytes, tbs: bytes, signature: bytes) -> bool:
+    """Whether the CA signed `tbs`. Cached: the answer for given bytes never changes, and an
+    aggregator sees the same node certificates in every handshake and every signed update.
+    Validity time, revocation and role are checked on every use, outside the cache."""
+    try:
+        get_backend().sig_verify(algorithm, ca_public_key, tbs, signature, CERT_CONTEXT)
+    except InvalidSignature:
+        return False
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class TrustAnchor:
     """What a node trusts: its federation's CA root certificate, plus revoked serials."""
@@ -177,13 +190,9 @@ class TrustAnchor:
             raise CertificateError("not_after", "certificate expired; issue a new one")
         if cert.serial in self.revoked:
             raise CertificateError("serial", f"serial {cert.serial} is revoked")
-        try:
-            get_backend().sig_verify(
-                self.root.sig_algorithm, self.root.public_key, cert.tbs_bytes(), cert.signature,
-                CERT_CONTEXT,
-            )
-        except InvalidSignature:
-            raise CertificateError("signature", "CA signature does not verify") from None
+        if not _ca_signed(self.root.sig_algorithm, self.root.public_key, cert.tbs_bytes(),
+                          cert.signature):
+            raise CertificateError("signature", "CA signature does not verify")
         return cert
 
 

@@ -6,6 +6,7 @@ pyca releases the GIL for ML-DSA sign/verify but holds it for ML-KEM; the crypto
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,17 @@ class PycaSigKey:
         return bytes(self._key.sign(message, context) if context else self._key.sign(message))
 
 
+@functools.lru_cache(maxsize=1024)
+def _public_key(algorithm: str, data: bytes) -> Any:
+    """Parsed public keys, cached: an aggregator verifies the same few hundred peer keys
+    every round, and parsing an ML-DSA key costs as much as 5% of a verification."""
+    if algorithm == "Ed25519":
+        return ed25519.Ed25519PublicKey.from_public_bytes(data)
+    if algorithm in _SIG:
+        return _SIG[algorithm][1].from_public_bytes(data)
+    return _KEM[algorithm][1].from_public_bytes(data)
+
+
 class PycaBackend:
     """pyca/cryptography >= 50 (bundled OpenSSL with ML-KEM and ML-DSA)."""
 
@@ -81,7 +93,8 @@ class PycaBackend:
         return PycaKemKey(algorithm, self._kem(algorithm)[0].generate())
 
     def kem_encapsulate(self, algorithm: str, public_key: bytes) -> tuple[bytes, bytes]:
-        pub = self._kem(algorithm)[1].from_public_bytes(public_key)
+        self._kem(algorithm)
+        pub = _public_key(algorithm, bytes(public_key))
         shared, ciphertext = pub.encapsulate()
         return bytes(ciphertext), bytes(shared)
 
@@ -100,17 +113,12 @@ class PycaBackend:
         context: bytes = b"",
     ) -> None:
         try:
+            if algorithm != "Ed25519" and algorithm not in _SIG:
+                raise UnsupportedAlgorithm(algorithm, self.sig_algorithms)
+            pub = _public_key(algorithm, bytes(public_key))
             if algorithm == "Ed25519":
-                ed25519.Ed25519PublicKey.from_public_bytes(public_key).verify(
-                    signature, context + message
-                )
-                return
-            try:
-                pub_cls = _SIG[algorithm][1]
-            except KeyError:
-                raise UnsupportedAlgorithm(algorithm, self.sig_algorithms) from None
-            pub = pub_cls.from_public_bytes(public_key)
-            if context:
+                pub.verify(signature, context + message)
+            elif context:
                 pub.verify(signature, message, context)
             else:
                 pub.verify(signature, message)

@@ -251,3 +251,33 @@ def test_state_machine_refuses_a_second_start(cfgs: tuple[HandshakeConfig, Hands
     r = run_handshake(*cfgs)
     with pytest.raises(HandshakeError, match="already sent"):
         r.client.start()
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_sequential_and_parallel_authentication_agree(
+        ca: CertificateAuthority, client: Identity, aggregator: Identity, parallel: bool) -> None:
+    c = HandshakeConfig(client, ca.trust, parallel_auth=parallel)
+    s = HandshakeConfig(aggregator, ca.trust, parallel_auth=parallel)
+    r = run_handshake(c, s)
+    assert r.client.session is not None and r.server.session is not None
+    assert r.client.session.transcript_hash == r.server.session.transcript_hash
+    thief = Identity(aggregator.certificate, ca.new_identity("x", Role.AGGREGATOR).key)
+    with pytest.raises(HandshakeError, match="certificate_verify"):
+        run_handshake(c, HandshakeConfig(thief, ca.trust, parallel_auth=parallel))
+
+
+def test_speculative_client_signature_is_not_sent_when_server_fails(
+        ca: CertificateAuthority, client: Identity, aggregator: Identity) -> None:
+    from pqfed.pqc.handshake import ClientHandshake, ServerHandshake
+
+    thief = Identity(aggregator.certificate, ca.new_identity("x", Role.AGGREGATOR).key)
+    cl = ClientHandshake(HandshakeConfig(client, ca.trust))
+    sv = ServerHandshake(HandshakeConfig(thief, ca.trust))
+    to_s, to_c = FrameDecoder(), FrameDecoder()
+    flight = b"".join(sv.receive(f) for f in to_s.feed(cl.start()))
+    out: list[bytes] = []
+    with pytest.raises(HandshakeError):
+        for f in to_c.feed(flight):
+            out.append(cl.receive(f))
+    assert out == [b""]  # ServerHello only; nothing was emitted for the failed flight
+    assert cl.session is None and not cl.complete

@@ -96,3 +96,12 @@ def test_short_validity_expires(ca: CertificateAuthority) -> None:
     ident = ca.new_identity("brief", Role.CLIENT, validity_s=1)
     with pytest.raises(CertificateError, match="expired"):
         ca.trust.verify(ident.certificate, now=time.time() + 3600)
+
+
+def test_verification_cache_never_accepts_another_signature(ca: CertificateAuthority,
+                                                            client: Identity) -> None:
+    cert = client.certificate
+    ca.trust.verify(cert)  # now cached as valid
+    forged = replace(cert, signature=bytes(len(cert.signature)))
+    with pytest.raises(CertificateError, match="signature"):
+        ca.trust.verify(forged)

@@ -1,0 +1,272 @@
+"""The FederationJob CRD generated from FederationJobSpec: structural, defaulted, every Literal
+an enum, every `_cross_field` rule mirrored in CEL, and the committed chart copy up to date.
+
+Whether a real kube-apiserver accepts the CRD and rejects invalid jobs is an e2e test against
+the testbed control plane; here everything is offline and fast.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from pqfed.operator import crd
+from pqfed.services.spec import FederationJobSpec, JobSpecError, parse_spec
+
+REPO = Path(__file__).resolve().parents[2]
+CHART_CRD = REPO / "charts" / "pqfed" / "crds" / "federationjobs.pqfed.io.yaml"
+
+# One spec per rule that breaks exactly that rule (the API-server e2e test can reuse them).
+VIOLATIONS: dict[str, dict[str, Any]] = {
+    "minClients<=clients": {"clients": 3, "minClients": 4},
+    "clientsPerRound<=clients": {"clients": 3, "clientsPerRound": 4},
+    "clientsPerRound>=minClients": {"clients": 5, "minClients": 3, "clientsPerRound": 2},
+    "krum-byzantine": {"clients": 4, "strategy": {"name": "Krum", "byzantineClients": 1}},
+    "secagg-strategy": {"strategy": {"name": "FedTrimmedAvg"},
+                        "secureAggregation": {"enabled": True}},
+    "secagg-threshold<=shares": {"secureAggregation": {
+        "enabled": True, "numShares": 3, "reconstructionThreshold": 4}},
+    "secagg-shares<=clientsPerRound": {"clients": 3, "secureAggregation": {
+        "enabled": True, "numShares": 4}},
+    "hierarchy-edges<=clients": {"clients": 3, "hierarchy": {"enabled": True, "edges": 4}},
+    "natural-partition-only-hapt": {"task": "breast-cancer", "dataset": {"partition": "natural"}},
+    "hapt-clients<=30": {"task": "hapt", "clients": 31, "minClients": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, Any]:
+    return crd.build_crd()
+
+
+@pytest.fixture(scope="module")
+def version(built: dict[str, Any]) -> dict[str, Any]:
+    (only,) = built["spec"]["versions"]
+    return typing.cast(dict[str, Any], only)
+
+
+@pytest.fixture(scope="module")
+def spec_schema(version: dict[str, Any]) -> dict[str, Any]:
+    return typing.cast(dict[str, Any], version["schema"]["openAPIV3Schema"]["properties"]["spec"])
+
+
+def _nodes(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every schema node with its path."""
+    yield path, schema
+    for name, child in schema.get("properties", {}).items():
+        yield from _nodes(child, f"{path}.{name}")
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from _nodes(schema["additionalProperties"], f"{path}[*]")
+    if "items" in schema:
+        yield from _nodes(schema["items"], f"{path}[]")
+
+
+def _walk_keys(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield key
+            yield from _walk_keys(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _walk_keys(item)
+
+
+def _models(model: type[BaseModel], path: str = "") -> Iterator[tuple[str, type[BaseModel]]]:
+    yield path, model
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _models(ann, f"{path}.{field.alias or name}")
+
+
+def _at(schema: dict[str, Any], path: str) -> dict[str, Any]:
+    for part in filter(None, path.split(".")):
+        schema = schema["properties"][part]
+    return schema
+
+
+# --- identity -------------------------------------------------------------------------------
+
+def test_names_group_version_scope(built: dict[str, Any], version: dict[str, Any]) -> None:
+    assert built["apiVersion"] == "apiextensions.k8s.io/v1"
+    assert built["metadata"]["name"] == "federationjobs.pqfed.io"
+    spec = built["spec"]
+    assert spec["group"] == "pqfed.io"
+    assert spec["scope"] == "Namespaced"
+    names = spec["names"]
+    assert (names["kind"], names["plural"], names["singular"], names["shortNames"]) == (
+        "FederationJob", "federationjobs", "federationjob", ["fj"])
+    assert version["name"] == "v1alpha1"
+    assert version["served"] is True and version["storage"] is True
+    assert version["subresources"] == {"status": {}}
+
+
+def test_printer_columns(version: dict[str, Any]) -> None:
+    columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
+    assert list(columns) == ["Phase", "Round", "Rounds", "Accuracy", "Age"]
+    assert columns["Round"]["jsonPath"] == ".status.currentRound"
+    assert columns["Age"]["type"] == "date"
+
+
+# --- structural schema ----------------------------------------------------------------------
+
+def test_schema_is_structural(version: dict[str, Any]) -> None:
+    root = version["schema"]["openAPIV3Schema"]
+    banned = {"$ref", "$defs", "anyOf", "allOf", "oneOf", "not", "title", "patternProperties",
+              "const", "definitions"}
+    assert not banned & set(_walk_keys(root))
+    for path, node in _nodes(root):
+        assert "type" in node, f"{path or '(root)'} has no type"
+        assert node["type"] in {"object", "array", "string", "integer", "number", "boolean"}
+        if node["type"] == "object":
+            assert not ("properties" in node and "additionalProperties" in node), path
+            assert node.get("additionalProperties") is not False, path
+        if node["type"] == "array":
+            assert "items" in node, path
+        for flag in ("exclusiveMinimum", "exclusiveMaximum"):
+            if flag in node:  # OpenAPI 3.0: a boolean next to minimum/maximum
+                assert node[flag] is True
+                assert flag.replace("exclusiveM", "m") in node, path
+
+
+def test_optional_fields_are_nullable_without_default(spec_schema: dict[str, Any]) -> None:
+    assert spec_schema["properties"]["clientsPerRound"] == {
+        "type": "integer", "description": "Default: all clients", "minimum": 1, "nullable": True}
+    epsilon = spec_schema["properties"]["privacy"]["properties"]["targetEpsilon"]
+    assert epsilon["nullable"] is True and "default" not in epsilon
+    assert epsilon["exclusiveMinimum"] is True and epsilon["minimum"] == 0
+
+
+def test_maps_are_string_maps_with_key_rule(spec_schema: dict[str, Any]) -> None:
+    for name in ("nodeSelector", "aggregatorNodeSelector"):
+        node = spec_schema["properties"]["placement"]["properties"][name]
+        assert node["type"] == "object"
+        assert node["additionalProperties"]["type"] == "string"
+        assert node["default"] == {}
+        (rule,) = node["x-kubernetes-validations"]
+        assert rule["rule"].startswith("self.all(k, k.matches(")
+
+
+def test_exclusive_bounds_follow_pydantic(spec_schema: dict[str, Any]) -> None:
+    fraction = spec_schema["properties"]["dataset"]["properties"]["testFraction"]
+    assert fraction == {
+        "type": "number", "description": "Per-client held-out fraction", "default": 0.2,
+        "minimum": 0, "exclusiveMinimum": True, "maximum": 1, "exclusiveMaximum": True}
+
+
+# --- defaults and enums ---------------------------------------------------------------------
+
+def test_every_pydantic_default_is_an_api_server_default(spec_schema: dict[str, Any]) -> None:
+    checked = 0
+    for path, model in _models(FederationJobSpec):
+        node = _at(spec_schema, path)
+        for name, field in model.model_fields.items():
+            prop = node["properties"][field.alias or name]
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                assert prop["default"] == {}, f"{path}.{name}: nested model defaults to {{}}"
+            elif field.default_factory is not None:
+                assert prop["default"] == field.default_factory()  # type: ignore[call-arg]
+            elif field.default is None:
+                assert "default" not in prop and prop.get("nullable") is True
+            else:
+                assert prop["default"] == field.default, f"{path}.{field.alias}"
+            checked += 1
+    assert checked > 40
+
+
+def test_spec_default_is_the_default_job(spec_schema: dict[str, Any]) -> None:
+    assert parse_spec(spec_schema["default"]) == FederationJobSpec()
+
+
+def test_every_literal_is_an_enum(spec_schema: dict[str, Any]) -> None:
+    seen = 0
+    for path, model in _models(FederationJobSpec):
+        node = _at(spec_schema, path)
+        for name, field in model.model_fields.items():
+            if typing.get_origin(field.annotation) is typing.Literal:
+                prop = node["properties"][field.alias or name]
+                assert prop["enum"] == list(typing.get_args(field.annotation)), name
+                seen += 1
+    assert seen >= 9  # task, strategy.name, privacy.mode, compression.method, 5 in crypto
+
+
+# --- CEL rules mirror _cross_field ----------------------------------------------------------
+
+def test_one_cel_rule_per_cross_field_rule(spec_schema: dict[str, Any]) -> None:
+    source = inspect.getsource(typing.cast(Any, FederationJobSpec._cross_field))
+    fails = len(re.findall(r"\bfail\(", source)) - 1  # minus `def fail(`
+    assert len(crd.CROSS_FIELD_RULES) == fails, (
+        "every fail(...) in FederationJobSpec._cross_field needs a CEL rule in "
+        "pqfed.operator.crd.CROSS_FIELD_RULES")
+    assert spec_schema["x-kubernetes-validations"] == [
+        r.as_validation() for r in crd.CROSS_FIELD_RULES]
+    assert set(VIOLATIONS) == {r.name for r in crd.CROSS_FIELD_RULES}
+
+
+@pytest.mark.parametrize("rule", crd.CROSS_FIELD_RULES, ids=lambda r: r.name)
+def test_rule_matches_pydantic_field(rule: crd.CrossFieldRule,
+                                     spec_schema: dict[str, Any]) -> None:
+    field = rule.field_path.lstrip(".")
+    _at(spec_schema, field)  # fieldPath must exist in the schema (the API server checks it)
+    # The pydantic rule on the same input reports the same field as the CEL fieldPath.
+    with pytest.raises(JobSpecError) as exc:
+        parse_spec(VIOLATIONS[rule.name])
+    assert f"spec.{field}" in exc.value.problems
+    # Messages name the field and say how to fix it.
+    assert field in rule.message
+    assert re.search(r"\b(use|lower|raise|add|disable)\b", rule.message)
+
+
+def test_status_schema(version: dict[str, Any]) -> None:
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    assert status["phase"]["enum"] == ["Pending", "Running", "Succeeded", "Failed", "Cancelled"]
+    for name in ("currentRound", "totalRounds", "accuracy", "observedGeneration", "startTime",
+                 "completionTime", "message", "auditHead"):
+        assert name in status
+    round_ = status["rounds"]["items"]["properties"]
+    assert set(round_) == {"round", "accuracy", "loss", "bytesSent", "bytesReceived",
+                           "cryptoSeconds", "durationSeconds", "participants",
+                           "rejectedUpdates", "completedAt"}
+    assert round_["participants"] == {"type": "array", "items": {"type": "string"},
+                                      "description": round_["participants"]["description"]}
+    conditions = status["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map"
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+    item = conditions["items"]
+    assert "type" in item["required"]
+    assert set(item["properties"]) == {"type", "status", "reason", "message",
+                                       "lastTransitionTime", "observedGeneration"}
+
+
+# --- generated file -------------------------------------------------------------------------
+
+def test_committed_chart_crd_is_current(built: dict[str, Any]) -> None:
+    hint = "regenerate: python -m pqfed.operator.crd --out " + str(CHART_CRD.relative_to(REPO))
+    assert CHART_CRD.is_file(), hint
+    text = CHART_CRD.read_text()
+    assert yaml.safe_load(text) == built, hint
+    assert text == crd.render_crd(), hint
+
+
+def test_cli_writes_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "crd.yaml"
+    assert crd.main(["--out", str(out)]) == 0
+    assert yaml.safe_load(out.read_text()) == crd.build_crd()
+    assert crd.main([]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == crd.build_crd()
+
+
+def test_unsupported_schema_is_refused() -> None:
+    with pytest.raises(crd.SchemaConversionError, match="anyOf"):
+        crd._structural({"anyOf": [{"type": "integer"}, {"type": "string"}]}, "spec.x")
+    with pytest.raises(crd.SchemaConversionError, match="oneOf"):
+        crd._structural({"type": "object", "oneOf": []}, "spec.y")
