@@ -9,6 +9,7 @@ import json
 import logging
 from pathlib import Path
 
+from pqfed.pqc.handshake import Group
 from pqfed.pqc.identity import Certificate, CertificateAuthority, Identity, Role, TrustAnchor
 
 
@@ -62,6 +63,8 @@ def _sidecar(args: argparse.Namespace) -> int:
             routes=tuple(Route.parse(r) for r in args.route),
             admin=Endpoint.parse(args.admin, "--admin") if args.admin else None,
             handshake_timeout_s=args.handshake_timeout,
+            groups=tuple(Group[g] for g in args.group) or (Group.X25519_MLKEM768,),
+            allow_path_prefixes=tuple(args.allow_path_prefix),
         )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(Sidecar(config)))
@@ -110,6 +113,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="outbound LISTEN=PEER[@NODE_ID], repeatable")
     sc.add_argument("--admin", default="127.0.0.1:9901")
     sc.add_argument("--handshake-timeout", type=float, default=10.0)
+    sc.add_argument("--group", action="append", default=[],
+                    choices=[g.name for g in Group if g is not Group.X25519],
+                    help="key-establishment group(s); default X25519_MLKEM768")
+    sc.add_argument("--allow-path-prefix", action="append", default=[],
+                    help="inbound: only HTTP/1.1 requests under this path (repeatable)")
     sc.add_argument("--log-level", default="info")
     sc.set_defaults(func=_sidecar)
 

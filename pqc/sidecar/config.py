@@ -70,6 +70,8 @@ class SidecarConfig:
     handshake_timeout_s: float = 10.0
     crypto_threads: int = 4
     allowed_client_roles: tuple[Role, ...] = (Role.CLIENT, Role.EDGE)
+    # Inbound only: if set, peers may send nothing but HTTP/1.1 requests under these paths.
+    allow_path_prefixes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if (self.listen is None) != (self.upstream is None):
@@ -84,6 +86,9 @@ class SidecarConfig:
             if route.listen.host not in ("127.0.0.1", "::1", "localhost"):
                 raise ConfigError("routes.listen", f"{route.listen} must be a loopback address: "
                                   "plaintext never leaves the pod")
+        for prefix in self.allow_path_prefixes:
+            if not prefix.startswith("/"):
+                raise ConfigError("allowPathPrefixes", f"{prefix!r} must start with '/'")
         if self.upstream is not None and self.upstream.host not in ("127.0.0.1", "::1",
                                                                     "localhost"):
             raise ConfigError("upstream", "must be a loopback address: plaintext stays local")
@@ -91,7 +96,7 @@ class SidecarConfig:
     @classmethod
     def from_mapping(cls, data: dict[str, Any], base: Path = Path()) -> SidecarConfig:
         known = {"cert", "key", "ca", "listen", "upstream", "routes", "admin", "groups",
-                 "suites", "handshakeTimeoutSeconds", "cryptoThreads"}
+                 "suites", "handshakeTimeoutSeconds", "cryptoThreads", "allowPathPrefixes"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(sorted(unknown)[0],
@@ -120,6 +125,7 @@ class SidecarConfig:
             groups=groups, suites=suites,
             handshake_timeout_s=float(data.get("handshakeTimeoutSeconds", 10.0)),
             crypto_threads=int(data.get("cryptoThreads", 4)),
+            allow_path_prefixes=tuple(data.get("allowPathPrefixes", ())),
         )
 
     @classmethod

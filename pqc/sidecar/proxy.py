@@ -23,6 +23,7 @@ from pqfed.pqc.errors import ChannelClosed, HandshakeError, PqcError, RecordErro
 from pqfed.pqc.handshake import HandshakeConfig
 from pqfed.pqc.identity import Certificate, Identity, TrustAnchor
 from pqfed.pqc.sidecar.config import Route, SidecarConfig
+from pqfed.pqc.sidecar.httpfilter import HttpRequestFilter, RequestRejected, forbidden_response
 from pqfed.pqc.sidecar.metrics import SidecarMetrics
 
 log = logging.getLogger("pqfed.sidecar")
@@ -154,7 +155,7 @@ class Sidecar:
             log.warning("upstream %s unreachable: %s", self.config.upstream, exc)
             await channel.close()
             return
-        await self._splice(channel, app_r, app_w)
+        await self._splice(channel, app_r, app_w, inbound=True)
 
     async def _outbound(self, route: Route, app_r: asyncio.StreamReader,
                         app_w: asyncio.StreamWriter) -> None:
@@ -177,10 +178,12 @@ class Sidecar:
         await self._splice(channel, app_r, app_w)
 
     async def _splice(self, channel: SecureChannel, app_r: asyncio.StreamReader,
-                      app_w: asyncio.StreamWriter) -> None:
+                      app_w: asyncio.StreamWriter, inbound: bool = False) -> None:
         self.metrics.active.inc()
+        http = (HttpRequestFilter(self.config.allow_path_prefixes)
+                if inbound and self.config.allow_path_prefixes else None)
         up = asyncio.ensure_future(self._app_to_channel(app_r, channel))
-        down = asyncio.ensure_future(self._channel_to_app(channel, app_w))
+        down = asyncio.ensure_future(self._channel_to_app(channel, app_w, http))
         try:
             await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -197,13 +200,23 @@ class Sidecar:
         while data := await app_r.read(PUMP_CHUNK):
             await channel.send(data)
 
-    async def _channel_to_app(self, channel: SecureChannel, app_w: asyncio.StreamWriter) -> None:
+    async def _channel_to_app(self, channel: SecureChannel, app_w: asyncio.StreamWriter,
+                              http: HttpRequestFilter | None = None) -> None:
         try:
             while True:
-                app_w.write(await channel.recv())
+                data = await channel.recv()
+                if http is not None:
+                    data = http.feed(data)
+                app_w.write(data)
                 await app_w.drain()
         except ChannelClosed:
             return
+        except RequestRejected as exc:
+            log.warning("closing channel to %s (%s): %s", channel.peer.node_id,
+                        channel.peername, exc)
+            self.metrics.failures.labels("http", exc.field).inc()
+            with contextlib.suppress(PqcError, ConnectionError):
+                await channel.send(forbidden_response(exc.reason))
         except RecordError as exc:
             self.metrics.failures.labels("record", exc.field).inc()
         except PqcError as exc:

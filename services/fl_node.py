@@ -1,0 +1,204 @@
+"""`pqfed fl aggregator` and `pqfed fl client`: one FL node's process set.
+
+The same commands run as a container in a Kubernetes pod (next to the PQC sidecar) and as a
+local process under `pqfed run`, so both paths exercise identical code.
+
+Aggregator: SuperLink (Fleet + Control + ServerApp APIs on one loopback port; only the sidecar
+reaches it), a SuperExec that launches the ServerApp per run, the job driver that submits the
+run and waits for it, and a small HTTP API (`/healthz`, `/status`, `/checkpoint`) for the
+operator. Client: SuperNode dialling the SuperLink through its local sidecar route, and the
+SuperExec that runs the ClientApp for each message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pqfed.services import flower_runtime as fr
+from pqfed.services.rounds import STATUS_FILE, read_status
+from pqfed.services.spec import FederationJobSpec, load_job, parse_spec
+
+log = logging.getLogger("pqfed.fl")
+
+# Flower 1.42 sleeps 3 s in its SuperNode/ServerApp polling loops; capping them and forking
+# ClientApps from a warm process cut a round from ~12 s to ~2 s (docs/BENCHMARKS.md).
+# PQFED_FLOWER_STOCK=1 runs stock Flower (the baseline of that benchmark).
+FAST_POLL_S = 0.1
+PRELOAD = ("torch", "pqfed.services.apps", "pqfed.services.models", "pqfed.services.data")
+
+
+def _stock() -> bool:
+    return os.environ.get("PQFED_FLOWER_STOCK", "") == "1"
+
+
+def load_spec(path: Path) -> tuple[str, FederationJobSpec]:
+    """A job YAML (FederationJob manifest) or a JSON spec with a "name" field."""
+    if path.suffix in (".yaml", ".yml"):
+        job = load_job(path)
+        return job.name, job.spec
+    data = json.loads(path.read_text())
+    return str(data["name"]), parse_spec(data["spec"], str(path))
+
+
+def _serve_status(state_dir: Path, port: int) -> None:
+    import uvicorn
+    from fastapi import FastAPI, HTTPException, Response
+
+    app = FastAPI(title="pqfed aggregator", docs_url=None, redoc_url=None)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/status")
+    def status() -> dict[str, Any]:
+        return read_status(state_dir) or {"phase": "Pending", "currentRound": 0, "rounds": []}
+
+    @app.get("/checkpoint")
+    def checkpoint() -> Response:
+        st = read_status(state_dir) or {}
+        done = int(st.get("currentRound", 0))
+        path = state_dir / "checkpoints" / f"round-{done:05d}.npz"
+        if not done or not path.exists():
+            raise HTTPException(404, "no completed round yet")
+        return Response(path.read_bytes(), media_type="application/octet-stream",
+                        headers={"X-Pqfed-Round": str(done)})
+
+    config = uvicorn.Config(app, host="0.0.0.0", port=port, log_level="warning",  # noqa: S104
+                            lifespan="off")
+    threading.Thread(target=uvicorn.Server(config).run, daemon=True,
+                     name="status-api").start()
+
+
+def restore_state(restore: Path, state_dir: Path) -> int:
+    """Copies a saved status + checkpoint (the operator's copy) into an empty state dir, so
+    the ServerApp resumes after the last completed round. Returns that round."""
+    st = read_status(restore)
+    if not st or (state_dir / STATUS_FILE).exists():
+        return 0
+    done = int(st.get("currentRound", 0))
+    ckpt = restore / f"round-{done:05d}.npz"
+    if done == 0 or not ckpt.exists():
+        return 0
+    (state_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copy(ckpt, state_dir / "checkpoints" / ckpt.name)
+    shutil.copy(restore / STATUS_FILE, state_dir / STATUS_FILE)
+    return done
+
+
+def run_aggregator(args: argparse.Namespace) -> int:
+    name, spec = load_spec(Path(args.spec))
+    state = Path(args.state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    if args.restore and (done := restore_state(Path(args.restore), state)):
+        log.info("restored job %s at round %d", name, done)
+    run_dir = state / "flower"
+    fast = None if _stock() else FAST_POLL_S
+    link = fr.SuperLinkProcess(run_dir=run_dir, port=args.fleet_port, host=args.host,
+                               isolation="process", database=state / "superlink.db",
+                               fast_poll=fast)
+    executor = fr.SuperExecProcess(run_dir=run_dir, name="serverapp-superexec",
+                                   runtime_api_address=link.address,
+                                   flwr_home=run_dir / "homes" / "serverapp", fast_poll=fast)
+    procs: list[Any] = [link, executor]
+    _stop_on_signal(procs)
+    try:
+        link.start().wait_ready(120)
+        executor.start()
+        if args.status_port:
+            _serve_status(state, args.status_port)
+        fr.wait_nodes(link.address, spec.min_clients, spec.timeouts.round_seconds,
+                      watch=[p.proc for p in procs if p.proc])
+        run_config: dict[str, fr.ConfigValue] = {
+            "spec": spec.model_dump_json(by_alias=True), "job": name,
+            "state-dir": str(state), "identity-dir": str(Path(args.identity_dir).resolve()),
+        }
+        run_id = fr.submit_run(fr.FLOWER_APP_DIR, run_config, link.address,
+                               flwr_home=run_dir / "homes" / "cli",
+                               log_path=run_dir / "logs" / "flwr-run.log")
+        log.info("job %s submitted as Flower run %d", name, run_id)
+        budget = spec.timeouts.round_seconds * (spec.rounds + 1)
+        result = fr.wait_run(run_id, link.address, budget,
+                             watch=[p.proc for p in procs if p.proc])
+        logs = fr.fetch_run_logs(run_id, link.address, flwr_home=run_dir / "homes" / "cli")
+        (run_dir / "logs" / "serverapp.log").write_text(logs)
+        status = read_status(state) or {}
+        ok = result.succeeded and status.get("phase") == "Succeeded"
+        log.info("job %s: run %d %s/%s, phase %s", name, run_id, result.status,
+                 result.sub_status, status.get("phase"))
+        if args.linger and args.status_port:
+            time.sleep(args.linger)  # let the operator read the final status
+        return 0 if ok else 1
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def run_client(args: argparse.Namespace) -> int:
+    _, spec = load_spec(Path(args.spec))
+    state = Path(args.state_dir).resolve()
+    node_config: dict[str, fr.ConfigValue] = {
+        "partition-id": args.index, "num-partitions": spec.clients,
+        "identity-dir": str(Path(args.identity_dir).resolve()),
+    }
+    if args.attack:
+        node_config["attack"] = args.attack
+    stock = _stock()
+    node = fr.SuperNodeProcess(run_dir=state / "flower", index=args.index,
+                               superlink_address=args.superlink, runtime_port=args.runtime_port,
+                               node_config=node_config, isolation="process",
+                               fast_poll=None if stock else FAST_POLL_S,
+                               warm_clientapp=not stock, preload=() if stock else PRELOAD)
+    _stop_on_signal([node])
+    try:
+        node.start(timeout=120)
+        assert node.proc is not None
+        while node.proc.running:
+            time.sleep(0.5)
+        return node.proc.returncode or 0
+    finally:
+        node.stop()
+
+
+def _stop_on_signal(procs: list[Any]) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        for p in reversed(procs):
+            p.stop()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    fl = sub.add_parser("fl", help="run one federated-learning node (used in pods)")
+    fl_sub = fl.add_subparsers(dest="fl_command", required=True)
+    agg = fl_sub.add_parser("aggregator", help="SuperLink + ServerApp + job driver")
+    agg.add_argument("--spec", required=True, help="job YAML or JSON {name, spec}")
+    agg.add_argument("--identity-dir", default="/etc/pqfed/identity")
+    agg.add_argument("--state-dir", default="/var/lib/pqfed")
+    agg.add_argument("--restore", help="dir with a saved status.json + checkpoint to resume")
+    agg.add_argument("--host", default="127.0.0.1", help="SuperLink bind address")
+    agg.add_argument("--fleet-port", type=int, default=9092)
+    agg.add_argument("--status-port", type=int, default=8080)
+    agg.add_argument("--linger", type=float, default=0.0,
+                     help="seconds to keep serving /status after the job ends")
+    agg.set_defaults(func=run_aggregator)
+    cli = fl_sub.add_parser("client", help="SuperNode + ClientApp executor")
+    cli.add_argument("--spec", required=True)
+    cli.add_argument("--index", type=int, required=True, help="partition index of this node")
+    cli.add_argument("--identity-dir", default="/etc/pqfed/identity")
+    cli.add_argument("--state-dir", default="/var/lib/pqfed")
+    cli.add_argument("--superlink", default="127.0.0.1:19092",
+                     help="Fleet address: the local sidecar route to the aggregator")
+    cli.add_argument("--runtime-port", type=int, default=9094)
+    cli.add_argument("--attack", choices=["label-flip"], help="poisoning emulation (benchmarks)")
+    cli.set_defaults(func=run_client)

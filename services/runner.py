@@ -1,0 +1,247 @@
+"""`pqfed run job.yaml`: a whole federation on one machine, without Kubernetes.
+
+Starts, as local processes, exactly what the operator starts as pods: the aggregator
+(`pqfed fl aggregator`) behind its PQC sidecar, and per client a sidecar plus
+`pqfed fl client`. A fresh federation CA issues every identity. The job file is validated
+before anything starts. Shows a progress bar per round and ends with a summary; writes
+results.json and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from pqfed.pqc.identity import CertificateAuthority, Identity, Role
+from pqfed.services.flower_runtime import free_ports, terminate_process_tree
+from pqfed.services.rounds import read_status
+from pqfed.services.spec import FederationJobFile, load_job
+
+FLEET_PATH_PREFIX = "/v1/fleet/"  # what the aggregator's sidecar lets through to SuperLink
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    handle: IO[bytes] = field(repr=False)
+
+
+@dataclass
+class LocalFederation:
+    job: FederationJobFile
+    job_file: Path
+    run_dir: Path
+    pqc: bool = True
+    attackers: frozenset[int] = frozenset()
+    procs: list[_Proc] = field(default_factory=list)
+    admin_ports: dict[str, int] = field(default_factory=dict)
+    status_port: int = 0
+
+    def _identity_dir(self, ident: Identity, ca: CertificateAuthority) -> Path:
+        d = self.run_dir / "identities" / ident.certificate.node_id
+        d.mkdir(parents=True, exist_ok=True)
+        ident.save(d / "tls.crt", d / "tls.key")
+        (d / "ca.crt").write_text(ca.root.to_pem())
+        return d
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = self.run_dir / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        handle = log.open("wb")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                 start_new_session=True)
+        self.procs.append(_Proc(name, popen, log, handle))
+
+    def start(self) -> None:
+        spec = self.job.spec
+        n = spec.clients
+        ca = CertificateAuthority.generate(self.job.name, algorithm=spec.crypto.signature)
+        agg = ca.new_identity("aggregator", Role.AGGREGATOR, algorithm=spec.crypto.signature)
+        agg_dir = self._identity_dir(agg, ca)
+        (fleet, self.status_port, secure, agg_admin, *rest) = free_ports(4 + 3 * n)
+        pqfed = [sys.executable, "-m", "pqfed.cli"]
+        groups = "X25519_MLKEM1024" if spec.crypto.kem == "ML-KEM-1024" else "X25519_MLKEM768"
+        if self.pqc:
+            self._spawn("sidecar-aggregator", [
+                *pqfed, "sidecar", "--cert", str(agg_dir / "tls.crt"), "--key",
+                str(agg_dir / "tls.key"), "--ca", str(agg_dir / "ca.crt"),
+                "--listen", f"127.0.0.1:{secure}", "--upstream", f"127.0.0.1:{fleet}",
+                "--allow-path-prefix", FLEET_PATH_PREFIX, "--group", groups,
+                "--admin", f"127.0.0.1:{agg_admin}", "--log-level", "warning"])
+            self.admin_ports["aggregator"] = agg_admin
+        self._spawn("aggregator", [
+            *pqfed, "fl", "aggregator", "--spec", str(self.job_file), "--identity-dir",
+            str(agg_dir), "--state-dir", str(self.run_dir / "state" / "aggregator"),
+            "--fleet-port", str(fleet), "--status-port", str(self.status_port)])
+        for i in range(n):
+            route, runtime, admin = rest[3 * i : 3 * i + 3]
+            ident = ca.new_identity(f"client-{i}", Role.CLIENT, algorithm=spec.crypto.signature)
+            d = self._identity_dir(ident, ca)
+            if self.pqc:
+                self._spawn(f"sidecar-client-{i}", [
+                    *pqfed, "sidecar", "--cert", str(d / "tls.crt"), "--key",
+                    str(d / "tls.key"), "--ca", str(d / "ca.crt"), "--group", groups,
+                    "--route", f"127.0.0.1:{route}=127.0.0.1:{secure}@aggregator",
+                    "--admin", f"127.0.0.1:{admin}", "--log-level", "warning"])
+                self.admin_ports[f"client-{i}"] = admin
+            superlink = f"127.0.0.1:{route}" if self.pqc else f"127.0.0.1:{fleet}"
+            argv = [*pqfed, "fl", "client", "--spec", str(self.job_file), "--index", str(i),
+                    "--identity-dir", str(d), "--state-dir",
+                    str(self.run_dir / "state" / f"client-{i}"), "--superlink", superlink,
+                    "--runtime-port", str(runtime)]
+            if i in self.attackers:
+                argv += ["--attack", "label-flip"]
+            self._spawn(f"client-{i}", argv)
+
+    def aggregator(self) -> _Proc:
+        return next(p for p in self.procs if p.name == "aggregator")
+
+    def status(self) -> dict[str, Any] | None:
+        return read_status(self.run_dir / "state" / "aggregator")
+
+    def check_alive(self) -> None:
+        for p in self.procs:
+            if p.name != "aggregator" and p.popen.poll() is not None:
+                tail = p.log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{p.name} exited with {p.popen.returncode}:\n{tail}")
+
+    def sidecar_metrics(self) -> dict[str, float]:
+        """Sums of handshake time and wire bytes over all sidecars (Prometheus text)."""
+        totals = {"handshake_seconds": 0.0, "handshakes": 0.0, "wire_bytes_tx": 0.0}
+        pattern = re.compile(r"^(pqfed_\w+)(\{[^}]*\})? ([0-9.e+-]+)$")
+        for port in self.admin_ports.values():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    text = r.read().decode()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                m = pattern.match(line)
+                if not m:
+                    continue
+                name, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
+                if name == "pqfed_handshake_seconds_sum":
+                    totals["handshake_seconds"] += value
+                elif name == "pqfed_handshake_seconds_count":
+                    totals["handshakes"] += value
+                elif name == "pqfed_channel_bytes_total" and 'direction="tx"' in labels:
+                    totals["wire_bytes_tx"] += value
+        return totals
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.popen.poll() is None:
+                terminate_process_tree(p.popen.pid, timeout=10)
+            p.handle.close()
+
+
+def run_local(job_file: Path, out_dir: Path, *, pqc: bool = True,
+              attackers: frozenset[int] = frozenset(), show: bool = True,
+              timeout: float | None = None) -> dict[str, Any]:
+    """Runs the job; returns the results dict (also written to out_dir/results.json)."""
+    job = load_job(job_file)  # raises JobSpecError naming the field before anything starts
+    run_dir = out_dir / f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fed = LocalFederation(job, job_file.resolve(), run_dir, pqc=pqc, attackers=attackers)
+    spec = job.spec
+    limit = timeout or spec.timeouts.round_seconds * (spec.rounds + 2)
+    t0 = time.time()
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    console = Console(quiet=not show, width=None if sys.stdout.isatty() else 150)
+    try:
+        fed.start()
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      console=console, transient=False) as progress:
+            task = progress.add_task(f"{job.name}: starting", total=spec.rounds)
+            while fed.aggregator().popen.poll() is None:
+                fed.check_alive()
+                st = fed.status() or {}
+                rounds = st.get("rounds", [])
+                if rounds:
+                    last = rounds[-1]
+                    progress.update(task, completed=len(rounds), description=(
+                        f"{job.name}: round {last['round']} acc {last['accuracy']:.3f} "
+                        f"({last['durationSeconds']:.1f}s)"))
+                if time.time() - t0 > limit:
+                    raise TimeoutError(f"job {job.name} did not finish in {limit:.0f}s")
+                time.sleep(0.3)
+            st = fed.status() or {}
+            progress.update(task, completed=len(st.get("rounds", [])))
+        metrics = fed.sidecar_metrics() if pqc else {}
+        rc = fed.aggregator().popen.returncode
+    finally:
+        fed.stop()
+    results = {"job": job.name, "pqc": pqc, "returncode": rc, "wallSeconds": time.time() - t0,
+               "spec": spec.model_dump(by_alias=True), "status": st, "sidecars": metrics,
+               "runDir": str(run_dir)}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    if st.get("rounds"):
+        _plot(st, run_dir / "accuracy.png", job.name)
+    if show:
+        _summary(console, results)
+    if rc != 0:
+        agg_log = fed.aggregator().log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"job {job.name} failed (aggregator exit {rc}); see {run_dir}/logs\n"
+                           f"{agg_log}")
+    return results
+
+
+def _summary(console: Any, results: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    st = results["status"]
+    table = Table(title=f"{results['job']}: {st.get('phase')} in {results['wallSeconds']:.0f}s"
+                        f" ({'PQC sidecars' if results['pqc'] else 'plaintext'})")
+    for col in ("round", "accuracy", "loss", "sent KiB", "received KiB", "crypto ms",
+                "round s", "participants", "rejected", "epsilon"):
+        table.add_column(col, justify="right")
+    for r in st.get("rounds", []):
+        eps = r.get("epsilon")
+        table.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.4f}",
+                      f"{r['bytesSent'] / 1024:.1f}", f"{r['bytesReceived'] / 1024:.1f}",
+                      f"{r['cryptoSeconds'] * 1e3:.1f}", f"{r['durationSeconds']:.2f}",
+                      str(len(r["participants"])), str(r["rejectedUpdates"]),
+                      "-" if eps is None else f"{eps:.2f}")
+    console.print(table)
+    sc = results.get("sidecars") or {}
+    if sc:
+        console.print(f"PQC channels: {int(sc['handshakes'])} handshakes, "
+                      f"{sc['handshake_seconds'] * 1e3:.1f} ms total; "
+                      f"{sc['wire_bytes_tx'] / 1024:.1f} KiB on the wire")
+    console.print(f"audit log head: {st.get('auditHead', '-')}; results: "
+                  f"{results['runDir']}/results.json, accuracy.png")
+
+
+def _plot(status: dict[str, Any], path: Path, name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = status["rounds"]
+    xs = [r["round"] for r in rounds]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, [r["accuracy"] for r in rounds], marker="o", label="global accuracy")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy (global test set)")
+    ax.set_title(f"{name}")
+    ax2 = ax.twinx()
+    ax2.bar(xs, [r["bytesReceived"] / 1024 for r in rounds], alpha=0.25, color="gray",
+            label="update KiB received")
+    ax2.set_ylabel("KiB received by the aggregator")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
