@@ -142,7 +142,7 @@ class HttpRequestFilter:
                 if val.lower() != b"chunked" or chunked:
                     raise RequestRejected("transfer-encoding", f"{val[:40]!r} not supported")
                 chunked = True
-            elif key in (b"upgrade", b"connection") and b"upgrade" in val.lower():
+            elif key == b"upgrade" or (key == b"connection" and b"upgrade" in val.lower()):
                 raise RequestRejected("upgrade", "protocol upgrades are not allowed")
         if len(lengths) > 1:
             raise RequestRejected("content-length", "conflicting Content-Length headers")
