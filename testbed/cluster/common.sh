@@ -18,14 +18,31 @@ PQFED_UP_TIMEOUT="${PQFED_UP_TIMEOUT:-180}"
 # A throw-away test cluster does not need durable writes; fsync is slow on CI.
 PQFED_ETCD_UNSAFE_NO_FSYNC="${PQFED_ETCD_UNSAFE_NO_FSYNC:-1}"
 
-# Never bind anything but loopback.
-PQFED_HOST=127.0.0.1
+# etcd, controller-manager and scheduler only ever bind loopback.
+PQFED_LOOPBACK=127.0.0.1
+
+# Pod network for the node agents (pqfed node-agent): a host bridge whose first
+# address is the host side of every pod's veth. The apiserver binds that
+# address (and only that one) so that pods in their network namespaces reach
+# it; the bridge is not connected to any uplink and ip_forward is not touched.
+#   PQFED_POD_NETWORK=auto  on when root and `ip` is available, else loopback
+#                    on     fail if the bridge cannot be set up
+#                    off    apiserver on 127.0.0.1 (pods cannot reach it)
+PQFED_POD_NETWORK="${PQFED_POD_NETWORK:-auto}"
+PQFED_BRIDGE="${PQFED_BRIDGE:-pqfed0}"
+PQFED_POD_SUBNET="${PQFED_POD_SUBNET:-10.88.0.0/16}"    # must be a /16: 10.88.<node>.<pod>
+PQFED_BRIDGE_IP="${PQFED_POD_SUBNET%.*/*}.1"             # 10.88.0.1
+
+# The address the apiserver binds and every kubeconfig points at: the bridge
+# address when the pod network is on (decided by up.sh), else loopback.
+PQFED_HOST=$PQFED_LOOPBACK
 
 PKI="$PQFED_CLUSTER_DIR/pki"
 RUN="$PQFED_CLUSTER_DIR/run"
 LOGS="$PQFED_CLUSTER_DIR/logs"
 KUBECONFIG_ADMIN="$PQFED_CLUSTER_DIR/kubeconfig"
-APISERVER_URL="https://$PQFED_HOST:$PQFED_APISERVER_PORT"
+APISERVER_URL="https://$PQFED_HOST:$PQFED_APISERVER_PORT"   # recomputed by up.sh
+AGENTS="$PQFED_CLUSTER_DIR/agents"    # default state dirs of `pqfed node-agent`
 
 # Start order; down.sh stops them in reverse.
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler)

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Start a real, container-less Kubernetes control plane on loopback:
-# etcd, kube-apiserver, kube-controller-manager and kube-scheduler, built by
-# build.sh into ${PQFED_CACHE:-$HOME/.cache/pqfed}/bin. There is no kubelet and
-# no container runtime: Pods are stored and scheduled but never run.
+# Start a real, container-less Kubernetes control plane: etcd,
+# kube-apiserver, kube-controller-manager and kube-scheduler, built by build.sh
+# into ${PQFED_CACHE:-$HOME/.cache/pqfed}/bin. There is no kubelet and no
+# container runtime: Pods run only where `pqfed node-agent` processes run
+# (testbed/nodeagent); without agents they are stored and scheduled only.
+# etcd, controller-manager and scheduler bind 127.0.0.1. As root the pod
+# bridge PQFED_BRIDGE (pqfed0, 10.88.0.1/16) is created and the apiserver binds
+# 10.88.0.1, so pods in their network namespaces reach it (PQFED_POD_NETWORK).
 #
 # Usage: up.sh            (idempotent: running components are left alone)
 #        eval "$(up.sh)"  (stdout is only the `export KUBECONFIG=...` line)
@@ -15,7 +19,9 @@
 #   kubeconfig   admin (client cert, group system:masters)
 #   nodes/NAME.kubeconfig   node identities system:node:NAME (group
 #                system:nodes) for node agents, for NAME in PQFED_NODE_NAMES
-#   env          the ports and paths in use, as shell assignments
+#   kube-proxy.kubeconfig   system:kube-proxy (reads Services/EndpointSlices)
+#   agents/NAME/ default state dir of `pqfed node-agent --name NAME`
+#   env          the ports, addresses and paths in use, as shell assignments
 # Ports (env): PQFED_APISERVER_PORT=16443 PQFED_ETCD_CLIENT_PORT=12379
 #   PQFED_ETCD_PEER_PORT=12380 PQFED_KCM_PORT=16257 PQFED_SCHEDULER_PORT=16259
 set -euo pipefail
@@ -25,7 +31,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$HERE/common.sh"
 
 case "${1:-}" in
-    -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     "") ;;
     *) die "unknown argument: $1" ;;
 esac
@@ -39,6 +45,55 @@ done
 
 mkdir -p "$PKI" "$RUN" "$LOGS" "$PQFED_CLUSTER_DIR/etcd" "$PQFED_CLUSTER_DIR/nodes"
 chmod 700 "$PQFED_CLUSTER_DIR" "$PKI"
+
+# --------------------------------------------------------------------------
+# pod network: the bridge pods attach to; decides the apiserver address
+# --------------------------------------------------------------------------
+[[ "$PQFED_POD_SUBNET" =~ ^10\.([0-9]+)\.0\.0/16$ ]] \
+    || die "PQFED_POD_SUBNET=$PQFED_POD_SUBNET: must be 10.X.0.0/16 (pods get 10.X.<node>.<n>)"
+
+# Idempotent; node agents create the same bridge lazily when up.sh did not.
+ensure_bridge() {
+    if ! ip link show dev "$PQFED_BRIDGE" >/dev/null 2>&1; then
+        if ip link add name "$PQFED_BRIDGE" type bridge 2>/dev/null; then
+            touch "$RUN/bridge.created"   # down.sh --wipe may delete it again
+            log "created bridge $PQFED_BRIDGE"
+        fi
+        ip link show dev "$PQFED_BRIDGE" >/dev/null 2>&1 || return 1
+    fi
+    if ! ip -4 -o addr show dev "$PQFED_BRIDGE" | grep -q " $PQFED_BRIDGE_IP/16 "; then
+        ip addr add "$PQFED_BRIDGE_IP/16" dev "$PQFED_BRIDGE" 2>/dev/null \
+            || ip -4 -o addr show dev "$PQFED_BRIDGE" | grep -q " $PQFED_BRIDGE_IP/16 " \
+            || return 1
+    fi
+    ip link set dev "$PQFED_BRIDGE" up
+}
+
+case "$PQFED_POD_NETWORK" in
+    on|auto)
+        if [[ $EUID -eq 0 ]] && command -v ip >/dev/null 2>&1 && ensure_bridge; then
+            PQFED_HOST=$PQFED_BRIDGE_IP
+            PQFED_POD_NETWORK=on
+        elif [[ "$PQFED_POD_NETWORK" == on ]]; then
+            die "cannot set up bridge $PQFED_BRIDGE ($PQFED_BRIDGE_IP/16): needs root and iproute2"
+        else
+            log "no pod network (needs root and iproute2): apiserver on $PQFED_LOOPBACK only"
+            PQFED_POD_NETWORK=off
+        fi
+        ;;
+    off) ;;
+    *) die "PQFED_POD_NETWORK=$PQFED_POD_NETWORK: expected auto, on or off" ;;
+esac
+# A running apiserver keeps the address it was started with (down.sh first to move it).
+if component_pid kube-apiserver >/dev/null && [[ -f "$PQFED_CLUSTER_DIR/env" ]]; then
+    running_host="$(sed -n 's/^PQFED_APISERVER_HOST=//p' "$PQFED_CLUSTER_DIR/env")"
+    running_host="${running_host:-$PQFED_LOOPBACK}"
+    if [[ "$running_host" != "$PQFED_HOST" ]]; then
+        log "kube-apiserver already runs on $running_host (not $PQFED_HOST); keeping it. Run down.sh, then up.sh, to move it"
+        PQFED_HOST=$running_host
+    fi
+fi
+APISERVER_URL="https://$PQFED_HOST:$PQFED_APISERVER_PORT"
 
 # --------------------------------------------------------------------------
 # PKI (generated once; delete pki/ or use down.sh --wipe to regenerate)
@@ -90,11 +145,21 @@ if [[ ! -f "$PKI/sa.key" ]]; then
     ossl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$PKI/sa.key"
     ossl pkey -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub"
 fi
+# Valid for loopback and the bridge address; reissued if it predates the bridge.
+if [[ -f "$PKI/apiserver.crt" ]] && ! component_pid kube-apiserver >/dev/null \
+    && ! openssl x509 -in "$PKI/apiserver.crt" -noout -ext subjectAltName 2>/dev/null \
+        | grep -q "IP Address:$PQFED_HOST\b"; then
+    log "reissuing the apiserver certificate to add $PQFED_HOST"
+    rm -f "$PKI/apiserver.crt"
+fi
 issue apiserver "/CN=kube-apiserver" serverAuth \
-    "IP:$PQFED_HOST,IP:$PQFED_SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+    "IP:$PQFED_LOOPBACK,IP:$PQFED_BRIDGE_IP,IP:$PQFED_SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
 issue admin "/O=system:masters/CN=pqfed-admin" clientAuth
 issue kube-controller-manager "/CN=system:kube-controller-manager" clientAuth
 issue kube-scheduler "/CN=system:kube-scheduler" clientAuth
+# Bound to ClusterRole system:node-proxier by default: node agents read
+# Services/EndpointSlices with it to write the pods' /etc/hosts.
+issue kube-proxy "/CN=system:kube-proxy" clientAuth
 for node in $PQFED_NODE_NAMES; do
     issue "node-$node" "/O=system:nodes/CN=system:node:$node" clientAuth
 done
@@ -131,6 +196,7 @@ EOF
 write_kubeconfig "$KUBECONFIG_ADMIN" pqfed-admin admin
 write_kubeconfig "$PKI/kube-controller-manager.kubeconfig" system:kube-controller-manager kube-controller-manager
 write_kubeconfig "$PKI/kube-scheduler.kubeconfig" system:kube-scheduler kube-scheduler
+write_kubeconfig "$PQFED_CLUSTER_DIR/kube-proxy.kubeconfig" system:kube-proxy kube-proxy
 for node in $PQFED_NODE_NAMES; do
     write_kubeconfig "$PQFED_CLUSTER_DIR/nodes/$node.kubeconfig" "system:node:$node" "node-$node"
 done
@@ -143,13 +209,18 @@ PQFED_ETCD_CLIENT_PORT=$PQFED_ETCD_CLIENT_PORT
 PQFED_ETCD_PEER_PORT=$PQFED_ETCD_PEER_PORT
 PQFED_KCM_PORT=$PQFED_KCM_PORT
 PQFED_SCHEDULER_PORT=$PQFED_SCHEDULER_PORT
+PQFED_APISERVER_HOST=$PQFED_HOST
+PQFED_POD_NETWORK=$PQFED_POD_NETWORK
+PQFED_BRIDGE=$PQFED_BRIDGE
+PQFED_BRIDGE_IP=$PQFED_BRIDGE_IP
+PQFED_POD_SUBNET=$PQFED_POD_SUBNET
 KUBECONFIG=$KUBECONFIG_ADMIN
 EOF
 
 # --------------------------------------------------------------------------
 # processes
 # --------------------------------------------------------------------------
-ETCD_URL="http://$PQFED_HOST:$PQFED_ETCD_CLIENT_PORT"
+ETCD_URL="http://$PQFED_LOOPBACK:$PQFED_ETCD_CLIENT_PORT"
 
 args_for() {  # <component> -> one argument per line
     case "$1" in
@@ -159,9 +230,9 @@ args_for() {  # <component> -> one argument per line
             --data-dir="$PQFED_CLUSTER_DIR/etcd" \
             --listen-client-urls="$ETCD_URL" \
             --advertise-client-urls="$ETCD_URL" \
-            --listen-peer-urls="http://$PQFED_HOST:$PQFED_ETCD_PEER_PORT" \
-            --initial-advertise-peer-urls="http://$PQFED_HOST:$PQFED_ETCD_PEER_PORT" \
-            --initial-cluster="pqfed=http://$PQFED_HOST:$PQFED_ETCD_PEER_PORT" \
+            --listen-peer-urls="http://$PQFED_LOOPBACK:$PQFED_ETCD_PEER_PORT" \
+            --initial-advertise-peer-urls="http://$PQFED_LOOPBACK:$PQFED_ETCD_PEER_PORT" \
+            --initial-cluster="pqfed=http://$PQFED_LOOPBACK:$PQFED_ETCD_PEER_PORT" \
             --initial-cluster-state=new \
             --quota-backend-bytes=$((2 * 1024 * 1024 * 1024))
         [[ "$PQFED_ETCD_UNSAFE_NO_FSYNC" == 1 ]] && echo --unsafe-no-fsync=true
@@ -198,7 +269,7 @@ args_for() {  # <component> -> one argument per line
             --kubeconfig="$kc" \
             --authentication-kubeconfig="$kc" \
             --authorization-kubeconfig="$kc" \
-            --bind-address="$PQFED_HOST" \
+            --bind-address="$PQFED_LOOPBACK" \
             --secure-port="$PQFED_KCM_PORT" \
             --cert-dir="$PQFED_CLUSTER_DIR/kcm-certs" \
             --controllers='*' \
@@ -217,7 +288,7 @@ args_for() {  # <component> -> one argument per line
             --kubeconfig="$kc" \
             --authentication-kubeconfig="$kc" \
             --authorization-kubeconfig="$kc" \
-            --bind-address="$PQFED_HOST" \
+            --bind-address="$PQFED_LOOPBACK" \
             --secure-port="$PQFED_SCHEDULER_PORT" \
             --cert-dir="$PQFED_CLUSTER_DIR/scheduler-certs" \
             --leader-elect=false \
@@ -246,7 +317,7 @@ port_in_use() {  # <port>
     if command -v ss >/dev/null 2>&1; then
         ss -Hltn "sport = :$1" 2>/dev/null | grep -q .
     else
-        (exec 3<>"/dev/tcp/$PQFED_HOST/$1") 2>/dev/null
+        (exec 3<>"/dev/tcp/$PQFED_LOOPBACK/$1") 2>/dev/null
     fi
 }
 
@@ -298,7 +369,7 @@ etcd_healthy() { [[ "$(http_code "$ETCD_URL/health")" == 200 ]]; }
 api_ready() { [[ "$(api /readyz)" == 200 ]]; }
 # The component's own /healthz (anonymous access is allowed there by default;
 # the serving cert is self-signed by the component, hence -k on loopback).
-healthz() { [[ "$(http_code "https://$PQFED_HOST:$1/healthz" -k)" == 200 ]]; }
+healthz() { [[ "$(http_code "https://$PQFED_LOOPBACK:$1/healthz" -k)" == 200 ]]; }
 kcm_healthy() { healthz "$PQFED_KCM_PORT"; }
 scheduler_healthy() { healthz "$PQFED_SCHEDULER_PORT"; }
 default_ns() { [[ "$(api /api/v1/namespaces/default)" == 200 ]]; }
@@ -320,4 +391,6 @@ log "control plane up in $((SECONDS - T0))s: $APISERVER_URL (state: $PQFED_CLUST
 for node in $PQFED_NODE_NAMES; do
     log "node agent kubeconfig: $PQFED_CLUSTER_DIR/nodes/$node.kubeconfig (system:node:$node)"
 done
+[[ "$PQFED_POD_NETWORK" == on ]] \
+    || log "pod network off: node agents can run pods, but pods cannot reach the apiserver"
 echo "export KUBECONFIG=$KUBECONFIG_ADMIN"
