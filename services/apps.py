@@ -277,6 +277,7 @@ class VerifiedStrategy(Strategy):
             return None
         metrics = _metrics(reply.content)
         self.recorder.add_crypto(rnd, _number(metrics.get("sign-seconds", 0.0)))
+        self.recorder.note_compute(rnd, _number(metrics.get("train-seconds", 0.0)))
         self.recorder.note_update(rnd, manifest.node_id, len(blob))
         if self.audit:
             self.audit.append("update-accepted", round=rnd, node=manifest.node_id,

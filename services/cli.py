@@ -26,6 +26,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from pqfed.services.benchfl import main as bench_main
+
+    return bench_main(args)
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = sub.add_parser("run", help="run a FederationJob locally (processes, PQC sidecars)")
     run.add_argument("job", help="FederationJob YAML")
@@ -35,3 +41,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--attackers", default="", help="client indexes that flip labels, e.g. 0,3")
     run.set_defaults(func=_run)
     fl_node.register(sub)
+    bench = sub.add_parser("bench-fl", help="FL benchmarks (docs/BENCHMARKS.md)")
+    bench.add_argument("--out", default="results/bench-fl")
+    bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--only", default="", help="comma list: hapt,privacy,poisoning,transport")
+    bench.set_defaults(func=_bench)

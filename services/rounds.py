@@ -30,6 +30,7 @@ class RoundRecord:
     bytes_sent: int = 0
     bytes_received: int = 0
     crypto_seconds: float = 0.0
+    compute_seconds: float = 0.0  # the slowest participant's local training time
     duration_seconds: float = 0.0
     participants: list[str] = field(default_factory=list)
     rejected_updates: int = 0
@@ -148,6 +149,10 @@ class RoundRecorder:
         rec = self._rec(rnd)
         rec.participants.append(node)
         rec.bytes_received += nbytes
+
+    def note_compute(self, rnd: int, seconds: float) -> None:
+        rec = self._rec(rnd)
+        rec.compute_seconds = max(rec.compute_seconds, seconds)
 
     def note_rejected(self, rnd: int, reason: str) -> None:
         rec = self._rec(rnd)
