@@ -180,6 +180,7 @@ def train(msg: Message, context: Context) -> Message:
 
     from pqfed.services.models import build_model, get_weights, set_weights, train_epochs
 
+    received = time.time()
     torch.set_num_threads(int(os.environ.get("PQFED_TORCH_THREADS", "1")))
     spec = job_spec(context)
     pid = int(_number(context.node_config["partition-id"]))
@@ -197,7 +198,8 @@ def train(msg: Message, context: Context) -> Message:
                         proximal_mu=_number(_config(msg.content, "config").get("proximal-mu", 0.0)),
                         seed=spec.dataset.seed + pid * 1000 + _round_of(msg))
     metrics = MetricRecord({"train-loss": float(loss), "num-examples": len(y),
-                            "train-seconds": time.perf_counter() - t0})
+                            "train-seconds": time.perf_counter() - t0,
+                            "t-received": received, "t-replied": time.time()})
     return Message(RecordDict({"arrays": ArrayRecord(get_weights(model)),
                                "metrics": metrics}), reply_to=msg)
 
@@ -278,6 +280,8 @@ class VerifiedStrategy(Strategy):
         metrics = _metrics(reply.content)
         self.recorder.add_crypto(rnd, _number(metrics.get("sign-seconds", 0.0)))
         self.recorder.note_compute(rnd, _number(metrics.get("train-seconds", 0.0)))
+        self.recorder.note_timeline(rnd, _number(metrics.get("t-received", 0.0)),
+                                    _number(metrics.get("t-replied", 0.0)))
         self.recorder.note_update(rnd, manifest.node_id, len(blob))
         if self.audit:
             self.audit.append("update-accepted", round=rnd, node=manifest.node_id,
@@ -288,6 +292,7 @@ class VerifiedStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self.recorder.mark(self.offset + server_round, "replies")
         valid = [m for m in (self._verify(server_round, r) for r in replies) if m is not None]
         rnd = self.offset + server_round
         if len(valid) < self.min_clients:

@@ -33,7 +33,8 @@ log = logging.getLogger("pqfed.fl")
 # ClientApps from a warm process cut a round from ~12 s to ~2 s (docs/BENCHMARKS.md).
 # PQFED_FLOWER_STOCK=1 runs stock Flower (the baseline of that benchmark).
 FAST_POLL_S = 0.1
-PRELOAD = ("torch", "pqfed.services.apps", "pqfed.services.models", "pqfed.services.data")
+PRELOAD = ("torch", "pqfed.services.apps", "pqfed.services.models", "pqfed.services.data",
+           "pqfed.services.warmup")
 
 
 def _stock() -> bool:
@@ -108,7 +109,8 @@ def run_aggregator(args: argparse.Namespace) -> int:
                                fast_poll=fast)
     executor = fr.SuperExecProcess(run_dir=run_dir, name="serverapp-superexec",
                                    runtime_api_address=link.address,
-                                   flwr_home=run_dir / "homes" / "serverapp", fast_poll=fast)
+                                   flwr_home=run_dir / "homes" / "serverapp", fast_poll=fast,
+                                   poll_interval=fast)
     procs: list[Any] = [link, executor]
     _stop_on_signal(procs)
     try:
@@ -157,7 +159,10 @@ def run_client(args: argparse.Namespace) -> int:
                                superlink_address=args.superlink, runtime_port=args.runtime_port,
                                node_config=node_config, isolation="process",
                                fast_poll=None if stock else FAST_POLL_S,
-                               warm_clientapp=not stock, preload=() if stock else PRELOAD)
+                               superexec_poll_interval=None if stock else FAST_POLL_S,
+                               warm_clientapp=not stock, preload=() if stock else PRELOAD,
+                               env_overrides={"PQFED_WARM_SPEC": str(Path(args.spec).resolve()),
+                                              "PQFED_WARM_PARTITION": str(args.index)})
     _stop_on_signal([node])
     try:
         node.start(timeout=120)

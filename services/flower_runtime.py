@@ -388,7 +388,7 @@ class SuperLinkProcess:
 
     def command(self) -> list[str]:
         cmd = [
-            str(_BIN_DIR / "flower-superlink"), "--insecure",
+            *_python_exec_argv("flower-superlink", self.fast_poll), "--insecure",
             "--isolation", self.isolation,
             "--disable-runtime-dependency-installation",
             "--host", self.host, "--port", str(self.port),
@@ -979,6 +979,10 @@ _POLL_PATCHES: dict[str, dict[str, str]] = {
     "flwr.supernode.start_client_internal": {"time": "module"},  # idle 3 s, reply wait 0.5 s
     "flwr.superlink.grid.http_grid": {"time": "module"},  # send_and_receive 3 s
     "flwr.serverapp.strategy.strategy_utils": {"sleep": "func"},  # waiting for nodes 1 s
+    # Long-poll intervals of the Runtime API routers (SuperLink, SuperNode) and of a task's
+    # wait for its reply: 0.25 s each, several per message hop.
+    "flwr.supercore.routers.runtime.responses": {"_POLL_INTERVAL": "value"},
+    "flwr.supercore.task_process.agent.session": {"_DEFAULT_TASK_REPLY_POLL_INTERVAL": "value"},
 }
 
 
@@ -1004,7 +1008,10 @@ def install_fast_poll(cap: float) -> list[str]:
                 log.warning("fast_poll: %s.%s missing; leaving stock polling", mod_name, attr)
                 continue
             capped = _CappedTime(cap)
-            setattr(mod, attr, capped if kind == "module" else capped.sleep)
+            if kind == "value":
+                setattr(mod, attr, min(float(getattr(mod, attr)), cap))
+            else:
+                setattr(mod, attr, capped if kind == "module" else capped.sleep)
             patched.append(f"{mod_name}.{attr}")
     utils: Any = importlib.import_module("flwr.supercore.inflatable.inflatable_utils")
     for name in _PULL_FUNCS:

@@ -31,6 +31,11 @@ class RoundRecord:
     bytes_received: int = 0
     crypto_seconds: float = 0.0
     compute_seconds: float = 0.0  # the slowest participant's local training time
+    # Where the rest of the round went (seconds): server -> last client start, last client
+    # reply -> all replies at the server, aggregation + evaluation + checkpoint.
+    dispatch_seconds: float = 0.0
+    return_seconds: float = 0.0
+    server_seconds: float = 0.0
     duration_seconds: float = 0.0
     participants: list[str] = field(default_factory=list)
     rejected_updates: int = 0
@@ -97,6 +102,8 @@ class RoundRecorder:
         self._open: dict[int, RoundRecord] = {}
         self._started: dict[int, float] = {}
         self._test: tuple[Any, Any] | None = None
+        self._latest: dict[int, list[float]] = {}
+        self._marks: dict[int, dict[str, float]] = {}
 
     # ---- resume -------------------------------------------------------------------------
     def resume(self) -> tuple[int, list[np.ndarray[Any, Any]] | None]:
@@ -154,6 +161,16 @@ class RoundRecorder:
         rec = self._rec(rnd)
         rec.compute_seconds = max(rec.compute_seconds, seconds)
 
+    def note_timeline(self, rnd: int, received: float, replied: float) -> None:
+        started = self._started.get(rnd)
+        if started and received:
+            self._latest.setdefault(rnd, [0.0, 0.0])
+            self._latest[rnd][0] = max(self._latest[rnd][0], received - started)
+            self._latest[rnd][1] = max(self._latest[rnd][1], replied)
+
+    def mark(self, rnd: int, event: str) -> None:
+        self._marks.setdefault(rnd, {})[event] = time.time()
+
     def note_rejected(self, rnd: int, reason: str) -> None:
         rec = self._rec(rnd)
         rec.rejected_updates += 1
@@ -192,7 +209,13 @@ class RoundRecorder:
         rnd = offset + server_round
         rec = self._rec(rnd)
         rec.accuracy, rec.loss = float(acc), float(loss)
-        rec.duration_seconds = time.time() - self._started.get(rnd, time.time())
+        now = time.time()
+        rec.duration_seconds = now - self._started.get(rnd, now)
+        if rnd in self._latest and "replies" in self._marks.get(rnd, {}):
+            replies_at = self._marks[rnd]["replies"]
+            rec.dispatch_seconds = self._latest[rnd][0]
+            rec.return_seconds = max(0.0, replies_at - self._latest[rnd][1])
+            rec.server_seconds = now - replies_at
         rec.epsilon = epsilon_after(self.spec, rnd)
         rec.completed_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         # Checkpoint first, then status: a crash between them re-runs this round only.
