@@ -32,6 +32,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ from pqfed.pqc.keyschedule import (
     handshake_secrets,
     xwing_combine,
 )
+from pqfed.pqc.pool import usable_cpus
 from pqfed.pqc.record import (
     DEFAULT_KEY_UPDATE_AFTER,
     MAX_PLAINTEXT,
@@ -135,6 +137,55 @@ def default_suites() -> tuple[Suite, ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyShare:
+    """A client's ephemeral key share: an ML-KEM decapsulation key and an X25519 key."""
+
+    group: Group
+    kem: KemPrivateKey | None
+    x25519: x25519.X25519PrivateKey
+    x25519_public: bytes
+
+    @classmethod
+    def generate(cls, group: Group, backend: Backend) -> KeyShare:
+        alg = GROUP_KEM[group]
+        priv = x25519.X25519PrivateKey.generate()
+        return cls(group, backend.kem_generate(alg) if alg else None, priv,
+                   priv.public_key().public_bytes_raw())
+
+
+class KeySharePool:
+    """Ephemeral key shares generated ahead of use (off the connection's critical path).
+
+    Each share is used for exactly one handshake and then discarded, so forward secrecy is
+    unchanged; the next one is generated on a background thread after a share is taken.
+    """
+
+    def __init__(self) -> None:
+        self._ready: dict[Group, KeyShare] = {}
+        self._lock = threading.Lock()
+        self._filler = ThreadPoolExecutor(1, thread_name_prefix="pqfed-keyshare")
+
+    def take(self, group: Group, backend: Backend) -> KeyShare:
+        with self._lock:
+            share = self._ready.pop(group, None)
+        if share is None:
+            share = KeyShare.generate(group, backend)
+        self._filler.submit(self._fill, group, backend)
+        return share
+
+    def _fill(self, group: Group, backend: Backend) -> None:
+        share = KeyShare.generate(group, backend)
+        with self._lock:
+            self._ready.setdefault(group, share)
+
+
+def _parallel_default() -> bool:
+    # Measured (docs/BENCHMARKS.md): on 2 CPUs shared by both ends, the extra threads cost
+    # more than the overlap saves; with 4+ CPUs (Raspberry Pi 4) they pay off.
+    return usable_cpus() >= 4
+
+
+@dataclass(frozen=True, slots=True)
 class HandshakeConfig:
     """What one side offers, accepts and expects of its peer."""
 
@@ -151,7 +202,8 @@ class HandshakeConfig:
     backend: Backend | None = None  # None: the process-wide default (get_backend())
     # Verify the peer's certificate and transcript signature on two threads, and (client)
     # sign our own transcript meanwhile. Off: strictly sequential (the benchmark baseline).
-    parallel_auth: bool = True
+    parallel_auth: bool = field(default_factory=_parallel_default)
+    key_shares: KeySharePool | None = None  # client side: precomputed ephemeral shares
 
 
 @dataclass(slots=True)
@@ -429,9 +481,11 @@ class ClientHandshake(_Endpoint):
         if not config.groups or not config.suites:
             raise HandshakeError("config", "offer at least one group and one suite")
         self._group = config.groups[0]
-        self._kem: KemPrivateKey | None = None
-        self._x25519 = x25519.X25519PrivateKey.generate()
-        self._x25519_public = self._x25519.public_key().public_bytes_raw()
+        share = (config.key_shares.take(self._group, self.backend) if config.key_shares
+                 else KeyShare.generate(self._group, self.backend))
+        self._kem: KemPrivateKey | None = share.kem
+        self._x25519 = share.x25519
+        self._x25519_public = share.x25519_public
         self._suite: Suite | None = None
         self._hs_client = b""
         self._server_hs = b""
@@ -441,11 +495,7 @@ class ClientHandshake(_Endpoint):
     def start(self) -> bytes:
         if self._state is not _State.START:
             raise HandshakeError("state", "ClientHello already sent")
-        kem_alg = GROUP_KEM[self._group]
-        kem_pk = b""
-        if kem_alg is not None:
-            self._kem = self.backend.kem_generate(kem_alg)
-            kem_pk = self._kem.public_bytes()
+        kem_pk = self._kem.public_bytes() if self._kem is not None else b""
         body = (
             Writer()
             .u16(PROTOCOL_VERSION)

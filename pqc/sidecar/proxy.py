@@ -20,7 +20,7 @@ from typing import Any
 from pqfed.pqc.backends import Backend, SigPrivateKey, get_backend
 from pqfed.pqc.channel import SecureChannel, client_channel, server_channel
 from pqfed.pqc.errors import ChannelClosed, HandshakeError, PqcError, RecordError
-from pqfed.pqc.handshake import HandshakeConfig
+from pqfed.pqc.handshake import HandshakeConfig, KeySharePool
 from pqfed.pqc.identity import Certificate, Identity, TrustAnchor
 from pqfed.pqc.sidecar.config import Route, SidecarConfig
 from pqfed.pqc.sidecar.httpfilter import HttpRequestFilter, RequestRejected, forbidden_response
@@ -81,6 +81,7 @@ class Sidecar:
         self.trust = TrustAnchor(Certificate.from_pem(config.ca.read_text()))
         self.trust.verify(identity.certificate)  # refuse to start with a foreign/expired cert
         self._executor = ThreadPoolExecutor(config.crypto_threads, "pqfed-handshake")
+        self._key_shares = KeySharePool()
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.ready = False
@@ -94,7 +95,8 @@ class Sidecar:
         )
         if route is None:
             return replace(base, peer_roles=self.config.allowed_client_roles)
-        return replace(base, peer_roles=route.peer_roles, peer_node_id=route.peer_node_id)
+        return replace(base, peer_roles=route.peer_roles, peer_node_id=route.peer_node_id,
+                       key_shares=self._key_shares)
 
     async def start(self) -> None:
         c = self.config

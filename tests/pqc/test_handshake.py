@@ -281,3 +281,15 @@ def test_speculative_client_signature_is_not_sent_when_server_fails(
             out.append(cl.receive(f))
     assert out == [b""]  # ServerHello only; nothing was emitted for the failed flight
     assert cl.session is None and not cl.complete
+
+
+def test_precomputed_key_shares_are_used_once(ca: CertificateAuthority, client: Identity,
+                                              aggregator: Identity) -> None:
+    from pqfed.pqc.handshake import KeySharePool
+
+    pool = KeySharePool()
+    c = HandshakeConfig(client, ca.trust, key_shares=pool)
+    first = run_handshake(c, HandshakeConfig(aggregator, ca.trust)).flights[0]
+    second = run_handshake(c, HandshakeConfig(aggregator, ca.trust)).flights[0]
+    share = slice(-(1184 + 32), None)  # ML-KEM-768 ek + X25519 key at the end of the hello
+    assert first[share] != second[share]
