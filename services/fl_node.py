@@ -25,7 +25,7 @@ from typing import Any
 
 from pqfed.services import flower_runtime as fr
 from pqfed.services.rounds import STATUS_FILE, read_status
-from pqfed.services.spec import FederationJobSpec, load_job, parse_spec
+from pqfed.services.spec import FederationJobSpec, check_runnable, load_job, parse_spec
 
 log = logging.getLogger("pqfed.fl")
 
@@ -98,6 +98,7 @@ def restore_state(restore: Path, state_dir: Path) -> int:
 
 def run_aggregator(args: argparse.Namespace) -> int:
     name, spec = load_spec(Path(args.spec))
+    check_runnable(spec, args.spec)
     state = Path(args.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
     if args.restore and (done := restore_state(Path(args.restore), state)):

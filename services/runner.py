@@ -23,7 +23,7 @@ from typing import IO, Any
 from pqfed.pqc.identity import CertificateAuthority, Identity, Role
 from pqfed.services.flower_runtime import free_ports, terminate_process_tree
 from pqfed.services.rounds import read_status
-from pqfed.services.spec import FederationJobFile, load_job
+from pqfed.services.spec import FederationJobFile, check_runnable, load_job
 
 FLEET_PATH_PREFIX = "/v1/fleet/"  # what the aggregator's sidecar lets through to SuperLink
 
@@ -151,6 +151,7 @@ def run_local(job_file: Path, out_dir: Path, *, pqc: bool = True,
               timeout: float | None = None) -> dict[str, Any]:
     """Runs the job; returns the results dict (also written to out_dir/results.json)."""
     job = load_job(job_file)  # raises JobSpecError naming the field before anything starts
+    check_runnable(job.spec, str(job_file))
     run_dir = out_dir / f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     fed = LocalFederation(job, job_file.resolve(), run_dir, pqc=pqc, attackers=attackers)

@@ -207,6 +207,13 @@ def _problems(exc: ValidationError) -> dict[str, str]:
     return out
 
 
+def check_runnable(spec: FederationJobSpec, source: str = "spec") -> None:
+    """Valid specs this release cannot run yet; refused before anything starts."""
+    if spec.hierarchy.enabled:
+        raise JobSpecError(source, {"spec.hierarchy.enabled": (
+            "edge aggregation is not available in this release; set hierarchy.enabled: false")})
+
+
 def parse_spec(data: Any, source: str = "spec") -> FederationJobSpec:
     try:
         return FederationJobSpec.model_validate(data or {})

@@ -50,12 +50,15 @@ def test_local_federation_through_pqc_sidecars(tmp_path: Path) -> None:
         ("rounds: 2", "spec.rounds"),
         ("minClients: 2", "spec.minClients"),
         ("task: breast-cancer", "spec.task"),
+        ("rounds: 2", "spec.hierarchy.enabled"),
     ],
 )
 def test_invalid_job_is_refused_before_start(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                              patch: str, field: str) -> None:
     bad = {"rounds: 2": "rounds: -1", "minClients: 2": "minClients: 9",
            "task: breast-cancer": "task: mnist"}[patch]
+    if field == "spec.hierarchy.enabled":
+        bad = "rounds: 2\n  hierarchy: {enabled: true}"
     job = tmp_path / "bad.yaml"
     job.write_text(JOB.replace(patch, bad))
     assert main(["run", str(job), "--out", str(tmp_path / "runs")]) == 2
