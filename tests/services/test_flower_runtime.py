@@ -282,22 +282,14 @@ def test_warm_clientapp_zygote(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_round_overhead_by_isolation(tmp_path: Path) -> None:
-    """Per-round wall time (train + evaluate on 3 nodes) for each launch mode. Prints only."""
+    """Stock Flower launch vs ours (fast polls + warm ClientApp) give the same FedAvg result.
+    Prints their round times; the measured comparison is `make bench-fl` (transport study)."""
     app = stage_mini_app(tmp_path / "app")
     fast = {"superexec_poll_interval": 0.1, "fast_poll": 0.1}
     modes: dict[str, dict[str, Any]] = {
         "subprocess (default)": {"isolation": "subprocess"},
-        "process": {"isolation": "process"},
-        "process + superexec poll 0.1s": {"isolation": "process", "superexec_poll_interval": 0.1},
-        "process + fast_poll 0.1s": {"isolation": "process", **fast},
         "process + fast_poll + warm_clientapp": {
             "isolation": "process",
-            **fast,
-            "warm_clientapp": True,
-            "preload": ["mini", "httpcore"],
-        },
-        "subprocess + fast_poll + warm_clientapp": {
-            "isolation": "subprocess",
             **fast,
             "warm_clientapp": True,
             "preload": ["mini", "httpcore"],
