@@ -7,8 +7,9 @@ drops is added to the next round's delta (Stich et al., 2018), which recovers mo
 accuracy lost to sparsification. int8 is per-tensor symmetric linear quantization.
 
 Blob layout (little-endian): magic "PQU1" | u8 method | u32 tensor count | per tensor:
-u8 ndim, u32 dims..., u8 kind (0 dense f32, 1 dense int8, 2 sparse f32, 3 sparse int8),
-[f32 scale], [u32 nnz, u32 indices...], values.
+u8 ndim, u32 dims..., u8 kind (bit 0 int8, bit 1 sparse, bit 2 bitmap positions),
+[f32 scale], positions ([u32 nnz, u32 indices...] or a ceil(size/8)-byte bitmap, whichever is
+smaller: at 10% density a bitmap costs 1 bit per weight instead of 3.2), values.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def encode(delta: Sequence[npt.NDArray[np.float32]], method: Method,
         else:
             idx = np.empty(0, dtype=np.uint32)
             vals = flat
-        kind = (2 if sparse else 0) + (1 if quant else 0)
+        bitmap = sparse and (flat.size + 7) // 8 < 4 * idx.size
+        kind = (2 if sparse else 0) + (1 if quant else 0) + (4 if bitmap else 0)
         parts.append(struct.pack("<B", kind))
         if quant:
             scale, q = _quantize(vals)
@@ -77,7 +79,12 @@ def encode(delta: Sequence[npt.NDArray[np.float32]], method: Method,
         else:
             decoded = vals.astype(np.float32)
             payload = decoded.tobytes()
-        if sparse:
+        if bitmap:
+            mask = np.zeros(flat.size, dtype=bool)
+            mask[idx] = True
+            parts.append(np.packbits(mask).tobytes())
+            sent[idx] = decoded
+        elif sparse:
             parts.append(struct.pack("<I", idx.size) + idx.tobytes())
             sent[idx] = decoded
         else:
@@ -114,11 +121,18 @@ def decode(blob: bytes, like: Sequence[npt.NDArray[np.float32]]) -> Arrays:
             raise CompressionError(f"tensor {i} has shape {shape}, expected {ref.shape}")
         size = int(np.prod(shape)) if ndim else 1
         (kind,) = struct.unpack("<B", take(1, "kind"))
-        if kind > 3:
+        if kind > 7 or kind in {4, 5}:
             raise CompressionError(f"tensor {i}: unknown encoding {kind}")
-        quant, sparse = bool(kind & 1), bool(kind & 2)
+        quant, sparse, bitmap = bool(kind & 1), bool(kind & 2), bool(kind & 4)
         scale = struct.unpack("<f", take(4, "scale"))[0] if quant else 1.0
-        if sparse:
+        if bitmap:
+            packed = np.frombuffer(take((size + 7) // 8, "bitmap"), dtype=np.uint8)
+            bits = np.unpackbits(packed)
+            if bits[size:].any():
+                raise CompressionError(f"tensor {i}: bitmap has bits past the tensor")
+            idx = np.flatnonzero(bits[:size]).astype(np.uint32)
+            nnz = idx.size
+        elif sparse:
             (nnz,) = struct.unpack("<I", take(4, "nnz"))
             if nnz > size:
                 raise CompressionError(f"tensor {i}: {nnz} entries for size {size}")
