@@ -186,7 +186,8 @@ def train(msg: Message, context: Context) -> Message:
     pid = int(_number(context.node_config["partition-id"]))
     data = _client_data(str(context.run_config["spec"]), pid)
     x, y = data.x_train, data.y_train
-    if str(context.node_config.get("attack", "")) == "label-flip":
+    attack = str(context.node_config.get("attack", ""))
+    if attack.startswith("label-flip"):
         # Poisoning emulation for robustness benchmarks: a consistent label permutation.
         n_classes = int(np.max(y)) + 1
         y = (n_classes - 1 - np.asarray(y)).astype(y.dtype)
@@ -200,7 +201,13 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({"train-loss": float(loss), "num-examples": len(y),
                             "train-seconds": time.perf_counter() - t0,
                             "t-received": received, "t-replied": time.time()})
-    return Message(RecordDict({"arrays": ArrayRecord(get_weights(model)),
+    weights = get_weights(model)
+    if attack == "label-flip-boost":
+        # Model-replacement style boosting (Bagdasaryan et al., 2020): scale the poisoned
+        # delta so it survives averaging with honest updates.
+        start = _arrays(_record(msg.content, "arrays"))
+        weights = [g + 5.0 * (w - g) for w, g in zip(weights, start, strict=True)]
+    return Message(RecordDict({"arrays": ArrayRecord(weights),
                                "metrics": metrics}), reply_to=msg)
 
 

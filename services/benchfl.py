@@ -29,11 +29,12 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _sim(spec: dict[str, Any], attackers: frozenset[int] = frozenset()) -> dict[str, Any]:
+def _sim(spec: dict[str, Any], attackers: frozenset[int] = frozenset(),
+         attack: str = "label-flip") -> dict[str, Any]:
     from pqfed.services.simulation import simulate
 
     _quiet()
-    return simulate(parse_spec(spec), attackers=attackers)
+    return simulate(parse_spec(spec), attackers=attackers, attack=attack)
 
 
 def centralized(task: str, epochs: int) -> float:
@@ -157,12 +158,13 @@ def study_poisoning(rounds: int) -> dict[str, Any]:
                             "rounds": rounds, "training": {"localEpochs": 3}}
     out: dict[str, Any] = {"clients": clients, "attackers": sorted(bad), "runs": {}}
     out["runs"]["FedAvg (no attack)"] = _sim(base)["rounds"][-1]["accuracy"]
-    for name, strat in (("FedAvg", {"name": "FedAvg"}),
-                        ("FedTrimmedAvg", {"name": "FedTrimmedAvg", "trimFraction": 0.2}),
-                        ("Krum", {"name": "Krum", "byzantineClients": 2}),
-                        ("MultiKrum", {"name": "MultiKrum", "byzantineClients": 2})):
-        st = _sim({**base, "strategy": strat}, attackers=bad)
-        out["runs"][name] = st["rounds"][-1]["accuracy"]
+    for attack in ("label-flip", "label-flip-boost"):
+        for name, strat in (("FedAvg", {"name": "FedAvg"}),
+                            ("FedTrimmedAvg", {"name": "FedTrimmedAvg", "trimFraction": 0.2}),
+                            ("Krum", {"name": "Krum", "byzantineClients": 2}),
+                            ("MultiKrum", {"name": "MultiKrum", "byzantineClients": 2})):
+            st = _sim({**base, "strategy": strat}, attackers=bad, attack=attack)
+            out["runs"][f"{name} vs {attack}"] = st["rounds"][-1]["accuracy"]
     return out
 
 

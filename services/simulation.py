@@ -69,7 +69,8 @@ class InProcessGrid(Grid):
 
 
 def simulate(spec: FederationJobSpec, *, attackers: frozenset[int] = frozenset(),
-             job: str = "bench", workdir: Path | None = None) -> dict[str, Any]:
+             attack: str = "label-flip", job: str = "bench",
+             workdir: Path | None = None) -> dict[str, Any]:
     """Runs the job in process; returns the status document (rounds, accuracy, bytes...)."""
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -87,7 +88,7 @@ def simulate(spec: FederationJobSpec, *, attackers: frozenset[int] = frozenset()
             (d / "ca.crt").write_text(ca.root.to_pem())
             node_config: dict[str, Any] = {"partition-id": i, "identity-dir": str(d)}
             if i in attackers:
-                node_config["attack"] = "label-flip"
+                node_config["attack"] = attack
             contexts[100 + i] = Context(run_id=1, node_id=100 + i, node_config=node_config,
                                         state=RecordDict(),
                                         run_config={"spec": spec_json, "job": job})
