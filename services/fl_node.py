@@ -104,6 +104,14 @@ def run_aggregator(args: argparse.Namespace) -> int:
     if args.restore and (done := restore_state(Path(args.restore), state)):
         log.info("restored job %s at round %d", name, done)
     run_dir = state / "flower"
+    # --- secure aggregation (services/secagg.py): Flower SecAgg+ components instead of apps ---
+    app_dir = fr.FLOWER_APP_DIR
+    if spec.secure_aggregation.enabled:
+        from pqfed.services import secagg
+
+        secagg.check_secagg_spec(spec, args.spec)
+        app_dir = secagg.stage_secagg_app(run_dir / "app-secagg")
+    # --- end secure aggregation ---
     fast = None if _stock() else FAST_POLL_S
     link = fr.SuperLinkProcess(run_dir=run_dir, port=args.fleet_port, host=args.host,
                                isolation="process", database=state / "superlink.db",
@@ -125,7 +133,7 @@ def run_aggregator(args: argparse.Namespace) -> int:
             "spec": spec.model_dump_json(by_alias=True), "job": name,
             "state-dir": str(state), "identity-dir": str(Path(args.identity_dir).resolve()),
         }
-        run_id = fr.submit_run(fr.FLOWER_APP_DIR, run_config, link.address,
+        run_id = fr.submit_run(app_dir, run_config, link.address,
                                flwr_home=run_dir / "homes" / "cli",
                                log_path=run_dir / "logs" / "flwr-run.log")
         log.info("job %s submitted as Flower run %d", name, run_id)
@@ -206,5 +214,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cli.add_argument("--superlink", default="127.0.0.1:19092",
                      help="Fleet address: the local sidecar route to the aggregator")
     cli.add_argument("--runtime-port", type=int, default=9094)
-    cli.add_argument("--attack", choices=["label-flip"], help="poisoning emulation (benchmarks)")
+    cli.add_argument("--attack", choices=["label-flip", "label-flip-boost"],
+                     help="poisoning emulation (benchmarks)")
     cli.set_defaults(func=run_client)

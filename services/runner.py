@@ -152,6 +152,10 @@ def run_local(job_file: Path, out_dir: Path, *, pqc: bool = True,
     """Runs the job; returns the results dict (also written to out_dir/results.json)."""
     job = load_job(job_file)  # raises JobSpecError naming the field before anything starts
     check_runnable(job.spec, str(job_file))
+    if job.spec.secure_aggregation.enabled:
+        from pqfed.services.secagg import check_secagg_spec
+
+        check_secagg_spec(job.spec, str(job_file))
     run_dir = out_dir / f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     fed = LocalFederation(job, job_file.resolve(), run_dir, pqc=pqc, attackers=attackers)
