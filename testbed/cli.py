@@ -1,4 +1,5 @@
-"""``pqfed`` subcommands of the testbed: ``node-agent`` (an emulated Raspberry Pi node)."""
+"""``pqfed`` subcommands of the testbed: ``node-agent`` (an emulated Raspberry Pi node) and
+``bench`` (the testbed benchmark, local processes or one pod per cluster node)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,21 @@ def register(sub: Any) -> None:
     )
     main.add_arguments(p)
     p.set_defaults(func=main.run)
+
+    from pqfed.testbed.bench import main as bench
+
+    b: argparse.ArgumentParser = sub.add_parser(
+        "bench",
+        help="testbed benchmark: per-node PQC costs, handshakes, throughput, round breakdown, "
+             "seed-004 sequential/parallel/distributed crypto (docs/testbed.md)",
+        description=(
+            "Benchmarks the testbed: on every node ML-KEM-768/ML-DSA-65 latencies, hybrid vs "
+            "classical handshakes to an aggregator and channel throughput through the PQC "
+            "sidecar; a federation round's time breakdown; and the seed-004 experiment "
+            "(per-round crypto sequential vs process pool vs distributed over the nodes). "
+            "--mode local runs nodes as (pinned) local processes, --mode cluster one pod per "
+            "node of a k3s or the emulated cluster. Writes results.json, results.csv, "
+            "report.md and plots to --out. See docs/testbed.md."
+        ),
+    )
+    bench.add_arguments(b)
