@@ -34,7 +34,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,6 +204,9 @@ class HandshakeConfig:
     # sign our own transcript meanwhile. Off: strictly sequential (the benchmark baseline).
     parallel_auth: bool = field(default_factory=_parallel_default)
     key_shares: KeySharePool | None = None  # client side: precomputed ephemeral shares
+    # Client side: sign on a pool thread as soon as ServerHello arrives (overlapping the
+    # server's signature); off: sign inline in the same step (one fewer thread hand-off).
+    early_signature: bool = True
 
 
 @dataclass(slots=True)
@@ -272,6 +275,16 @@ class _Transcript:
 
     def digest(self) -> bytes:
         return self._h.copy().digest()
+
+    def digest_with(self, extra: bytes) -> bytes:
+        h = self._h.copy()
+        h.update(extra)
+        return h.digest()
+
+    def copy(self) -> _Transcript:
+        out = _Transcript()
+        out._h = self._h.copy()
+        return out
 
 
 def _decode_peer(config: HandshakeConfig, cert_body: bytes, structure: str) -> Certificate:
@@ -444,7 +457,7 @@ class _Endpoint:
 
     def _read_flight(
         self, data: bytes, hs_secret: bytes, context: bytes, roles: tuple[Role, ...],
-        structure: str,
+        structure: str, hello: _Transcript | None = None,
     ) -> tuple[Certificate, list[Callable[[], object]]]:
         """Parses the peer's Certificate/CertificateVerify/Finished, checks the Finished MAC
         and extends the transcript; returns the peer certificate and the two authentication
@@ -457,7 +470,9 @@ class _Endpoint:
         (_, cert_body, cert_msg), (_, cv_body, cv_msg), (_, fin_body, fin_msg) = msgs
         peer = _decode_peer(self.config, cert_body, f"{structure}.certificate")
         self.transcript.add(cert_msg)
-        th_cert = self.transcript.digest()
+        # CertificateVerify covers the hellos and the signer's own Certificate (see
+        # ClientHandshake._server_hello); for the server that is the running transcript.
+        th_cert = hello.digest_with(cert_msg) if hello else self.transcript.digest()
         r = Reader(cv_body, f"{structure}.certificate_verify")
         sig = r.vec16("signature", 1, 8192)
         r.finish()
@@ -491,6 +506,8 @@ class ClientHandshake(_Endpoint):
         self._server_hs = b""
         self._master = b""
         self._recv_hs: RecordProtection | None = None
+        self._cert_msg = b""
+        self._early_sig: Future[bytes] | None = None
 
     def start(self) -> bytes:
         if self._state is not _State.START:
@@ -524,10 +541,11 @@ class ClientHandshake(_Endpoint):
         peer, checks = self._read_flight(data, self._server_hs, _SERVER_CV_CONTEXT,
                                          (Role.AGGREGATOR, Role.EDGE), "server_flight")
         app = application_secrets(self._master, self.transcript.digest())
-        cert_msg, sign = self._own_certificate(_CLIENT_CV_CONTEXT)
-        # Our signature runs in parallel with the checks of the server's; sent only if they pass.
-        *_, sig = _run_all([*checks, sign], self.config.parallel_auth)
-        assert isinstance(sig, bytes)
+        _run_all(checks, self.config.parallel_auth)
+        assert self._early_sig is not None
+        sig = self._early_sig.result()  # sent only now that the server is authenticated
+        cert_msg = self._cert_msg
+        self.transcript.add(cert_msg)
         aead = SUITE_AEAD[self._suite]
         flight = self._finish_flight(cert_msg, sig, self._hs_client)
         out = RecordProtection(aead, self._hs_client).seal(InnerType.HANDSHAKE, flight)
@@ -567,6 +585,21 @@ class ClientHandshake(_Endpoint):
         self._hs_client, self._server_hs, self._master = (hs.client_handshake,
                                                           hs.server_handshake, hs.master)
         self._recv_hs = RecordProtection(SUITE_AEAD[self._suite], hs.server_handshake)
+        # SIGMA-I (Krawczyk 2003 §5.1): the initiator signs both key shares and its own
+        # identity; binding to the responder's identity and the full transcript comes from
+        # the Finished MAC. So the client signs H(ClientHello || ServerHello || its own
+        # Certificate) now, while the server is still signing its CertificateVerify, instead
+        # of after the server's flight as TLS 1.3 does; it is sent only after the server's
+        # flight is verified. Version, offers and choices are in the hellos, so downgrade
+        # protection is unchanged.
+        self._cert_msg = _msg(MessageType.CERTIFICATE, _certificate_body(self.config.identity))
+        content = _CV_PAD + _CLIENT_CV_CONTEXT + b"\0" + self.transcript.digest_with(
+            self._cert_msg)
+        if self.config.early_signature:
+            self._early_sig = _auth_pool().submit(self.config.identity.sign, content, b"")
+        else:
+            self._early_sig = Future()
+            self._early_sig.set_result(self.config.identity.sign(content, b""))
         self._state = _State.WAIT_SERVER_FLIGHT
 
 
@@ -578,6 +611,7 @@ class ServerHandshake(_Endpoint):
         self._state = _State.WAIT_CLIENT_HELLO
         self._pending: Session | None = None
         self._hs_client = b""
+        self._hello = _Transcript()
 
     def _receive(self, frame: Frame) -> bytes:
         if self._state is _State.WAIT_CLIENT_HELLO:
@@ -589,7 +623,8 @@ class ServerHandshake(_Endpoint):
         recv_hs = RecordProtection(aead, self._hs_client)
         data = self._open_flight(recv_hs, frame, "client_flight")
         peer, checks = self._read_flight(data, self._hs_client, _CLIENT_CV_CONTEXT,
-                                         (Role.CLIENT, Role.EDGE), "client_flight")
+                                         (Role.CLIENT, Role.EDGE), "client_flight",
+                                         hello=self._hello)
         _run_all(checks, self.config.parallel_auth)
         self._pending.peer = peer
         self._pending.transcript_hash = self.transcript.digest()
@@ -648,6 +683,7 @@ class ServerHandshake(_Endpoint):
         self.transcript.add(sh_msg)
         shared = xwing_combine(ss_m, ss_x, x_public, client_x)
         hs = handshake_secrets(shared, self.transcript.digest())
+        self._hello = self.transcript.copy()  # the client signs over this + its Certificate
         self._hs_client = hs.client_handshake
         self._state = _State.WAIT_CLIENT_FLIGHT
 
