@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pqfed.services.flower_runtime import free_ports
 from pqfed.testbed.bench.common import (
     AggregatorPorts,
     Material,
     emit_progress,
     emit_ready,
     emit_result,
-    free_ports,
     host_info,
     median,
 )

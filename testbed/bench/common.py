@@ -270,19 +270,6 @@ class AggregatorPorts:
         return cls(*values)
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind((host, 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 # --- the aggregator's control protocol (one line per request) --------------------------------
 #   LOCK            -> GO once this node holds the lock; held until the connection closes
 #   BARRIER key k n -> GO when k parties arrived; then DONE <seconds> -> OK

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from pqfed.services.flower_runtime import free_ports
 from pqfed.testbed.bench.common import (
     AggregatorPorts,
-    free_ports,
     make_material,
     usable_cpus,
     write_material,

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pqfed.services.flower_runtime import free_ports
 from pqfed.testbed.bench.common import (
     AggregatorPorts,
     Barrier,
@@ -32,7 +33,6 @@ from pqfed.testbed.bench.common import (
     control_lock,
     emit_progress,
     emit_result,
-    free_ports,
     host_info,
     shares,
     stats,
