@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pqfed.operator.reconcile import CANCEL_ANNOTATION
 from pqfed.services.spec import API_GROUP, API_VERSION, KIND, JobSpecError, load_job
 
-CANCEL_ANNOTATION = "pqfed.io/cancel"
+__all__ = ["CANCEL_ANNOTATION", "register"]
 
 
 def _clients(args: argparse.Namespace) -> Any:

@@ -1,0 +1,476 @@
+"""The kopf wiring of the FederationJob operator: observe, decide (reconcile.py), apply.
+
+Handlers stay thin. Each one lists the job's children, asks a pure function of reconcile.py
+for a `Plan` and applies it: issue Secrets, create what is missing (409 = someone, e.g. a
+replica that was just replaced, already did), delete lost pods, patch status, post Events.
+
+- on.create / on.resume: validate, create the children, phase Running.
+- timer (every TICK_S while Running): copy the aggregator's progress into status, store each
+  new round's checkpoint in a ConfigMap, recreate lost pods, detect success/failure/cancel.
+- on.delete (finalizer pqfed.io/cleanup): delete every child and wait until they are gone.
+
+`run_operator(args)` is `pqfed operator run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import kopf
+
+from pqfed.operator import identities, reconcile
+from pqfed.operator import pods as m
+from pqfed.operator.aggregator_api import (
+    MAX_CHECKPOINT_BYTES,
+    AggregatorUnreachable,
+    fetch_checkpoint,
+    fetch_status,
+)
+from pqfed.operator.metrics import OperatorMetrics, serve_http
+from pqfed.services.spec import API_GROUP, API_VERSION, FederationJobSpec
+
+PLURAL: Final = "federationjobs"
+FINALIZER: Final = "pqfed.io/cleanup"
+TICK_S: Final = 3.0
+FORCE_DELETE_AFTER_S: Final = 90.0  # pods of a dead node never finish terminating
+
+log = logging.getLogger("pqfed.operator")
+
+
+@dataclass
+class OperatorContext:
+    """kopf's memo: what every handler shares."""
+
+    kubeconfig: str | None = None
+    job_defaults: dict[str, str] = field(default_factory=dict)
+    metrics_port: int = 8080
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    core: Any = None  # kubernetes.client.CoreV1Api
+    configuration: Any = None  # kubernetes.client.Configuration
+    started: bool = False
+    http_runner: Any = None
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---- connection -----------------------------------------------------------------------------
+def kube_configuration(kubeconfig: str | None) -> Any:
+    """--kubeconfig > $KUBECONFIG > in-cluster service account > ~/.kube/config."""
+    from kubernetes import client, config
+
+    cfg = client.Configuration()
+    path = kubeconfig or os.environ.get("KUBECONFIG")
+    if path:
+        config.load_kube_config(config_file=path, client_configuration=cfg)
+    else:
+        try:
+            config.load_incluster_config(client_configuration=cfg)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=cfg)
+    cfg.connection_pool_maxsize = 16
+    return cfg
+
+
+def connection_info(cfg: Any) -> kopf.ConnectionInfo:
+    """kopf's credentials from a kubernetes client configuration (as kopf.login_via_client
+    does, but for the configuration we chose, not kopf's own in-cluster-first guess)."""
+    header = cfg.get_api_key_with_prefix("BearerToken") or \
+        cfg.get_api_key_with_prefix("authorization")
+    parts = header.split(" ", 1) if header else []
+    scheme, token = (None, None) if not parts else \
+        (None, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+    return kopf.ConnectionInfo(
+        server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl,
+        username=cfg.username or None, password=cfg.password or None, scheme=scheme,
+        token=token, certificate_path=cfg.cert_file, private_key_path=cfg.key_file,
+        trust_env=False)
+
+
+# ---- observe --------------------------------------------------------------------------------
+def _items(response: Any) -> list[dict[str, Any]]:
+    data = json.loads(response.data)
+    items: list[dict[str, Any]] = data.get("items") or []
+    return items
+
+
+def _owned(obj: dict[str, Any], job: m.JobRef) -> bool:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("uid") == job.uid for r in refs)
+
+
+def _name(obj: dict[str, Any]) -> str:
+    return str(obj["metadata"]["name"])
+
+
+def list_children(core: Any, job: m.JobRef) -> dict[str, list[dict[str, Any]]]:
+    """The job's Secrets, ConfigMaps, Services and Pods (raw JSON), owned by this uid."""
+    sel = f"{m.JOB_LABEL}={job.name}"
+    calls = {"secrets": core.list_namespaced_secret,
+             "configmaps": core.list_namespaced_config_map,
+             "services": core.list_namespaced_service,
+             "pods": core.list_namespaced_pod}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for kind, call in calls.items():
+        items = _items(call(job.namespace, label_selector=sel, _preload_content=False))
+        out[kind] = [o for o in items if _owned(o, job)]
+    return out
+
+
+def _strip_binary(cm: dict[str, Any]) -> dict[str, Any]:
+    """Keeps the checkpoint's keys, not its bytes (the plan only needs which round it is)."""
+    if cm.get("binaryData"):
+        cm = {**cm, "binaryData": dict.fromkeys(cm["binaryData"], "")}
+    return cm
+
+
+def observe(core: Any, job: m.JobRef, *, poll_aggregator: bool) -> reconcile.Observed:
+    children = list_children(core, job)
+    pods = {_name(p): p for p in children["pods"]}
+    agg_status = None
+    agg_pod = pods.get(m.aggregator_pod_name(job.name))
+    ip = ((agg_pod or {}).get("status") or {}).get("podIP")
+    phase = ((agg_pod or {}).get("status") or {}).get("phase")
+    if poll_aggregator and ip and phase in ("Pending", "Running"):
+        try:
+            agg_status = fetch_status(ip, m.STATUS_PORT, job.name)
+        except AggregatorUnreachable as exc:
+            log.debug("job %s/%s: aggregator status: %s", job.namespace, job.name, exc)
+    return reconcile.Observed(
+        secrets=frozenset(_name(s) for s in children["secrets"]),
+        configmaps={_name(c): _strip_binary(c) for c in children["configmaps"]},
+        services=frozenset(_name(s) for s in children["services"]),
+        pods=pods, aggregator=agg_status)
+
+
+# ---- apply ----------------------------------------------------------------------------------
+def _create(core: Any, obj: dict[str, Any]) -> bool:
+    """Creates `obj`; False if it already exists (created concurrently)."""
+    from kubernetes.client.exceptions import ApiException
+
+    create = {"Secret": core.create_namespaced_secret,
+              "ConfigMap": core.create_namespaced_config_map,
+              "Service": core.create_namespaced_service,
+              "Pod": core.create_namespaced_pod}[obj["kind"]]
+    try:
+        create(obj["metadata"]["namespace"], obj)
+    except ApiException as exc:
+        if exc.status == 409:
+            return False
+        if exc.status in (400, 422):  # 403 (RBAC, quota) may pass: retried
+            raise kopf.PermanentError(
+                f"{obj['kind']} {obj['metadata']['name']}: {_api_message(exc)}") from None
+        raise
+    return True
+
+
+def _api_message(exc: Any) -> str:
+    try:
+        return str(json.loads(exc.body).get("message", exc.reason))
+    except (TypeError, ValueError):
+        return str(exc.reason)
+
+
+def _secret_data(core: Any, namespace: str, name: str) -> dict[str, str]:
+    sec = core.read_namespaced_secret(name, namespace)
+    return {k: base64.b64decode(v).decode() for k, v in (sec.data or {}).items()}
+
+
+def issue_secrets(core: Any, job: m.JobRef, spec: FederationJobSpec,
+                  wanted: list[reconcile.SecretToIssue]) -> None:
+    """Issues missing identity Secrets. The CA is created once and then always read back from
+    its Secret, so identities issued by concurrent replicas all chain to the one stored CA."""
+    algorithm = spec.crypto.signature
+    for s in wanted:
+        if s.node_id is None:
+            data = identities.issue_ca(job.name, algorithm)
+            _create(core, m.secret(job, s.name, data, "ca"))
+    ca = None
+    for s in wanted:
+        if s.node_id is None or s.role is None:
+            continue
+        if ca is None:
+            ca = identities.load_ca(_secret_data(core, job.namespace, m.ca_secret_name(job.name)))
+        data = identities.issue_identity(ca, s.node_id, s.role, algorithm)
+        _create(core, m.secret(job, s.name, data, "identity", s.node_id))
+
+
+def delete_pod(core: Any, namespace: str, name: str, grace: int | None = None) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        core.delete_namespaced_pod(name, namespace, grace_period_seconds=grace)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
+def apply_plan(ctx: OperatorContext, body: Any, job: m.JobRef,
+               spec: FederationJobSpec | None, plan: reconcile.Plan) -> None:
+    core = ctx.core
+    if plan.issue and spec is not None:
+        issue_secrets(core, job, spec, plan.issue)
+    for obj in plan.create:
+        _create(core, obj)
+    for name in plan.delete_pods:
+        delete_pod(core, job.namespace, name)
+    for ev in plan.events:
+        kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message[:1024])
+    for role in plan.recreated:
+        ctx.metrics.recreated.labels(role).inc()
+    if plan.new_rounds:
+        ctx.metrics.rounds.inc(plan.new_rounds)
+
+
+def save_checkpoint(ctx: OperatorContext, job: m.JobRef, observed: reconcile.Observed,
+                    status: dict[str, Any], now: str) -> dict[str, Any]:
+    """Stores the aggregator's last completed round in ConfigMap NAME-checkpoint; returns a
+    status patch (Checkpointed condition) or {} if it should be tried again next tick."""
+    from kubernetes.client.exceptions import ApiException
+
+    pod = observed.pods.get(m.aggregator_pod_name(job.name)) or {}
+    ip = (pod.get("status") or {}).get("podIP")
+    if not ip:
+        return {}
+    try:
+        ckpt = fetch_checkpoint(ip, m.STATUS_PORT, job.name)
+    except AggregatorUnreachable as exc:
+        log.info("job %s/%s: checkpoint not fetched: %s", job.namespace, job.name, exc)
+        return {}
+    if ckpt is None:
+        return {}
+    name = m.checkpoint_configmap_name(job.name)
+    if len(ckpt.data) > MAX_CHECKPOINT_BYTES:
+        return reconcile.checkpoint_status(
+            status, ckpt.round, False,
+            f"round {ckpt.round} checkpoint is {len(ckpt.data)} bytes, more than a ConfigMap "
+            "holds; a lost aggregator restarts from the last stored round", now)
+    existing = observed.configmaps.get(name)
+    previous = list((existing or {}).get("binaryData") or {})
+    body = m.checkpoint_configmap(job, ckpt.round, ckpt.data, ckpt.status, previous)
+    try:
+        if existing is None:
+            body["binaryData"] = {k: v for k, v in body["binaryData"].items() if v is not None}
+            if not _create(ctx.core, body):
+                return {}
+        else:
+            ctx.core.patch_namespaced_config_map(name, job.namespace, body)
+    except ApiException as exc:
+        log.warning("job %s/%s: checkpoint ConfigMap: %s", job.namespace, job.name,
+                    _api_message(exc))
+        return {}
+    ctx.metrics.checkpoints.inc()
+    return reconcile.checkpoint_status(
+        status, ckpt.round, True,
+        f"round {ckpt.round} stored in ConfigMap {name} ({len(ckpt.data)} bytes)", now)
+
+
+def _job_args(body: Any) -> tuple[m.JobRef, dict[str, Any], dict[str, Any], int | None,
+                                  dict[str, str]]:
+    job = m.JobRef.from_body(body)
+    raw_spec = json.loads(json.dumps(dict(body.get("spec") or {})))
+    status = json.loads(json.dumps(dict(body.get("status") or {})))
+    meta = body["metadata"]
+    annotations = dict(meta.get("annotations") or {})
+    return job, raw_spec, status, meta.get("generation"), annotations
+
+
+def _patch_status(patch: Any, changes: dict[str, Any]) -> None:
+    for key, value in changes.items():
+        patch.status[key] = value
+
+
+# ---- handlers -------------------------------------------------------------------------------
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: Any, logger: Any,
+                    **_: Any) -> None:
+    # The RBAC grants no access to CRDs or namespaces: watch what we are told, scan nothing.
+    settings.scanning.disabled = True
+    # Our own Events (kopf.event) are always posted; of kopf's log lines only warnings and
+    # errors become Events (a per-tick "Timer succeeded" would flood the job's Events).
+    settings.posting.enabled = True
+    settings.posting.level = logging.WARNING
+    settings.persistence.finalizer = FINALIZER
+    # The CRD's status schema has no room for kopf's bookkeeping: keep it in annotations.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix="kopf.pqfed.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kopf.pqfed.io", key="last-handled-configuration")
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 30
+    from kubernetes import client
+
+    ctx: OperatorContext = memo
+    ctx.configuration = kube_configuration(ctx.kubeconfig)
+    ctx.core = client.CoreV1Api(client.ApiClient(ctx.configuration))
+    ctx.http_runner = await serve_http(ctx.metrics_port, ctx.metrics, lambda: ctx.started)
+    ctx.started = True
+    logger.info("pqfed operator ready: /healthz and /metrics on :%d", ctx.metrics_port)
+
+
+@kopf.on.cleanup()
+async def shutdown(memo: Any, **_: Any) -> None:
+    ctx: OperatorContext = memo
+    ctx.started = False
+    if ctx.http_runner is not None:
+        await ctx.http_runner.cleanup()
+
+
+@kopf.on.login()
+def login(memo: Any, **_: Any) -> kopf.ConnectionInfo:
+    ctx: OperatorContext = memo
+    return connection_info(kube_configuration(ctx.kubeconfig))
+
+
+@kopf.on.resume(API_GROUP, API_VERSION, PLURAL)
+@kopf.on.create(API_GROUP, API_VERSION, PLURAL)
+def start_job(body: Any, patch: Any, memo: Any, logger: Any, **_: Any) -> None:
+    ctx: OperatorContext = memo
+    job, raw_spec, status, generation, annotations = _job_args(body)
+    spec = reconcile.validate(job.name, raw_spec, ctx.job_defaults)
+    try:
+        observed = observe(ctx.core, job, poll_aggregator=False)
+        plan = reconcile.plan_start(job, raw_spec, status, observed, now_rfc3339(),
+                                    generation=generation, annotations=annotations,
+                                    defaults=ctx.job_defaults)
+        apply_plan(ctx, body, job, spec if isinstance(spec, FederationJobSpec) else None, plan)
+    except kopf.PermanentError as exc:
+        plan = _refused(ctx, body, status, str(exc))
+    except Exception as exc:
+        ctx.metrics.reconciles.labels("start", "retry").inc()
+        raise kopf.TemporaryError(f"starting {job.name}: {exc}", delay=5) from exc
+    _patch_status(patch, plan.status)
+    ctx.metrics.job_phase(job.uid, plan.status.get("phase", status.get("phase")))
+    if plan.permanent_error:
+        ctx.metrics.reconciles.labels("start", "failed").inc()
+        raise kopf.PermanentError(f"FederationJob {job.name}: {plan.permanent_error}")
+    ctx.metrics.reconciles.labels("start", "ok").inc()
+
+
+def _refused(ctx: OperatorContext, body: Any, status: dict[str, Any],
+             message: str) -> reconcile.Plan:
+    """The API server refused a child for good: the job fails, saying why."""
+    plan = reconcile.plan_failed(status, "ChildRefused", message, now_rfc3339())
+    for ev in plan.events:
+        kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message[:1024])
+    return plan
+
+
+def _running(status: Any, **_: Any) -> bool:
+    return bool((status or {}).get("phase") == "Running")
+
+
+@kopf.timer(API_GROUP, API_VERSION, PLURAL, interval=TICK_S, initial_delay=1.0,
+            when=_running)
+def monitor_job(body: Any, patch: Any, memo: Any, logger: Any, **_: Any) -> None:
+    ctx: OperatorContext = memo
+    job, raw_spec, status, _generation, annotations = _job_args(body)
+    spec = reconcile.validate(job.name, raw_spec, ctx.job_defaults)
+    if not isinstance(spec, FederationJobSpec):
+        return  # on.create reported it
+    now = now_rfc3339()
+    try:
+        observed = observe(ctx.core, job, poll_aggregator=True)
+        plan = reconcile.plan_tick(job, spec, status, observed, now, annotations=annotations)
+        apply_plan(ctx, body, job, spec, plan)
+        changes = dict(plan.status)
+        if plan.save_checkpoint:
+            changes.update(save_checkpoint(ctx, job, observed, {**status, **changes}, now))
+    except kopf.PermanentError as exc:
+        changes = _refused(ctx, body, status, str(exc)).status
+    except Exception as exc:
+        ctx.metrics.reconciles.labels("monitor", "retry").inc()
+        logger.warning("reconcile of %s failed, retrying: %s", job.name, exc)
+        return
+    _patch_status(patch, changes)
+    ctx.metrics.job_phase(job.uid, changes.get("phase", status.get("phase")))
+    ctx.metrics.reconciles.labels("monitor", "ok").inc()
+
+
+@kopf.on.update(API_GROUP, API_VERSION, PLURAL, field="spec")
+def spec_changed(body: Any, patch: Any, **_: Any) -> None:
+    """A job's pods are built from the spec it started with; a later edit does not move them."""
+    status = dict(body.get("status") or {})
+    if status.get("phase") in reconcile.TERMINAL:
+        return
+    gen = body["metadata"].get("generation")
+    msg = (f"spec changed (generation {gen}) after the job started; the running job keeps "
+           f"generation {status.get('observedGeneration')}'s spec: delete and re-create the "
+           "job to apply it")
+    kopf.event(body, type="Warning", reason="SpecChangeIgnored", message=msg)
+    patch.status["conditions"] = reconcile.set_condition(
+        list(status.get("conditions") or []), "SpecApplied", "False", "SpecChangeIgnored", msg,
+        now_rfc3339(), gen)
+
+
+@kopf.on.delete(API_GROUP, API_VERSION, PLURAL)
+def cleanup_job(body: Any, memo: Any, logger: Any, runtime: dt.timedelta,
+                **_: Any) -> None:
+    """Deletes every child, then waits until they are gone (pods take their grace period);
+    only then does kopf remove the finalizer."""
+    from kubernetes.client.exceptions import ApiException
+
+    ctx: OperatorContext = memo
+    job = m.JobRef.from_body(body)
+    core = ctx.core
+    children = list_children(core, job)
+    left = sum(len(v) for v in children.values())
+    if not left:
+        ctx.metrics.job_phase(job.uid, None)
+        ctx.metrics.reconciles.labels("delete", "ok").inc()
+        return
+    force = runtime.total_seconds() > FORCE_DELETE_AFTER_S
+    deletes = {"secrets": core.delete_namespaced_secret,
+               "configmaps": core.delete_namespaced_config_map,
+               "services": core.delete_namespaced_service}
+    for pod in children["pods"]:
+        if force or not pod["metadata"].get("deletionTimestamp"):
+            delete_pod(core, job.namespace, _name(pod), 0 if force else None)
+    for kind, call in deletes.items():
+        for obj in children[kind]:
+            try:
+                call(_name(obj), job.namespace)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+    raise kopf.TemporaryError(f"waiting for {left} child object(s) of {job.name} to go",
+                              delay=2)
+
+
+# ---- entry point ----------------------------------------------------------------------------
+class _QuietTimer(logging.Filter):
+    """Drops kopf's per-tick "Timer 'monitor_job' succeeded." (every TICK_S per job)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO and
+                    record.getMessage().startswith("Timer 'monitor_job' succeeded"))
+
+
+def run_operator(args: argparse.Namespace) -> int:
+    """`pqfed operator run`: kopf in this process until SIGTERM/SIGINT."""
+    level = getattr(logging, str(args.log_level).upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kopf.objects").addFilter(_QuietTimer())
+    namespaces = [ns for ns in (args.namespace or []) if ns]
+    if args.all_namespaces and namespaces:
+        raise ValueError("--all-namespaces and --namespace exclude each other")
+    ctx = OperatorContext(
+        kubeconfig=args.kubeconfig or os.environ.get("KUBECONFIG") or None,
+        job_defaults=reconcile.parse_job_defaults(os.environ.get("PQFED_JOB_DEFAULTS")),
+        metrics_port=args.metrics_port)
+    peering: dict[str, Any] = {"standalone": True}
+    if args.peering:
+        # Equal priorities make kopf pause every replica; a random one elects one active.
+        peering = {"standalone": False, "peering_name": args.peering,
+                   "priority": random.randint(1, 2**31 - 1)}
+    kopf.run(clusterwide=not namespaces, namespaces=namespaces, memo=ctx, **peering)
+    return 0

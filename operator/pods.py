@@ -1,0 +1,339 @@
+"""The Kubernetes objects of one FederationJob, as plain manifests (no API calls).
+
+A job NAME in namespace NS runs the same process set as `pqfed run` (services/runner.py):
+one aggregator pod (`pqfed fl aggregator` behind its PQC sidecar) and `spec.clients` client
+pods (`pqfed fl client` dialling the aggregator through their own sidecar), with identities
+issued by a per-job federation CA. Every object carries the job's labels and a controller
+owner reference, so `pqfed logs` finds the pods and the garbage collector the rest.
+
+The sidecars are native sidecars (init containers with `restartPolicy: Always`, Kubernetes
+>= 1.29): the aggregator pod reaches `Succeeded` when `fl` exits 0, which a regular sidecar
+container, serving forever, would prevent.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any, Final
+
+from pqfed.services.spec import API_GROUP, API_VERSION, KIND, FederationJobSpec
+
+Manifest = dict[str, Any]
+
+JOB_LABEL: Final = "pqfed.io/job"
+ROLE_LABEL: Final = "pqfed.io/role"
+INDEX_LABEL: Final = "pqfed.io/index"
+NODE_LABEL: Final = "pqfed.io/node"
+ROUND_ANNOTATION: Final = "pqfed.io/round"
+MANAGED_BY: Final = "pqfed-operator"
+
+# In-pod paths and ports; the same as the `pqfed fl` / `pqfed sidecar` defaults.
+IDENTITY_DIR: Final = "/etc/pqfed/identity"
+JOB_DIR: Final = "/etc/pqfed/job"
+RESTORE_DIR: Final = "/etc/pqfed/restore"
+STATE_DIR: Final = "/var/lib/pqfed"
+SPEC_FILE: Final = "spec.json"
+STATUS_FILE: Final = "status.json"
+PQC_PORT: Final = 7443  # aggregator sidecar, the only port peers reach
+STATUS_PORT: Final = 8080  # aggregator status API (operator only)
+FLEET_PORT: Final = 9092  # SuperLink Fleet API, loopback behind the sidecar
+ADMIN_PORT: Final = 9901  # sidecar admin API (/readyz, /metrics)
+ROUTE_PORT: Final = 19092  # client sidecar's plaintext route to the aggregator
+RUNTIME_PORT: Final = 9094  # client SuperNode's ClientAppIo port
+FLEET_PATH_PREFIX: Final = "/v1/fleet/"
+LINGER_S: Final = 30  # the aggregator keeps serving /status this long after the job ends
+GRACE_S: Final = 10
+
+# Non-root like the chart's operator pod. The root filesystem stays writable: Flower and
+# torch write below /tmp (XDG_CACHE_HOME in the image), and an emptyDir over /tmp would hide
+# the emulated nodes' /tmp. Nothing here needs a capability.
+POD_SECURITY: Final[Manifest] = {
+    "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY: Final[Manifest] = {
+    "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+}
+# A Raspberry Pi 4 has 4 GiB: requests let the scheduler spread pods, limits keep one job
+# from starving a node.
+FL_RESOURCES: Final[Manifest] = {"requests": {"cpu": "100m", "memory": "256Mi"},
+                                 "limits": {"memory": "1Gi"}}
+SIDECAR_RESOURCES: Final[Manifest] = {"requests": {"cpu": "50m", "memory": "64Mi"},
+                                      "limits": {"memory": "256Mi"}}
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """The identity of one FederationJob (what its children point back to)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    @classmethod
+    def from_body(cls, body: Any) -> JobRef:
+        meta = body["metadata"]
+        return cls(str(meta["name"]), str(meta["namespace"]), str(meta["uid"]))
+
+
+# ---- names ----------------------------------------------------------------------------------
+def ca_secret_name(job: str) -> str:
+    return f"{job}-ca"
+
+
+def client_node_id(index: int) -> str:
+    return f"client-{index}"
+
+
+AGGREGATOR_NODE_ID: Final = "aggregator"
+
+
+def identity_secret_name(job: str, node_id: str) -> str:
+    return f"{job}-{node_id}-identity"
+
+
+def job_configmap_name(job: str) -> str:
+    return f"{job}-job"
+
+
+def checkpoint_configmap_name(job: str) -> str:
+    return f"{job}-checkpoint"
+
+
+def aggregator_pod_name(job: str) -> str:
+    return f"{job}-aggregator"
+
+
+def aggregator_service_name(job: str) -> str:
+    return f"{job}-aggregator"
+
+
+def client_pod_name(job: str, index: int) -> str:
+    return f"{job}-{client_node_id(index)}"
+
+
+def checkpoint_key(round_: int) -> str:
+    return f"round-{round_:05d}.npz"
+
+
+# ---- metadata -------------------------------------------------------------------------------
+def owner_reference(job: JobRef) -> Manifest:
+    return {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": job.name,
+            "uid": job.uid, "controller": True, "blockOwnerDeletion": True}
+
+
+def selector_labels(job: str, role: str) -> dict[str, str]:
+    return {JOB_LABEL: job, ROLE_LABEL: role}
+
+
+def labels(job: str, component: str, **extra: str) -> dict[str, str]:
+    return {
+        JOB_LABEL: job,
+        "app.kubernetes.io/name": "pqfed",
+        "app.kubernetes.io/instance": job,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "pqfed",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        **extra,
+    }
+
+
+def _meta(job: JobRef, name: str, lbls: dict[str, str],
+          annotations: dict[str, str] | None = None) -> Manifest:
+    meta: Manifest = {"name": name, "namespace": job.namespace, "labels": lbls,
+                      "ownerReferences": [owner_reference(job)]}
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+# ---- secrets and config maps ----------------------------------------------------------------
+def secret(job: JobRef, name: str, data: dict[str, str], component: str,
+           node_id: str | None = None) -> Manifest:
+    extra = {NODE_LABEL: node_id} if node_id else {}
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": _meta(job, name, labels(job.name, component, **extra)),
+            "stringData": data}
+
+
+def spec_document(job_name: str, spec: FederationJobSpec) -> Manifest:
+    """What `pqfed fl --spec FILE.json` reads (services/fl_node.load_spec)."""
+    return {"name": job_name,
+            "spec": spec.model_dump(mode="json", by_alias=True, exclude_none=True)}
+
+
+def job_configmap(job: JobRef, spec: FederationJobSpec) -> Manifest:
+    doc = json.dumps(spec_document(job.name, spec), indent=1, sort_keys=True)
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _meta(job, job_configmap_name(job.name), labels(job.name, "config")),
+            "data": {SPEC_FILE: doc}}
+
+
+def checkpoint_configmap(job: JobRef, round_: int, checkpoint: bytes,
+                         status: Manifest, previous_keys: list[str] | tuple[str, ...] = ()
+                         ) -> Manifest:
+    """The operator's copy of the aggregator's last completed round: what
+    `pqfed fl aggregator --restore DIR` reads (status.json + round-NNNNN.npz).
+
+    Meant for a merge patch as well as a create: keys of older rounds are set to null, so a
+    patch drops them and the map never grows past one checkpoint.
+    """
+    binary: dict[str, str | None] = {k: None for k in previous_keys if k != checkpoint_key(round_)}
+    binary[checkpoint_key(round_)] = base64.b64encode(checkpoint).decode()
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _meta(job, checkpoint_configmap_name(job.name),
+                              labels(job.name, "checkpoint"),
+                              {ROUND_ANNOTATION: str(round_)}),
+            "data": {STATUS_FILE: json.dumps(status, sort_keys=True)},
+            "binaryData": binary}
+
+
+def checkpoint_round(configmap: Manifest | None) -> int:
+    """The round a checkpoint ConfigMap holds (0: none usable)."""
+    if not configmap:
+        return 0
+    annotations = (configmap.get("metadata") or {}).get("annotations") or {}
+    try:
+        round_ = int(annotations.get(ROUND_ANNOTATION, "0"))
+    except ValueError:
+        return 0
+    has_data = checkpoint_key(round_) in (configmap.get("binaryData") or {})
+    has_status = STATUS_FILE in (configmap.get("data") or {})
+    return round_ if round_ > 0 and has_data and has_status else 0
+
+
+def aggregator_service(job: JobRef) -> Manifest:
+    # Port == targetPort: the emulated nodes have no kube-proxy; /etc/hosts maps the name to
+    # the ready pod's IP and clients dial the pod port directly.
+    ports = [{"name": "pqc", "port": PQC_PORT, "targetPort": PQC_PORT, "protocol": "TCP"},
+             {"name": "status", "port": STATUS_PORT, "targetPort": STATUS_PORT,
+              "protocol": "TCP"}]
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _meta(job, aggregator_service_name(job.name),
+                              labels(job.name, "aggregator")),
+            "spec": {"type": "ClusterIP", "ports": ports,
+                     "selector": selector_labels(job.name, "aggregator")}}
+
+
+# ---- pods -----------------------------------------------------------------------------------
+def _identity_args() -> list[str]:
+    return ["--cert", f"{IDENTITY_DIR}/tls.crt", "--key", f"{IDENTITY_DIR}/tls.key",
+            "--ca", f"{IDENTITY_DIR}/ca.crt"]
+
+
+def _groups(spec: FederationJobSpec) -> list[str]:
+    return ["--group", "X25519_MLKEM1024"] if spec.crypto.kem == "ML-KEM-1024" else []
+
+
+def _container(name: str, image: str, command: list[str], resources: Manifest,
+               mounts: list[Manifest], **extra: Any) -> Manifest:
+    return {"name": name, "image": image, "imagePullPolicy": "IfNotPresent",
+            "command": command, "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
+            "resources": resources, "securityContext": CONTAINER_SECURITY,
+            "volumeMounts": mounts, **extra}
+
+
+def _http_probe(path: str, port: int) -> Manifest:
+    return {"httpGet": {"path": path, "port": port}, "periodSeconds": 2,
+            "failureThreshold": 3, "timeoutSeconds": 2}
+
+
+def _volumes(job: str, node_id: str, restore: bool) -> list[Manifest]:
+    vols: list[Manifest] = [
+        {"name": "identity", "secret": {"secretName": identity_secret_name(job, node_id),
+                                        "defaultMode": 0o440}},
+        {"name": "job", "configMap": {"name": job_configmap_name(job)}},
+        {"name": "state", "emptyDir": {}},
+    ]
+    if restore:
+        vols.append({"name": "restore",
+                     "configMap": {"name": checkpoint_configmap_name(job)}})
+    return vols
+
+
+_IDENTITY_MOUNT: Final[Manifest] = {"name": "identity", "mountPath": IDENTITY_DIR, "readOnly": True}
+_JOB_MOUNT: Final[Manifest] = {"name": "job", "mountPath": JOB_DIR, "readOnly": True}
+_STATE_MOUNT: Final[Manifest] = {"name": "state", "mountPath": STATE_DIR}
+_RESTORE_MOUNT: Final[Manifest] = {"name": "restore", "mountPath": RESTORE_DIR, "readOnly": True}
+
+
+def _pod(job: JobRef, name: str, lbls: dict[str, str], restart_policy: str,
+         node_selector: dict[str, str], sidecar: Manifest, fl: Manifest,
+         volumes: list[Manifest], **extra: Any) -> Manifest:
+    spec: Manifest = {
+        "restartPolicy": restart_policy,
+        "terminationGracePeriodSeconds": GRACE_S,
+        # FL pods never talk to the API server, and need no Service env variables.
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": POD_SECURITY,
+        "initContainers": [{**sidecar, "restartPolicy": "Always"}],
+        "containers": [fl],
+        "volumes": volumes,
+        **extra,
+    }
+    if node_selector:
+        spec["nodeSelector"] = dict(node_selector)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": _meta(job, name, lbls),
+            "spec": spec}
+
+
+def aggregator_pod(job: JobRef, spec: FederationJobSpec, *, restore: bool = False) -> Manifest:
+    """SuperLink + ServerApp + status API (`fl`) behind the PQC sidecar, which only lets the
+    Fleet API through. With `restore`, the operator's checkpoint ConfigMap is mounted and the
+    ServerApp resumes after the round it holds."""
+    fl_cmd = ["pqfed", "fl", "aggregator", "--spec", f"{JOB_DIR}/{SPEC_FILE}",
+              "--identity-dir", IDENTITY_DIR, "--state-dir", STATE_DIR,
+              "--fleet-port", str(FLEET_PORT), "--status-port", str(STATUS_PORT),
+              "--linger", str(LINGER_S)]
+    mounts = [_IDENTITY_MOUNT, _JOB_MOUNT, _STATE_MOUNT]
+    if restore:
+        fl_cmd += ["--restore", RESTORE_DIR]
+        mounts.append(_RESTORE_MOUNT)
+    fl = _container("fl", spec.image, fl_cmd, FL_RESOURCES, mounts,
+                    ports=[{"name": "status", "containerPort": STATUS_PORT}],
+                    readinessProbe=_http_probe("/healthz", STATUS_PORT))
+    sidecar_cmd = ["pqfed", "sidecar", *_identity_args(),
+                   "--listen", f"0.0.0.0:{PQC_PORT}", "--upstream", f"127.0.0.1:{FLEET_PORT}",
+                   "--allow-path-prefix", FLEET_PATH_PREFIX, *_groups(spec),
+                   "--admin", f"0.0.0.0:{ADMIN_PORT}"]
+    sidecar = _container("sidecar", spec.image, sidecar_cmd, SIDECAR_RESOURCES,
+                         [_IDENTITY_MOUNT],
+                         ports=[{"name": "pqc", "containerPort": PQC_PORT},
+                                {"name": "admin", "containerPort": ADMIN_PORT}],
+                         readinessProbe=_http_probe("/readyz", ADMIN_PORT))
+    lbls = labels(job.name, "aggregator", **{ROLE_LABEL: "aggregator"})
+    return _pod(job, aggregator_pod_name(job.name), lbls, "OnFailure",
+                spec.placement.aggregator_node_selector, sidecar, fl,
+                _volumes(job.name, AGGREGATOR_NODE_ID, restore))
+
+
+def client_pod(job: JobRef, spec: FederationJobSpec, index: int) -> Manifest:
+    """SuperNode + ClientApp (`fl`) dialling the aggregator through its sidecar's route."""
+    node_id = client_node_id(index)
+    fl_cmd = ["pqfed", "fl", "client", "--spec", f"{JOB_DIR}/{SPEC_FILE}",
+              "--index", str(index), "--identity-dir", IDENTITY_DIR, "--state-dir", STATE_DIR,
+              "--superlink", f"127.0.0.1:{ROUTE_PORT}", "--runtime-port", str(RUNTIME_PORT)]
+    fl = _container("fl", spec.image, fl_cmd, FL_RESOURCES,
+                    [_IDENTITY_MOUNT, _JOB_MOUNT, _STATE_MOUNT])
+    peer = f"{aggregator_service_name(job.name)}.{job.namespace}.svc:{PQC_PORT}"
+    sidecar_cmd = ["pqfed", "sidecar", *_identity_args(), *_groups(spec),
+                   "--route", f"127.0.0.1:{ROUTE_PORT}={peer}@{AGGREGATOR_NODE_ID}",
+                   "--admin", f"127.0.0.1:{ADMIN_PORT}"]
+    sidecar = _container("sidecar", spec.image, sidecar_cmd, SIDECAR_RESOURCES,
+                         [_IDENTITY_MOUNT])
+    lbls = labels(job.name, "client", **{ROLE_LABEL: "client", INDEX_LABEL: str(index)})
+    extra: Manifest = {}
+    if spec.placement.spread:
+        # One hospital per node where possible; nodes that are tainted away (NotReady) do
+        # not count as domains, so a lost node does not block rescheduling.
+        extra["topologySpreadConstraints"] = [{
+            "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "DoNotSchedule", "nodeTaintsPolicy": "Honor",
+            "labelSelector": {"matchLabels": selector_labels(job.name, "client")},
+        }]
+    return _pod(job, client_pod_name(job.name, index), lbls, "Always",
+                spec.placement.node_selector, sidecar, fl,
+                _volumes(job.name, node_id, False), **extra)

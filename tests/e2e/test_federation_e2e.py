@@ -1,0 +1,190 @@
+"""FederationJobs end to end on an emulated Raspberry Pi cluster (see conftest.py): the
+operator (installed by the Helm chart, running as a pod) turns a FederationJob into PQC-secured
+Flower pods that train breast-cancer models; lost clients, a restarted operator and a lost
+aggregator are survived; deleting a job removes everything it created."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+
+from pqfed.operator import pods as m
+from pqfed.operator.aggregator_api import AggregatorUnreachable, fetch_status
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+SPEC: dict[str, Any] = {"task": "breast-cancer", "clients": 3, "minClients": 2, "rounds": 3}
+TERMINAL = ("Succeeded", "Failed", "Cancelled")
+
+
+def _aggregator_round(bed: Any, job: str) -> int:
+    """Completed rounds, straight from the aggregator's status API (faster than the job
+    status, which the operator refreshes every few seconds)."""
+    for pod in bed.pods(f"pqfed.io/job={job},pqfed.io/role=aggregator"):
+        if pod.status.pod_ip and pod.status.phase == "Running":
+            try:
+                return int(fetch_status(pod.status.pod_ip, m.STATUS_PORT, job)
+                           .get("currentRound") or 0)
+            except AggregatorUnreachable:
+                return 0
+    return 0
+
+
+def _uids(bed: Any, job: str) -> dict[str, str]:
+    items = bed.core.list_namespaced_secret(bed.namespace,
+                                            label_selector=f"pqfed.io/job={job}").items
+    return {s.metadata.name: s.metadata.uid for s in items}
+
+
+def _condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    found = next((c for c in status.get("conditions") or [] if c["type"] == type_), None)
+    assert found is not None, f"no {type_} condition in {status.get('conditions')}"
+    return found
+
+
+def _events(bed: Any, job: str) -> list[Any]:
+    return [e for e in bed.core.list_namespaced_event(bed.namespace).items
+            if e.involved_object.kind == "FederationJob" and e.involved_object.name == job]
+
+
+def _metrics(pod: Any) -> str:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://{pod.status.pod_ip}:8080/metrics", timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def test_job_survives_a_lost_client_and_an_operator_restart(testbed: Any) -> None:
+    bed = testbed
+    name = bed.unique_name("bc")
+    t0 = time.monotonic()
+    bed.create_job(name, SPEC)
+    bed.wait_phase(name, ("Running", *TERMINAL), 60)
+    job = bed.job(name)
+    assert "pqfed.io/cleanup" in job["metadata"]["finalizers"]
+    secrets = _uids(bed, name)
+    assert set(secrets) == {f"{name}-ca", f"{name}-aggregator-identity",
+                            *(f"{name}-client-{i}-identity" for i in range(3))}
+    (agg,) = bed.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
+
+    at = bed.wait_for(lambda: _aggregator_round(bed, name), 240, "round 1 to complete", 0.3,
+                  lambda: bed.diagnose(name))
+    bed.timings["bc: first round"] = time.monotonic() - t0
+    assert at < SPEC["rounds"], "the job finished before it could be disrupted"
+    # A client crashes (no grace: its SuperNode cannot say goodbye) and, at the same time,
+    # the operator pod goes away; the Deployment brings a new one.
+    old_operator = bed.ready_operator()
+    # The operator's Pi is cordoned (as for maintenance), so its replacement starts on another
+    # one. (It also keeps clear of the node agent's token cache, which hands a new pod of the
+    # same ServiceAccount the deleted pod's bound token: 401; see the operator report.)
+    node = old_operator.spec.node_name
+    bed.core.patch_node(node, {"spec": {"unschedulable": True}})
+    try:
+        bed.core.delete_namespaced_pod(f"{name}-client-1", bed.namespace,
+                                       grace_period_seconds=0)
+        bed.core.delete_namespaced_pod(old_operator.metadata.name, bed.operator_namespace)
+        new_operator = bed.wait_for(lambda: bed.ready_operator({old_operator.metadata.name}),
+                                    120, "a new operator pod Ready", 1.0, bed.operator_log)
+    finally:
+        bed.core.patch_node(node, {"spec": {"unschedulable": False}})
+    assert new_operator.spec.node_name != node
+
+    st = bed.wait_phase(name, TERMINAL, 420)
+    bed.timings["bc: succeeded"] = time.monotonic() - t0
+    assert st["phase"] == "Succeeded", bed.diagnose(name)
+    assert [r["round"] for r in st["rounds"]] == [1, 2, 3]  # no round counted twice
+    assert st["currentRound"] == st["totalRounds"] == 3
+    assert st["accuracy"] > 0.9
+    assert all(r["bytesReceived"] > 0 and r["participants"] for r in st["rounds"])
+    assert st["auditHead"] and st["completionTime"] and st["startTime"]
+    assert st["observedGeneration"] == job["metadata"]["generation"]
+    assert "client-1" in _condition(st, "PodsRecreated")["message"]
+    assert "aggregator" not in _condition(st, "PodsRecreated")["message"]
+    assert _condition(st, "Complete")["reason"] == "Succeeded"
+    assert _condition(st, "Checkpointed")["status"] == "True"
+    # Nothing duplicated by the second operator: same CA and identities, one aggregator.
+    assert _uids(bed, name) == secrets
+    aggregators = bed.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
+    assert [p.metadata.uid for p in aggregators] == [agg.metadata.uid]
+    reasons = [e.reason for e in _events(bed, name)]
+    assert "ClientRecreated" in reasons and "Succeeded" in reasons
+    assert reasons.count("Started") == 1
+    assert "pqfed_operator_reconciles_total" in _metrics(new_operator)
+    # Clients stop with the job; the aggregator pod stays (for `pqfed logs`) and completes.
+    bed.wait_for(lambda: not bed.pods(f"pqfed.io/job={name},pqfed.io/role=client"), 60,
+             "client pods deleted after success")
+    final = bed.wait_for(lambda: [p for p in bed.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
+                              if p.status.phase == "Succeeded"], 90, "the aggregator pod to end")
+    assert final[0].metadata.uid == agg.metadata.uid
+
+
+def test_lost_aggregator_resumes_from_the_stored_checkpoint(testbed: Any) -> None:
+    bed = testbed
+    name = bed.unique_name("resume")
+    rounds = 6
+    t0 = time.monotonic()
+    bed.create_job(name, {**SPEC, "rounds": rounds})
+    ckpt_name = m.checkpoint_configmap_name(name)
+
+    def stored() -> dict[str, Any] | None:
+        cms = bed.core.list_namespaced_config_map(
+            bed.namespace, field_selector=f"metadata.name={ckpt_name}").items
+        cm = bed.api.sanitize_for_serialization(cms[0]) if cms else None
+        return cm if m.checkpoint_round(cm) else None
+
+    cm = bed.wait_for(stored, 240, "a checkpoint in the ConfigMap", 0.5,
+                      lambda: bed.diagnose(name))
+    kept = m.checkpoint_round(cm)
+    # What the operator stored is what a new aggregator resumes from.
+    before = {r["round"]: r for r in json.loads(cm["data"]["status.json"])["rounds"]}
+    assert sorted(before) == list(range(1, kept + 1))
+    assert kept < rounds, "the job finished before it could be disrupted"
+    bed.core.delete_namespaced_pod(m.aggregator_pod_name(name), bed.namespace)
+
+    st = bed.wait_phase(name, TERMINAL, 420)
+    bed.timings["resume: succeeded"] = time.monotonic() - t0
+    assert st["phase"] == "Succeeded", bed.diagnose(name)
+    assert [r["round"] for r in st["rounds"]] == list(range(1, rounds + 1))
+    for rnd in range(1, kept + 1):  # restored, not trained again
+        assert st["rounds"][rnd - 1]["completedAt"] == before[rnd]["completedAt"]
+    recreated = _condition(st, "PodsRecreated")["message"]
+    assert "aggregator" in recreated and "resumes from checkpoint round" in recreated
+    (agg,) = bed.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
+    assert agg.spec.containers[0].command[-2:] == ["--restore", m.RESTORE_DIR]
+    assert st["accuracy"] > 0.9
+
+
+def test_deleting_jobs_removes_every_child(testbed: Any) -> None:
+    bed = testbed
+    name = bed.unique_name("gone")
+    bed.create_job(name, {**SPEC, "clients": 2, "rounds": 50})
+    bed.wait_for(lambda: len([p for p in bed.pods(f"pqfed.io/job={name}")
+                          if p.status.phase == "Running"]) == 3, 120, "the job's pods running")
+    t0 = time.monotonic()
+    jobs = bed.custom.list_namespaced_custom_object("pqfed.io", "v1alpha1", bed.namespace,
+                                                    "federationjobs")["items"]
+    for job in jobs:
+        bed.delete_job(job["metadata"]["name"])
+
+    def leftovers() -> list[str]:
+        sel = "pqfed.io/job"
+        ns = bed.namespace
+        found = [f"pod/{o.metadata.name}" for o in bed.core.list_namespaced_pod(
+            ns, label_selector=sel).items]
+        found += [f"secret/{o.metadata.name}" for o in bed.core.list_namespaced_secret(
+            ns, label_selector=sel).items]
+        found += [f"configmap/{o.metadata.name}" for o in bed.core.list_namespaced_config_map(
+            ns, label_selector=sel).items]
+        found += [f"service/{o.metadata.name}" for o in bed.core.list_namespaced_service(
+            ns, label_selector=sel).items]
+        found += [f"federationjob/{j['metadata']['name']}" for j in
+                  bed.custom.list_namespaced_custom_object(
+                      "pqfed.io", "v1alpha1", ns, "federationjobs")["items"]]
+        return found
+
+    bed.wait_for(lambda: not leftovers(), 90, "every child and job to be gone", 1.0,
+             lambda: f"left: {leftovers()}\n{bed.operator_log()}")
+    bed.timings["delete: all gone"] = time.monotonic() - t0
