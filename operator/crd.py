@@ -111,8 +111,8 @@ CROSS_FIELD_RULES: Final[tuple[CrossFieldRule, ...]] = (
 _METADATA: Final = {
     "type": "object",
     "properties": {"name": {
-        "type": "string", "maxLength": 53, "pattern": "^[a-z0-9]([-a-z0-9]{0,51}[a-z0-9])?$",
-        "description": "Lowercase letters, digits and '-', at most 53 characters (pod names "
+        "type": "string", "maxLength": 52, "pattern": "^[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?$",
+        "description": "Lowercase letters, digits and '-', at most 52 characters (pod names "
                        "are derived from it)"}},
 }
 

@@ -58,7 +58,8 @@ CONTAINER_SECURITY: Final[Manifest] = {
 }
 # A Raspberry Pi 4 has 4 GiB: requests let the scheduler spread pods, limits keep one job
 # from starving a node.
-FL_RESOURCES: Final[Manifest] = {"requests": {"cpu": "100m", "memory": "256Mi"},
+# Measured peak of a breast-cancer fl container: ~780 MiB (torch + Flower + the data).
+FL_RESOURCES: Final[Manifest] = {"requests": {"cpu": "100m", "memory": "768Mi"},
                                  "limits": {"memory": "1Gi"}}
 SIDECAR_RESOURCES: Final[Manifest] = {"requests": {"cpu": "50m", "memory": "64Mi"},
                                       "limits": {"memory": "256Mi"}}

@@ -97,6 +97,7 @@ def restore_state(restore: Path, state_dir: Path) -> int:
 
 
 def run_aggregator(args: argparse.Namespace) -> int:
+    _setup_logging()
     name, spec = load_spec(Path(args.spec))
     check_runnable(spec, args.spec)
     state = Path(args.state_dir).resolve()
@@ -155,6 +156,7 @@ def run_aggregator(args: argparse.Namespace) -> int:
 
 
 def run_client(args: argparse.Namespace) -> int:
+    _setup_logging()
     _, spec = load_spec(Path(args.spec))
     state = Path(args.state_dir).resolve()
     node_config: dict[str, fr.ConfigValue] = {
@@ -181,6 +183,11 @@ def run_client(args: argparse.Namespace) -> int:
         return node.proc.returncode or 0
     finally:
         node.stop()
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("PQFED_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _stop_on_signal(procs: list[Any]) -> None:

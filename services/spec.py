@@ -221,7 +221,8 @@ def parse_spec(data: Any, source: str = "spec") -> FederationJobSpec:
         raise JobSpecError(source, _problems(exc)) from None
 
 
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,51}[a-z0-9])?$")
+# "<name>-aggregator" must stay a valid 63-character Service/DNS label.
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?$")
 
 
 class FederationJobFile(BaseModel):
@@ -248,8 +249,8 @@ def load_job(path: Path) -> FederationJobFile:
     meta = doc.get("metadata") or {}
     name = str(meta.get("name", ""))
     if not _NAME.match(name):
-        problems["metadata.name"] = ("required: lowercase letters, digits and '-', "
-                                     "at most 53 characters (pod names are derived from it)")
+        problems["metadata.name"] = ("required: lowercase letters, digits and '-', at most "
+                                     "52 characters (pod and Service names derive from it)")
     try:
         spec = parse_spec(doc.get("spec"), str(path))
     except JobSpecError as exc:

@@ -95,13 +95,15 @@ class TokenCache:
 
     def __init__(self, kube: Kube) -> None:
         self.kube = kube
-        self._tokens: dict[tuple[str, str, int], _Token] = {}
+        self._tokens: dict[tuple[str, str, str, str, int], _Token] = {}
         self._lock = threading.Lock()
 
     def get(self, pod: Obj, audience: str, expiration: int) -> str:
         meta = pod["metadata"]
         sa = pod["spec"].get("serviceAccountName") or "default"
-        key = (sa, audience, expiration)
+        # Tokens are bound to the pod (boundObjectRef): a new pod of the same service account
+        # must get its own, or the API server answers 401 once the old pod is gone.
+        key = (meta["namespace"], meta["uid"], sa, audience, expiration)
         with self._lock:
             cached = self._tokens.get(key)
             if cached and time.time() < cached.renew_at:

@@ -353,7 +353,7 @@ def test_chart_metadata() -> None:
     meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert meta["apiVersion"] == "v2"
     assert meta["appVersion"] == "0.1.0"
-    assert meta["kubeVersion"].startswith(">=1.28")
+    assert meta["kubeVersion"].startswith(">=1.29")  # native sidecar containers
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["image"]["repository"] == "ghcr.io/pqfed/pqfed"
     assert values["image"]["tag"] == ""

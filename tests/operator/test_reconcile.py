@@ -118,7 +118,7 @@ def test_aggregator_pod_matches_the_local_runner_topology() -> None:
     assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 9901}
     assert fl["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 8080}
     assert fl["image"] == sidecar["image"] == spec.image
-    assert fl["resources"]["requests"] == {"cpu": "100m", "memory": "256Mi"}
+    assert fl["resources"]["requests"] == {"cpu": "100m", "memory": "768Mi"}
     assert fl["resources"]["limits"] == {"memory": "1Gi"}
     assert ps["securityContext"]["runAsNonRoot"] is True
     assert fl["securityContext"]["capabilities"] == {"drop": ["ALL"]}
