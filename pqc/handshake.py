@@ -200,8 +200,8 @@ class HandshakeConfig:
     max_plaintext: int = MAX_PLAINTEXT
     key_update_after: int = DEFAULT_KEY_UPDATE_AFTER
     backend: Backend | None = None  # None: the process-wide default (get_backend())
-    # Verify the peer's certificate and transcript signature on two threads, and (client)
-    # sign our own transcript meanwhile. Off: strictly sequential (the benchmark baseline).
+    # Verify the peer's certificate (CA signature) and CertificateVerify on two threads.
+    # Off: one after the other.
     parallel_auth: bool = field(default_factory=_parallel_default)
     key_shares: KeySharePool | None = None  # client side: precomputed ephemeral shares
     # Client side: sign on a pool thread as soon as ServerHello arrives (overlapping the
@@ -324,10 +324,8 @@ def _auth_pool() -> ThreadPoolExecutor:
 def _run_all(jobs: list[Callable[[], object]], parallel: bool) -> list[object]:
     """Runs independent authentication jobs; raises the first failure in job order.
 
-    In parallel mode jobs[1:] run on pool threads while jobs[0] runs here: ML-DSA sign and
-    verify release the GIL, so a client verifies the server's certificate and
-    CertificateVerify while it already signs its own transcript. The speculative signature
-    is only ever sent after every check passed."""
+    In parallel mode jobs[1:] run on pool threads while jobs[0] runs here (ML-DSA
+    verification releases the GIL)."""
     if not parallel:
         return [job() for job in jobs]
     futures = [_auth_pool().submit(job) for job in jobs[1:]]
