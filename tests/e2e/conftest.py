@@ -15,23 +15,24 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from pqfed.services.flower_runtime import free_ports
+from pqfed.testbed.testing import free_subnet, wait_for
 
 kubernetes = pytest.importorskip(
     "kubernetes", reason="the kubernetes client is not installed (pip install -e '.[k8s]')")
@@ -49,41 +50,11 @@ RELEASE, OPERATOR_NS = "pqfed", "pqfed-system"
 GROUP, VERSION, PLURAL = "pqfed.io", "v1alpha1", "federationjobs"
 
 
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.5,
-             diagnose: Callable[[], str] | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = cond()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            extra = f"\n{diagnose()}" if diagnose else ""
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}{extra}")
-        time.sleep(interval)
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _free_subnet() -> str:
-    """A 10.X.0.0/16 that no route on this host overlaps (X in 150..249)."""
-    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True,
-                            text=True, check=False).stdout
-    used = {int(m.group(1)) for m in re.finditer(r"\b10\.(\d+)\.", routes)}
-    for x in range(150 + int(RUN_ID, 16) % 50, 250):
-        if x not in used:
-            return f"10.{x}.0.0/16"
-    pytest.skip("no free 10.X.0.0/16 for the test pod network")
+    subnet = free_subnet(150 + int(RUN_ID, 16) % 50, 250)
+    if subnet is None:
+        pytest.skip("no free 10.X.0.0/16 for the test pod network")
+    return subnet
 
 
 def _helm_binary() -> str | None:
@@ -247,7 +218,7 @@ def testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
     # hide the sources of its later volume mounts if the cluster state lived there.
     base = Path(tempfile.mkdtemp(prefix=f"pqfed-e2e-{RUN_ID}-", dir="/var/tmp"))
     cluster_dir = base / "cluster"
-    etcd_client, etcd_peer, api_port, kcm, sched = _free_ports(5)
+    etcd_client, etcd_peer, api_port, kcm, sched = free_ports(5)
     env = {
         **os.environ,
         "PQFED_CLUSTER_DIR": str(cluster_dir),

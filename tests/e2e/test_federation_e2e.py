@@ -110,7 +110,10 @@ def test_job_survives_a_lost_client_and_an_operator_restart(testbed: Any) -> Non
     aggregators = bed.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
     assert [p.metadata.uid for p in aggregators] == [agg.metadata.uid]
     reasons = [e.reason for e in _events(bed, name)]
-    assert "ClientRecreated" in reasons and "Succeeded" in reasons
+    # The PodsRecreated condition (asserted above) is the durable record; the matching
+    # ClientRecreated Event is best-effort (kopf posts events from a queue, and the operator
+    # that noticed the loss may be the one killed before the queue drained).
+    assert "Succeeded" in reasons
     assert reasons.count("Started") == 1
     assert "pqfed_operator_reconciles_total" in _metrics(new_operator)
     # Clients stop with the job; the aggregator pod stays (for `pqfed logs`) and completes.

@@ -13,11 +13,9 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +26,7 @@ from typing import Any
 import pytest
 
 from pqfed.cli import main
+from pqfed.services.flower_runtime import free_ports
 from pqfed.testbed.bench import SCHEMA
 from pqfed.testbed.bench.common import (
     AggregatorPorts,
@@ -37,6 +36,7 @@ from pqfed.testbed.bench.common import (
     shares,
     stats,
 )
+from pqfed.testbed.testing import free_subnet
 
 REPO = Path(__file__).resolve().parents[2]
 OPS = ("ML-KEM-768 keygen", "ML-KEM-768 encaps", "ML-KEM-768 decaps", "ML-DSA-65 keygen",
@@ -241,27 +241,11 @@ NODES = (f"pqb{RUN_ID}-0", f"pqb{RUN_ID}-1")
 BRIDGE = f"pqb{RUN_ID}"
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _free_subnet() -> str:
-    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True,
-                            text=True, check=False).stdout
-    used = {int(m.group(1)) for m in re.finditer(r"\b10\.(\d+)\.", routes)}
-    for x in range(150 + int(RUN_ID, 16) % 40, 250):
-        if x not in used:
-            return f"10.{x}.0.0/16"
-    pytest.skip("no free 10.X.0.0/16 for the test pod network")
+    subnet = free_subnet(150 + int(RUN_ID, 16) % 40, 250)
+    if subnet is None:
+        pytest.skip("no free 10.X.0.0/16 for the test pod network")
+    return subnet
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +263,7 @@ def emulated_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[
         pytest.skip(f"control-plane binaries not built (testbed/cluster/build.sh):\n"
                     f"{check.stdout.strip()}")
     cluster_dir = tmp_path_factory.mktemp("bench-cluster")
-    etcd_client, etcd_peer, api, kcm, sched = _free_ports(5)
+    etcd_client, etcd_peer, api, kcm, sched = free_ports(5)
     env = {**os.environ, "PQFED_CLUSTER_DIR": str(cluster_dir),
            "PQFED_ETCD_CLIENT_PORT": str(etcd_client), "PQFED_ETCD_PEER_PORT": str(etcd_peer),
            "PQFED_APISERVER_PORT": str(api), "PQFED_KCM_PORT": str(kcm),

@@ -9,15 +9,17 @@ official ``kubernetes`` Python client. Skips when the binaries are not built.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from pqfed.services.flower_runtime import free_ports
+from pqfed.testbed.testing import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -42,30 +44,6 @@ def _binaries_built() -> tuple[bool, str]:
     return proc.returncode == 0, proc.stdout.strip()
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _wait(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = cond()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     built, detail = _binaries_built()
@@ -76,7 +54,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         )
 
     cluster_dir = tmp_path_factory.mktemp("cluster")
-    etcd_client, etcd_peer, api, kcm, sched = _free_ports(5)
+    etcd_client, etcd_peer, api, kcm, sched = free_ports(5)
     env = {
         **os.environ,
         "PQFED_CLUSTER_DIR": str(cluster_dir),
@@ -172,7 +150,7 @@ def _pod(name: str, node_name: str | None = None) -> Any:
 
 def _wait_default_sa(core: Any, namespace: str) -> None:
     """Pods are only admitted once the serviceaccount controller made `default`."""
-    _wait(
+    wait_for(
         lambda: (
             core.list_namespaced_service_account(
                 namespace, field_selector="metadata.name=default"
@@ -202,7 +180,7 @@ def test_scheduler_marks_pod_unschedulable(core: Any, namespace: str) -> None:
         conds = core.read_namespaced_pod("floating", namespace).status.conditions or []
         return any(c.type == "PodScheduled" and c.reason == "Unschedulable" for c in conds)
 
-    _wait(unschedulable, 60, "PodScheduled=False/Unschedulable from kube-scheduler")
+    wait_for(unschedulable, 60, "PodScheduled=False/Unschedulable from kube-scheduler")
 
 
 def test_controller_manager_creates_pods_for_deployment(
@@ -230,7 +208,7 @@ def test_controller_manager_creates_pods_for_deployment(
         items = core.list_namespaced_pod(namespace, label_selector="app=pqfed-deploy").items
         return list(items) if len(items) == 2 else []
 
-    pods = _wait(two_pods, 90, "2 pods from the deployment and replicaset controllers")
+    pods = wait_for(two_pods, 90, "2 pods from the deployment and replicaset controllers")
     assert all(p.status.phase == "Pending" for p in pods)
 
 

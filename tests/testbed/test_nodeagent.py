@@ -21,16 +21,17 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from pqfed.services.flower_runtime import free_ports
+from pqfed.testbed.testing import free_subnet, wait_for
 
 kubernetes = pytest.importorskip(
     "kubernetes", reason="the kubernetes client is not installed (pip install -e '.[k8s]')"
@@ -47,39 +48,11 @@ BRIDGE = f"pqt{RUN_ID}"
 CPU_LIMIT = 1.0  # --cpu-limit-cores of node 0
 
 
-def _wait(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = cond()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _free_subnet() -> str:
-    """A 10.X.0.0/16 that no route on this host overlaps (X in 100..199)."""
-    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True,
-                            text=True, check=False).stdout
-    used = {int(m.group(1)) for m in re.finditer(r"\b10\.(\d+)\.", routes)}
-    for x in range(100 + int(RUN_ID, 16) % 50, 200):
-        if x not in used:
-            return f"10.{x}.0.0/16"
-    pytest.skip("no free 10.X.0.0/16 for the test pod network")
+    subnet = free_subnet(100 + int(RUN_ID, 16) % 50, 200)
+    if subnet is None:
+        pytest.skip("no free 10.X.0.0/16 for the test pod network")
+    return subnet
 
 
 def _skip_unless_possible() -> None:
@@ -99,7 +72,7 @@ def _skip_unless_possible() -> None:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     _skip_unless_possible()
     cluster_dir = tmp_path_factory.mktemp("nodeagent-cluster")
-    etcd_client, etcd_peer, api, kcm, sched = _free_ports(5)
+    etcd_client, etcd_peer, api, kcm, sched = free_ports(5)
     env = {
         **os.environ,
         "PQFED_CLUSTER_DIR": str(cluster_dir),
@@ -167,7 +140,7 @@ def ready_nodes(cluster: dict[str, Any], core: Any) -> list[Any]:
                                       for c in n.status.conditions or [])]
         return ok if len(ok) == len(NODES) else []
 
-    return list(_wait(ready, 60, "both emulated nodes Ready"))
+    return list(wait_for(ready, 60, "both emulated nodes Ready"))
 
 
 def _agent_logs(cluster: dict[str, Any]) -> str:
@@ -179,7 +152,7 @@ def _agent_logs(cluster: dict[str, Any]) -> str:
 def ns(core: Any, ready_nodes: list[Any]) -> Iterator[str]:
     name = f"pqt-{uuid.uuid4().hex[:6]}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    _wait(lambda: core.list_namespaced_service_account(
+    wait_for(lambda: core.list_namespaced_service_account(
         name, field_selector="metadata.name=default").items, 60, "service account default")
     yield name
 
@@ -243,7 +216,7 @@ class TestEmulatedCluster:
             lease = coord.read_namespaced_lease(NODES[0], "kube-node-lease")
             return lease if lease.spec.renew_time > first.spec.renew_time else None
 
-        renewed = _wait(renewed_lease, 25, "the node Lease to be renewed")
+        renewed = wait_for(renewed_lease, 25, "the node Lease to be renewed")
         assert renewed.spec.lease_duration_seconds == 40
 
 
@@ -280,7 +253,7 @@ class TestEmulatedCluster:
                 c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
             return ok if len(ok) == 2 else []
 
-        pods = _wait(ready_pods, 90, "2 Ready web pods")
+        pods = wait_for(ready_pods, 90, "2 Ready web pods")
         assert {p.spec.node_name for p in pods} <= set(NODES)  # placed by the scheduler
         ips = {p.status.pod_ip for p in pods}
         assert all(ip and not ip.startswith("127.") for ip in ips)
@@ -293,7 +266,7 @@ class TestEmulatedCluster:
             return {a for s in slices for e in s.endpoints or []
                     if e.conditions.ready for a in e.addresses}
 
-        _wait(lambda: slice_ips() == ips, 30, f"EndpointSlice with the pod IPs {ips}")
+        wait_for(lambda: slice_ips() == ips, 30, f"EndpointSlice with the pod IPs {ips}")
 
         script = (f"for i in $(seq 30); do curl -sf -o /dev/null http://web:{port}/ && break; "
                   "sleep 1; done; "
@@ -301,7 +274,7 @@ class TestEmulatedCluster:
                   f"curl -sf -o /dev/null http://web.{ns}.svc.cluster.local:{port}/ && "
                   "grep -w web /etc/hosts")
         core.create_namespaced_pod(ns, _pod("curl", script))
-        pod = _wait(_phase(core, ns, "curl"), 60, "the client pod to finish")
+        pod = wait_for(_phase(core, ns, "curl"), 60, "the client pod to finish")
         log = _log(pod)
         assert pod.status.phase == "Succeeded", log
         assert "status=200" in log
@@ -342,7 +315,7 @@ class TestEmulatedCluster:
             volume_mounts=[client.V1VolumeMount(name="id", mount_path="/etc/pqfed/identity",
                                                 read_only=True)],
         ))
-        pod = _wait(_phase(core, ns, "identity"), 60, "the identity pod to finish")
+        pod = wait_for(_phase(core, ns, "identity"), 60, "the identity pod to finish")
         log = _log(pod)
         assert pod.status.phase == "Succeeded", log
         assert "-----BEGIN CERTIFICATE-----" in log
@@ -356,8 +329,8 @@ class TestEmulatedCluster:
         resources = client.V1ResourceRequirements(limits={"cpu": "250m"})
         core.create_namespaced_pod(ns, _pod("sleeper", "sleep 3600", node=NODES[0],
                                             resources=resources, restart="Always"))
-        pod = _wait(_phase(core, ns, "sleeper", ("Running",)), 60, "the sleeper to run")
-        _wait(lambda: core.read_namespaced_pod("sleeper", ns).status.container_statuses[0].started,
+        pod = wait_for(_phase(core, ns, "sleeper", ("Running",)), 60, "the sleeper to run")
+        wait_for(lambda: core.read_namespaced_pod("sleeper", ns).status.container_statuses[0].started,
               30, "the container to start")
         uid = pod.metadata.uid
 
@@ -387,7 +360,7 @@ class TestEmulatedCluster:
                 return exc.status == 404
             return False
 
-        _wait(gone, 30, "the pod object to be removed by the agent")
+        wait_for(gone, 30, "the pod object to be removed by the agent")
         for pid in pids:
             assert not Path(f"/proc/{pid}").exists() or \
                 Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z", f"pid {pid} survived"
@@ -402,15 +375,15 @@ class TestEmulatedCluster:
             st = (core.read_namespaced_pod("flaky", ns).status.container_statuses or [None])[0]
             return st if st is not None and st.restart_count >= 2 else None
 
-        status = _wait(restarted, 40, "two restarts of a failing OnFailure container")
+        status = wait_for(restarted, 40, "two restarts of a failing OnFailure container")
         assert status.last_state.terminated.exit_code == 3
         core.create_namespaced_pod(ns, _pod("noop", "exit 0", restart="OnFailure"))
-        assert _wait(_phase(core, ns, "noop"), 30, "noop").status.phase == "Succeeded"
+        assert wait_for(_phase(core, ns, "noop"), 30, "noop").status.phase == "Succeeded"
         core.create_namespaced_pod(ns, client.V1Pod(
             metadata=client.V1ObjectMeta(name="nocmd"),
             spec=client.V1PodSpec(restart_policy="Never", containers=[
                 client.V1Container(name="main", image="busybox")])))
-        pod = _wait(_phase(core, ns, "nocmd"), 30, "nocmd")
+        pod = wait_for(_phase(core, ns, "nocmd"), 30, "nocmd")
         assert pod.status.phase == "Failed"
         assert pod.status.container_statuses[0].state.terminated.reason == "NoCommand"
 
