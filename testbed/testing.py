@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -36,3 +38,27 @@ def free_subnet(first: int, last: int) -> str | None:
                             text=True, check=False).stdout
     used = {int(m.group(1)) for m in re.finditer(r"\b10\.(\d+)\.", routes)}
     return next((f"10.{x}.0.0/16" for x in range(first, last) if x not in used), None)
+
+
+def cluster_env(cluster_dir: Path, nodes: Sequence[str], *, bridge: str | None = None,
+                pod_subnet: str | None = None) -> dict[str, str]:
+    """Environment for testbed/cluster/up.sh and down.sh giving a test its own cluster: own
+    state dir and free ports and, when pods get network namespaces, its own bridge and
+    subnet, so it never touches a developer's cluster or a concurrently running suite."""
+    from pqfed.services.flower_runtime import free_ports
+
+    etcd_client, etcd_peer, api, kcm, sched = free_ports(5)
+    env = {
+        **os.environ,
+        "PQFED_CLUSTER_DIR": str(cluster_dir),
+        "PQFED_ETCD_CLIENT_PORT": str(etcd_client),
+        "PQFED_ETCD_PEER_PORT": str(etcd_peer),
+        "PQFED_APISERVER_PORT": str(api),
+        "PQFED_KCM_PORT": str(kcm),
+        "PQFED_SCHEDULER_PORT": str(sched),
+        "PQFED_NODE_NAMES": " ".join(nodes),
+    }
+    if bridge is not None and pod_subnet is not None:
+        env.update({"PQFED_POD_NETWORK": "on", "PQFED_BRIDGE": bridge,
+                    "PQFED_POD_SUBNET": pod_subnet})
+    return env

@@ -31,8 +31,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pqfed.services.flower_runtime import free_ports
-from pqfed.testbed.testing import free_subnet, wait_for
+from pqfed.testbed.testing import cluster_env, free_subnet, wait_for
 
 kubernetes = pytest.importorskip(
     "kubernetes", reason="the kubernetes client is not installed (pip install -e '.[k8s]')")
@@ -218,20 +217,7 @@ def testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
     # hide the sources of its later volume mounts if the cluster state lived there.
     base = Path(tempfile.mkdtemp(prefix=f"pqfed-e2e-{RUN_ID}-", dir="/var/tmp"))
     cluster_dir = base / "cluster"
-    etcd_client, etcd_peer, api_port, kcm, sched = free_ports(5)
-    env = {
-        **os.environ,
-        "PQFED_CLUSTER_DIR": str(cluster_dir),
-        "PQFED_ETCD_CLIENT_PORT": str(etcd_client),
-        "PQFED_ETCD_PEER_PORT": str(etcd_peer),
-        "PQFED_APISERVER_PORT": str(api_port),
-        "PQFED_KCM_PORT": str(kcm),
-        "PQFED_SCHEDULER_PORT": str(sched),
-        "PQFED_NODE_NAMES": " ".join(NODES),
-        "PQFED_POD_NETWORK": "on",
-        "PQFED_BRIDGE": BRIDGE,
-        "PQFED_POD_SUBNET": _free_subnet(),
-    }
+    env = cluster_env(cluster_dir, NODES, bridge=BRIDGE, pod_subnet=_free_subnet())
     env.pop("KUBECONFIG", None)
     agents: list[subprocess.Popen[bytes]] = []
     bed: Testbed | None = None

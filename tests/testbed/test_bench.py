@@ -26,7 +26,6 @@ from typing import Any
 import pytest
 
 from pqfed.cli import main
-from pqfed.services.flower_runtime import free_ports
 from pqfed.testbed.bench import SCHEMA
 from pqfed.testbed.bench.common import (
     AggregatorPorts,
@@ -36,7 +35,7 @@ from pqfed.testbed.bench.common import (
     shares,
     stats,
 )
-from pqfed.testbed.testing import free_subnet
+from pqfed.testbed.testing import cluster_env, free_subnet
 
 REPO = Path(__file__).resolve().parents[2]
 OPS = ("ML-KEM-768 keygen", "ML-KEM-768 encaps", "ML-KEM-768 decaps", "ML-DSA-65 keygen",
@@ -263,13 +262,7 @@ def emulated_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[
         pytest.skip(f"control-plane binaries not built (testbed/cluster/build.sh):\n"
                     f"{check.stdout.strip()}")
     cluster_dir = tmp_path_factory.mktemp("bench-cluster")
-    etcd_client, etcd_peer, api, kcm, sched = free_ports(5)
-    env = {**os.environ, "PQFED_CLUSTER_DIR": str(cluster_dir),
-           "PQFED_ETCD_CLIENT_PORT": str(etcd_client), "PQFED_ETCD_PEER_PORT": str(etcd_peer),
-           "PQFED_APISERVER_PORT": str(api), "PQFED_KCM_PORT": str(kcm),
-           "PQFED_SCHEDULER_PORT": str(sched), "PQFED_NODE_NAMES": " ".join(NODES),
-           "PQFED_POD_NETWORK": "on", "PQFED_BRIDGE": BRIDGE,
-           "PQFED_POD_SUBNET": _free_subnet()}
+    env = cluster_env(cluster_dir, NODES, bridge=BRIDGE, pod_subnet=_free_subnet())
     agents: list[subprocess.Popen[bytes]] = []
     try:
         up = subprocess.run(["bash", str(REPO / "testbed/cluster/up.sh")], env=env,

@@ -8,7 +8,6 @@ official ``kubernetes`` Python client. Skips when the binaries are not built.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 import uuid
@@ -18,8 +17,7 @@ from typing import Any
 
 import pytest
 
-from pqfed.services.flower_runtime import free_ports
-from pqfed.testbed.testing import wait_for
+from pqfed.testbed.testing import cluster_env, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -54,17 +52,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         )
 
     cluster_dir = tmp_path_factory.mktemp("cluster")
-    etcd_client, etcd_peer, api, kcm, sched = free_ports(5)
-    env = {
-        **os.environ,
-        "PQFED_CLUSTER_DIR": str(cluster_dir),
-        "PQFED_ETCD_CLIENT_PORT": str(etcd_client),
-        "PQFED_ETCD_PEER_PORT": str(etcd_peer),
-        "PQFED_APISERVER_PORT": str(api),
-        "PQFED_KCM_PORT": str(kcm),
-        "PQFED_SCHEDULER_PORT": str(sched),
-        "PQFED_NODE_NAMES": "pqfed-node-0",
-    }
+    env = cluster_env(cluster_dir, ["pqfed-node-0"])
     try:
         up = subprocess.run(
             ["bash", str(SCRIPTS / "up.sh")],

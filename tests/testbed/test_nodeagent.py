@@ -30,8 +30,7 @@ from typing import Any
 
 import pytest
 
-from pqfed.services.flower_runtime import free_ports
-from pqfed.testbed.testing import free_subnet, wait_for
+from pqfed.testbed.testing import cluster_env, free_subnet, wait_for
 
 kubernetes = pytest.importorskip(
     "kubernetes", reason="the kubernetes client is not installed (pip install -e '.[k8s]')"
@@ -72,20 +71,7 @@ def _skip_unless_possible() -> None:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     _skip_unless_possible()
     cluster_dir = tmp_path_factory.mktemp("nodeagent-cluster")
-    etcd_client, etcd_peer, api, kcm, sched = free_ports(5)
-    env = {
-        **os.environ,
-        "PQFED_CLUSTER_DIR": str(cluster_dir),
-        "PQFED_ETCD_CLIENT_PORT": str(etcd_client),
-        "PQFED_ETCD_PEER_PORT": str(etcd_peer),
-        "PQFED_APISERVER_PORT": str(api),
-        "PQFED_KCM_PORT": str(kcm),
-        "PQFED_SCHEDULER_PORT": str(sched),
-        "PQFED_NODE_NAMES": " ".join(NODES),
-        "PQFED_POD_NETWORK": "on",
-        "PQFED_BRIDGE": BRIDGE,
-        "PQFED_POD_SUBNET": _free_subnet(),
-    }
+    env = cluster_env(cluster_dir, NODES, bridge=BRIDGE, pod_subnet=_free_subnet())
     agents: list[subprocess.Popen[bytes]] = []
     try:
         up = subprocess.run(["bash", str(SCRIPTS / "up.sh")], env=env, capture_output=True,
