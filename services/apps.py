@@ -305,7 +305,7 @@ class VerifiedStrategy(Strategy):
         if len(valid) < self.min_clients:
             self.recorder.note_failure(
                 rnd, f"{len(valid)} valid updates, fewer than minClients={self.min_clients}; "
-                     "global model kept")
+                     "global model kept", model_kept=True)
             return None, None
         return self.inner.aggregate_train(server_round, valid)
 

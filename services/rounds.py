@@ -176,9 +176,12 @@ class RoundRecorder:
         rec.rejected_updates += 1
         rec.notes.append(f"rejected: {reason}")
 
-    def note_failure(self, rnd: int, reason: str) -> None:
+    def note_failure(self, rnd: int, reason: str, *, model_kept: bool = False) -> None:
+        """Records a problem in the round; `model_kept` marks a round that aggregated
+        nothing (the global model carries over unchanged)."""
         rec = self._rec(rnd)
-        rec.aggregated = not reason.endswith("global model kept") and rec.aggregated
+        if model_kept:
+            rec.aggregated = False
         rec.notes.append(reason)
 
     # ---- after a round ------------------------------------------------------------------

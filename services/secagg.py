@@ -565,7 +565,7 @@ class RecordingStrategy(LegacyStrategy):
 
     def _keep(self, rnd: int, reason: str) -> None:
         self.explained.add(rnd)
-        self.recorder.note_failure(rnd, reason)
+        self.recorder.note_failure(rnd, reason, model_kept=True)
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, Any]]:
