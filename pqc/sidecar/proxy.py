@@ -83,7 +83,6 @@ class Sidecar:
         self._executor = ThreadPoolExecutor(config.crypto_threads, "pqfed-handshake")
         self._key_shares = KeySharePool()
         self._servers: list[asyncio.Server] = []
-        self._tasks: set[asyncio.Task[None]] = set()
         self.ready = False
         self.bound: dict[str, int] = {}
 
@@ -116,17 +115,10 @@ class Sidecar:
         self.ready = False
         for srv in self._servers:
             srv.close()
-        for task in list(self._tasks):
-            task.cancel()
         for srv in self._servers:
             with contextlib.suppress(Exception):
                 await srv.wait_closed()
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-    def _track(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _secure(self, side: str, coro: Any) -> SecureChannel | None:
         try:
