@@ -96,6 +96,22 @@ CROSS_FIELD_RULES: Final[tuple[CrossFieldRule, ...]] = (
         "!self.hierarchy.enabled || self.hierarchy.edges <= self.clients",
         "hierarchy.edges must be <= clients; use at most one edge aggregator per client"),
     CrossFieldRule(
+        "hierarchy-central-dp", ".privacy.mode",
+        "!self.hierarchy.enabled || !self.privacy.enabled || self.privacy.mode != 'central'",
+        "privacy.mode: central DP clips individual updates, which only the edges see in "
+        "hierarchical mode; use privacy.mode: local or disable hierarchy"),
+    CrossFieldRule(
+        "hierarchy-secagg", ".secureAggregation.enabled",
+        "!self.hierarchy.enabled || !self.secureAggregation.enabled",
+        "secureAggregation.enabled: SecAgg+ is not available with edge aggregators; disable "
+        "one of them"),
+    CrossFieldRule(
+        "hierarchy-krum", ".strategy.byzantineClients",
+        "!self.hierarchy.enabled || !(self.strategy.name in ['Krum', 'MultiKrum']) || "
+        "self.clients / self.hierarchy.edges >= 2 * self.strategy.byzantineClients + 3",
+        "strategy.byzantineClients: Krum runs at each edge and needs clients/edges >= "
+        "2*byzantineClients+3; lower byzantineClients, use fewer edges or add clients"),
+    CrossFieldRule(
         "natural-partition-only-hapt", ".dataset.partition",
         "self.dataset.partition != 'natural' || self.task == 'hapt'",
         "dataset.partition: natural is HAPT's per-subject split; use iid or dirichlet:<alpha> "

@@ -79,7 +79,8 @@ class AuditSummary:
 
 def verify_audit_log(path: Path, trust: TrustAnchor | None) -> AuditSummary:
     """Verifies the chain and every signature. With `trust`, the signer's certificate must be
-    an aggregator's issued by that CA. Raises AuditLogError(line, reason)."""
+    an aggregator's or an edge aggregator's issued by that CA. Raises
+    AuditLogError(line, reason)."""
     prev, signer_cert = GENESIS, None
     events: dict[str, int] = {}
     count = 0
@@ -101,7 +102,8 @@ def verify_audit_log(path: Path, trust: TrustAnchor | None) -> AuditSummary:
             try:
                 signer_cert = Certificate.from_pem(str(entry.get("signer", "")))
                 if trust is not None:
-                    trust.verify(signer_cert, roles=(Role.AGGREGATOR,), now=entry["time"])
+                    trust.verify(signer_cert, roles=(Role.AGGREGATOR, Role.EDGE),
+                                 now=entry["time"])
             except (DecodeError, CertificateError) as exc:
                 raise AuditLogError(lineno, f"signer certificate: {exc}") from None
         elif signer_cert is None or entry.get("signer") != signer_cert.fingerprint:

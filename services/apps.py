@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from pqfed.pqc.errors import PqcError
 from pqfed.pqc.identity import Certificate, Identity, Role, TrustAnchor
 from pqfed.pqc.signing import SignedUpdate, sign_update, verify_update
 from pqfed.services import compression
+from pqfed.services.edge import EDGE_SOCKET_KEY, EdgeRoundError, request_edge_round
 from pqfed.services.rounds import RoundRecorder
 from pqfed.services.spec import FederationJobSpec, parse_spec
 from pqfed.services.strategies import build_strategy
@@ -125,7 +126,9 @@ def pqfed_mod(msg: Message, context: Context, call_next: Any) -> Message:
         return call_next(msg, context)  # type: ignore[no-any-return]
     spec = job_spec(context)
     global_record = _record(msg.content, "arrays")
-    if spec.privacy.enabled and spec.privacy.mode == "local":
+    edge = EDGE_SOCKET_KEY in context.node_config
+    if spec.privacy.enabled and spec.privacy.mode == "local" and not edge:
+        # (an edge forwards its clients' already-noised aggregate)
         from flwr.clientapp.mod import LocalDpMod
 
         eps_round = (spec.privacy.target_epsilon or 1.0) / spec.rounds
@@ -181,6 +184,9 @@ def train(msg: Message, context: Context) -> Message:
     from pqfed.services.models import build_model, get_weights, set_weights, train_epochs
 
     received = time.time()
+    if EDGE_SOCKET_KEY in context.node_config:
+        path = Path(str(context.node_config[EDGE_SOCKET_KEY]))
+        return edge_train(msg, context, functools.partial(request_edge_round, path), received)
     torch.set_num_threads(int(os.environ.get("PQFED_TORCH_THREADS", "1")))
     spec = job_spec(context)
     pid = int(_number(context.node_config["partition-id"]))
@@ -211,6 +217,28 @@ def train(msg: Message, context: Context) -> Message:
                                "metrics": metrics}), reply_to=msg)
 
 
+EdgeRunner = Callable[[int, list[np.ndarray[Any, Any]], dict[str, Any], float],
+                      tuple[list[np.ndarray[Any, Any]], dict[str, float]]]
+
+
+def edge_train(msg: Message, context: Context, run_round: EdgeRunner,
+               received: float | None = None) -> Message:
+    """An edge's upstream train handler: one edge round over the edge's own clients
+    (`run_round(round, global weights, config, timeout)`; services/edge.py)."""
+    received = time.time() if received is None else received
+    spec = job_spec(context)
+    config = {k: v for k, v in _config(msg.content, "config").items()
+              if isinstance(v, int | float | str | bool)}
+    try:
+        weights, edge_metrics = run_round(_round_of(msg), _arrays(_record(msg.content, "arrays")),
+                                          config, float(spec.timeouts.round_seconds))
+    except EdgeRoundError as exc:
+        raise RuntimeError(str(exc)) from None  # Flower turns it into an error reply
+    metrics = MetricRecord({**edge_metrics, "t-received": received, "t-replied": time.time()})
+    return Message(RecordDict({"arrays": ArrayRecord(list(weights)), "metrics": metrics}),
+                   reply_to=msg)
+
+
 @client_app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     from pqfed.services.models import build_model, set_weights
@@ -236,8 +264,9 @@ class VerifiedStrategy(Strategy):
 
     def __init__(self, inner: Strategy, *, trust: TrustAnchor, job: str,
                  recorder: RoundRecorder, audit: AuditLog | None, round_offset: int,
-                 min_clients: int) -> None:
+                 min_clients: int, roles: tuple[Role, ...] = (Role.CLIENT,)) -> None:
         self.inner = inner
+        self.roles = roles  # who may sign updates here: clients, or edges in hierarchical mode
         self.trust = trust
         self.job = job
         self.recorder = recorder
@@ -245,6 +274,10 @@ class VerifiedStrategy(Strategy):
         self.offset = round_offset
         self.min_clients = min_clients
         self._global: list[np.ndarray[Any, Any]] = []
+        # What the accepted updates of the current round stand for (an edge's update counts
+        # its clients and their examples).
+        self.accepted_clients = 0
+        self.accepted_examples = 0.0
 
     def summary(self) -> None:
         self.inner.summary()
@@ -252,6 +285,7 @@ class VerifiedStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._global = _arrays(arrays)
+        self.accepted_clients, self.accepted_examples = 0, 0.0
         config["round"] = self.offset + server_round
         msgs = list(self.inner.configure_train(server_round, arrays, config, grid))
         self.recorder.start_round(self.offset + server_round,
@@ -272,7 +306,7 @@ class VerifiedStrategy(Strategy):
             blob = _record(reply.content, "arrays")[BLOB_KEY].numpy().tobytes()
             t0 = time.perf_counter()
             manifest = verify_update(signed, blob, self.trust, job=self.job, round_number=rnd,
-                                     roles=(Role.CLIENT, Role.EDGE))
+                                     roles=self.roles)
             self.recorder.add_crypto(rnd, time.perf_counter() - t0)
             delta = compression.decode(blob, self._global)
         except (PqcError, KeyError, TypeError, ValueError) as exc:
@@ -290,6 +324,8 @@ class VerifiedStrategy(Strategy):
         self.recorder.note_timeline(rnd, _number(metrics.get("t-received", 0.0)),
                                     _number(metrics.get("t-replied", 0.0)))
         self.recorder.note_update(rnd, manifest.node_id, len(blob))
+        self.accepted_clients += int(_number(metrics.get("clients", 1)))
+        self.accepted_examples += _number(metrics.get("num-examples", 0))
         if self.audit:
             self.audit.append("update-accepted", round=rnd, node=manifest.node_id,
                               digest=manifest.digest.hex(), size=manifest.size)
@@ -302,10 +338,10 @@ class VerifiedStrategy(Strategy):
         self.recorder.mark(self.offset + server_round, "replies")
         valid = [m for m in (self._verify(server_round, r) for r in replies) if m is not None]
         rnd = self.offset + server_round
-        if len(valid) < self.min_clients:
+        if self.accepted_clients < self.min_clients:
             self.recorder.note_failure(
-                rnd, f"{len(valid)} valid updates, fewer than minClients={self.min_clients}; "
-                     "global model kept", model_kept=True)
+                rnd, f"{self.accepted_clients} valid client updates, fewer than "
+                     f"minClients={self.min_clients}; global model kept", model_kept=True)
             return None, None
         return self.inner.aggregate_train(server_round, valid)
 
@@ -339,8 +375,11 @@ def main(grid: Grid, context: Context) -> None:
         return
     audit = AuditLog(state_dir / "audit.jsonl", ident)
     audit.append("job-started" if done == 0 else "job-resumed", job=job, fromRound=done)
+    # In hierarchical mode only edge aggregators may send updates here (services/edge.py).
+    roles = (Role.EDGE,) if spec.hierarchy.enabled else (Role.CLIENT,)
     strategy = VerifiedStrategy(build_strategy(spec), trust=trust, job=job, recorder=recorder,
-                                audit=audit, round_offset=done, min_clients=spec.min_clients)
+                                audit=audit, round_offset=done, min_clients=spec.min_clients,
+                                roles=roles)
     train_config = ConfigRecord()  # FedProx adds "proximal-mu" itself
     strategy.start(grid, ArrayRecord(list(initial)), num_rounds=rounds,
                    timeout=spec.timeouts.round_seconds, train_config=train_config,

@@ -128,7 +128,9 @@ def run_aggregator(args: argparse.Namespace) -> int:
         executor.start()
         if args.status_port:
             _serve_status(state, args.status_port)
-        fr.wait_nodes(link.address, spec.min_clients, spec.timeouts.round_seconds,
+        # Hierarchical jobs: the central SuperLink's nodes are the edge aggregators.
+        upstream_nodes = spec.hierarchy.edges if spec.hierarchy.enabled else spec.min_clients
+        fr.wait_nodes(link.address, upstream_nodes, spec.timeouts.round_seconds,
                       watch=[p.proc for p in procs if p.proc])
         run_config: dict[str, fr.ConfigValue] = {
             "spec": spec.model_dump_json(by_alias=True), "job": name,
@@ -185,6 +187,83 @@ def run_client(args: argparse.Namespace) -> int:
         node.stop()
 
 
+def run_edge(args: argparse.Namespace) -> int:
+    """An edge aggregator (services/edge.py): a SuperLink + edge ServerApp for its member
+    clients, and an upstream SuperNode towards the central aggregator."""
+    from pqfed.services import edge
+
+    _setup_logging()
+    name, spec = load_spec(Path(args.spec))
+    if not spec.hierarchy.enabled:
+        raise SystemExit(f"{args.spec}: spec.hierarchy.enabled is false; edges run only in "
+                         "hierarchical jobs")
+    if not 0 <= args.index < spec.hierarchy.edges:
+        raise SystemExit(f"--index {args.index}: must be in [0, {spec.hierarchy.edges})")
+    state = Path(args.state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    identity_dir = str(Path(args.identity_dir).resolve())
+    sock = edge.socket_path(state)
+    members = edge.edge_members(spec, args.index)
+    stock = _stock()
+    fast = None if stock else FAST_POLL_S
+    run_dir = state / "flower"
+    link = fr.SuperLinkProcess(run_dir=run_dir, port=args.fleet_port, host=args.host,
+                               isolation="process", database=state / "superlink.db",
+                               fast_poll=fast)
+    executor = fr.SuperExecProcess(run_dir=run_dir, name="edge-serverapp-superexec",
+                                   runtime_api_address=link.address,
+                                   flwr_home=run_dir / "homes" / "serverapp", fast_poll=fast,
+                                   poll_interval=fast)
+    upstream = fr.SuperNodeProcess(
+        run_dir=state / "upstream", index=args.index, superlink_address=args.superlink,
+        runtime_port=args.runtime_port, isolation="process", fast_poll=fast,
+        superexec_poll_interval=fast, warm_clientapp=not stock,
+        preload=() if stock else ("pqfed.services.apps",),
+        node_config={"partition-id": args.index, "num-partitions": spec.hierarchy.edges,
+                     "identity-dir": identity_dir, edge.EDGE_SOCKET_KEY: str(sock)})
+    procs: list[Any] = [link, executor, upstream]
+    _stop_on_signal(procs)
+    try:
+        link.start().wait_ready(120)
+        executor.start()
+        if args.status_port:
+            _serve_status(state, args.status_port)
+        watch = [p.proc for p in (link, executor) if p.proc]
+        wait_s = min(120.0, float(spec.timeouts.round_seconds))
+        try:
+            fr.wait_nodes(link.address, len(members), wait_s, watch=watch)
+        except TimeoutError as exc:  # go on with the members that are up
+            log.warning("edge %d: %s; starting with those online", args.index, exc)
+            fr.wait_nodes(link.address, 1, spec.timeouts.round_seconds, watch=watch)
+        app_dir = fr.stage_app_dir(run_dir / "app-edge",
+                                   serverapp="pqfed.services.edge:edge_server_app",
+                                   config_defaults={edge.EDGE_SOCKET_KEY: ""})
+        run_id = fr.submit_run(app_dir, {
+            "spec": spec.model_dump_json(by_alias=True), "job": name,
+            "state-dir": str(state), "identity-dir": identity_dir,
+            edge.EDGE_SOCKET_KEY: str(sock)}, link.address,
+            flwr_home=run_dir / "homes" / "cli", log_path=run_dir / "logs" / "flwr-run.log")
+        log.info("edge %d of job %s: clients %s, edge run %d", args.index, name, members, run_id)
+        deadline = time.monotonic() + 120
+        while not sock.exists():  # the edge ServerApp binds it once it runs
+            if time.monotonic() > deadline or fr.get_run_status(run_id, link.address).finished:
+                raise RuntimeError(f"edge ServerApp (run {run_id}) did not open {sock}")
+            time.sleep(0.1)
+        upstream.start(timeout=120)
+        while True:
+            for p in procs:
+                if p.proc:
+                    p.proc.check_alive()
+            if fr.get_run_status(run_id, link.address).finished:
+                logs = fr.fetch_run_logs(run_id, link.address, flwr_home=run_dir / "homes" / "cli")
+                (run_dir / "logs" / "edge-serverapp.log").write_text(logs)
+                raise RuntimeError(f"edge ServerApp run {run_id} ended; see {run_dir}/logs")
+            time.sleep(1.0)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("PQFED_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -224,3 +303,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cli.add_argument("--attack", choices=["label-flip", "label-flip-boost"],
                      help="poisoning emulation (benchmarks)")
     cli.set_defaults(func=run_client)
+    edge = fl_sub.add_parser("edge", help="edge aggregator (hierarchical jobs): SuperLink + "
+                                          "edge ServerApp downstream, SuperNode upstream")
+    edge.add_argument("--spec", required=True)
+    edge.add_argument("--index", type=int, required=True, help="edge index")
+    edge.add_argument("--identity-dir", default="/etc/pqfed/identity")
+    edge.add_argument("--state-dir", default="/var/lib/pqfed")
+    edge.add_argument("--host", default="127.0.0.1", help="edge SuperLink bind address")
+    edge.add_argument("--fleet-port", type=int, default=9092,
+                      help="edge SuperLink port (its clients reach it through the sidecar)")
+    edge.add_argument("--superlink", default="127.0.0.1:19092",
+                      help="central Fleet address: the local sidecar route to the aggregator")
+    edge.add_argument("--runtime-port", type=int, default=9094)
+    edge.add_argument("--status-port", type=int, default=0,
+                      help="serve the edge's /status here (0: off)")
+    edge.set_defaults(func=run_edge)

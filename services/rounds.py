@@ -236,6 +236,22 @@ class RoundRecorder:
         del self._open[rnd]
         return MetricRecord({"accuracy": acc, "loss": loss})
 
+    def close_round(self, rnd: int) -> RoundRecord:
+        """Ends a round that is not evaluated here (an edge aggregator's round: the central
+        aggregator evaluates and checkpoints the global model)."""
+        rec = self._open.pop(rnd, None) or RoundRecord(rnd)
+        now = time.time()
+        rec.duration_seconds = now - self._started.get(rnd, now)
+        rec.completed_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.status["phase"] = "Running"
+        record = rec.to_status()
+        for key in ("accuracy", "loss", "epsilon"):  # evaluated centrally, not here
+            record.pop(key)
+        self.status["rounds"].append(record)
+        self.status["currentRound"] = rnd
+        self._write()
+        return rec
+
     def completed_rounds(self) -> int:
         return int(self.status["currentRound"])
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pqfed.pqc.identity import CertificateAuthority, Identity, Role
+from pqfed.services.edge import edge_members, edge_node_id
 from pqfed.services.flower_runtime import free_ports, terminate_process_tree
 from pqfed.services.rounds import read_status
 from pqfed.services.spec import FederationJobFile, check_runnable, load_job
@@ -69,7 +70,8 @@ class LocalFederation:
         ca = CertificateAuthority.generate(self.job.name, algorithm=spec.crypto.signature)
         agg = ca.new_identity("aggregator", Role.AGGREGATOR, algorithm=spec.crypto.signature)
         agg_dir = self._identity_dir(agg, ca)
-        (fleet, self.status_port, secure, agg_admin, *rest) = free_ports(4 + 3 * n)
+        edges = spec.hierarchy.edges if spec.hierarchy.enabled else 0
+        (fleet, self.status_port, secure, agg_admin, *rest) = free_ports(4 + 3 * n + 5 * edges)
         pqfed = [sys.executable, "-m", "pqfed.cli"]
         groups = "X25519_MLKEM1024" if spec.crypto.kem == "ML-KEM-1024" else "X25519_MLKEM768"
         if self.pqc:
@@ -84,18 +86,47 @@ class LocalFederation:
             *pqfed, "fl", "aggregator", "--spec", str(self.job_file), "--identity-dir",
             str(agg_dir), "--state-dir", str(self.run_dir / "state" / "aggregator"),
             "--fleet-port", str(fleet), "--status-port", str(self.status_port)])
+        # Hierarchical jobs: clients dial their edge's sidecar instead of the aggregator's.
+        client_peer = {i: (f"127.0.0.1:{secure}", "aggregator") for i in range(n)}
+        if spec.hierarchy.enabled:
+            edge_ports = rest[3 * n :]
+            for e in range(edges):
+                e_fleet, e_secure, e_route, e_runtime, e_admin = edge_ports[5 * e : 5 * e + 5]
+                node = edge_node_id(e)
+                d = self._identity_dir(
+                    ca.new_identity(node, Role.EDGE, algorithm=spec.crypto.signature), ca)
+                upstream = f"127.0.0.1:{e_route}" if self.pqc else f"127.0.0.1:{fleet}"
+                if self.pqc:
+                    # One sidecar, both directions: inbound from the edge's clients to its
+                    # SuperLink, outbound route to the central aggregator.
+                    self._spawn(f"sidecar-{node}", [
+                        *pqfed, "sidecar", "--cert", str(d / "tls.crt"), "--key",
+                        str(d / "tls.key"), "--ca", str(d / "ca.crt"), "--group", groups,
+                        "--listen", f"127.0.0.1:{e_secure}", "--upstream",
+                        f"127.0.0.1:{e_fleet}", "--allow-path-prefix", FLEET_PATH_PREFIX,
+                        "--route", f"127.0.0.1:{e_route}=127.0.0.1:{secure}@aggregator",
+                        "--admin", f"127.0.0.1:{e_admin}", "--log-level", "warning"])
+                    self.admin_ports[node] = e_admin
+                self._spawn(node, [
+                    *pqfed, "fl", "edge", "--spec", str(self.job_file), "--index", str(e),
+                    "--identity-dir", str(d), "--state-dir",
+                    str(self.run_dir / "state" / node), "--superlink", upstream,
+                    "--fleet-port", str(e_fleet), "--runtime-port", str(e_runtime)])
+                for i in edge_members(spec, e):
+                    client_peer[i] = (f"127.0.0.1:{e_secure if self.pqc else e_fleet}", node)
         for i in range(n):
             route, runtime, admin = rest[3 * i : 3 * i + 3]
+            peer, peer_id = client_peer[i]
             ident = ca.new_identity(f"client-{i}", Role.CLIENT, algorithm=spec.crypto.signature)
             d = self._identity_dir(ident, ca)
             if self.pqc:
                 self._spawn(f"sidecar-client-{i}", [
                     *pqfed, "sidecar", "--cert", str(d / "tls.crt"), "--key",
                     str(d / "tls.key"), "--ca", str(d / "ca.crt"), "--group", groups,
-                    "--route", f"127.0.0.1:{route}=127.0.0.1:{secure}@aggregator",
+                    "--route", f"127.0.0.1:{route}={peer}@{peer_id}",
                     "--admin", f"127.0.0.1:{admin}", "--log-level", "warning"])
                 self.admin_ports[f"client-{i}"] = admin
-            superlink = f"127.0.0.1:{route}" if self.pqc else f"127.0.0.1:{fleet}"
+            superlink = f"127.0.0.1:{route}" if self.pqc else peer
             argv = [*pqfed, "fl", "client", "--spec", str(self.job_file), "--index", str(i),
                     "--identity-dir", str(d), "--state-dir",
                     str(self.run_dir / "state" / f"client-{i}"), "--superlink", superlink,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
@@ -32,8 +33,10 @@ from pqfed.services.strategies import build_strategy
 class InProcessGrid(Grid):
     """A Grid whose nodes are ClientApp contexts in this process."""
 
-    def __init__(self, contexts: dict[int, Context]) -> None:
+    def __init__(self, contexts: dict[int, Context],
+                 client_apps: dict[int, ClientApp] | None = None) -> None:
         self.contexts = contexts
+        self.client_apps = client_apps or {}  # per-node app; default: pqfed's ClientApp
         self._run = Run.create_empty(run_id=1)
         self._replies: dict[str, Message] = {}
 
@@ -54,7 +57,8 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for m in messages:
-            reply = apps.client_app(m, self.contexts[m.metadata.dst_node_id])
+            node = m.metadata.dst_node_id
+            reply = self.client_apps.get(node, apps.client_app)(m, self.contexts[node])
             mid = f"{m.metadata.dst_node_id}-{len(self._replies)}"
             self._replies[mid] = reply
             ids.append(mid)
@@ -66,6 +70,37 @@ class InProcessGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(list(self.push_messages(messages)))
+
+
+def _identity_dir(root: Path, ca: CertificateAuthority, node_id: str, role: Role) -> str:
+    d = root / "identities" / node_id
+    d.mkdir(parents=True, exist_ok=True)
+    ca.new_identity(node_id, role).save(d / "tls.crt", d / "tls.key")
+    (d / "ca.crt").write_text(ca.root.to_pem())
+    return str(d)
+
+
+def _edge_grid(spec: FederationJobSpec, job: str, ca: CertificateAuthority, root: Path,
+               clients: dict[int, Context]) -> InProcessGrid:
+    """The central grid of a hierarchical job: one node per edge aggregator, each running the
+    real edge round (services/edge.py) over an in-process grid of its member clients."""
+    from pqfed.services.edge import EDGE_SOCKET_KEY, EdgeAggregator, edge_members, edge_node_id
+
+    contexts: dict[int, Context] = {}
+    client_apps: dict[int, ClientApp] = {}
+    for e in range(spec.hierarchy.edges):
+        node = edge_node_id(e)
+        members = InProcessGrid({100 + i: clients[100 + i] for i in edge_members(spec, e)})
+        edge = EdgeAggregator(members, spec, job, trust=ca.trust, audit=None,
+                              recorder=RoundRecorder(root / "state" / node, job, spec))
+        app = ClientApp(mods=[apps.pqfed_mod])
+        app.train()(functools.partial(apps.edge_train, run_round=edge.run_round))
+        contexts[10 + e] = Context(
+            run_id=1, node_id=10 + e, state=RecordDict(), run_config=clients[100].run_config,
+            node_config={"partition-id": e, EDGE_SOCKET_KEY: "in-process",
+                         "identity-dir": _identity_dir(root, ca, node, Role.EDGE)})
+        client_apps[10 + e] = app
+    return InProcessGrid(contexts, client_apps)
 
 
 def simulate(spec: FederationJobSpec, *, attackers: frozenset[int] = frozenset(),
@@ -80,25 +115,27 @@ def simulate(spec: FederationJobSpec, *, attackers: frozenset[int] = frozenset()
     try:
         ca = CertificateAuthority.generate(job)
         spec_json = spec.model_dump_json(by_alias=True)
+        run_config: dict[str, Any] = {"spec": spec_json, "job": job}
         contexts: dict[int, Context] = {}
         for i in range(spec.clients):
-            d = root / "identities" / f"client-{i}"
-            d.mkdir(parents=True, exist_ok=True)
-            ca.new_identity(f"client-{i}", Role.CLIENT).save(d / "tls.crt", d / "tls.key")
-            (d / "ca.crt").write_text(ca.root.to_pem())
-            node_config: dict[str, Any] = {"partition-id": i, "identity-dir": str(d)}
+            node_config: dict[str, Any] = {
+                "partition-id": i, "identity-dir": _identity_dir(root, ca, f"client-{i}",
+                                                                 Role.CLIENT)}
             if i in attackers:
                 node_config["attack"] = attack
             contexts[100 + i] = Context(run_id=1, node_id=100 + i, node_config=node_config,
-                                        state=RecordDict(),
-                                        run_config={"spec": spec_json, "job": job})
+                                        state=RecordDict(), run_config=run_config)
+        grid = InProcessGrid(contexts)
+        if spec.hierarchy.enabled:
+            grid = _edge_grid(spec, job, ca, root, contexts)
         recorder = RoundRecorder(root / "state", job, spec)
-        strategy = apps.VerifiedStrategy(build_strategy(spec), trust=ca.trust, job=job,
-                                         recorder=recorder, audit=None, round_offset=0,
-                                         min_clients=spec.min_clients)
+        strategy = apps.VerifiedStrategy(
+            build_strategy(spec), trust=ca.trust, job=job, recorder=recorder, audit=None,
+            round_offset=0, min_clients=spec.min_clients,
+            roles=(Role.EDGE,) if spec.hierarchy.enabled else (Role.CLIENT,))
         initial = get_weights(build_model(spec.task, seed=spec.dataset.seed))
         t0 = time.time()
-        strategy.start(InProcessGrid(contexts), ArrayRecord(list(initial)),
+        strategy.start(grid, ArrayRecord(list(initial)),
                        num_rounds=recorder.rounds_allowed(), timeout=3600,
                        train_config=ConfigRecord(),
                        evaluate_fn=functools.partial(recorder.evaluate, offset=0))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
@@ -19,10 +21,22 @@ def clients_per_round(spec: FederationJobSpec) -> int:
     return spec.clients_per_round or spec.clients
 
 
-def build_strategy(spec: FederationJobSpec) -> Strategy:
+def build_strategy(spec: FederationJobSpec, level: Literal["central", "edge"] = "central"
+                   ) -> Strategy:
+    """The Flower strategy of one aggregation level.
+
+    Flat jobs: the job's strategy at the central aggregator. Hierarchical jobs: the job's
+    strategy at each edge (sampling the same fraction of the edge's clients, so robust
+    strategies see individual client updates) and FedAvg over the edges' aggregates at the
+    central aggregator, weighted by the examples behind each."""
     per_round = clients_per_round(spec)
     fraction = per_round / spec.clients
     n = spec.min_clients
+    if spec.hierarchy.enabled:
+        if level == "central":
+            return FedAvg(1.0, 0.0, 1, 0, 1)
+        n = 1  # minClients is checked over all edges by the central aggregator
+        per_round = max(1, per_round // spec.hierarchy.edges)
     # Evaluation is central (global held-out set at the aggregator): fraction_evaluate=0
     # saves a round trip per round.
     s = spec.strategy

@@ -37,6 +37,12 @@ VIOLATIONS: dict[str, dict[str, Any]] = {
     "secagg-shares<=clientsPerRound": {"clients": 3, "secureAggregation": {
         "enabled": True, "numShares": 4}},
     "hierarchy-edges<=clients": {"clients": 3, "hierarchy": {"enabled": True, "edges": 4}},
+    "hierarchy-central-dp": {"hierarchy": {"enabled": True},
+                             "privacy": {"enabled": True, "mode": "central"}},
+    "hierarchy-secagg": {"clients": 4, "hierarchy": {"enabled": True},
+                         "secureAggregation": {"enabled": True}},
+    "hierarchy-krum": {"clients": 10, "hierarchy": {"enabled": True, "edges": 3},
+                       "strategy": {"name": "Krum", "byzantineClients": 1}},
     "natural-partition-only-hapt": {"task": "breast-cancer", "dataset": {"partition": "natural"}},
     "hapt-clients<=30": {"task": "hapt", "clients": 31, "minClients": 2},
 }

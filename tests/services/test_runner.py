@@ -10,6 +10,7 @@ import pytest
 from pqfed.cli import main
 from pqfed.pqc.audit import verify_audit_log
 from pqfed.pqc.identity import Certificate, TrustAnchor
+from pqfed.services.rounds import read_status
 from pqfed.services.runner import run_local
 
 JOB = """apiVersion: pqfed.io/v1alpha1
@@ -44,21 +45,51 @@ def test_local_federation_through_pqc_sidecars(tmp_path: Path) -> None:
     assert (run / "accuracy.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
+def test_hierarchical_federation_through_edge_aggregators(tmp_path: Path) -> None:
+    """4 clients -> 2 edge aggregators -> centre; every hop a PQC channel, every update signed
+    (clients' by clients and checked by their edge, edges' by edges and checked centrally)."""
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB.replace("metadata: {name: e2e}", "metadata: {name: hier}")
+                   .replace("clients: 3", "clients: 4")
+                   .replace("rounds: 2", "rounds: 2\n  hierarchy: {enabled: true, edges: 2}"))
+    res = run_local(job, tmp_path / "runs", show=False, timeout=400)
+    st = res["status"]
+    assert st["phase"] == "Succeeded" and st["currentRound"] == 2
+    assert st["accuracy"] > 0.85
+    for r in st["rounds"]:
+        assert sorted(r["participants"]) == ["edge-0", "edge-1"]
+        assert r["rejectedUpdates"] == 0
+    run = Path(res["runDir"])
+    ca = TrustAnchor(Certificate.from_pem((run / "identities/aggregator/ca.crt").read_text()))
+    assert verify_audit_log(run / "state/aggregator/audit.jsonl", ca).events[
+        "update-accepted"] == 4
+    for e, members in ((0, ["client-0", "client-2"]), (1, ["client-1", "client-3"])):
+        edge_status = read_status(run / f"state/edge-{e}")
+        assert edge_status is not None and edge_status["currentRound"] == 2
+        for r in edge_status["rounds"]:
+            assert sorted(r["participants"]) == members
+        edge_audit = verify_audit_log(run / f"state/edge-{e}/audit.jsonl", ca)
+        assert edge_audit.events["update-accepted"] == 4
+    # clients -> edges, edges -> centre: 4 + 2 channels at least
+    assert res["sidecars"]["handshakes"] >= 6
+
+
 @pytest.mark.parametrize(
     ("patch", "field"),
     [
         ("rounds: 2", "spec.rounds"),
         ("minClients: 2", "spec.minClients"),
         ("task: breast-cancer", "spec.task"),
-        ("rounds: 2", "spec.hierarchy.enabled"),
+        ("rounds: 2", "spec.privacy.mode"),
     ],
 )
 def test_invalid_job_is_refused_before_start(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                              patch: str, field: str) -> None:
     bad = {"rounds: 2": "rounds: -1", "minClients: 2": "minClients: 9",
            "task: breast-cancer": "task: mnist"}[patch]
-    if field == "spec.hierarchy.enabled":
-        bad = "rounds: 2\n  hierarchy: {enabled: true}"
+    if field == "spec.privacy.mode":  # central DP needs individual updates, edges hide them
+        bad = "rounds: 2\n  hierarchy: {enabled: true}\n  privacy: {enabled: true}"
     job = tmp_path / "bad.yaml"
     job.write_text(JOB.replace(patch, bad))
     assert main(["run", str(job), "--out", str(tmp_path / "runs")]) == 2

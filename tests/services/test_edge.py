@@ -1,0 +1,164 @@
+"""Hierarchical edge aggregation (services/edge.py) with real Flower messages, real training and
+real ML-DSA: edges verify their clients, the centre accepts only edges, the socket framing is
+strict, and a hierarchical job trains as well as a flat one while the centre receives less."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from pqfed.pqc.audit import AuditLog, verify_audit_log
+from pqfed.pqc.identity import CertificateAuthority, Identity, Role
+from pqfed.services import apps, edge
+from pqfed.services.models import build_model, get_weights
+from pqfed.services.rounds import RoundRecorder, read_status
+from pqfed.services.simulation import InProcessGrid, simulate
+from pqfed.services.spec import parse_spec
+
+SPEC = parse_spec({"task": "breast-cancer", "clients": 4, "minClients": 2, "rounds": 2,
+                   "hierarchy": {"enabled": True, "edges": 2},
+                   "compression": {"method": "topk+int8", "topkFraction": 0.2}})
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 1
+
+
+def _identity_dir(tmp: Path, ca: CertificateAuthority, ident: Identity) -> str:
+    d = tmp / ident.certificate.node_id
+    d.mkdir(parents=True, exist_ok=True)
+    ident.save(d / "tls.crt", d / "tls.key")
+    (d / "ca.crt").write_text(ca.root.to_pem())
+    return str(d)
+
+
+def _context(tmp: Path, ca: CertificateAuthority, ident: Identity, pid: int) -> Context:
+    return Context(run_id=1, node_id=100 + pid, state=RecordDict(),
+                   node_config={"partition-id": pid,
+                                "identity-dir": _identity_dir(tmp, ca, ident)},
+                   run_config={"spec": SPEC.model_dump_json(by_alias=True), "job": "job-h"})
+
+
+def _signed_reply(tmp: Path, ca: CertificateAuthority, ident: Identity, pid: int) -> Message:
+    weights = get_weights(build_model("breast-cancer", seed=0))
+    msg = Message(RecordDict({"arrays": apps.ArrayRecord(weights),
+                              "config": ConfigRecord({"round": 1})}),
+                  dst_node_id=100 + pid, message_type=MessageType.TRAIN)
+    return apps.client_app(msg, _context(tmp, ca, ident, pid))
+
+
+def test_membership_covers_every_client_once() -> None:
+    spec = parse_spec({"clients": 7, "minClients": 2, "hierarchy": {"enabled": True,
+                                                                    "edges": 3}})
+    groups = [edge.edge_members(spec, e) for e in range(3)]
+    assert sorted(i for g in groups for i in g) == list(range(7))
+    assert max(map(len, groups)) - min(map(len, groups)) <= 1
+
+
+def test_socket_framing_round_trip_and_limits() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        weights = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(4, np.float32)]
+        edge.send_frame(a, {"round": 3}, edge.pack_weights(weights))
+        header, payload = edge.recv_frame(b)
+        assert header == {"round": 3}
+        assert all(np.array_equal(x, y) for x, y in
+                   zip(edge.unpack_weights(payload), weights, strict=True))
+        a.sendall((edge.MAX_HEADER + 1).to_bytes(4, "big"))
+        with pytest.raises(ValueError, match="header"):
+            edge.recv_frame(b)
+    c, d = socket.socketpair()
+    with c, d:
+        head = json.dumps([1, 2]).encode()
+        c.sendall(len(head).to_bytes(4, "big") + head + (0).to_bytes(4, "big"))
+        with pytest.raises(ValueError, match="JSON object"):
+            edge.recv_frame(d)
+    # The payload loader never unpickles (object arrays would execute code on load).
+    buf = io.BytesIO()
+    np.savez(buf, np.array([{"x": 1}], dtype=object))
+    with pytest.raises(ValueError, match="pickle"):
+        edge.unpack_weights(buf.getvalue())
+
+
+def test_unreachable_edge_is_an_edge_round_error(tmp_path: Path) -> None:
+    with pytest.raises(edge.EdgeRoundError, match="unreachable"):
+        edge.request_edge_round(tmp_path / "nope.sock", 1, [np.zeros(2, np.float32)], {}, 0.2)
+
+
+def test_edge_accepts_only_its_ca_clients_and_counts_them(
+        tmp_path: Path, ca: CertificateAuthority, other_ca: CertificateAuthority) -> None:
+    contexts = {
+        100: _context(tmp_path, ca, ca.new_identity("client-0", Role.CLIENT), 0),
+        101: _context(tmp_path, ca, ca.new_identity("client-1", Role.CLIENT), 1),
+        # an edge certificate may not sign client updates, nor may a foreign CA's client
+        102: _context(tmp_path, ca, ca.new_identity("edge-9", Role.EDGE), 2),
+        103: _context(tmp_path / "x", other_ca, other_ca.new_identity("client-3", Role.CLIENT),
+                      3),
+    }
+    ident = ca.new_identity("edge-0", Role.EDGE)
+    audit = AuditLog(tmp_path / "edge-audit.jsonl", ident)
+    agg = edge.EdgeAggregator(InProcessGrid(contexts), SPEC, "job-h", trust=ca.trust,
+                              recorder=RoundRecorder(tmp_path / "edge", "job-h", SPEC),
+                              audit=audit)
+    start = get_weights(build_model("breast-cancer", seed=0))
+    weights, metrics = agg.run_round(5, start, {}, 60.0)
+    assert metrics["clients"] == 2 and metrics["rejected"] == 2
+    assert metrics["num-examples"] > 0
+    assert any(not np.array_equal(w, s) for w, s in zip(weights, start, strict=True))
+    st = read_status(tmp_path / "edge")
+    assert st is not None and st["currentRound"] == 5
+    assert sorted(st["rounds"][0]["participants"]) == ["client-0", "client-1"]
+    assert "accuracy" not in st["rounds"][0]  # the centre evaluates, not the edge
+    events = verify_audit_log(tmp_path / "edge-audit.jsonl", ca.trust).events
+    assert events == {"update-accepted": 2, "update-rejected": 2}
+    # nothing valid -> an error for the centre, not an empty aggregate
+    bad = edge.EdgeAggregator(InProcessGrid({102: contexts[102]}), SPEC, "job-h",
+                              trust=ca.trust, audit=None,
+                              recorder=RoundRecorder(tmp_path / "edge2", "job-h", SPEC))
+    with pytest.raises(edge.EdgeRoundError, match="fewer than minClients"):
+        bad.run_round(1, start, {}, 60.0)
+
+
+@pytest.mark.parametrize(("roles", "signer", "accepted"), [
+    ((Role.EDGE,), Role.CLIENT, False),  # hierarchical centre: a client may not bypass its edge
+    ((Role.EDGE,), Role.EDGE, True),
+    ((Role.CLIENT,), Role.EDGE, False),  # flat centre (and an edge's own clients)
+])
+def test_centre_checks_the_signer_role(tmp_path: Path, ca: CertificateAuthority,
+                                       aggregator: Identity, roles: tuple[Role, ...],
+                                       signer: Role, accepted: bool) -> None:
+    s = apps.VerifiedStrategy(FedAvg(), trust=ca.trust, job="job-h",
+                              recorder=RoundRecorder(tmp_path / "state", "job-h", SPEC),
+                              audit=None, round_offset=0, min_clients=1, roles=roles)
+    s._global = [np.asarray(w) for w in get_weights(build_model("breast-cancer", seed=0))]
+    reply = _signed_reply(tmp_path, ca, ca.new_identity(f"node-{signer.name.lower()}",
+                                                        signer), 0)
+    arrays, _ = s.aggregate_train(1, [reply])
+    assert (arrays is not None) is accepted
+    rec = s.recorder._open[1]
+    assert rec.rejected_updates == (0 if accepted else 1)
+    if not accepted:
+        assert "role" in " ".join(rec.notes).lower()
+
+
+def test_hierarchical_federation_matches_flat_with_less_central_traffic() -> None:
+    base = {"task": "breast-cancer", "clients": 6, "minClients": 3, "rounds": 3,
+            "compression": {"method": "topk+int8"}}
+    flat = simulate(parse_spec(base))
+    hier = simulate(parse_spec({**base, "hierarchy": {"enabled": True, "edges": 2}}))
+    assert hier["phase"] == "Succeeded"
+    for r in hier["rounds"]:
+        assert sorted(r["participants"]) == ["edge-0", "edge-1"]
+    # the centre receives one update per edge instead of one per client
+    assert hier["rounds"][-1]["bytesReceived"] * 2 < flat["rounds"][-1]["bytesReceived"]
+    assert hier["accuracy"] > 0.9 and hier["accuracy"] > flat["accuracy"] - 0.05
