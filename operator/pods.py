@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final
 
+from pqfed.services import edge as edges
 from pqfed.services.spec import API_GROUP, API_VERSION, KIND, FederationJobSpec
 
 Manifest = dict[str, Any]
@@ -113,6 +114,18 @@ def aggregator_service_name(job: str) -> str:
 
 def client_pod_name(job: str, index: int) -> str:
     return f"{job}-{client_node_id(index)}"
+
+
+def edge_node_id(edge: int) -> str:
+    return edges.edge_node_id(edge)
+
+
+def edge_pod_name(job: str, edge: int) -> str:
+    return f"{job}-{edge_node_id(edge)}"
+
+
+def edge_service_name(job: str, edge: int) -> str:
+    return f"{job}-{edge_node_id(edge)}"
 
 
 def checkpoint_key(round_: int) -> str:
@@ -218,6 +231,17 @@ def aggregator_service(job: JobRef) -> Manifest:
                      "selector": selector_labels(job.name, "aggregator")}}
 
 
+def edge_service(job: JobRef, edge: int) -> Manifest:
+    """An edge aggregator's PQC port, which its member clients dial (hierarchical jobs)."""
+    ports = [{"name": "pqc", "port": PQC_PORT, "targetPort": PQC_PORT, "protocol": "TCP"},
+             {"name": "status", "port": STATUS_PORT, "targetPort": STATUS_PORT,
+              "protocol": "TCP"}]
+    sel = {**selector_labels(job.name, "edge"), INDEX_LABEL: str(edge)}
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _meta(job, edge_service_name(job.name, edge), labels(job.name, "edge")),
+            "spec": {"type": "ClusterIP", "ports": ports, "selector": sel}}
+
+
 # ---- pods -----------------------------------------------------------------------------------
 def _identity_args() -> list[str]:
     return ["--cert", f"{IDENTITY_DIR}/tls.crt", "--key", f"{IDENTITY_DIR}/tls.key",
@@ -311,17 +335,55 @@ def aggregator_pod(job: JobRef, spec: FederationJobSpec, *, restore: bool = Fals
                 _volumes(job.name, AGGREGATOR_NODE_ID, restore))
 
 
+def _aggregator_peer(job: JobRef) -> str:
+    return f"{aggregator_service_name(job.name)}.{job.namespace}.svc:{PQC_PORT}"
+
+
+def edge_pod(job: JobRef, spec: FederationJobSpec, edge: int) -> Manifest:
+    """An edge aggregator (hierarchical jobs, services/edge.py): SuperLink + edge ServerApp for
+    its member clients and a SuperNode towards the aggregator, behind ONE sidecar that both
+    accepts the clients' PQC channels and routes the edge's own channel to the aggregator."""
+    fl_cmd = ["pqfed", "fl", "edge", "--spec", f"{JOB_DIR}/{SPEC_FILE}", "--index", str(edge),
+              "--identity-dir", IDENTITY_DIR, "--state-dir", STATE_DIR,
+              "--fleet-port", str(FLEET_PORT), "--superlink", f"127.0.0.1:{ROUTE_PORT}",
+              "--runtime-port", str(RUNTIME_PORT), "--status-port", str(STATUS_PORT)]
+    fl = _container("fl", spec.image, fl_cmd, FL_RESOURCES,
+                    [_IDENTITY_MOUNT, _JOB_MOUNT, _STATE_MOUNT],
+                    ports=[{"name": "status", "containerPort": STATUS_PORT}],
+                    readinessProbe=_http_probe("/healthz", STATUS_PORT))
+    sidecar_cmd = ["pqfed", "sidecar", *_identity_args(),
+                   "--listen", f"0.0.0.0:{PQC_PORT}", "--upstream", f"127.0.0.1:{FLEET_PORT}",
+                   "--allow-path-prefix", FLEET_PATH_PREFIX, *_groups(spec),
+                   "--route", f"127.0.0.1:{ROUTE_PORT}={_aggregator_peer(job)}"
+                              f"@{AGGREGATOR_NODE_ID}",
+                   "--admin", f"0.0.0.0:{ADMIN_PORT}"]
+    sidecar = _container("sidecar", spec.image, sidecar_cmd, SIDECAR_RESOURCES,
+                         [_IDENTITY_MOUNT],
+                         ports=[{"name": "pqc", "containerPort": PQC_PORT},
+                                {"name": "admin", "containerPort": ADMIN_PORT}],
+                         readinessProbe=_http_probe("/readyz", ADMIN_PORT))
+    lbls = labels(job.name, "edge", **{ROLE_LABEL: "edge", INDEX_LABEL: str(edge)})
+    return _pod(job, edge_pod_name(job.name, edge), lbls, "Always",
+                spec.placement.aggregator_node_selector, sidecar, fl,
+                _volumes(job.name, edge_node_id(edge), False))
+
+
 def client_pod(job: JobRef, spec: FederationJobSpec, index: int) -> Manifest:
-    """SuperNode + ClientApp (`fl`) dialling the aggregator through its sidecar's route."""
+    """SuperNode + ClientApp (`fl`) dialling the aggregator (or, in hierarchical jobs, its
+    edge aggregator) through its sidecar's route."""
     node_id = client_node_id(index)
     fl_cmd = ["pqfed", "fl", "client", "--spec", f"{JOB_DIR}/{SPEC_FILE}",
               "--index", str(index), "--identity-dir", IDENTITY_DIR, "--state-dir", STATE_DIR,
               "--superlink", f"127.0.0.1:{ROUTE_PORT}", "--runtime-port", str(RUNTIME_PORT)]
     fl = _container("fl", spec.image, fl_cmd, FL_RESOURCES,
                     [_IDENTITY_MOUNT, _JOB_MOUNT, _STATE_MOUNT])
-    peer = f"{aggregator_service_name(job.name)}.{job.namespace}.svc:{PQC_PORT}"
+    peer, peer_id = _aggregator_peer(job), AGGREGATOR_NODE_ID
+    if spec.hierarchy.enabled:
+        e = edges.edge_of(index, spec.hierarchy.edges)
+        peer = f"{edge_service_name(job.name, e)}.{job.namespace}.svc:{PQC_PORT}"
+        peer_id = edge_node_id(e)
     sidecar_cmd = ["pqfed", "sidecar", *_identity_args(), *_groups(spec),
-                   "--route", f"127.0.0.1:{ROUTE_PORT}={peer}@{AGGREGATOR_NODE_ID}",
+                   "--route", f"127.0.0.1:{ROUTE_PORT}={peer}@{peer_id}",
                    "--admin", f"127.0.0.1:{ADMIN_PORT}"]
     sidecar = _container("sidecar", spec.image, sidecar_cmd, SIDECAR_RESOURCES,
                          [_IDENTITY_MOUNT])

@@ -278,12 +278,18 @@ def pod_state(pod: Mapping[str, Any] | None, *, main: str = "fl",
 
 
 # ---- children -------------------------------------------------------------------------------
+def _edges(spec: FederationJobSpec) -> int:
+    return spec.hierarchy.edges if spec.hierarchy.enabled else 0
+
+
 def _issue_plan(job: m.JobRef, spec: FederationJobSpec, observed: Observed) -> list[SecretToIssue]:
     wanted = [SecretToIssue(m.ca_secret_name(job.name)),
               SecretToIssue(m.identity_secret_name(job.name, m.AGGREGATOR_NODE_ID),
                             m.AGGREGATOR_NODE_ID, Role.AGGREGATOR)]
     wanted += [SecretToIssue(m.identity_secret_name(job.name, m.client_node_id(i)),
                              m.client_node_id(i), Role.CLIENT) for i in range(spec.clients)]
+    wanted += [SecretToIssue(m.identity_secret_name(job.name, m.edge_node_id(e)),
+                             m.edge_node_id(e), Role.EDGE) for e in range(_edges(spec))]
     return [s for s in wanted if s.name not in observed.secrets]
 
 
@@ -318,6 +324,19 @@ def ensure_children(job: m.JobRef, spec: FederationJobSpec, status: Manifest,
             plan.events.append(Event("Warning", "AggregatorRecreated",
                                      f"aggregator pod {agg_name} was lost; recreated, {how}"))
             plan.recreated.append("aggregator")
+    for e in range(_edges(spec)):
+        if m.edge_service_name(job.name, e) not in observed.services:
+            plan.create.append(m.edge_service(job, e))
+        name = m.edge_pod_name(job.name, e)
+        if name in observed.pods:
+            continue
+        plan.create.append(m.edge_pod(job, spec, e))
+        if started:
+            _append_recreated(status, f"{m.edge_node_id(e)} at round {rnd}", now)
+            plan.events.append(Event("Warning", "EdgeRecreated",
+                                     f"edge aggregator pod {name} was lost; recreated (its "
+                                     "clients rejoin it; the round in flight may miss them)"))
+            plan.recreated.append("edge")
     for i in range(spec.clients):
         name = m.client_pod_name(job.name, i)
         if name in observed.pods:
@@ -542,6 +561,12 @@ def plan_tick(job: m.JobRef, spec: FederationJobSpec, status: Mapping[str, Any],
             unschedulable.append(f"{m.client_node_id(i)}: {state.message}")
         elif state.kind in ("missing", "terminating", "lost", "failed", "succeeded"):
             problems.append(f"{m.client_node_id(i)} {state.kind}")
+    for e in range(_edges(spec)):  # a lost edge cuts its clients off: say so here
+        state = pod_state(observed.pods.get(m.edge_pod_name(job.name, e)))
+        if state.kind == "unschedulable":
+            unschedulable.append(f"{m.edge_node_id(e)}: {state.message}")
+        elif state.kind in ("missing", "terminating", "lost", "failed", "succeeded"):
+            problems.append(f"{m.edge_node_id(e)} {state.kind}")
     if unschedulable:
         cli = ("False", "Unschedulable", "client pods cannot be scheduled (check "
                "spec.placement.nodeSelector): " + "; ".join(unschedulable))

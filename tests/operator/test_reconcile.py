@@ -666,3 +666,53 @@ def test_metrics_count_jobs_by_phase() -> None:
     assert "pqfed_operator_rounds_recorded_total 3.0" in text
     metrics.job_phase("b", None)
     assert 'pqfed_operator_jobs{phase="Running"} 0.0' in metrics.exposition().decode()
+
+
+# ---- hierarchical jobs: edge aggregators ----------------------------------------------------
+HIER = {"clients": 5, "minClients": 2, "rounds": 2, "hierarchy": {"enabled": True, "edges": 2}}
+
+
+def test_hierarchical_job_creates_edges_and_routes_clients_to_them() -> None:
+    plan = reconcile.plan_start(JOB, raw_spec(**HIER), {}, Observed(), NOW, generation=1)
+    edge_ids = [s for s in plan.issue if s.role == Role.EDGE]
+    assert [(s.name, s.node_id) for s in edge_ids] == [
+        ("fed-a-edge-0-identity", "edge-0"), ("fed-a-edge-1-identity", "edge-1")]
+    kinds = [(o["kind"], o["metadata"]["name"]) for o in plan.create]
+    for e in (0, 1):
+        assert ("Service", f"fed-a-edge-{e}") in kinds and ("Pod", f"fed-a-edge-{e}") in kinds
+    spec = spec_of(**HIER)
+    edge = m.edge_pod(JOB, spec, 1)
+    fl = edge["spec"]["containers"][0]["command"]
+    assert fl[:3] == ["pqfed", "fl", "edge"] and fl[fl.index("--index") + 1] == "1"
+    side = edge["spec"]["initContainers"][0]["command"]
+    # one sidecar: inbound for its clients (Fleet API only), outbound to the aggregator
+    assert side[side.index("--listen") + 1] == "0.0.0.0:7443"
+    assert side[side.index("--allow-path-prefix") + 1] == "/v1/fleet/"
+    assert side[side.index("--route") + 1] == \
+        "127.0.0.1:19092=fed-a-aggregator.hospitals.svc:7443@aggregator"
+    svc = m.edge_service(JOB, 1)
+    assert svc["spec"]["selector"].items() <= edge["metadata"]["labels"].items()
+    assert not (m.edge_service(JOB, 0)["spec"]["selector"].items()
+                <= edge["metadata"]["labels"].items())
+    # client 3 belongs to edge 1 (round-robin) and pins the edge's node id
+    client = m.client_pod(JOB, spec, 3)["spec"]["initContainers"][0]["command"]
+    assert client[client.index("--route") + 1] == \
+        "127.0.0.1:19092=fed-a-edge-1.hospitals.svc:7443@edge-1"
+    flat = m.client_pod(JOB, spec_of(clients=5), 3)["spec"]["initContainers"][0]["command"]
+    assert flat[flat.index("--route") + 1].endswith("@aggregator")
+
+
+def test_lost_edge_is_recreated_and_named_in_conditions() -> None:
+    spec = spec_of(**HIER)
+    status, observed = started(spec)
+    status = {**status, "currentRound": 1}
+    pods = dict(observed.pods)
+    del pods["fed-a-edge-0"]
+    gone = Observed(observed.secrets, observed.configmaps, observed.services, pods)
+    plan = reconcile.plan_tick(JOB, spec, status, gone, LATER)
+    assert [o["metadata"]["name"] for o in plan.create] == ["fed-a-edge-0"]
+    assert plan.issue == []  # its identity Secret is reused
+    assert "edge-0 at round 1" in cond(plan.status, "PodsRecreated")["message"]
+    assert "edge-0 missing" in cond(plan.status, "ClientsReady")["message"]
+    assert any(e.reason == "EdgeRecreated" for e in plan.events)
+    assert plan.recreated == ["edge"]
