@@ -484,10 +484,12 @@ def _finish(job: m.JobRef, spec: FederationJobSpec, status: Mapping[str, Any], n
     new["completionTime"] = done if isinstance(done, str) and _DATE_TIME.match(done) else now
     new["conditions"] = set_condition(new.get("conditions") or [], COMPLETE, "True", reason,
                                       message, now)
-    # Clients would dial a finished aggregator forever; the aggregator pod stays for its logs.
+    # Clients (and edges) would dial a finished aggregator forever; the aggregator pod stays
+    # for its logs.
+    names = [m.client_pod_name(job.name, i) for i in range(spec.clients)]
+    names += [m.edge_pod_name(job.name, e) for e in range(_edges(spec))]
     plan.delete_pods = sorted(
-        n for i in range(spec.clients)
-        if (n := m.client_pod_name(job.name, i)) in observed.pods
+        n for n in names if n in observed.pods
         and not (observed.pods[n].get("metadata") or {}).get("deletionTimestamp"))
     plan.events.append(Event("Normal" if phase == "Succeeded" else "Warning", reason, message))
     plan.status = status_patch(status, new)

@@ -191,3 +191,24 @@ def test_deleting_jobs_removes_every_child(testbed: Any) -> None:
     bed.wait_for(lambda: not leftovers(), 90, "every child and job to be gone", 1.0,
              lambda: f"left: {leftovers()}\n{bed.operator_log()}")
     bed.timings["delete: all gone"] = time.monotonic() - t0
+
+
+def test_hierarchical_job_trains_through_edge_aggregator_pods(testbed: Any) -> None:
+    """Clients -> 2 edge aggregator pods -> aggregator, every hop over a PQC channel."""
+    bed = testbed
+    name = bed.unique_name("edge")
+    t0 = time.monotonic()
+    bed.create_job(name, {**SPEC, "clients": 4, "rounds": 2,
+                          "hierarchy": {"enabled": True, "edges": 2}})
+    st = bed.wait_phase(name, TERMINAL, 420)
+    bed.timings["edge: succeeded"] = time.monotonic() - t0
+    assert st["phase"] == "Succeeded", bed.diagnose(name)
+    assert [r["round"] for r in st["rounds"]] == [1, 2]
+    for r in st["rounds"]:  # the aggregator heard only from the edges
+        assert sorted(r["participants"]) == ["edge-0", "edge-1"]
+    assert st["accuracy"] > 0.85
+    secrets = _uids(bed, name)
+    assert {f"{name}-edge-0-identity", f"{name}-edge-1-identity"} <= set(secrets)
+    # Edges stop with the job, like clients.
+    bed.wait_for(lambda: not bed.pods(f"pqfed.io/job={name},pqfed.io/role in (edge,client)"),
+                 60, "edge and client pods deleted after success")
