@@ -42,7 +42,8 @@ from pqfed.pqc.audit import AuditLog
 from pqfed.pqc.errors import PqcError
 from pqfed.pqc.identity import Certificate, Identity, Role, TrustAnchor
 from pqfed.pqc.signing import SignedUpdate, sign_update, verify_update
-from pqfed.services import compression
+from pqfed.services import compression, downlink
+from pqfed.services.downlink import Broadcast, Broadcaster, Held, apply
 from pqfed.services.edge import EDGE_SOCKET_KEY, EdgeRoundError, request_edge_round
 from pqfed.services.rounds import RoundRecorder
 from pqfed.services.spec import FederationJobSpec, parse_spec
@@ -51,6 +52,7 @@ from pqfed.services.strategies import build_strategy
 log = logging.getLogger("pqfed.services")
 UPDATE_KEY = "pqfed-update"  # ConfigRecord carrying the signed manifest and blob
 BLOB_KEY = "blob"
+BROADCAST_KEY = "pqfed-broadcast"  # ConfigRecord marking a compressed model broadcast
 
 
 # ---------------------------------------------------------------- shared helpers --------
@@ -122,6 +124,11 @@ def _round_of(msg: Message) -> int:
 
 def pqfed_mod(msg: Message, context: Context, call_next: Any) -> Message:
     """Client-side pipeline around the train handler: [LocalDpMod] -> compress -> sign."""
+    if BROADCAST_KEY in msg.content:
+        # A new RecordDict: in-process grids share one content object between messages.
+        fields = {k: v for k, v in msg.content.items() if k != BROADCAST_KEY}
+        fields["arrays"] = ArrayRecord(receive_broadcast(msg, context))
+        msg.content = RecordDict(fields)
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)  # type: ignore[no-any-return]
     spec = job_spec(context)
@@ -163,6 +170,36 @@ def pqfed_mod(msg: Message, context: Context, call_next: Any) -> Message:
         UPDATE_KEY: ConfigRecord({"signed": signed.to_bytes()}),
     })
     return Message(content, reply_to=msg)
+
+
+def receive_broadcast(msg: Message, context: Context) -> list[np.ndarray[Any, Any]]:
+    """A compressed model broadcast (services/downlink.py): applies the steps this node lacks
+    to the model it holds (kept in the node's state) and returns the published weights,
+    checked against the broadcast's digest. Raises (-> an error reply) when anything does not
+    match; the aggregator then sends the whole model next round. Authenticity is the PQC
+    channel's (mutually authenticated, pinned to the aggregator's node id), as for a dense
+    broadcast."""
+    spec = job_spec(context)
+    version = _config(msg.content, BROADCAST_KEY)["version"]
+    broadcast = Broadcast.from_bytes(_record(msg.content, "arrays")[BLOB_KEY].numpy().tobytes())
+    if version != broadcast.target:
+        raise ValueError(f"broadcast version {broadcast.target} != announced {version!r}")
+    held = None
+    if "public" in context.state:
+        meta = _config(context.state, "public-meta")
+        epoch, held_version = meta["epoch"], meta["version"]
+        if isinstance(epoch, bytes) and isinstance(held_version, int):
+            held = Held(epoch, held_version, _arrays(_record(context.state, "public")))
+    if held is not None:
+        template = held.weights
+    else:
+        from pqfed.services.models import build_model, get_weights
+
+        template = get_weights(build_model(spec.task, seed=spec.dataset.seed))
+    new = apply(broadcast, held, template)
+    context.state["public"] = ArrayRecord(list(new.weights))
+    context.state["public-meta"] = ConfigRecord({"epoch": new.epoch, "version": new.version})
+    return list(new.weights)
 
 
 client_app = ClientApp(mods=[pqfed_mod])
@@ -264,8 +301,11 @@ class VerifiedStrategy(Strategy):
 
     def __init__(self, inner: Strategy, *, trust: TrustAnchor, job: str,
                  recorder: RoundRecorder, audit: AuditLog | None, round_offset: int,
-                 min_clients: int, roles: tuple[Role, ...] = (Role.CLIENT,)) -> None:
+                 min_clients: int, roles: tuple[Role, ...] = (Role.CLIENT,),
+                 downlink: Broadcaster | None = None) -> None:
         self.inner = inner
+        self.downlink = downlink
+        self._target: list[np.ndarray[Any, Any]] = []
         self.roles = roles  # who may sign updates here: clients, or edges in hierarchical mode
         self.trust = trust
         self.job = job
@@ -284,19 +324,42 @@ class VerifiedStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        rnd = self.offset + server_round
+        self._target = _arrays(arrays)
+        if self.downlink is not None:
+            # Nodes train from the public model; the inner strategy (and a DP wrapper's
+            # clipping) must see that same model as the round's starting point.
+            arrays = ArrayRecord(list(self.downlink.advance(self._target)))
         self._global = _arrays(arrays)
         self.accepted_clients, self.accepted_examples = 0, 0.0
-        config["round"] = self.offset + server_round
+        config["round"] = rnd
         msgs = list(self.inner.configure_train(server_round, arrays, config, grid))
-        self.recorder.start_round(self.offset + server_round,
-                                  bytes_sent=arrays.count_bytes() * len(msgs))
+        if self.downlink is None:
+            sent = arrays.count_bytes() * len(msgs)
+        else:
+            sent = sum(self._attach_broadcast(m) for m in msgs)
+        self.recorder.start_round(rnd, bytes_sent=sent)
         return msgs
+
+    def _attach_broadcast(self, msg: Message) -> int:
+        """Replaces the message's dense model by a compressed broadcast; returns its size."""
+        assert self.downlink is not None
+        data = self.downlink.broadcast_for(msg.metadata.dst_node_id).to_bytes()
+        # A new RecordDict per message: Flower strategies share one content object between
+        # the round's messages, and nodes may be at different versions.
+        content = dict(msg.content.items())
+        content["arrays"] = ArrayRecord({BLOB_KEY: Array(np.frombuffer(data, np.uint8))})
+        content[BROADCAST_KEY] = ConfigRecord({"version": self.downlink.version})
+        msg.content = RecordDict(content)
+        return len(data)
 
     def _verify(self, server_round: int, reply: Message) -> Message | None:
         rnd = self.offset + server_round
+        node = reply.metadata.src_node_id
         if reply.has_error():
-            self.recorder.note_failure(rnd, f"node {reply.metadata.src_node_id}: "
-                                            f"{reply.error.reason}")
+            self.recorder.note_failure(rnd, f"node {node}: {reply.error.reason}")
+            if self.downlink is not None:
+                self.downlink.forget(node)  # it may not hold the public model: send it whole
             return None
         try:
             raw = _config(reply.content, UPDATE_KEY)["signed"]
@@ -314,6 +377,8 @@ class VerifiedStrategy(Strategy):
             log.warning("round %d: rejected update from node %s: %s", rnd,
                         reply.metadata.src_node_id, reason)
             self.recorder.note_rejected(rnd, reason)
+            if self.downlink is not None:
+                self.downlink.forget(node)
             if self.audit:
                 self.audit.append("update-rejected", round=rnd,
                                   node=str(reply.metadata.src_node_id), reason=reason)
@@ -329,6 +394,8 @@ class VerifiedStrategy(Strategy):
         if self.audit:
             self.audit.append("update-accepted", round=rnd, node=manifest.node_id,
                               digest=manifest.digest.hex(), size=manifest.size)
+        if self.downlink is not None:
+            self.downlink.ack(node)
         weights = [g + d for g, d in zip(self._global, delta, strict=True)]
         reply.content = RecordDict({"arrays": ArrayRecord(list(weights)), "metrics": metrics})
         return reply
@@ -343,7 +410,13 @@ class VerifiedStrategy(Strategy):
                 rnd, f"{self.accepted_clients} valid client updates, fewer than "
                      f"minClients={self.min_clients}; global model kept", model_kept=True)
             return None, None
-        return self.inner.aggregate_train(server_round, valid)
+        arrays, metrics = self.inner.aggregate_train(server_round, valid)
+        if arrays is not None and self.downlink is not None:
+            # Server-side error feedback: what the broadcast left out of the model stays in
+            # the server's model and goes out in later broadcasts.
+            arrays = ArrayRecord([a + (t - g) for a, t, g in zip(
+                _arrays(arrays), self._target, self._global, strict=True)])
+        return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
                            config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -379,7 +452,7 @@ def main(grid: Grid, context: Context) -> None:
     roles = (Role.EDGE,) if spec.hierarchy.enabled else (Role.CLIENT,)
     strategy = VerifiedStrategy(build_strategy(spec), trust=trust, job=job, recorder=recorder,
                                 audit=audit, round_offset=done, min_clients=spec.min_clients,
-                                roles=roles)
+                                roles=roles, downlink=downlink.for_spec(spec))
     train_config = ConfigRecord()  # FedProx adds "proximal-mu" itself
     strategy.start(grid, ArrayRecord(list(initial)), num_rounds=rounds,
                    timeout=spec.timeouts.round_seconds, train_config=train_config,

@@ -44,6 +44,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from pqfed.pqc.audit import AuditLog
 from pqfed.pqc.identity import Role
+from pqfed.services import downlink
 from pqfed.services.rounds import RoundRecorder
 from pqfed.services.spec import FederationJobSpec
 
@@ -176,7 +177,8 @@ class EdgeAggregator:
         self.recorder = recorder
         self.strategy = VerifiedStrategy(
             build_strategy(spec, level="edge"), trust=trust, job=job, recorder=recorder,
-            audit=audit, round_offset=0, min_clients=1, roles=(Role.CLIENT,))
+            audit=audit, round_offset=0, min_clients=1, roles=(Role.CLIENT,),
+            downlink=downlink.for_spec(spec))
 
     def run_round(self, round_number: int, weights: list[npt.NDArray[Any]],
                   config: dict[str, Any], timeout: float) -> tuple[Weights, dict[str, float]]:

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from pqfed.pqc.identity import CertificateAuthority, Role
-from pqfed.services import apps
+from pqfed.services import apps, downlink
 from pqfed.services.models import build_model, get_weights
 from pqfed.services.rounds import RoundRecorder
 from pqfed.services.spec import FederationJobSpec
@@ -132,7 +132,8 @@ def simulate(spec: FederationJobSpec, *, attackers: frozenset[int] = frozenset()
         strategy = apps.VerifiedStrategy(
             build_strategy(spec), trust=ca.trust, job=job, recorder=recorder, audit=None,
             round_offset=0, min_clients=spec.min_clients,
-            roles=(Role.EDGE,) if spec.hierarchy.enabled else (Role.CLIENT,))
+            roles=(Role.EDGE,) if spec.hierarchy.enabled else (Role.CLIENT,),
+            downlink=downlink.for_spec(spec))
         initial = get_weights(build_model(spec.task, seed=spec.dataset.seed))
         t0 = time.time()
         strategy.start(grid, ArrayRecord(list(initial)),

@@ -81,6 +81,8 @@ class SecureAggregationSpec(_Spec):
 class CompressionSpec(_Spec):
     method: Literal["none", "topk", "int8", "topk+int8"] = "none"
     topk_fraction: float = Field(0.1, gt=0, le=1, description="Share of weights kept by top-k")
+    downlink: bool = Field(True, description="Also compress the global-model broadcast (signed "
+                                             "deltas against the model each node holds)")
 
 
 class HierarchySpec(_Spec):
