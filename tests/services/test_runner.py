@@ -96,3 +96,12 @@ def test_invalid_job_is_refused_before_start(tmp_path: Path, capsys: pytest.Capt
     err = capsys.readouterr().err
     assert field in err
     assert not (tmp_path / "runs").exists()  # nothing started
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "examples" / "jobs")
+                                        .glob("*.yaml")), ids=lambda p: p.name)
+def test_example_jobs_are_valid(path: Path) -> None:
+    from pqfed.services.spec import load_job
+
+    job = load_job(path)
+    assert job.name and job.spec.rounds >= 1
