@@ -190,9 +190,10 @@ def receive_broadcast(msg: Message, context: Context) -> list[np.ndarray[Any, An
         epoch, held_version = meta["epoch"], meta["version"]
         if isinstance(epoch, bytes) and isinstance(held_version, int):
             held = Held(epoch, held_version, _arrays(_record(context.state, "public")))
+    template: list[np.ndarray[Any, Any]] | None = None
     if held is not None:
         template = held.weights
-    else:
+    elif EDGE_SOCKET_KEY not in context.node_config:  # an edge has no torch model to match
         from pqfed.services.models import build_model, get_weights
 
         template = get_weights(build_model(spec.task, seed=spec.dataset.seed))
@@ -216,14 +217,14 @@ def _client_data(spec_json: str, partition_id: int) -> Any:
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
+    received = time.time()
+    if EDGE_SOCKET_KEY in context.node_config:  # an edge trains nothing itself (no torch)
+        path = Path(str(context.node_config[EDGE_SOCKET_KEY]))
+        return edge_train(msg, context, functools.partial(request_edge_round, path), received)
     import torch
 
     from pqfed.services.models import build_model, get_weights, set_weights, train_epochs
 
-    received = time.time()
-    if EDGE_SOCKET_KEY in context.node_config:
-        path = Path(str(context.node_config[EDGE_SOCKET_KEY]))
-        return edge_train(msg, context, functools.partial(request_edge_round, path), received)
     torch.set_num_threads(int(os.environ.get("PQFED_TORCH_THREADS", "1")))
     spec = job_spec(context)
     pid = int(_number(context.node_config["partition-id"]))

@@ -94,9 +94,10 @@ def encode(delta: Sequence[npt.NDArray[np.float32]], method: Method,
     return b"".join(parts), residual
 
 
-def decode(blob: bytes, like: Sequence[npt.NDArray[np.float32]]) -> Arrays:
+def decode(blob: bytes, like: Sequence[npt.NDArray[np.float32]] | None) -> Arrays:
     """Decodes a blob into dense deltas shaped like the global model. Strict: every length
-    and shape is checked against `like`, and trailing bytes are refused."""
+    and shape is checked against `like` (None: shapes as the blob says, for a node that has
+    no model yet and does not train one), and trailing bytes are refused."""
     view = memoryview(blob)
     pos = 0
 
@@ -111,14 +112,14 @@ def decode(blob: bytes, like: Sequence[npt.NDArray[np.float32]]) -> Arrays:
     if bytes(take(4, "magic")) != MAGIC:
         raise CompressionError("not a pqfed update blob (bad magic)")
     _method, count = struct.unpack("<BI", take(5, "header"))
-    if count != len(like):
+    if like is not None and count != len(like):
         raise CompressionError(f"{count} tensors, the model has {len(like)}")
     out: Arrays = []
-    for i, ref in enumerate(like):
+    for i in range(count):
         (ndim,) = struct.unpack("<B", take(1, "ndim"))
         shape = struct.unpack(f"<{ndim}I", take(4 * ndim, "shape"))
-        if tuple(shape) != tuple(ref.shape):
-            raise CompressionError(f"tensor {i} has shape {shape}, expected {ref.shape}")
+        if like is not None and tuple(shape) != tuple(like[i].shape):
+            raise CompressionError(f"tensor {i} has shape {shape}, expected {like[i].shape}")
         size = int(np.prod(shape)) if ndim else 1
         (kind,) = struct.unpack("<B", take(1, "kind"))
         if kind > 7 or kind in {4, 5}:

@@ -113,10 +113,19 @@ class Held:
     weights: Arrays
 
 
-def apply(broadcast: Broadcast, held: Held | None, template: Sequence[npt.NDArray[np.float32]]
-          ) -> Held:
-    """The node side: applies the steps `held` lacks. Raises DownlinkError."""
+def apply(broadcast: Broadcast, held: Held | None,
+          template: Sequence[npt.NDArray[np.float32]] | None) -> Held:
+    """The node side: applies the steps `held` lacks; a whole model must be shaped like
+    `template` (None: as the broadcast says). Raises DownlinkError."""
     steps = list(broadcast.steps)
+    try:
+        return _apply(broadcast, steps, held, template)
+    except compression.CompressionError as exc:
+        raise DownlinkError(f"broadcast step does not fit: {exc}") from None
+
+
+def _apply(broadcast: Broadcast, steps: list[Step], held: Held | None,
+           template: Sequence[npt.NDArray[np.float32]] | None) -> Held:
     if steps[0].start == BASE:
         weights: Arrays = compression.decode(steps[0].blob, template)
         version = broadcast.target - (len(steps) - 1)
