@@ -52,6 +52,8 @@ def study_hapt(rounds: int) -> dict[str, Any]:
     central = centralized("hapt", 15)
     out: dict[str, Any] = {"centralized_accuracy": central, "runs": {}}
     for name, comp in (("fedavg-fp32", {"method": "none"}),
+                       ("topk10-int8-uplink-only", {"method": "topk+int8", "topkFraction": 0.1,
+                                                    "downlink": False}),
                        ("topk10-int8", {"method": "topk+int8", "topkFraction": 0.1})):
         st = _sim({**base, "compression": comp})
         acc = [r["accuracy"] for r in st["rounds"]]
@@ -168,6 +170,109 @@ def study_poisoning(rounds: int) -> dict[str, Any]:
     return out
 
 
+# A keep-alive HTTP/1.1 upstream that answers every request with a fixed 64-byte body (the
+# size class of Flower's Fleet replies); stdlib only, run as its own process.
+_PING_UPSTREAM = r"""
+import asyncio, sys
+BODY = b"x" * 64
+RESP = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
+async def serve(r, w):
+    while True:
+        head = await r.readuntil(b"\r\n\r\n")
+        n = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                n = int(line.split(b":", 1)[1])
+        if n:
+            await r.readexactly(n)
+        w.write(RESP)
+        await w.drain()
+async def main():
+    srv = await asyncio.start_server(serve, "127.0.0.1", int(sys.argv[1]))
+    await srv.serve_forever()
+asyncio.run(main())
+"""
+
+
+def sidecar_ping_pong(requests: int = 400, blocks: int = 8) -> dict[str, Any]:
+    """Per-request latency of one keep-alive HTTP/1.1 POST (a Fleet pull-object sized
+    request) straight to a loopback upstream vs through a client + aggregator sidecar pair
+    (ML-KEM channel, path allow-list), as separate processes like `pqfed run`. Blocks of
+    both paths alternate so host noise hits both alike."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    import httpx
+
+    from pqfed.pqc.identity import CertificateAuthority, Role
+    from pqfed.services.flower_runtime import free_ports, terminate_process_tree
+
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        ca = CertificateAuthority.generate("ping")
+        paths: dict[str, tuple[Path, Path]] = {}
+        for name, role in (("aggregator", Role.AGGREGATOR), ("client-0", Role.CLIENT)):
+            ident = ca.new_identity(name, role)
+            paths[name] = (tmp / f"{name}.crt", tmp / f"{name}.key")
+            ident.save(*paths[name])
+        (tmp / "ca.crt").write_text(ca.root.to_pem())
+        upstream, secure, route, admin_a, admin_c = free_ports(5)
+        cli = [sys.executable, "-m", "pqfed.cli", "sidecar", "--ca", str(tmp / "ca.crt"),
+               "--log-level", "warning"]
+        argvs = [
+            [sys.executable, "-c", _PING_UPSTREAM, str(upstream)],
+            [*cli, "--cert", str(paths["aggregator"][0]), "--key", str(paths["aggregator"][1]),
+             "--listen", f"127.0.0.1:{secure}", "--upstream", f"127.0.0.1:{upstream}",
+             "--allow-path-prefix", "/v1/fleet/", "--admin", f"127.0.0.1:{admin_a}"],
+            [*cli, "--cert", str(paths["client-0"][0]), "--key", str(paths["client-0"][1]),
+             "--route", f"127.0.0.1:{route}=127.0.0.1:{secure}@aggregator",
+             "--admin", f"127.0.0.1:{admin_c}"],
+        ]
+        procs = [subprocess.Popen(a, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True) for a in argvs]
+        try:
+            deadline = time.monotonic() + 60
+            for port in (admin_a, admin_c):
+                while True:
+                    try:
+                        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz",
+                                                    timeout=1):
+                            break
+                    except OSError:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError("sidecars not ready after 60 s") from None
+                        time.sleep(0.1)
+            body = b"\x00" * 89  # a Fleet PullObjectRequest is ~89 bytes
+            lat: dict[str, list[float]] = {"direct": [], "sidecars": []}
+            clients = {"direct": httpx.Client(base_url=f"http://127.0.0.1:{upstream}"),
+                       "sidecars": httpx.Client(base_url=f"http://127.0.0.1:{route}")}
+            for client in clients.values():  # connect (and handshake) before timing
+                client.post("/v1/fleet/pull-object", content=body).raise_for_status()
+            per_block = max(1, requests // blocks)
+            for _ in range(blocks):
+                for name, client in clients.items():
+                    for _ in range(per_block):
+                        t0 = time.perf_counter()
+                        client.post("/v1/fleet/pull-object", content=body).raise_for_status()
+                        lat[name].append(time.perf_counter() - t0)
+            for client in clients.values():
+                client.close()
+        finally:
+            for proc in procs:
+                terminate_process_tree(proc.pid, timeout=5)
+
+    def pct(xs: list[float], q: float) -> float:
+        return sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] * 1e3
+
+    out: dict[str, Any] = {"requests": per_block * blocks}
+    for name, xs in lat.items():
+        out[name] = {"p50_ms": pct(xs, 0.5), "p90_ms": pct(xs, 0.9),
+                     "mean_ms": statistics.fmean(xs) * 1e3}
+    out["added_p50_ms"] = out["sidecars"]["p50_ms"] - out["direct"]["p50_ms"]
+    return out
+
+
 def study_transport(rounds: int, out_dir: Path) -> dict[str, Any]:
     """Whole federations as processes: PQC sidecars vs plaintext, and stock Flower polling."""
     from pqfed.services.runner import run_local
@@ -180,24 +285,38 @@ def study_transport(rounds: int, out_dir: Path) -> dict[str, Any]:
 
     path = out_dir / "transport-job.yaml"
     path.write_text(yaml.safe_dump(job))
-    res: dict[str, Any] = {}
-    variants = (("pqc", True, "0"), ("plaintext", False, "0"), ("pqc-stock-flower", True, "1"))
-    for name, pqc, stock in variants:
-        os.environ["PQFED_FLOWER_STOCK"] = stock
+    # PQC and plaintext alternate (two runs each) so drift in host load hits both; the
+    # baselines: the SuperLink's SQLite state file, and stock Flower polling.
+    variants: tuple[tuple[str, bool, dict[str, str]], ...] = (
+        ("pqc", True, {}), ("plaintext", False, {}), ("pqc", True, {}), ("plaintext", False, {}),
+        ("pqc-superlink-sqlite", True, {"PQFED_SUPERLINK_DB": "1"}),
+        ("pqc-stock-flower", True, {"PQFED_FLOWER_STOCK": "1"}))
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for name, pqc, env in variants:
+        os.environ.update(env)
         try:
             r = run_local(path, out_dir / "runs", pqc=pqc, show=False)
         finally:
-            os.environ.pop("PQFED_FLOWER_STOCK", None)
-        rounds_ = r["status"]["rounds"][1:]  # round 1 includes start-up and handshakes
+            for key in env:
+                os.environ.pop(key, None)
+        runs.setdefault(name, []).append(r)
+    res: dict[str, Any] = {}
+    for name, rs in runs.items():
+        rounds_ = [x for r in rs for x in r["status"]["rounds"][1:]]  # round 1: start-up
         res[name] = {
-            "round_seconds": [x["durationSeconds"] for x in r["status"]["rounds"]],
+            "round_seconds": [x["durationSeconds"] for x in rounds_],
             "mean_round_s": statistics.fmean(x["durationSeconds"] for x in rounds_),
+            "median_round_s": statistics.median(x["durationSeconds"] for x in rounds_),
             "mean_overhead_s": statistics.fmean(x["durationSeconds"] - x["computeSeconds"]
                                                 for x in rounds_),
-            "handshakes": r["sidecars"].get("handshakes", 0),
-            "handshake_ms": r["sidecars"].get("handshake_seconds", 0) * 1e3,
+            "handshakes": statistics.fmean(r["sidecars"].get("handshakes", 0) for r in rs),
+            "handshake_ms": statistics.fmean(r["sidecars"].get("handshake_seconds", 0)
+                                             for r in rs) * 1e3,
         }
     res["pqc_overhead"] = res["pqc"]["mean_round_s"] / res["plaintext"]["mean_round_s"] - 1
+    res["pqc_overhead_median"] = (res["pqc"]["median_round_s"]
+                                  / res["plaintext"]["median_round_s"] - 1)
+    res["sidecar_request"] = sidecar_ping_pong()
     res["flower_speedup"] = (res["pqc-stock-flower"]["mean_round_s"]
                              / res["pqc"]["mean_round_s"])
     return res
@@ -213,7 +332,12 @@ def _report(r: dict[str, Any]) -> str:
                   "| uplink MB to 90% | total MB to 90% |",
                   "|---|---|---|---|---|---|",
                   f"| centralized (15 epochs) | {h['centralized_accuracy']:.4f} | | | | |"]
-        for name, run in (("FedAvg fp32", fp), ("top-k 10% + int8", cq)):
+        for name, run in (("FedAvg fp32", fp),
+                          ("top-k 10% + int8, uplink only", h["runs"].get(
+                              "topk10-int8-uplink-only")),
+                          ("top-k 10% + int8, both ways", cq)):
+            if run is None:
+                continue
             up = run["uplink_bytes_to_90pct"]
             tot = run["total_bytes_to_90pct"]
             lines.append(f"| {name} | {run['final']:.4f} | {run['best']:.4f} | "
@@ -222,9 +346,9 @@ def _report(r: dict[str, Any]) -> str:
         lines += ["", f"FedAvg final / centralized: **{h['final_vs_centralized'] * 100:.1f}%** "
                       f"(best round {h['best_vs_centralized'] * 100:.1f}%)."]
         if "uplink_reduction_to_90pct" in h:
-            lines.append(f"Bytes to 90% of centralized, compression vs fp32: uplink "
-                         f"**-{h['uplink_reduction_to_90pct'] * 100:.1f}%**, uplink+downlink "
-                         f"-{h['total_reduction_to_90pct'] * 100:.1f}%.")
+            lines.append(f"Bytes to 90% of centralized, compression (both ways) vs fp32: uplink "
+                         f"-{h['uplink_reduction_to_90pct'] * 100:.1f}%, uplink+downlink "
+                         f"**-{h['total_reduction_to_90pct'] * 100:.1f}%**.")
         lines.append("")
     if "privacy" in r:
         p = r["privacy"]
@@ -244,18 +368,36 @@ def _report(r: dict[str, Any]) -> str:
                   "breast-cancer", "", "| strategy | final accuracy |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in q["runs"].items()]
         lines.append("")
+    if "hierarchy" in r:
+        from pqfed.services.benchhier import report_lines
+
+        lines += report_lines(r["hierarchy"])
     if "transport" in r:
         t = r["transport"]
         lines += ["### Round latency, whole federation as processes (3 clients, breast-cancer)",
-                  "", "| variant | mean round s | mean overhead beyond compute s | handshakes |",
-                  "|---|---|---|---|"]
-        for name in ("pqc", "plaintext", "pqc-stock-flower"):
-            v = t[name]
-            lines.append(f"| {name} | {v['mean_round_s']:.3f} | {v['mean_overhead_s']:.3f} | "
-                         f"{int(v['handshakes'])} |")
-        lines += ["", f"PQC channel overhead per round: **{t['pqc_overhead'] * 100:+.1f}%**; "
+                  "", "| variant | rounds | mean round s | median round s "
+                  "| mean overhead beyond compute s | handshakes per run |",
+                  "|---|---|---|---|---|---|"]
+        for name in ("pqc", "plaintext", "pqc-superlink-sqlite", "pqc-stock-flower"):
+            v = t.get(name)
+            if v is None:
+                continue
+            lines.append(f"| {name} | {len(v['round_seconds'])} | {v['mean_round_s']:.3f} | "
+                         f"{v.get('median_round_s', float('nan')):.3f} | "
+                         f"{v['mean_overhead_s']:.3f} | {v['handshakes']:.0f} |")
+        lines += ["", f"PQC channel overhead per round: **{t['pqc_overhead'] * 100:+.1f}%** "
+                      f"(medians {t.get('pqc_overhead_median', float('nan')) * 100:+.1f}%); "
                       f"our Flower runtime vs stock Flower: **{t['flower_speedup']:.1f}x** faster "
                       "rounds.", ""]
+        if "sidecar_request" in t:
+            sr = t["sidecar_request"]
+            lines += [f"One keep-alive HTTP/1.1 request ({sr['requests']} per path, alternating "
+                      "blocks): direct "
+                      f"{sr['direct']['p50_ms']:.2f} ms p50 / {sr['direct']['p90_ms']:.2f} ms p90, "
+                      f"through a client + aggregator sidecar pair "
+                      f"{sr['sidecars']['p50_ms']:.2f} ms p50 / "
+                      f"{sr['sidecars']['p90_ms']:.2f} ms p90 "
+                      f"(**{sr['added_p50_ms']:+.2f} ms** per request at p50).", ""]
     return "\n".join(lines)
 
 
@@ -264,7 +406,7 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     quick = bool(args.quick)
     studies = args.only.split(",") if args.only else ["hapt", "privacy", "poisoning",
-                                                       "transport"]
+                                                       "hierarchy", "transport"]
     results: dict[str, Any] = {"quick": quick}
     t0 = time.time()
     from rich.progress import Progress
@@ -279,8 +421,12 @@ def main(args: argparse.Namespace) -> int:
                 results[s] = study_privacy(3 if quick else 10)
             elif s == "poisoning":
                 results[s] = study_poisoning(3 if quick else 10)
+            elif s == "hierarchy":
+                from pqfed.services.benchhier import study_hierarchy
+
+                results[s] = study_hierarchy(4 if quick else 15, 3 if quick else 5, Path(tmp))
             elif s == "transport":
-                results[s] = study_transport(3 if quick else 6, Path(tmp))
+                results[s] = study_transport(3 if quick else 9, Path(tmp))
             progress.advance(task)
             (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     results["seconds"] = time.time() - t0

@@ -33,6 +33,16 @@ log = logging.getLogger("pqfed.fl")
 # ClientApps from a warm process cut a round from ~12 s to ~2 s (docs/BENCHMARKS.md).
 # PQFED_FLOWER_STOCK=1 runs stock Flower (the baseline of that benchmark).
 FAST_POLL_S = 0.1
+# The SuperLink keeps its state in memory: with its SQLite file it is CPU-bound on per-request
+# commits and a round costs ~2.2 s beyond compute instead of ~1.05 s (docs/BENCHMARKS.md).
+# Nothing is lost that resuming needs: a restarted aggregator resumes from its own status.json
+# and checkpoint (the operator keeps a copy), submits a new run, and SuperNodes re-register.
+# PQFED_SUPERLINK_DB=1 keeps the file (the baseline of that benchmark).
+SERVERAPP_LAUNCH_POLL_S = 1.0  # SuperExec only starts the ServerApp once per run
+
+
+def _superlink_db(state: Path) -> Path | None:
+    return state / "superlink.db" if os.environ.get("PQFED_SUPERLINK_DB", "") == "1" else None
 PRELOAD = ("torch", "pqfed.services.apps", "pqfed.services.models", "pqfed.services.data",
            "pqfed.services.warmup")
 
@@ -115,12 +125,12 @@ def run_aggregator(args: argparse.Namespace) -> int:
     # --- end secure aggregation ---
     fast = None if _stock() else FAST_POLL_S
     link = fr.SuperLinkProcess(run_dir=run_dir, port=args.fleet_port, host=args.host,
-                               isolation="process", database=state / "superlink.db",
+                               isolation="process", database=_superlink_db(state),
                                fast_poll=fast)
     executor = fr.SuperExecProcess(run_dir=run_dir, name="serverapp-superexec",
                                    runtime_api_address=link.address,
                                    flwr_home=run_dir / "homes" / "serverapp", fast_poll=fast,
-                                   poll_interval=fast)
+                                   poll_interval=None if fast is None else SERVERAPP_LAUNCH_POLL_S)
     procs: list[Any] = [link, executor]
     _stop_on_signal(procs)
     try:
@@ -208,12 +218,12 @@ def run_edge(args: argparse.Namespace) -> int:
     fast = None if stock else FAST_POLL_S
     run_dir = state / "flower"
     link = fr.SuperLinkProcess(run_dir=run_dir, port=args.fleet_port, host=args.host,
-                               isolation="process", database=state / "superlink.db",
+                               isolation="process", database=_superlink_db(state),
                                fast_poll=fast)
     executor = fr.SuperExecProcess(run_dir=run_dir, name="edge-serverapp-superexec",
                                    runtime_api_address=link.address,
                                    flwr_home=run_dir / "homes" / "serverapp", fast_poll=fast,
-                                   poll_interval=fast)
+                                   poll_interval=None if fast is None else SERVERAPP_LAUNCH_POLL_S)
     upstream = fr.SuperNodeProcess(
         run_dir=state / "upstream", index=args.index, superlink_address=args.superlink,
         runtime_port=args.runtime_port, isolation="process", fast_poll=fast,
