@@ -44,5 +44,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = sub.add_parser("bench-fl", help="FL benchmarks (docs/BENCHMARKS.md)")
     bench.add_argument("--out", default="results/bench-fl")
     bench.add_argument("--quick", action="store_true")
-    bench.add_argument("--only", default="", help="comma list: hapt,privacy,poisoning,hierarchy,transport")
+    bench.add_argument("--only", default="",
+                       help="comma list: hapt,privacy,poisoning,hierarchy,transport")
     bench.set_defaults(func=_bench)

@@ -87,7 +87,8 @@ class LocalFederation:
             str(agg_dir), "--state-dir", str(self.run_dir / "state" / "aggregator"),
             "--fleet-port", str(fleet), "--status-port", str(self.status_port)])
         # Hierarchical jobs: clients dial their edge's sidecar instead of the aggregator's.
-        client_peer = {i: (f"127.0.0.1:{secure}", "aggregator") for i in range(n)}
+        direct = secure if self.pqc else fleet  # plaintext baseline: straight to SuperLink
+        client_peer = {i: (f"127.0.0.1:{direct}", "aggregator") for i in range(n)}
         if spec.hierarchy.enabled:
             edge_ports = rest[3 * n :]
             for e in range(edges):

@@ -105,3 +105,13 @@ def test_example_jobs_are_valid(path: Path) -> None:
 
     job = load_job(path)
     assert job.name and job.spec.rounds >= 1
+
+
+@pytest.mark.slow
+def test_plaintext_baseline_runs_without_sidecars(tmp_path: Path) -> None:
+    """The transport benchmark's baseline: the same processes, no sidecars."""
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB.replace("rounds: 2", "rounds: 1"))
+    res = run_local(job, tmp_path / "runs", pqc=False, show=False, timeout=300)
+    assert res["status"]["phase"] == "Succeeded" and not res["sidecars"]
+    assert not list((Path(res["runDir"]) / "logs").glob("sidecar-*.log"))
