@@ -273,7 +273,7 @@ def sidecar_ping_pong(requests: int = 400, blocks: int = 8) -> dict[str, Any]:
     return out
 
 
-def study_transport(rounds: int, out_dir: Path) -> dict[str, Any]:
+def study_transport(rounds: int, out_dir: Path, reps: int = 2) -> dict[str, Any]:
     """Whole federations as processes: PQC sidecars vs plaintext, and stock Flower polling."""
     from pqfed.services.runner import run_local
 
@@ -285,10 +285,10 @@ def study_transport(rounds: int, out_dir: Path) -> dict[str, Any]:
 
     path = out_dir / "transport-job.yaml"
     path.write_text(yaml.safe_dump(job))
-    # PQC and plaintext alternate (two runs each) so drift in host load hits both; the
+    # PQC and plaintext alternate (`reps` runs each) so drift in host load hits both; the
     # baselines: the SuperLink's SQLite state file, and stock Flower polling.
     variants: tuple[tuple[str, bool, dict[str, str]], ...] = (
-        ("pqc", True, {}), ("plaintext", False, {}), ("pqc", True, {}), ("plaintext", False, {}),
+        *((("pqc", True, {}), ("plaintext", False, {})) * reps),
         ("pqc-superlink-sqlite", True, {"PQFED_SUPERLINK_DB": "1"}),
         ("pqc-stock-flower", True, {"PQFED_FLOWER_STOCK": "1"}))
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -426,7 +426,8 @@ def main(args: argparse.Namespace) -> int:
 
                 results[s] = study_hierarchy(4 if quick else 15, 3 if quick else 5, Path(tmp))
             elif s == "transport":
-                results[s] = study_transport(3 if quick else 9, Path(tmp))
+                results[s] = study_transport(3 if quick else 12, Path(tmp),
+                                             reps=2 if quick else 3)
             progress.advance(task)
             (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     results["seconds"] = time.time() - t0
