@@ -5,6 +5,7 @@ server-side error feedback keeps the public model converging to the server's mod
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,3 +147,65 @@ def test_federation_with_compressed_broadcasts_trains() -> None:
     assert all(not r["notes"] for r in comp["rounds"])  # no node had to be resent anything
     later = [r["bytesSent"] for r in comp["rounds"][1:]]
     assert max(later) < 0.15 * dense["rounds"][-1]["bytesSent"]
+
+
+def test_a_node_that_lost_its_model_gets_it_whole_next_round(tmp_path: Path) -> None:
+    """A node whose state is gone (same node id) cannot apply a step: it answers with an
+    error, the aggregator forgets what it held, and the next broadcast is the whole model."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from pqfed.pqc.identity import CertificateAuthority, Role
+    from pqfed.services import apps
+    from pqfed.services.models import build_model, get_weights
+    from pqfed.services.rounds import RoundRecorder
+    from pqfed.services.simulation import InProcessGrid
+
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 1
+    spec = parse_spec({"clients": 2, "minClients": 1, "compression": {"method": "topk+int8"}})
+    ca = CertificateAuthority.generate("fed-dl")
+    contexts = {}
+    for i in range(2):
+        d = tmp_path / f"client-{i}"
+        d.mkdir()
+        ca.new_identity(f"client-{i}", Role.CLIENT).save(d / "tls.crt", d / "tls.key")
+        (d / "ca.crt").write_text(ca.root.to_pem())
+        contexts[100 + i] = Context(run_id=1, node_id=100 + i, state=RecordDict(),
+                                    node_config={"partition-id": i, "identity-dir": str(d)},
+                                    run_config={"spec": spec.model_dump_json(by_alias=True),
+                                                "job": "job-dl"})
+    grid = InProcessGrid(contexts)
+    b = Broadcaster(Method.TOPK_INT8, 0.1)
+    strategy = apps.VerifiedStrategy(
+        FedAvg(1.0, 0.0, 1, 0, 1), trust=ca.trust, job="job-dl", audit=None, round_offset=0,
+        min_clients=1, recorder=RoundRecorder(tmp_path / "state", "job-dl", spec), downlink=b)
+    arrays = ArrayRecord(get_weights(build_model("breast-cancer", seed=0)))
+
+    def round_(rnd: int, arrays: ArrayRecord, lost: bool = False
+               ) -> tuple[ArrayRecord, dict[int, Broadcast]]:
+        msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
+        sent = {m.metadata.dst_node_id: Broadcast.from_bytes(
+            m.content["arrays"]["blob"].numpy().tobytes()) for m in msgs}
+        replies = []
+        for m in msgs:
+            node = m.metadata.dst_node_id
+            if lost and node == 100:
+                contexts[100].state = RecordDict()  # the node's model is gone
+                with pytest.raises(DownlinkError, match="does not hold"):
+                    apps.client_app(m, contexts[100])
+                replies.append(Message(Error(0, "broadcast does not fit"), reply_to=m))
+            else:
+                replies.append(apps.client_app(m, contexts[node]))
+        new, _ = strategy.aggregate_train(rnd, replies)
+        assert new is not None
+        return new, sent
+
+    arrays, sent = round_(1, arrays)
+    assert all(s.steps[0].start == BASE for s in sent.values()) and set(b.acked) == {100, 101}
+    arrays, sent = round_(2, arrays, lost=True)
+    assert all(s.steps[0].start != BASE for s in sent.values())  # both were sent one step
+    assert set(b.acked) == {101}  # node 100 answered with an error: forgotten
+    arrays, sent = round_(3, arrays)
+    assert sent[100].steps[0].start == BASE and sent[101].steps[0].start != BASE
+    assert set(b.acked) == {100, 101}
