@@ -218,28 +218,27 @@ def checkpoint_round(configmap: Manifest | None) -> int:
     return round_ if round_ > 0 and has_data and has_status else 0
 
 
-def aggregator_service(job: JobRef) -> Manifest:
+def _pqc_service(job: JobRef, name: str, component: str, selector: dict[str, str]
+                 ) -> Manifest:
     # Port == targetPort: the emulated nodes have no kube-proxy; /etc/hosts maps the name to
     # the ready pod's IP and clients dial the pod port directly.
     ports = [{"name": "pqc", "port": PQC_PORT, "targetPort": PQC_PORT, "protocol": "TCP"},
              {"name": "status", "port": STATUS_PORT, "targetPort": STATUS_PORT,
               "protocol": "TCP"}]
     return {"apiVersion": "v1", "kind": "Service",
-            "metadata": _meta(job, aggregator_service_name(job.name),
-                              labels(job.name, "aggregator")),
-            "spec": {"type": "ClusterIP", "ports": ports,
-                     "selector": selector_labels(job.name, "aggregator")}}
+            "metadata": _meta(job, name, labels(job.name, component)),
+            "spec": {"type": "ClusterIP", "ports": ports, "selector": selector}}
+
+
+def aggregator_service(job: JobRef) -> Manifest:
+    return _pqc_service(job, aggregator_service_name(job.name), "aggregator",
+                        selector_labels(job.name, "aggregator"))
 
 
 def edge_service(job: JobRef, edge: int) -> Manifest:
     """An edge aggregator's PQC port, which its member clients dial (hierarchical jobs)."""
-    ports = [{"name": "pqc", "port": PQC_PORT, "targetPort": PQC_PORT, "protocol": "TCP"},
-             {"name": "status", "port": STATUS_PORT, "targetPort": STATUS_PORT,
-              "protocol": "TCP"}]
-    sel = {**selector_labels(job.name, "edge"), INDEX_LABEL: str(edge)}
-    return {"apiVersion": "v1", "kind": "Service",
-            "metadata": _meta(job, edge_service_name(job.name, edge), labels(job.name, "edge")),
-            "spec": {"type": "ClusterIP", "ports": ports, "selector": sel}}
+    return _pqc_service(job, edge_service_name(job.name, edge), "edge",
+                        {**selector_labels(job.name, "edge"), INDEX_LABEL: str(edge)})
 
 
 # ---- pods -----------------------------------------------------------------------------------
@@ -305,6 +304,19 @@ def _pod(job: JobRef, name: str, lbls: dict[str, str], restart_policy: str,
             "spec": spec}
 
 
+def _inbound_sidecar(spec: FederationJobSpec, *extra: str) -> Manifest:
+    """The sidecar of a pod that accepts PQC channels (aggregator, edge): only the Fleet API
+    gets through to the local SuperLink; `extra` adds arguments (an edge's route upstream)."""
+    cmd = ["pqfed", "sidecar", *_identity_args(),
+           "--listen", f"0.0.0.0:{PQC_PORT}", "--upstream", f"127.0.0.1:{FLEET_PORT}",
+           "--allow-path-prefix", FLEET_PATH_PREFIX, *_groups(spec), *extra,
+           "--admin", f"0.0.0.0:{ADMIN_PORT}"]
+    return _container("sidecar", spec.image, cmd, SIDECAR_RESOURCES, [_IDENTITY_MOUNT],
+                      ports=[{"name": "pqc", "containerPort": PQC_PORT},
+                             {"name": "admin", "containerPort": ADMIN_PORT}],
+                      readinessProbe=_http_probe("/readyz", ADMIN_PORT))
+
+
 def aggregator_pod(job: JobRef, spec: FederationJobSpec, *, restore: bool = False) -> Manifest:
     """SuperLink + ServerApp + status API (`fl`) behind the PQC sidecar, which only lets the
     Fleet API through. With `restore`, the operator's checkpoint ConfigMap is mounted and the
@@ -320,15 +332,7 @@ def aggregator_pod(job: JobRef, spec: FederationJobSpec, *, restore: bool = Fals
     fl = _container("fl", spec.image, fl_cmd, FL_RESOURCES, mounts,
                     ports=[{"name": "status", "containerPort": STATUS_PORT}],
                     readinessProbe=_http_probe("/healthz", STATUS_PORT))
-    sidecar_cmd = ["pqfed", "sidecar", *_identity_args(),
-                   "--listen", f"0.0.0.0:{PQC_PORT}", "--upstream", f"127.0.0.1:{FLEET_PORT}",
-                   "--allow-path-prefix", FLEET_PATH_PREFIX, *_groups(spec),
-                   "--admin", f"0.0.0.0:{ADMIN_PORT}"]
-    sidecar = _container("sidecar", spec.image, sidecar_cmd, SIDECAR_RESOURCES,
-                         [_IDENTITY_MOUNT],
-                         ports=[{"name": "pqc", "containerPort": PQC_PORT},
-                                {"name": "admin", "containerPort": ADMIN_PORT}],
-                         readinessProbe=_http_probe("/readyz", ADMIN_PORT))
+    sidecar = _inbound_sidecar(spec)
     lbls = labels(job.name, "aggregator", **{ROLE_LABEL: "aggregator"})
     return _pod(job, aggregator_pod_name(job.name), lbls, "OnFailure",
                 spec.placement.aggregator_node_selector, sidecar, fl,
@@ -351,17 +355,8 @@ def edge_pod(job: JobRef, spec: FederationJobSpec, edge: int) -> Manifest:
                     [_IDENTITY_MOUNT, _JOB_MOUNT, _STATE_MOUNT],
                     ports=[{"name": "status", "containerPort": STATUS_PORT}],
                     readinessProbe=_http_probe("/healthz", STATUS_PORT))
-    sidecar_cmd = ["pqfed", "sidecar", *_identity_args(),
-                   "--listen", f"0.0.0.0:{PQC_PORT}", "--upstream", f"127.0.0.1:{FLEET_PORT}",
-                   "--allow-path-prefix", FLEET_PATH_PREFIX, *_groups(spec),
-                   "--route", f"127.0.0.1:{ROUTE_PORT}={_aggregator_peer(job)}"
-                              f"@{AGGREGATOR_NODE_ID}",
-                   "--admin", f"0.0.0.0:{ADMIN_PORT}"]
-    sidecar = _container("sidecar", spec.image, sidecar_cmd, SIDECAR_RESOURCES,
-                         [_IDENTITY_MOUNT],
-                         ports=[{"name": "pqc", "containerPort": PQC_PORT},
-                                {"name": "admin", "containerPort": ADMIN_PORT}],
-                         readinessProbe=_http_probe("/readyz", ADMIN_PORT))
+    sidecar = _inbound_sidecar(spec, "--route", f"127.0.0.1:{ROUTE_PORT}="
+                               f"{_aggregator_peer(job)}@{AGGREGATOR_NODE_ID}")
     lbls = labels(job.name, "edge", **{ROLE_LABEL: "edge", INDEX_LABEL: str(edge)})
     return _pod(job, edge_pod_name(job.name, edge), lbls, "Always",
                 spec.placement.aggregator_node_selector, sidecar, fl,

@@ -90,6 +90,20 @@ def _serve_status(state_dir: Path, port: int) -> None:
                      name="status-api").start()
 
 
+def _superlink(run_dir: Path, state: Path, args: argparse.Namespace, executor_name: str
+               ) -> tuple[fr.SuperLinkProcess, fr.SuperExecProcess]:
+    """The server side of an aggregator or an edge: SuperLink + the ServerApp launcher."""
+    fast = None if _stock() else FAST_POLL_S
+    link = fr.SuperLinkProcess(run_dir=run_dir, port=args.fleet_port, host=args.host,
+                               isolation="process", database=_superlink_db(state),
+                               fast_poll=fast)
+    executor = fr.SuperExecProcess(run_dir=run_dir, name=executor_name,
+                                   runtime_api_address=link.address,
+                                   flwr_home=run_dir / "homes" / "serverapp", fast_poll=fast,
+                                   poll_interval=None if fast is None else SERVERAPP_LAUNCH_POLL_S)
+    return link, executor
+
+
 def restore_state(restore: Path, state_dir: Path) -> int:
     """Copies a saved status + checkpoint (the operator's copy) into an empty state dir, so
     the ServerApp resumes after the last completed round. Returns that round."""
@@ -123,14 +137,7 @@ def run_aggregator(args: argparse.Namespace) -> int:
         secagg.check_secagg_spec(spec, args.spec)
         app_dir = secagg.stage_secagg_app(run_dir / "app-secagg")
     # --- end secure aggregation ---
-    fast = None if _stock() else FAST_POLL_S
-    link = fr.SuperLinkProcess(run_dir=run_dir, port=args.fleet_port, host=args.host,
-                               isolation="process", database=_superlink_db(state),
-                               fast_poll=fast)
-    executor = fr.SuperExecProcess(run_dir=run_dir, name="serverapp-superexec",
-                                   runtime_api_address=link.address,
-                                   flwr_home=run_dir / "homes" / "serverapp", fast_poll=fast,
-                                   poll_interval=None if fast is None else SERVERAPP_LAUNCH_POLL_S)
+    link, executor = _superlink(run_dir, state, args, "serverapp-superexec")
     procs: list[Any] = [link, executor]
     _stop_on_signal(procs)
     try:
@@ -217,13 +224,7 @@ def run_edge(args: argparse.Namespace) -> int:
     stock = _stock()
     fast = None if stock else FAST_POLL_S
     run_dir = state / "flower"
-    link = fr.SuperLinkProcess(run_dir=run_dir, port=args.fleet_port, host=args.host,
-                               isolation="process", database=_superlink_db(state),
-                               fast_poll=fast)
-    executor = fr.SuperExecProcess(run_dir=run_dir, name="edge-serverapp-superexec",
-                                   runtime_api_address=link.address,
-                                   flwr_home=run_dir / "homes" / "serverapp", fast_poll=fast,
-                                   poll_interval=None if fast is None else SERVERAPP_LAUNCH_POLL_S)
+    link, executor = _superlink(run_dir, state, args, "edge-serverapp-superexec")
     upstream = fr.SuperNodeProcess(
         run_dir=state / "upstream", index=args.index, superlink_address=args.superlink,
         runtime_port=args.runtime_port, isolation="process", fast_poll=fast,
