@@ -162,10 +162,13 @@ class Broadcaster:
     steps: dict[int, bytes] = field(default_factory=dict)  # version v -> step (v-1 -> v)
     acked: dict[int, int] = field(default_factory=dict)  # node id -> version held
     _cache: dict[int | None, Broadcast] = field(default_factory=dict)
+    _full: bytes | None = None  # the public model as one fp32 step, encoded on first need
+    _digest: bytes = b""
 
     def advance(self, target: Sequence[npt.NDArray[np.float32]]) -> Arrays:
         """Moves the public model one compressed step towards `target`; returns it."""
         self._cache.clear()
+        self._full = None
         if self.public is None:
             quantize = self.method in (Method.INT8, Method.TOPK_INT8)
             blob, _ = compression.encode(target, Method.INT8 if quantize else Method.NONE)
@@ -180,6 +183,7 @@ class Broadcaster:
             self.public = [p + d for p, d in zip(self.public, step, strict=True)]
             self.version += 1
         self.steps[self.version] = blob
+        self._digest = weights_digest(self.public)
         self._prune()
         return self.public
 
@@ -210,14 +214,20 @@ class Broadcaster:
             have, start = None, self.version + 1  # pruned: the whole model
         chain = [Step(BASE if v == 0 else v - 1, self.steps[v])
                  for v in range(start, self.version + 1)]
-        full_blob, _ = compression.encode(self.public, Method.NONE)
         if have is None and (not chain or chain[0].start != BASE or
-                             sum(len(s.blob) for s in chain) > len(full_blob)):
-            chain = [Step(BASE, full_blob)]
+                             sum(len(s.blob) for s in chain) > len(self._full_blob())):
+            chain = [Step(BASE, self._full_blob())]
         elif have is not None and not chain:  # already current: an empty chain is not valid
-            chain = [Step(BASE, full_blob)] if self.version == 0 else \
+            chain = [Step(BASE, self._full_blob())] if self.version == 0 else \
                 [Step(self.version - 1, self.steps[self.version])]
-        return Broadcast(self.epoch, self.version, weights_digest(self.public), tuple(chain))
+        return Broadcast(self.epoch, self.version, self._digest, tuple(chain))
+
+    def _full_blob(self) -> bytes:
+        """Encoded once per version, whichever nodes need it (or the size comparison)."""
+        if self._full is None:
+            assert self.public is not None
+            self._full, _ = compression.encode(self.public, Method.NONE)
+        return self._full
 
     def ack(self, node: int) -> None:
         self.acked[node] = self.version
