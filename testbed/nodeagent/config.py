@@ -28,6 +28,19 @@ _QUANTITY = re.compile(
     r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|K|M|G|T|P|E)?$")
 
 
+def runtime_paths() -> tuple[Path, ...]:
+    """What a pod needs to run the project's commands: the agent's virtualenv, the Python it
+    was made from and the source tree (an editable install points there). Nested paths are
+    dropped: binding the outer one brings them along."""
+    candidates = sorted({Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(),
+                         Path(__file__).resolve().parents[2]}, key=lambda p: len(p.parts))
+    kept: list[Path] = []
+    for path in candidates:
+        if path != Path("/") and not any(path.is_relative_to(k) for k in kept):
+            kept.append(path)
+    return tuple(kept)
+
+
 def parse_quantity(value: str | int | float) -> float:
     """A Kubernetes resource quantity in base units: ``"500m"`` -> 0.5, ``"4Gi"`` -> 4294967296."""
     if isinstance(value, int | float):
@@ -113,6 +126,8 @@ class AgentConfig:
     shaping: NetShaping = field(default_factory=NetShaping)
     venv_bin: Path = field(default_factory=lambda: Path(sys.executable).parent)
     python: Path = field(default_factory=lambda: Path(sys.executable))
+    # Bound into every pod's mount namespace after its volumes (see shim.py).
+    runtime: tuple[Path, ...] = field(default_factory=runtime_paths)
     restart_backoff_s: float = 10.0
     max_backoff_s: float = 300.0
     heartbeat_s: float = 10.0

@@ -496,6 +496,7 @@ class PodWorker:
                 "hostname": self._hostname(pod) if self.ctx.mount_namespaces else None,
                 "mount_namespace": self.ctx.mount_namespaces,
                 "mounts": mounts,
+                "runtime": [str(p) for p in self.ctx.config.runtime],
                 "cgroups": [str(p) for p in cgroups],
                 "exit_file": str(self._cfile(c, ".exit")),
                 "pid_file": str(self._cfile(c, ".pid")),

@@ -4,7 +4,8 @@ Standard library only (it runs with ``-S``). In this order it joins the
 container's cgroups, enters the pod's network namespace, unshares a private
 mount (and UTS) namespace like ``unshare --mount --propagation private``,
 bind-mounts the materialised volumes and the pod's /etc/hosts onto their
-mountPaths, sets the hostname, changes to workingDir, then forks the
+mountPaths, binds the project's runtime (virtualenv, Python, source tree) back
+over any volume that hid it, sets the hostname, changes to workingDir, then forks the
 container's process. It stays as the parent, in the same process group
 (the agent signals the group), ignoring SIGTERM/SIGINT/SIGHUP so that it
 survives to write ``exit_file`` (exit code, signal, finish time) when the
@@ -98,12 +99,28 @@ def setup(spec: dict[str, Any]) -> None:
             _mount("sysfs", "/sys", "sysfs", 0)
     if spec.get("hostname"):
         socket.sethostname(spec["hostname"])
+    # An image carries its runtime at a fixed path that no volume covers; an emulated pod runs
+    # the agent's virtualenv from the host, wherever the repository was cloned. A volume at
+    # that path's parent (the chart's emptyDir at /tmp, say, with the clone under /tmp) would
+    # hide it, so the runtime is held open before the volumes and bound back after them.
+    runtime = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY))
+               for path in spec.get("runtime") or [] if os.path.isdir(path)]
     for m in spec.get("mounts") or []:
         source, target = m["source"], m["target"]
         _ensure_mountpoint(source, target)
         _mount(source, target, None, MS_BIND | MS_REC)
         if m.get("readonly"):
             _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+    for path, fd in runtime:
+        held = f"/proc/self/fd/{fd}"
+        try:
+            visible = os.path.samestat(os.stat(held), os.stat(path))
+        except OSError:
+            visible = False
+        if not visible:
+            os.makedirs(path, exist_ok=True)
+            _mount(held, path, None, MS_BIND | MS_REC)
+        os.close(fd)
 
 
 def main(argv: list[str]) -> int:

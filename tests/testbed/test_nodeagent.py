@@ -549,3 +549,35 @@ def test_shim_records_exit_codes_and_start_errors(tmp_path: Path) -> None:
     result, out = run(["no-such-program-pqfed"])
     assert (result["exitCode"], result["reason"]) == (128, "StartError")
     assert "no-such-program-pqfed" in out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a private mount namespace needs root")
+def test_volume_over_the_clone_does_not_hide_the_runtime(tmp_path: Path) -> None:
+    """The chart's emptyDir at /tmp hid a clone under /tmp: every e2e pod failed to exec."""
+    from pqfed.testbed.nodeagent.config import runtime_paths
+
+    shim = REPO / "testbed" / "nodeagent" / "shim.py"
+    runtime = runtime_paths()
+    assert REPO in runtime or any(REPO.is_relative_to(p) for p in runtime)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    spec = tmp_path / "spec.json"
+    exit_file, pid_file, log = tmp_path / "c.exit", tmp_path / "c.pid", tmp_path / "c.log"
+    # A volume mounted on the clone's parent folder, as an emptyDir at /tmp is for /tmp/clone.
+    spec.write_text(json.dumps({
+        "argv": [sys.executable, "-c", "import pqfed.cli, pathlib, sys; "
+                 f"print('ok', pathlib.Path({str(REPO)!r}, 'pyproject.toml').is_file(), "
+                 f"sorted(p.name for p in pathlib.Path({str(REPO.parent)!r}).iterdir()))"],
+        "env": {"PATH": "/usr/bin:/bin"}, "cwd": "/", "netns": None, "hostname": None,
+        "mount_namespace": True, "cgroups": [], "runtime": [str(p) for p in runtime],
+        "mounts": [{"source": str(empty), "target": str(REPO.parent), "readonly": False}],
+        "exit_file": str(exit_file), "pid_file": str(pid_file),
+    }))
+    with open(log, "wb") as out:
+        subprocess.run([sys.executable, "-I", "-S", str(shim), str(spec)], stdout=out,
+                       stderr=subprocess.STDOUT, start_new_session=True, timeout=60, check=False)
+    output = log.read_text()
+    assert json.loads(exit_file.read_text())["exitCode"] == 0, output
+    # The volume is there (only the runtime's folder shows through it) and the runtime runs.
+    assert f"ok True {[REPO.name]!r}" in output, output
+    assert any(REPO.parent.iterdir())  # the host's folder is untouched
