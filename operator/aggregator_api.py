@@ -1,28 +1,39 @@
 """Client of the aggregator's status API (`pqfed fl aggregator --status-port`, fl_node.py):
 GET /status (the RoundRecorder's status.json) and GET /checkpoint (the last round's weights).
 
-Plain HTTP to the pod IP on the pod network, never through a proxy: the operator pod shares
-the pod network with the aggregator, and the API only describes training progress.
+The checkpoint is the global model, so the API listens on the aggregator pod's loopback only
+and the operator reaches it the way every peer reaches the aggregator: over a pqfed1 channel
+to the aggregator's sidecar (hybrid ML-KEM + X25519, mutual ML-DSA, docs/protocol.md) with
+its own certificate of role `operator`, issued by the job's federation CA. The sidecar routes
+an operator's channel to the status API and lets only `GET /status` and `GET /checkpoint`
+through (pqc/sidecar/config.py OPERATOR_PATHS); the operator pins the peer to the node id
+`aggregator` of the same CA. HTTP/1.1 framing on the channel is h11's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import urllib.error
-import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-TIMEOUT_S: Final = 2.0
-# A ConfigMap holds at most 1 MiB; leave room for status.json and the object's metadata.
-MAX_CHECKPOINT_BYTES: Final = 900 * 1024
+import h11
 
-# Environment proxies (HTTP_PROXY) must never see pod traffic.
-_OPENER: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+from pqfed.pqc.channel import SecureChannel, connect
+from pqfed.pqc.errors import ChannelClosed, PqcError
+from pqfed.pqc.handshake import Group, HandshakeConfig
+from pqfed.pqc.identity import Identity, Role, TrustAnchor
+
+TIMEOUT_S: Final = 5.0
+# A Secret holds at most 1 MiB; leave room for status.json and the object's metadata.
+MAX_CHECKPOINT_BYTES: Final = 900 * 1024
+# Never buffer more than this of a response, whatever the peer announces.
+MAX_RESPONSE_BYTES: Final = 8 * 1024 * 1024
 
 
 class AggregatorUnreachable(Exception):
-    """The status API did not answer (pod starting, restarting or gone)."""
+    """The status API did not answer (pod starting, restarting or gone, channel refused)."""
 
 
 @dataclass(frozen=True)
@@ -32,40 +43,110 @@ class Checkpoint:
     status: dict[str, Any]
 
 
-def _get(url: str) -> tuple[bytes, Any]:
+@dataclass(frozen=True)
+class AggregatorEndpoint:
+    """Where and as whom the operator reads one job's aggregator."""
+
+    host: str  # the aggregator pod's IP
+    port: int  # its sidecar's PQC port
+    identity: Identity  # the operator's identity in this job's federation
+    trust: TrustAnchor  # the job's federation CA
+    peer_node_id: str = "aggregator"
+    groups: tuple[Group, ...] = (Group.X25519_MLKEM768,)
+
+    def handshake_config(self) -> HandshakeConfig:
+        return HandshakeConfig(self.identity, self.trust, groups=self.groups,
+                               peer_roles=(Role.AGGREGATOR,), peer_node_id=self.peer_node_id,
+                               timeout_s=TIMEOUT_S)
+
+
+@dataclass(frozen=True)
+class _Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+async def _read_response(channel: SecureChannel, conn: h11.Connection) -> _Response:
+    status, headers, body = 0, {}, bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            try:
+                conn.receive_data(await channel.recv())
+            except ChannelClosed:
+                conn.receive_data(b"")
+            continue
+        if isinstance(event, h11.Response):
+            status = event.status_code
+            headers = {k.decode().lower(): v.decode() for k, v in event.headers}
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_RESPONSE_BYTES:
+                raise AggregatorUnreachable(f"response over {MAX_RESPONSE_BYTES} bytes")
+        elif isinstance(event, h11.EndOfMessage):
+            return _Response(status, headers, bytes(body))
+        elif isinstance(event, h11.ConnectionClosed):
+            raise AggregatorUnreachable("the channel closed before the response ended")
+
+
+async def _get_all(endpoint: AggregatorEndpoint, paths: Sequence[str]) -> list[_Response]:
+    """GETs `paths` one after the other on one channel (HTTP/1.1 keep-alive)."""
+    channel = await connect(endpoint.host, endpoint.port, endpoint.handshake_config())
     try:
-        with _OPENER.open(url, timeout=TIMEOUT_S) as resp:
-            return resp.read(), resp.headers
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise AggregatorUnreachable(f"{url}: {exc}") from None
+        conn = h11.Connection(h11.CLIENT)
+        out = []
+        for i, path in enumerate(paths):
+            last = i == len(paths) - 1
+            headers = [("Host", endpoint.peer_node_id),
+                       ("Connection", "close" if last else "keep-alive")]
+            request = conn.send(h11.Request(method="GET", target=path, headers=headers))
+            await channel.send((request or b"") + (conn.send(h11.EndOfMessage()) or b""))
+            out.append(await _read_response(channel, conn))
+            if not last:
+                conn.start_next_cycle()
+        return out
+    finally:
+        await channel.close()
 
 
-def _base(pod_ip: str, port: int) -> str:
-    host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
-    return f"http://{host}:{port}"
-
-
-def fetch_status(pod_ip: str, port: int, job: str) -> dict[str, Any]:
-    """The aggregator's status.json. Refuses another job's (a reused pod IP)."""
-    body, _ = _get(f"{_base(pod_ip, port)}/status")
+def _get(endpoint: AggregatorEndpoint, *paths: str) -> list[_Response]:
     try:
-        data = json.loads(body)
+        return asyncio.run(asyncio.wait_for(_get_all(endpoint, paths), TIMEOUT_S * 2))
+    except (PqcError, OSError, TimeoutError, h11.ProtocolError) as exc:
+        raise AggregatorUnreachable(
+            f"{endpoint.host}:{endpoint.port}: {type(exc).__name__}: {exc}") from None
+
+
+def _status_json(resp: _Response, job: str, where: str) -> dict[str, Any]:
+    if resp.status != 200:
+        raise AggregatorUnreachable(f"/status answered {resp.status}")
+    try:
+        data = json.loads(resp.body)
     except ValueError as exc:
         raise AggregatorUnreachable(f"/status is not JSON: {exc}") from None
     if not isinstance(data, dict) or data.get("job", job) != job:
-        raise AggregatorUnreachable(f"{pod_ip} does not serve job {job}")
+        raise AggregatorUnreachable(f"{where} does not serve job {job}")
     return data
 
 
-def fetch_checkpoint(pod_ip: str, port: int, job: str) -> Checkpoint | None:
+def fetch_status(endpoint: AggregatorEndpoint, job: str) -> dict[str, Any]:
+    """The aggregator's status.json. Refuses another job's (a reused pod IP)."""
+    (resp,) = _get(endpoint, "/status")
+    return _status_json(resp, job, endpoint.host)
+
+
+def fetch_checkpoint(endpoint: AggregatorEndpoint, job: str) -> Checkpoint | None:
     """The last completed round's checkpoint with the status that describes it, or None if
     a round completed between the two requests (try again on the next tick)."""
-    status = fetch_status(pod_ip, port, job)
-    data, headers = _get(f"{_base(pod_ip, port)}/checkpoint")
+    status_resp, ckpt_resp = _get(endpoint, "/status", "/checkpoint")
+    status = _status_json(status_resp, job, endpoint.host)
+    if ckpt_resp.status != 200:
+        return None
     try:
-        round_ = int(headers.get("X-Pqfed-Round", "0"))
+        round_ = int(ckpt_resp.headers.get("x-pqfed-round", "0"))
     except ValueError:
         return None
     if round_ != int(status.get("currentRound") or 0) or round_ < 1:
         return None
-    return Checkpoint(round_, data, status)
+    return Checkpoint(round_, ckpt_resp.body, status)

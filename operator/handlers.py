@@ -6,7 +6,9 @@ replica that was just replaced, already did), delete lost pods, patch status, po
 
 - on.create / on.resume: validate, create the children, phase Running.
 - timer (every TICK_S while Running): copy the aggregator's progress into status, store each
-  new round's checkpoint in a ConfigMap, recreate lost pods, detect success/failure/cancel.
+  new round's checkpoint in a Secret, recreate lost pods, detect success/failure/cancel. The
+  aggregator is read through its PQC sidecar with the job's operator identity
+  (aggregator_api.py).
 - on.delete (finalizer pqfed.io/cleanup): delete every child and wait until they are gone.
 
 `run_operator(args)` is `pqfed operator run`.
@@ -30,11 +32,14 @@ from pqfed.operator import identities, reconcile
 from pqfed.operator import pods as m
 from pqfed.operator.aggregator_api import (
     MAX_CHECKPOINT_BYTES,
+    AggregatorEndpoint,
     AggregatorUnreachable,
     fetch_checkpoint,
     fetch_status,
 )
 from pqfed.operator.metrics import OperatorMetrics, serve_http
+from pqfed.pqc.handshake import Group
+from pqfed.pqc.identity import Certificate, Identity, TrustAnchor
 from pqfed.services.spec import API_GROUP, API_VERSION, FederationJobSpec
 
 PLURAL: Final = "federationjobs"
@@ -54,7 +59,10 @@ class OperatorContext:
     metrics_port: int = 8080
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     core: Any = None  # kubernetes.client.CoreV1Api
+    networking: Any = None  # kubernetes.client.NetworkingV1Api
     configuration: Any = None  # kubernetes.client.Configuration
+    # Per job uid: the operator's identity in that job's federation and the job's CA.
+    identities: dict[str, tuple[Identity, TrustAnchor]] = field(default_factory=dict)
     started: bool = False
     http_runner: Any = None
 
@@ -112,12 +120,15 @@ def _name(obj: dict[str, Any]) -> str:
     return str(obj["metadata"]["name"])
 
 
-def list_children(core: Any, job: m.JobRef) -> dict[str, list[dict[str, Any]]]:
-    """The job's Secrets, ConfigMaps, Services and Pods (raw JSON), owned by this uid."""
+def list_children(ctx: OperatorContext, job: m.JobRef) -> dict[str, list[dict[str, Any]]]:
+    """The job's Secrets, ConfigMaps, Services, NetworkPolicies and Pods (raw JSON), owned by
+    this uid."""
     sel = f"{m.JOB_LABEL}={job.name}"
+    core = ctx.core
     calls = {"secrets": core.list_namespaced_secret,
              "configmaps": core.list_namespaced_config_map,
              "services": core.list_namespaced_service,
+             "networkpolicies": ctx.networking.list_namespaced_network_policy,
              "pods": core.list_namespaced_pod}
     out: dict[str, list[dict[str, Any]]] = {}
     for kind, call in calls.items():
@@ -126,40 +137,69 @@ def list_children(core: Any, job: m.JobRef) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def _strip_binary(cm: dict[str, Any]) -> dict[str, Any]:
+def _keys_only(secret: dict[str, Any]) -> dict[str, Any]:
     """Keeps the checkpoint's keys, not its bytes (the plan only needs which round it is)."""
-    if cm.get("binaryData"):
-        cm = {**cm, "binaryData": dict.fromkeys(cm["binaryData"], "")}
-    return cm
+    return {**secret, "data": dict.fromkeys(secret.get("data") or {}, "")}
 
 
-def observe(core: Any, job: m.JobRef, *, poll_aggregator: bool) -> reconcile.Observed:
-    children = list_children(core, job)
+def aggregator_endpoint(ctx: OperatorContext, job: m.JobRef, spec: FederationJobSpec,
+                        pod: dict[str, Any] | None) -> AggregatorEndpoint | None:
+    """How to reach the job's aggregator through its sidecar, as the job's operator identity;
+    None while the pod has no IP or the identity is not issued yet."""
+    ip = ((pod or {}).get("status") or {}).get("podIP")
+    if not ip:
+        return None
+    if job.uid not in ctx.identities:
+        name = m.identity_secret_name(job.name, m.OPERATOR_NODE_ID)
+        try:
+            data = _secret_data(ctx.core, job.namespace, name)
+        except Exception as exc:  # not issued yet (404), or RBAC: try again next tick
+            log.info("job %s/%s: operator identity %s: %s", job.namespace, job.name, name, exc)
+            return None
+        ctx.identities[job.uid] = (Identity.load(data["tls.crt"], data["tls.key"]),
+                                   TrustAnchor(Certificate.from_pem(data["ca.crt"])))
+    identity, trust = ctx.identities[job.uid]
+    groups = ((Group.X25519_MLKEM1024,) if spec.crypto.kem == "ML-KEM-1024"
+              else (Group.X25519_MLKEM768,))
+    return AggregatorEndpoint(ip, m.PQC_PORT, identity, trust, groups=groups)
+
+
+def observe(ctx: OperatorContext, job: m.JobRef, spec: FederationJobSpec | None = None
+            ) -> reconcile.Observed:
+    """The job's children; with `spec`, also the aggregator's /status (if it answers)."""
+    children = list_children(ctx, job)
     pods = {_name(p): p for p in children["pods"]}
     agg_status = None
     agg_pod = pods.get(m.aggregator_pod_name(job.name))
-    ip = ((agg_pod or {}).get("status") or {}).get("podIP")
     phase = ((agg_pod or {}).get("status") or {}).get("phase")
-    if poll_aggregator and ip and phase in ("Pending", "Running"):
+    endpoint = (aggregator_endpoint(ctx, job, spec, agg_pod)
+                if spec is not None and phase in ("Pending", "Running") else None)
+    if endpoint is not None:
         try:
-            agg_status = fetch_status(ip, m.STATUS_PORT, job.name)
+            agg_status = fetch_status(endpoint, job.name)
         except AggregatorUnreachable as exc:
             log.debug("job %s/%s: aggregator status: %s", job.namespace, job.name, exc)
+    secrets = {_name(s): s for s in children["secrets"]}
+    checkpoint = secrets.get(m.checkpoint_secret_name(job.name))
     return reconcile.Observed(
-        secrets=frozenset(_name(s) for s in children["secrets"]),
-        configmaps={_name(c): _strip_binary(c) for c in children["configmaps"]},
+        secrets=frozenset(secrets),
+        configmaps={_name(c): c for c in children["configmaps"]},
         services=frozenset(_name(s) for s in children["services"]),
+        network_policies=frozenset(_name(p) for p in children["networkpolicies"]),
+        checkpoint=_keys_only(checkpoint) if checkpoint else None,
         pods=pods, aggregator=agg_status)
 
 
 # ---- apply ----------------------------------------------------------------------------------
-def _create(core: Any, obj: dict[str, Any]) -> bool:
+def _create(ctx: OperatorContext, obj: dict[str, Any]) -> bool:
     """Creates `obj`; False if it already exists (created concurrently)."""
     from kubernetes.client.exceptions import ApiException
 
+    core = ctx.core
     create = {"Secret": core.create_namespaced_secret,
               "ConfigMap": core.create_namespaced_config_map,
               "Service": core.create_namespaced_service,
+              "NetworkPolicy": ctx.networking.create_namespaced_network_policy,
               "Pod": core.create_namespaced_pod}[obj["kind"]]
     try:
         create(obj["metadata"]["namespace"], obj)
@@ -185,15 +225,16 @@ def _secret_data(core: Any, namespace: str, name: str) -> dict[str, str]:
     return {k: base64.b64decode(v).decode() for k, v in (sec.data or {}).items()}
 
 
-def issue_secrets(core: Any, job: m.JobRef, spec: FederationJobSpec,
+def issue_secrets(ctx: OperatorContext, job: m.JobRef, spec: FederationJobSpec,
                   wanted: list[reconcile.SecretToIssue]) -> None:
     """Issues missing identity Secrets. The CA is created once and then always read back from
     its Secret, so identities issued by concurrent replicas all chain to the one stored CA."""
     algorithm = spec.crypto.signature
+    core = ctx.core
     for s in wanted:
         if s.node_id is None:
             data = identities.issue_ca(job.name, algorithm)
-            _create(core, m.secret(job, s.name, data, "ca"))
+            _create(ctx, m.secret(job, s.name, data, "ca"))
     ca = None
     for s in wanted:
         if s.node_id is None or s.role is None:
@@ -201,7 +242,7 @@ def issue_secrets(core: Any, job: m.JobRef, spec: FederationJobSpec,
         if ca is None:
             ca = identities.load_ca(_secret_data(core, job.namespace, m.ca_secret_name(job.name)))
         data = identities.issue_identity(ca, s.node_id, s.role, algorithm)
-        _create(core, m.secret(job, s.name, data, "identity", s.node_id))
+        _create(ctx, m.secret(job, s.name, data, "identity", s.node_id))
 
 
 def delete_pod(core: Any, namespace: str, name: str, grace: int | None = None) -> None:
@@ -216,13 +257,12 @@ def delete_pod(core: Any, namespace: str, name: str, grace: int | None = None) -
 
 def apply_plan(ctx: OperatorContext, body: Any, job: m.JobRef,
                spec: FederationJobSpec | None, plan: reconcile.Plan) -> None:
-    core = ctx.core
     if plan.issue and spec is not None:
-        issue_secrets(core, job, spec, plan.issue)
+        issue_secrets(ctx, job, spec, plan.issue)
     for obj in plan.create:
-        _create(core, obj)
+        _create(ctx, obj)
     for name in plan.delete_pods:
-        delete_pod(core, job.namespace, name)
+        delete_pod(ctx.core, job.namespace, name)
     for ev in plan.events:
         kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message[:1024])
     for role in plan.recreated:
@@ -231,47 +271,48 @@ def apply_plan(ctx: OperatorContext, body: Any, job: m.JobRef,
         ctx.metrics.rounds.inc(plan.new_rounds)
 
 
-def save_checkpoint(ctx: OperatorContext, job: m.JobRef, observed: reconcile.Observed,
-                    status: dict[str, Any], now: str) -> dict[str, Any]:
-    """Stores the aggregator's last completed round in ConfigMap NAME-checkpoint; returns a
+def save_checkpoint(ctx: OperatorContext, job: m.JobRef, spec: FederationJobSpec,
+                    observed: reconcile.Observed, status: dict[str, Any], now: str
+                    ) -> dict[str, Any]:
+    """Stores the aggregator's last completed round in Secret NAME-checkpoint; returns a
     status patch (Checkpointed condition) or {} if it should be tried again next tick."""
     from kubernetes.client.exceptions import ApiException
 
-    pod = observed.pods.get(m.aggregator_pod_name(job.name)) or {}
-    ip = (pod.get("status") or {}).get("podIP")
-    if not ip:
+    endpoint = aggregator_endpoint(ctx, job, spec,
+                                   observed.pods.get(m.aggregator_pod_name(job.name)))
+    if endpoint is None:
         return {}
     try:
-        ckpt = fetch_checkpoint(ip, m.STATUS_PORT, job.name)
+        ckpt = fetch_checkpoint(endpoint, job.name)
     except AggregatorUnreachable as exc:
         log.info("job %s/%s: checkpoint not fetched: %s", job.namespace, job.name, exc)
         return {}
     if ckpt is None:
         return {}
-    name = m.checkpoint_configmap_name(job.name)
+    name = m.checkpoint_secret_name(job.name)
     if len(ckpt.data) > MAX_CHECKPOINT_BYTES:
         return reconcile.checkpoint_status(
             status, ckpt.round, False,
-            f"round {ckpt.round} checkpoint is {len(ckpt.data)} bytes, more than a ConfigMap "
+            f"round {ckpt.round} checkpoint is {len(ckpt.data)} bytes, more than a Secret "
             "holds; a lost aggregator restarts from the last stored round", now)
-    existing = observed.configmaps.get(name)
-    previous = list((existing or {}).get("binaryData") or {})
-    body = m.checkpoint_configmap(job, ckpt.round, ckpt.data, ckpt.status, previous)
+    existing = observed.checkpoint
+    previous = list((existing or {}).get("data") or {})
+    body = m.checkpoint_secret(job, ckpt.round, ckpt.data, ckpt.status, previous)
     try:
         if existing is None:
-            body["binaryData"] = {k: v for k, v in body["binaryData"].items() if v is not None}
-            if not _create(ctx.core, body):
+            body["data"] = {k: v for k, v in body["data"].items() if v is not None}
+            if not _create(ctx, body):
                 return {}
         else:
-            ctx.core.patch_namespaced_config_map(name, job.namespace, body)
+            ctx.core.patch_namespaced_secret(name, job.namespace, body)
     except ApiException as exc:
-        log.warning("job %s/%s: checkpoint ConfigMap: %s", job.namespace, job.name,
+        log.warning("job %s/%s: checkpoint Secret: %s", job.namespace, job.name,
                     _api_message(exc))
         return {}
     ctx.metrics.checkpoints.inc()
     return reconcile.checkpoint_status(
         status, ckpt.round, True,
-        f"round {ckpt.round} stored in ConfigMap {name} ({len(ckpt.data)} bytes)", now)
+        f"round {ckpt.round} stored in Secret {name} ({len(ckpt.data)} bytes)", now)
 
 
 def _job_args(body: Any) -> tuple[m.JobRef, dict[str, Any], dict[str, Any], int | None,
@@ -311,7 +352,9 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, logger: Any,
 
     ctx: OperatorContext = memo
     ctx.configuration = kube_configuration(ctx.kubeconfig)
-    ctx.core = client.CoreV1Api(client.ApiClient(ctx.configuration))
+    api = client.ApiClient(ctx.configuration)
+    ctx.core = client.CoreV1Api(api)
+    ctx.networking = client.NetworkingV1Api(api)
     ctx.http_runner = await serve_http(ctx.metrics_port, ctx.metrics, lambda: ctx.started)
     ctx.started = True
     logger.info("pqfed operator ready: /healthz and /metrics on :%d", ctx.metrics_port)
@@ -338,7 +381,7 @@ def start_job(body: Any, patch: Any, memo: Any, logger: Any, **_: Any) -> None:
     job, raw_spec, status, generation, annotations = _job_args(body)
     spec = reconcile.validate(job.name, raw_spec, ctx.job_defaults)
     try:
-        observed = observe(ctx.core, job, poll_aggregator=False)
+        observed = observe(ctx, job)
         plan = reconcile.plan_start(job, raw_spec, status, observed, now_rfc3339(),
                                     generation=generation, annotations=annotations,
                                     defaults=ctx.job_defaults)
@@ -379,12 +422,13 @@ def monitor_job(body: Any, patch: Any, memo: Any, logger: Any, **_: Any) -> None
         return  # on.create reported it
     now = now_rfc3339()
     try:
-        observed = observe(ctx.core, job, poll_aggregator=True)
+        observed = observe(ctx, job, spec)
         plan = reconcile.plan_tick(job, spec, status, observed, now, annotations=annotations)
         apply_plan(ctx, body, job, spec, plan)
         changes = dict(plan.status)
         if plan.save_checkpoint:
-            changes.update(save_checkpoint(ctx, job, observed, {**status, **changes}, now))
+            changes.update(save_checkpoint(ctx, job, spec, observed, {**status, **changes},
+                                           now))
     except kopf.PermanentError as exc:
         changes = _refused(ctx, body, status, str(exc)).status
     except Exception as exc:
@@ -422,16 +466,18 @@ def cleanup_job(body: Any, memo: Any, logger: Any, runtime: dt.timedelta,
     ctx: OperatorContext = memo
     job = m.JobRef.from_body(body)
     core = ctx.core
-    children = list_children(core, job)
+    children = list_children(ctx, job)
     left = sum(len(v) for v in children.values())
     if not left:
+        ctx.identities.pop(job.uid, None)
         ctx.metrics.job_phase(job.uid, None)
         ctx.metrics.reconciles.labels("delete", "ok").inc()
         return
     force = runtime.total_seconds() > FORCE_DELETE_AFTER_S
     deletes = {"secrets": core.delete_namespaced_secret,
                "configmaps": core.delete_namespaced_config_map,
-               "services": core.delete_namespaced_service}
+               "services": core.delete_namespaced_service,
+               "networkpolicies": ctx.networking.delete_namespaced_network_policy}
     for pod in children["pods"]:
         if force or not pod["metadata"].get("deletionTimestamp"):
             delete_pod(core, job.namespace, _name(pod), 0 if force else None)

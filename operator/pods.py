@@ -38,7 +38,9 @@ STATE_DIR: Final = "/var/lib/pqfed"
 SPEC_FILE: Final = "spec.json"
 STATUS_FILE: Final = "status.json"
 PQC_PORT: Final = 7443  # aggregator sidecar, the only port peers reach
-STATUS_PORT: Final = 8080  # aggregator status API (operator only)
+# Aggregator status API on the pod's loopback: the operator reaches it through the sidecar
+# with its own PQC identity (the checkpoint is the global model).
+STATUS_PORT: Final = 8080
 FLEET_PORT: Final = 9092  # SuperLink Fleet API, loopback behind the sidecar
 ADMIN_PORT: Final = 9901  # sidecar admin API (/readyz, /metrics)
 ROUTE_PORT: Final = 19092  # client sidecar's plaintext route to the aggregator
@@ -100,8 +102,15 @@ def job_configmap_name(job: str) -> str:
     return f"{job}-job"
 
 
-def checkpoint_configmap_name(job: str) -> str:
+def checkpoint_secret_name(job: str) -> str:
     return f"{job}-checkpoint"
+
+
+OPERATOR_NODE_ID: Final = "operator"
+
+
+def network_policy_name(job: str) -> str:
+    return f"{job}-pqc-only"
 
 
 def aggregator_pod_name(job: str) -> str:
@@ -185,46 +194,62 @@ def job_configmap(job: JobRef, spec: FederationJobSpec) -> Manifest:
             "data": {SPEC_FILE: doc}}
 
 
-def checkpoint_configmap(job: JobRef, round_: int, checkpoint: bytes,
-                         status: Manifest, previous_keys: list[str] | tuple[str, ...] = ()
-                         ) -> Manifest:
+def checkpoint_secret(job: JobRef, round_: int, checkpoint: bytes,
+                      status: Manifest, previous_keys: list[str] | tuple[str, ...] = ()
+                      ) -> Manifest:
     """The operator's copy of the aggregator's last completed round: what
-    `pqfed fl aggregator --restore DIR` reads (status.json + round-NNNNN.npz).
+    `pqfed fl aggregator --restore DIR` reads (status.json + round-NNNNN.npz). A Secret, not a
+    ConfigMap: the checkpoint is the global model, readable only by those RBAC lets read the
+    job's identities.
 
     Meant for a merge patch as well as a create: keys of older rounds are set to null, so a
-    patch drops them and the map never grows past one checkpoint.
+    patch drops them and the Secret never grows past one checkpoint.
     """
-    binary: dict[str, str | None] = {k: None for k in previous_keys if k != checkpoint_key(round_)}
-    binary[checkpoint_key(round_)] = base64.b64encode(checkpoint).decode()
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": _meta(job, checkpoint_configmap_name(job.name),
+    data: dict[str, str | None] = {k: None for k in previous_keys
+                                   if k not in (checkpoint_key(round_), STATUS_FILE)}
+    data[checkpoint_key(round_)] = base64.b64encode(checkpoint).decode()
+    data[STATUS_FILE] = base64.b64encode(json.dumps(status, sort_keys=True).encode()).decode()
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": _meta(job, checkpoint_secret_name(job.name),
                               labels(job.name, "checkpoint"),
                               {ROUND_ANNOTATION: str(round_)}),
-            "data": {STATUS_FILE: json.dumps(status, sort_keys=True)},
-            "binaryData": binary}
+            "data": data}
 
 
-def checkpoint_round(configmap: Manifest | None) -> int:
-    """The round a checkpoint ConfigMap holds (0: none usable)."""
-    if not configmap:
+def checkpoint_round(secret: Manifest | None) -> int:
+    """The round a checkpoint Secret holds (0: none usable)."""
+    if not secret:
         return 0
-    annotations = (configmap.get("metadata") or {}).get("annotations") or {}
+    annotations = (secret.get("metadata") or {}).get("annotations") or {}
     try:
         round_ = int(annotations.get(ROUND_ANNOTATION, "0"))
     except ValueError:
         return 0
-    has_data = checkpoint_key(round_) in (configmap.get("binaryData") or {})
-    has_status = STATUS_FILE in (configmap.get("data") or {})
-    return round_ if round_ > 0 and has_data and has_status else 0
+    keys = secret.get("data") or {}
+    return round_ if round_ > 0 and checkpoint_key(round_) in keys and STATUS_FILE in keys else 0
+
+
+def network_policy(job: JobRef) -> Manifest:
+    """Only the sidecars' PQC port of a job's pods is reachable on the pod network: the
+    aggregator's and edges' (clients dial out only). Enforced where the CNI implements
+    NetworkPolicy (k3s's embedded kube-router, Calico, Cilium); the status API and SuperLink
+    also bind loopback, so nothing but the sidecar listens beside the channel either way."""
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": _meta(job, network_policy_name(job.name), labels(job.name, "network")),
+            "spec": {
+                "podSelector": {"matchLabels": {JOB_LABEL: job.name}},
+                "policyTypes": ["Ingress"],
+                "ingress": [{
+                    "ports": [{"protocol": "TCP", "port": PQC_PORT}],
+                }],
+            }}
 
 
 def _pqc_service(job: JobRef, name: str, component: str, selector: dict[str, str]
                  ) -> Manifest:
     # Port == targetPort: the emulated nodes have no kube-proxy; /etc/hosts maps the name to
     # the ready pod's IP and clients dial the pod port directly.
-    ports = [{"name": "pqc", "port": PQC_PORT, "targetPort": PQC_PORT, "protocol": "TCP"},
-             {"name": "status", "port": STATUS_PORT, "targetPort": STATUS_PORT,
-              "protocol": "TCP"}]
+    ports = [{"name": "pqc", "port": PQC_PORT, "targetPort": PQC_PORT, "protocol": "TCP"}]
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": _meta(job, name, labels(job.name, component)),
             "spec": {"type": "ClusterIP", "ports": ports, "selector": selector}}
@@ -272,8 +297,8 @@ def _volumes(job: str, node_id: str, restore: bool) -> list[Manifest]:
         {"name": "state", "emptyDir": {}},
     ]
     if restore:
-        vols.append({"name": "restore",
-                     "configMap": {"name": checkpoint_configmap_name(job)}})
+        vols.append({"name": "restore", "secret": {"secretName": checkpoint_secret_name(job),
+                                                   "defaultMode": 0o440}})
     return vols
 
 
@@ -306,7 +331,8 @@ def _pod(job: JobRef, name: str, lbls: dict[str, str], restart_policy: str,
 
 def _inbound_sidecar(spec: FederationJobSpec, *extra: str) -> Manifest:
     """The sidecar of a pod that accepts PQC channels (aggregator, edge): only the Fleet API
-    gets through to the local SuperLink; `extra` adds arguments (an edge's route upstream)."""
+    gets through to the local SuperLink; `extra` adds arguments (an edge's route upstream,
+    the aggregator's status API for the operator). Its readiness includes the upstream's."""
     cmd = ["pqfed", "sidecar", *_identity_args(),
            "--listen", f"0.0.0.0:{PQC_PORT}", "--upstream", f"127.0.0.1:{FLEET_PORT}",
            "--allow-path-prefix", FLEET_PATH_PREFIX, *_groups(spec), *extra,
@@ -318,9 +344,10 @@ def _inbound_sidecar(spec: FederationJobSpec, *extra: str) -> Manifest:
 
 
 def aggregator_pod(job: JobRef, spec: FederationJobSpec, *, restore: bool = False) -> Manifest:
-    """SuperLink + ServerApp + status API (`fl`) behind the PQC sidecar, which only lets the
-    Fleet API through. With `restore`, the operator's checkpoint ConfigMap is mounted and the
-    ServerApp resumes after the round it holds."""
+    """SuperLink + ServerApp + status API (`fl`, all on loopback) behind the PQC sidecar,
+    which lets clients reach only the Fleet API and the operator only the status API. With
+    `restore`, the operator's checkpoint Secret is mounted and the ServerApp resumes after the
+    round it holds."""
     fl_cmd = ["pqfed", "fl", "aggregator", "--spec", f"{JOB_DIR}/{SPEC_FILE}",
               "--identity-dir", IDENTITY_DIR, "--state-dir", STATE_DIR,
               "--fleet-port", str(FLEET_PORT), "--status-port", str(STATUS_PORT),
@@ -329,10 +356,8 @@ def aggregator_pod(job: JobRef, spec: FederationJobSpec, *, restore: bool = Fals
     if restore:
         fl_cmd += ["--restore", RESTORE_DIR]
         mounts.append(_RESTORE_MOUNT)
-    fl = _container("fl", spec.image, fl_cmd, FL_RESOURCES, mounts,
-                    ports=[{"name": "status", "containerPort": STATUS_PORT}],
-                    readinessProbe=_http_probe("/healthz", STATUS_PORT))
-    sidecar = _inbound_sidecar(spec)
+    fl = _container("fl", spec.image, fl_cmd, FL_RESOURCES, mounts)
+    sidecar = _inbound_sidecar(spec, "--operator-upstream", f"127.0.0.1:{STATUS_PORT}")
     lbls = labels(job.name, "aggregator", **{ROLE_LABEL: "aggregator"})
     return _pod(job, aggregator_pod_name(job.name), lbls, "OnFailure",
                 spec.placement.aggregator_node_selector, sidecar, fl,
@@ -350,11 +375,9 @@ def edge_pod(job: JobRef, spec: FederationJobSpec, edge: int) -> Manifest:
     fl_cmd = ["pqfed", "fl", "edge", "--spec", f"{JOB_DIR}/{SPEC_FILE}", "--index", str(edge),
               "--identity-dir", IDENTITY_DIR, "--state-dir", STATE_DIR,
               "--fleet-port", str(FLEET_PORT), "--superlink", f"127.0.0.1:{ROUTE_PORT}",
-              "--runtime-port", str(RUNTIME_PORT), "--status-port", str(STATUS_PORT)]
+              "--runtime-port", str(RUNTIME_PORT)]
     fl = _container("fl", spec.image, fl_cmd, FL_RESOURCES,
-                    [_IDENTITY_MOUNT, _JOB_MOUNT, _STATE_MOUNT],
-                    ports=[{"name": "status", "containerPort": STATUS_PORT}],
-                    readinessProbe=_http_probe("/healthz", STATUS_PORT))
+                    [_IDENTITY_MOUNT, _JOB_MOUNT, _STATE_MOUNT])
     sidecar = _inbound_sidecar(spec, "--route", f"127.0.0.1:{ROUTE_PORT}="
                                f"{_aggregator_peer(job)}@{AGGREGATOR_NODE_ID}")
     lbls = labels(job.name, "edge", **{ROLE_LABEL: "edge", INDEX_LABEL: str(edge)})

@@ -74,6 +74,8 @@ class Observed:
     services: frozenset[str] = frozenset()
     pods: Mapping[str, Manifest] = field(default_factory=dict)
     aggregator: Manifest | None = None
+    network_policies: frozenset[str] = frozenset()
+    checkpoint: Manifest | None = None  # the checkpoint Secret (its keys; values dropped)
 
 
 @dataclass
@@ -285,7 +287,10 @@ def _edges(spec: FederationJobSpec) -> int:
 def _issue_plan(job: m.JobRef, spec: FederationJobSpec, observed: Observed) -> list[SecretToIssue]:
     wanted = [SecretToIssue(m.ca_secret_name(job.name)),
               SecretToIssue(m.identity_secret_name(job.name, m.AGGREGATOR_NODE_ID),
-                            m.AGGREGATOR_NODE_ID, Role.AGGREGATOR)]
+                            m.AGGREGATOR_NODE_ID, Role.AGGREGATOR),
+              # The operator's own: it reads the aggregator's status through the sidecar.
+              SecretToIssue(m.identity_secret_name(job.name, m.OPERATOR_NODE_ID),
+                            m.OPERATOR_NODE_ID, Role.OPERATOR)]
     wanted += [SecretToIssue(m.identity_secret_name(job.name, m.client_node_id(i)),
                              m.client_node_id(i), Role.CLIENT) for i in range(spec.clients)]
     wanted += [SecretToIssue(m.identity_secret_name(job.name, m.edge_node_id(e)),
@@ -311,11 +316,13 @@ def ensure_children(job: m.JobRef, spec: FederationJobSpec, status: Manifest,
     plan.issue += _issue_plan(job, spec, observed)
     if m.job_configmap_name(job.name) not in observed.configmaps:
         plan.create.append(m.job_configmap(job, spec))
+    if m.network_policy_name(job.name) not in observed.network_policies:
+        plan.create.append(m.network_policy(job))
     if m.aggregator_service_name(job.name) not in observed.services:
         plan.create.append(m.aggregator_service(job))
     agg_name = m.aggregator_pod_name(job.name)
     if agg_name not in observed.pods:
-        restore = m.checkpoint_round(observed.configmaps.get(m.checkpoint_configmap_name(job.name)))
+        restore = m.checkpoint_round(observed.checkpoint)
         plan.create.append(m.aggregator_pod(job, spec, restore=restore > 0))
         if started:
             how = (f"resumes from checkpoint round {restore}" if restore
@@ -512,8 +519,7 @@ def plan_tick(job: m.JobRef, spec: FederationJobSpec, status: Mapping[str, Any],
         plan.new_rounds = _merge_progress(new, agg, spec, now)
         if plan.new_rounds:
             plan.events.append(Event("Normal", "RoundCompleted", new.get("message", "")))
-        ckpt_cm = observed.configmaps.get(m.checkpoint_configmap_name(job.name))
-        if int(agg.get("currentRound") or 0) > m.checkpoint_round(ckpt_cm):
+        if int(agg.get("currentRound") or 0) > m.checkpoint_round(observed.checkpoint):
             plan.save_checkpoint = int(agg["currentRound"])
 
     agg_name = m.aggregator_pod_name(job.name)

@@ -65,6 +65,8 @@ def _sidecar(args: argparse.Namespace) -> int:
             handshake_timeout_s=args.handshake_timeout,
             groups=tuple(Group[g] for g in args.group) or (Group.X25519_MLKEM768,),
             allow_path_prefixes=tuple(args.allow_path_prefix),
+            operator_upstream=(Endpoint.parse(args.operator_upstream, "--operator-upstream")
+                               if args.operator_upstream else None),
         )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(Sidecar(config)))
@@ -89,7 +91,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     issue = ca_sub.add_parser("issue", help="issue a node identity")
     issue.add_argument("--ca", required=True, help="directory with ca.crt and ca.key")
     issue.add_argument("--node-id", required=True)
-    issue.add_argument("--role", required=True, choices=["aggregator", "client", "edge"])
+    issue.add_argument("--role", required=True,
+                       choices=["aggregator", "client", "edge", "operator"])
     issue.add_argument("--out", required=True)
     issue.add_argument("--algorithm", default="ML-DSA-65")
     issue.add_argument("--days", type=int, default=30)
@@ -118,6 +121,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="key-establishment group(s); default X25519_MLKEM768")
     sc.add_argument("--allow-path-prefix", action="append", default=[],
                     help="inbound: only HTTP/1.1 requests under this path (repeatable)")
+    sc.add_argument("--operator-upstream",
+                    help="inbound: channels from an operator identity reach only GET "
+                         "/status and /checkpoint at this loopback HOST:PORT")
     sc.add_argument("--log-level", default="info")
     sc.set_defaults(func=_sidecar)
 

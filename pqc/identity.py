@@ -33,6 +33,9 @@ class Role(enum.IntEnum):
     AGGREGATOR = 1
     CLIENT = 2
     EDGE = 3  # edge aggregator in hierarchical mode: a client upstream, an aggregator downstream
+    # The Kubernetes operator: reads an aggregator's progress and checkpoint through its
+    # sidecar, never the Fleet API, and signs no model updates.
+    OPERATOR = 4
 
     @classmethod
     def parse(cls, value: str) -> Role:

@@ -45,7 +45,7 @@ from pqfed.pqc.signing import SignedUpdate, sign_update, verify_update
 from pqfed.services import compression, downlink
 from pqfed.services.downlink import Broadcast, Broadcaster, Held, apply
 from pqfed.services.edge import EDGE_SOCKET_KEY, EdgeRoundError, request_edge_round
-from pqfed.services.rounds import RoundRecorder
+from pqfed.services.rounds import RoundRecorder, local_dp_budget
 from pqfed.services.spec import FederationJobSpec, parse_spec
 from pqfed.services.strategies import build_strategy
 
@@ -138,9 +138,9 @@ def pqfed_mod(msg: Message, context: Context, call_next: Any) -> Message:
         # (an edge forwards its clients' already-noised aggregate)
         from flwr.clientapp.mod import LocalDpMod
 
-        eps_round = (spec.privacy.target_epsilon or 1.0) / spec.rounds
+        eps_round, delta_round = local_dp_budget(spec)
         reply: Message = LocalDpMod(spec.privacy.clipping_norm, spec.privacy.clipping_norm,
-                                    eps_round, spec.privacy.delta)(msg, context, call_next)
+                                    eps_round, delta_round)(msg, context, call_next)
     else:
         reply = call_next(msg, context)
     if reply.has_error():

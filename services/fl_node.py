@@ -6,8 +6,10 @@ local process under `pqfed run`, so both paths exercise identical code.
 Aggregator: SuperLink (Fleet + Control + ServerApp APIs on one loopback port; only the sidecar
 reaches it), a SuperExec that launches the ServerApp per run, the job driver that submits the
 run and waits for it, and a small HTTP API (`/healthz`, `/status`, `/checkpoint`) for the
-operator. Client: SuperNode dialling the SuperLink through its local sidecar route, and the
-SuperExec that runs the ClientApp for each message.
+operator, on loopback only: the checkpoint is the global model, so the operator reads it
+through the sidecar with its own PQC identity (`pqfed sidecar --operator-upstream`).
+Client: SuperNode dialling the SuperLink through its local sidecar route, and the SuperExec
+that runs the ClientApp for each message.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ FAST_POLL_S = 0.1
 # and checkpoint (the operator keeps a copy), submits a new run, and SuperNodes re-register.
 # PQFED_SUPERLINK_DB=1 keeps the file (the baseline of that benchmark).
 SERVERAPP_LAUNCH_POLL_S = 1.0  # SuperExec only starts the ServerApp once per run
+STATUS_HOST = "127.0.0.1"  # the status API; its only remote reader comes through the sidecar
 
 
 def _superlink_db(state: Path) -> Path | None:
@@ -84,7 +87,8 @@ def _serve_status(state_dir: Path, port: int) -> None:
         return Response(path.read_bytes(), media_type="application/octet-stream",
                         headers={"X-Pqfed-Round": str(done)})
 
-    config = uvicorn.Config(app, host="0.0.0.0", port=port, log_level="warning",  # noqa: S104
+    # Loopback only: nothing that carries the model listens beside the PQC channel.
+    config = uvicorn.Config(app, host=STATUS_HOST, port=port, log_level="warning",
                             lifespan="off")
     threading.Thread(target=uvicorn.Server(config).run, daemon=True,
                      name="status-api").start()
@@ -299,7 +303,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     agg.add_argument("--restore", help="dir with a saved status.json + checkpoint to resume")
     agg.add_argument("--host", default="127.0.0.1", help="SuperLink bind address")
     agg.add_argument("--fleet-port", type=int, default=9092)
-    agg.add_argument("--status-port", type=int, default=8080)
+    agg.add_argument("--status-port", type=int, default=8080,
+                     help=f"status API port on {STATUS_HOST} (the sidecar's operator upstream)")
     agg.add_argument("--linger", type=float, default=0.0,
                      help="seconds to keep serving /status after the job ends")
     agg.set_defaults(func=run_aggregator)

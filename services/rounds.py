@@ -63,14 +63,27 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def local_dp_budget(spec: FederationJobSpec) -> tuple[float, float]:
+    """(epsilon, delta) of one round of local DP, so that `spec.rounds` rounds compose (basic
+    composition: epsilons and deltas add up) to at most (targetEpsilon, delta) per client.
+    Before, each round got the full delta, so the job's delta was understated `rounds`-fold,
+    and an unset target silently became 1.0."""
+    p = spec.privacy
+    if p.target_epsilon is None:
+        raise ValueError("spec.privacy.targetEpsilon: local DP needs a target epsilon (the "
+                         "budget split over the rounds); set it, e.g. targetEpsilon: 8")
+    return p.target_epsilon / spec.rounds, p.delta / spec.rounds
+
+
 def epsilon_after(spec: FederationJobSpec, rounds: int) -> float | None:
     """Client-level (epsilon) spent after `rounds` rounds at the spec's delta, or None."""
     p = spec.privacy
     if not p.enabled or rounds <= 0:
         return None if not p.enabled else 0.0
     if p.mode == "local":
-        # LocalDpMod's Gaussian mechanism per round, composed basically (an upper bound).
-        return (p.target_epsilon or 1.0) / spec.rounds * rounds
+        # LocalDpMod's Gaussian mechanism per round, composed basically (an upper bound); the
+        # delta spent after `rounds` rounds is rounds * delta / spec.rounds.
+        return local_dp_budget(spec)[0] * rounds
     if p.noise_multiplier <= 0:
         return float("inf")
     from flwr.supercore.privacy_accounting import (

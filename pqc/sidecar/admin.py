@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
@@ -27,6 +28,13 @@ def build_admin_app(sidecar: Sidecar) -> FastAPI:
             problems.append("listeners not started")
         if time.time() >= cert.not_after:
             problems.append("certificate expired")
+        # Ready means able to carry a channel: the app behind an inbound sidecar must listen.
+        upstream = sidecar.config.upstream
+        if upstream is not None:
+            try:
+                socket.create_connection((upstream.host, upstream.port), timeout=0.5).close()
+            except OSError as exc:
+                problems.append(f"upstream {upstream} not accepting connections: {exc}")
         if problems:
             response.status_code = 503
         return {"ready": not problems, "problems": problems}

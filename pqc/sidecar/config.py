@@ -56,6 +56,10 @@ class Route:
                    node or None)
 
 
+# What an operator may read through an aggregator's sidecar: progress and the checkpoint.
+OPERATOR_PATHS: tuple[str, ...] = ("/status", "/checkpoint")
+
+
 @dataclass(frozen=True, slots=True)
 class SidecarConfig:
     cert: Path
@@ -72,6 +76,9 @@ class SidecarConfig:
     allowed_client_roles: tuple[Role, ...] = (Role.CLIENT, Role.EDGE)
     # Inbound only: if set, peers may send nothing but HTTP/1.1 requests under these paths.
     allow_path_prefixes: tuple[str, ...] = ()
+    # Inbound only: channels from an operator identity go here instead (the aggregator's
+    # status API on loopback), limited to GET of OPERATOR_PATHS. None: operators are refused.
+    operator_upstream: Endpoint | None = None
 
     def __post_init__(self) -> None:
         if (self.listen is None) != (self.upstream is None):
@@ -89,14 +96,21 @@ class SidecarConfig:
         for prefix in self.allow_path_prefixes:
             if not prefix.startswith("/"):
                 raise ConfigError("allowPathPrefixes", f"{prefix!r} must start with '/'")
-        if self.upstream is not None and self.upstream.host not in ("127.0.0.1", "::1",
-                                                                    "localhost"):
-            raise ConfigError("upstream", "must be a loopback address: plaintext stays local")
+        for name, upstream in (("upstream", self.upstream),
+                               ("operatorUpstream", self.operator_upstream)):
+            if upstream is not None and upstream.host not in ("127.0.0.1", "::1", "localhost"):
+                raise ConfigError(name, "must be a loopback address: plaintext stays local")
+        if self.operator_upstream is not None and self.listen is None:
+            raise ConfigError("operatorUpstream", "needs listen + upstream (an inbound sidecar)")
+        if Role.OPERATOR in self.allowed_client_roles:
+            raise ConfigError("allowed_client_roles", "an operator never reaches the Fleet "
+                              "API: give operatorUpstream instead")
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], base: Path = Path()) -> SidecarConfig:
         known = {"cert", "key", "ca", "listen", "upstream", "routes", "admin", "groups",
-                 "suites", "handshakeTimeoutSeconds", "cryptoThreads", "allowPathPrefixes"}
+                 "suites", "handshakeTimeoutSeconds", "cryptoThreads", "allowPathPrefixes",
+                 "operatorUpstream"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(sorted(unknown)[0],
@@ -126,6 +140,8 @@ class SidecarConfig:
             handshake_timeout_s=float(data.get("handshakeTimeoutSeconds", 10.0)),
             crypto_threads=int(data.get("cryptoThreads", 4)),
             allow_path_prefixes=tuple(data.get("allowPathPrefixes", ())),
+            operator_upstream=(Endpoint.parse(data["operatorUpstream"], "operatorUpstream")
+                               if data.get("operatorUpstream") else None),
         )
 
     @classmethod

@@ -21,8 +21,8 @@ from pqfed.pqc.backends import Backend, SigPrivateKey, get_backend
 from pqfed.pqc.channel import SecureChannel, client_channel, server_channel
 from pqfed.pqc.errors import ChannelClosed, HandshakeError, PqcError, RecordError
 from pqfed.pqc.handshake import HandshakeConfig, KeySharePool
-from pqfed.pqc.identity import Certificate, Identity, TrustAnchor
-from pqfed.pqc.sidecar.config import Route, SidecarConfig
+from pqfed.pqc.identity import Certificate, Identity, Role, TrustAnchor
+from pqfed.pqc.sidecar.config import OPERATOR_PATHS, Endpoint, Route, SidecarConfig
 from pqfed.pqc.sidecar.httpfilter import HttpRequestFilter, RequestRejected, forbidden_response
 from pqfed.pqc.sidecar.metrics import SidecarMetrics
 
@@ -93,7 +93,8 @@ class Sidecar:
             backend=_TimedBackend(get_backend(), self.metrics),
         )
         if route is None:
-            return replace(base, peer_roles=self.config.allowed_client_roles)
+            operator = (Role.OPERATOR,) if self.config.operator_upstream is not None else ()
+            return replace(base, peer_roles=(*self.config.allowed_client_roles, *operator))
         return replace(base, peer_roles=route.peer_roles, peer_node_id=route.peer_node_id,
                        key_shares=self._key_shares)
 
@@ -142,14 +143,24 @@ class Sidecar:
             "server", server_channel(reader, writer, self._handshake_config(None), self._executor))
         if channel is None:
             return
+        upstream, http = self._inbound_target(channel.peer)
         try:
-            app_r, app_w = await asyncio.open_connection(self.config.upstream.host,
-                                                         self.config.upstream.port)
+            app_r, app_w = await asyncio.open_connection(upstream.host, upstream.port)
         except OSError as exc:
-            log.warning("upstream %s unreachable: %s", self.config.upstream, exc)
+            log.warning("upstream %s unreachable: %s", upstream, exc)
             await channel.close()
             return
-        await self._splice(channel, app_r, app_w, inbound=True)
+        await self._splice(channel, app_r, app_w, http)
+
+    def _inbound_target(self, peer: Certificate) -> tuple[Endpoint, HttpRequestFilter | None]:
+        """Where an authenticated peer's requests go, and what it may ask there: an operator
+        reads the status API (GET only), everyone else the upstream under its allow-list."""
+        c = self.config
+        if peer.role is Role.OPERATOR and c.operator_upstream is not None:
+            return c.operator_upstream, HttpRequestFilter(OPERATOR_PATHS, methods=("GET",))
+        assert c.upstream is not None
+        return c.upstream, (HttpRequestFilter(c.allow_path_prefixes)
+                            if c.allow_path_prefixes else None)
 
     async def _outbound(self, route: Route, app_r: asyncio.StreamReader,
                         app_w: asyncio.StreamWriter) -> None:
@@ -172,10 +183,9 @@ class Sidecar:
         await self._splice(channel, app_r, app_w)
 
     async def _splice(self, channel: SecureChannel, app_r: asyncio.StreamReader,
-                      app_w: asyncio.StreamWriter, inbound: bool = False) -> None:
+                      app_w: asyncio.StreamWriter, http: HttpRequestFilter | None = None
+                      ) -> None:
         self.metrics.active.inc()
-        http = (HttpRequestFilter(self.config.allow_path_prefixes)
-                if inbound and self.config.allow_path_prefixes else None)
         up = asyncio.ensure_future(self._app_to_channel(app_r, channel))
         down = asyncio.ensure_future(self._channel_to_app(channel, app_w, http))
         try:

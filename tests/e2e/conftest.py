@@ -96,6 +96,7 @@ class Testbed:
     api: Any
     core: Any
     custom: Any
+    networking: Any
     agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
     namespace: str = "fl-e2e"
     timings: dict[str, float] = field(default_factory=dict)
@@ -234,7 +235,7 @@ def testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         api = kubernetes.config.new_client_from_config(config_file=kubeconfig)
         bed = Testbed(base, env, kubeconfig, api, client.CoreV1Api(api),
-                      client.CustomObjectsApi(api), agents)
+                      client.CustomObjectsApi(api), client.NetworkingV1Api(api), agents)
 
         def nodes_ready() -> bool:
             for proc in agents:

@@ -5,7 +5,9 @@ aggregator are survived; deleting a job removes everything it created."""
 
 from __future__ import annotations
 
+import base64
 import json
+import socket
 import time
 import urllib.request
 from typing import Any
@@ -13,7 +15,8 @@ from typing import Any
 import pytest
 
 from pqfed.operator import pods as m
-from pqfed.operator.aggregator_api import AggregatorUnreachable, fetch_status
+from pqfed.operator.aggregator_api import AggregatorEndpoint, AggregatorUnreachable, fetch_status
+from pqfed.pqc.identity import Certificate, Identity, TrustAnchor
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -21,17 +24,35 @@ SPEC: dict[str, Any] = {"task": "breast-cancer", "clients": 3, "minClients": 2, 
 TERMINAL = ("Succeeded", "Failed", "Cancelled")
 
 
+def _operator_endpoint(bed: Any, job: str, pod_ip: str) -> AggregatorEndpoint:
+    """The aggregator as the operator reaches it: its sidecar, with the job's operator
+    identity (the only way in: the status API listens on the pod's loopback)."""
+    sec = bed.core.read_namespaced_secret(m.identity_secret_name(job, m.OPERATOR_NODE_ID),
+                                          bed.namespace)
+    data = {k: base64.b64decode(v).decode() for k, v in sec.data.items()}
+    return AggregatorEndpoint(pod_ip, m.PQC_PORT, Identity.load(data["tls.crt"], data["tls.key"]),
+                              TrustAnchor(Certificate.from_pem(data["ca.crt"])))
+
+
 def _aggregator_round(bed: Any, job: str) -> int:
-    """Completed rounds, straight from the aggregator's status API (faster than the job
-    status, which the operator refreshes every few seconds)."""
+    """Completed rounds, straight from the aggregator's status API through its sidecar
+    (faster than the job status, which the operator refreshes every few seconds)."""
     for pod in bed.pods(f"pqfed.io/job={job},pqfed.io/role=aggregator"):
         if pod.status.pod_ip and pod.status.phase == "Running":
             try:
-                return int(fetch_status(pod.status.pod_ip, m.STATUS_PORT, job)
+                return int(fetch_status(_operator_endpoint(bed, job, pod.status.pod_ip), job)
                            .get("currentRound") or 0)
             except AggregatorUnreachable:
                 return 0
     return 0
+
+
+def _plain_http_refused(ip: str, port: int) -> bool:
+    try:
+        socket.create_connection((ip, port), timeout=3).close()
+    except OSError:
+        return True
+    return False
 
 
 def _uids(bed: Any, job: str) -> dict[str, str]:
@@ -130,19 +151,31 @@ def test_lost_aggregator_resumes_from_the_stored_checkpoint(testbed: Any) -> Non
     rounds = 6
     t0 = time.monotonic()
     bed.create_job(name, {**SPEC, "rounds": rounds})
-    ckpt_name = m.checkpoint_configmap_name(name)
+    ckpt_name = m.checkpoint_secret_name(name)
 
     def stored() -> dict[str, Any] | None:
-        cms = bed.core.list_namespaced_config_map(
+        secrets = bed.core.list_namespaced_secret(
             bed.namespace, field_selector=f"metadata.name={ckpt_name}").items
-        cm = bed.api.sanitize_for_serialization(cms[0]) if cms else None
-        return cm if m.checkpoint_round(cm) else None
+        sec = bed.api.sanitize_for_serialization(secrets[0]) if secrets else None
+        return sec if m.checkpoint_round(sec) else None
 
-    cm = bed.wait_for(stored, 240, "a checkpoint in the ConfigMap", 0.5,
+    cm = bed.wait_for(stored, 240, "a checkpoint in the Secret", 0.5,
                       lambda: bed.diagnose(name))
     kept = m.checkpoint_round(cm)
+    # The model is never in a ConfigMap, and never served in plain HTTP on the pod network.
+    assert not bed.core.list_namespaced_config_map(
+        bed.namespace, field_selector=f"metadata.name={ckpt_name}").items
+    (agg_pod,) = bed.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
+    assert _plain_http_refused(agg_pod.status.pod_ip, m.STATUS_PORT)
+    service = bed.core.read_namespaced_service(m.aggregator_service_name(name), bed.namespace)
+    assert [p.port for p in service.spec.ports] == [m.PQC_PORT]
+    policy = bed.api.sanitize_for_serialization(
+        bed.networking.read_namespaced_network_policy(m.network_policy_name(name),
+                                                      bed.namespace))
+    assert policy["spec"]["ingress"] == [{"ports": [{"port": m.PQC_PORT, "protocol": "TCP"}]}]
     # What the operator stored is what a new aggregator resumes from.
-    before = {r["round"]: r for r in json.loads(cm["data"]["status.json"])["rounds"]}
+    status_json = base64.b64decode(cm["data"]["status.json"])
+    before = {r["round"]: r for r in json.loads(status_json)["rounds"]}
     assert sorted(before) == list(range(1, kept + 1))
     assert kept < rounds, "the job finished before it could be disrupted"
     bed.core.delete_namespaced_pod(m.aggregator_pod_name(name), bed.namespace)
@@ -183,6 +216,8 @@ def test_deleting_jobs_removes_every_child(testbed: Any) -> None:
             ns, label_selector=sel).items]
         found += [f"service/{o.metadata.name}" for o in bed.core.list_namespaced_service(
             ns, label_selector=sel).items]
+        found += [f"networkpolicy/{o.metadata.name}" for o in
+                  bed.networking.list_namespaced_network_policy(ns, label_selector=sel).items]
         found += [f"federationjob/{j['metadata']['name']}" for j in
                   bed.custom.list_namespaced_custom_object(
                       "pqfed.io", "v1alpha1", ns, "federationjobs")["items"]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import json
 from typing import Any
 
@@ -36,6 +37,7 @@ def observed_from(plan: reconcile.Plan, previous: Observed | None = None, *,
     secrets = set(prev.secrets) | {s.name for s in plan.issue}
     configmaps = dict(prev.configmaps)
     services = set(prev.services)
+    policies = set(prev.network_policies)
     pods = dict(prev.pods)
     for obj in plan.create:
         name = obj["metadata"]["name"]
@@ -43,12 +45,15 @@ def observed_from(plan: reconcile.Plan, previous: Observed | None = None, *,
             configmaps[name] = obj
         elif obj["kind"] == "Service":
             services.add(name)
+        elif obj["kind"] == "NetworkPolicy":
+            policies.add(name)
         elif obj["kind"] == "Pod":
             pods[name] = with_status(obj, ready=ready)
     for name in plan.delete_pods:
         pods.pop(name, None)
     fields = {"secrets": frozenset(secrets), "configmaps": configmaps,
-              "services": frozenset(services), "pods": pods, **extra}
+              "services": frozenset(services), "pods": pods,
+              "network_policies": frozenset(policies), **extra}
     return Observed(**fields)
 
 
@@ -109,14 +114,16 @@ def test_aggregator_pod_matches_the_local_runner_topology() -> None:
         "pqfed", "fl", "aggregator", "--spec", "/etc/pqfed/job/spec.json",
         "--identity-dir", "/etc/pqfed/identity", "--state-dir", "/var/lib/pqfed",
         "--fleet-port", "9092", "--status-port", "8080", "--linger", "30"]
+    assert "ports" not in fl and "readinessProbe" not in fl  # the status API is loopback-only
     assert sidecar["command"] == [
         "pqfed", "sidecar", "--cert", "/etc/pqfed/identity/tls.crt",
         "--key", "/etc/pqfed/identity/tls.key", "--ca", "/etc/pqfed/identity/ca.crt",
         "--listen", "0.0.0.0:7443", "--upstream", "127.0.0.1:9092",
-        "--allow-path-prefix", "/v1/fleet/", "--admin", "0.0.0.0:9901"]
+        "--allow-path-prefix", "/v1/fleet/",
+        "--operator-upstream", "127.0.0.1:8080", "--admin", "0.0.0.0:9901"]
     assert sidecar["restartPolicy"] == "Always"  # native sidecar: the pod can complete
+    # Ready = the sidecar is up and its upstream (the SuperLink) accepts connections.
     assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 9901}
-    assert fl["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 8080}
     assert fl["image"] == sidecar["image"] == spec.image
     assert fl["resources"]["requests"] == {"cpu": "100m", "memory": "768Mi"}
     assert fl["resources"]["limits"] == {"memory": "1Gi"}
@@ -137,8 +144,8 @@ def test_aggregator_restore_args_and_volume() -> None:
     assert fl["command"][-2:] == ["--restore", "/etc/pqfed/restore"]
     assert {"name": "restore", "mountPath": "/etc/pqfed/restore", "readOnly": True} in \
         fl["volumeMounts"]
-    assert {"name": "restore", "configMap": {"name": "fed-a-checkpoint"}} in \
-        pod["spec"]["volumes"]
+    assert {"name": "restore", "secret": {"secretName": "fed-a-checkpoint",
+                                          "defaultMode": 0o440}} in pod["spec"]["volumes"]
 
 
 def test_ml_kem_1024_selects_the_group_on_both_sides() -> None:
@@ -179,12 +186,21 @@ def test_client_pod_routes_to_the_aggregator_service_and_spreads() -> None:
     assert "nodeSelector" not in no_spread["spec"]
 
 
+def test_network_policy_admits_only_the_pqc_port_to_the_jobs_pods() -> None:
+    pol = m.network_policy(JOB)
+    assert pol["kind"] == "NetworkPolicy" and pol["metadata"]["name"] == "fed-a-pqc-only"
+    assert pol["spec"]["podSelector"] == {"matchLabels": {"pqfed.io/job": "fed-a"}}
+    assert pol["spec"]["policyTypes"] == ["Ingress"]
+    assert pol["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 7443}]}]
+
+
 def test_service_ports_equal_target_ports_and_select_the_aggregator() -> None:
     svc = m.aggregator_service(JOB)
     assert svc["metadata"]["name"] == "fed-a-aggregator"
     assert svc["spec"]["selector"] == {"pqfed.io/job": "fed-a", "pqfed.io/role": "aggregator"}
+    # Only the PQC port: the status API (the global model) is never published.
     assert {(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == \
-        {("pqc", 7443, 7443), ("status", 8080, 8080)}
+        {("pqc", 7443, 7443)}
     agg_labels = m.aggregator_pod(JOB, spec_of())["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= agg_labels.items()
 
@@ -221,11 +237,14 @@ def test_start_creates_every_child_once() -> None:
     plan = reconcile.plan_start(JOB, spec, {}, Observed(), NOW, generation=1)
     assert plan.permanent_error is None
     assert [s.name for s in plan.issue] == [
-        "fed-a-ca", "fed-a-aggregator-identity", "fed-a-client-0-identity",
-        "fed-a-client-1-identity", "fed-a-client-2-identity"]
+        "fed-a-ca", "fed-a-aggregator-identity", "fed-a-operator-identity",
+        "fed-a-client-0-identity", "fed-a-client-1-identity", "fed-a-client-2-identity"]
+    (operator,) = [s for s in plan.issue if s.node_id == "operator"]
+    assert operator.role is Role.OPERATOR
     assert plan.issue[0].node_id is None and plan.issue[1].role == Role.AGGREGATOR
     kinds = [(o["kind"], o["metadata"]["name"]) for o in plan.create]
-    assert kinds == [("ConfigMap", "fed-a-job"), ("Service", "fed-a-aggregator"),
+    assert kinds == [("ConfigMap", "fed-a-job"), ("NetworkPolicy", "fed-a-pqc-only"),
+                     ("Service", "fed-a-aggregator"),
                      ("Pod", "fed-a-aggregator"), ("Pod", "fed-a-client-0"),
                      ("Pod", "fed-a-client-1"), ("Pod", "fed-a-client-2")]
     st = plan.status
@@ -234,7 +253,7 @@ def test_start_creates_every_child_once() -> None:
     assert cond(st, "Valid")["status"] == "True"
     assert not plan.recreated
     assert any(e.reason == "Started" for e in plan.events)
-    assert sum(e.reason == "SecretIssued" for e in plan.events) == 5
+    assert sum(e.reason == "SecretIssued" for e in plan.events) == 6  # CA, aggregator, operator, 3 clients
 
 
 def test_start_again_creates_nothing_and_keeps_the_status() -> None:
@@ -255,8 +274,7 @@ def test_resume_recreates_only_the_missing_pod_and_records_it() -> None:
     pods = dict(observed.pods)
     del pods["fed-a-client-1"]
     plan = reconcile.plan_start(JOB, raw_spec(clients=3, minClients=2, rounds=3), status,
-                                Observed(observed.secrets, observed.configmaps,
-                                         observed.services, pods), LATER, generation=1)
+                                dataclasses.replace(observed, pods=pods), LATER, generation=1)
     assert plan.issue == []
     assert [o["metadata"]["name"] for o in plan.create] == ["fed-a-client-1"]
     assert "client-1 at round 2" in cond(plan.status, "PodsRecreated")["message"]
@@ -264,7 +282,8 @@ def test_resume_recreates_only_the_missing_pod_and_records_it() -> None:
 
 
 def test_existing_ca_is_never_reissued() -> None:
-    observed = Observed(secrets=frozenset({"fed-a-ca", "fed-a-aggregator-identity"}))
+    observed = Observed(secrets=frozenset({"fed-a-ca", "fed-a-aggregator-identity",
+                                           "fed-a-operator-identity"}))
     plan = reconcile.plan_start(JOB, raw_spec(clients=2), {}, observed, NOW)
     assert [s.name for s in plan.issue] == ["fed-a-client-0-identity", "fed-a-client-1-identity"]
 
@@ -331,8 +350,7 @@ def test_cancel_deletes_pods_and_keeps_the_record() -> None:
 def test_progress_is_copied_without_double_counting() -> None:
     spec = spec_of(clients=3, rounds=3)
     status, observed = started(spec)
-    obs = Observed(observed.secrets, observed.configmaps, observed.services, observed.pods,
-                   aggregator=agg_report(2))
+    obs = dataclasses.replace(observed, aggregator=agg_report(2))
     plan = reconcile.plan_tick(JOB, spec, status, obs, LATER)
     st = {**status, **plan.status}
     assert plan.new_rounds == 2 and plan.save_checkpoint == 2
@@ -352,8 +370,7 @@ def test_progress_is_copied_without_double_counting() -> None:
 def test_rounds_are_trimmed_to_the_last_hundred() -> None:
     spec = spec_of(rounds=150)
     status, observed = started(spec)
-    obs = Observed(observed.secrets, observed.configmaps, observed.services, observed.pods,
-                   aggregator=agg_report(150, total=150))
+    obs = dataclasses.replace(observed, aggregator=agg_report(150, total=150))
     st = reconcile.plan_tick(JOB, spec, status, obs, LATER).status
     assert len(st["rounds"]) == 100
     assert st["rounds"][0]["round"] == 51 and st["rounds"][-1]["round"] == 150
@@ -371,8 +388,7 @@ def test_round_records_fit_the_crd_schema() -> None:
 def test_degraded_round_is_reported() -> None:
     spec = spec_of(clients=3, minClients=2)
     status, observed = started(spec)
-    obs = Observed(observed.secrets, observed.configmaps, observed.services, observed.pods,
-                   aggregator=agg_report(1, participants=2))
+    obs = dataclasses.replace(observed, aggregator=agg_report(1, participants=2))
     st = reconcile.plan_tick(JOB, spec, status, obs, LATER).status
     assert "2/3 clients aggregated (minClients 2)" in cond(st, "RoundProgress")["message"]
 
@@ -380,22 +396,22 @@ def test_degraded_round_is_reported() -> None:
 def test_checkpoint_is_saved_only_for_new_rounds() -> None:
     spec = spec_of()
     status, observed = started(spec)
-    ckpt = m.checkpoint_configmap(JOB, 2, b"npz", {"currentRound": 2})
-    configmaps = {**observed.configmaps, "fed-a-checkpoint": ckpt}
-    obs = Observed(observed.secrets, configmaps, observed.services, observed.pods,
-                   aggregator=agg_report(2))
+    ckpt = m.checkpoint_secret(JOB, 2, b"npz", {"currentRound": 2})
+    obs = dataclasses.replace(observed, checkpoint=ckpt, aggregator=agg_report(2))
     assert reconcile.plan_tick(JOB, spec, status, obs, LATER).save_checkpoint is None
-    obs3 = Observed(observed.secrets, configmaps, observed.services, observed.pods,
-                    aggregator=agg_report(3))
+    obs3 = dataclasses.replace(observed, checkpoint=ckpt, aggregator=agg_report(3))
     assert reconcile.plan_tick(JOB, spec, status, obs3, LATER).save_checkpoint == 3
 
 
-def test_checkpoint_configmap_replaces_the_previous_round() -> None:
-    cm = m.checkpoint_configmap(JOB, 3, b"\x00\x01", {"currentRound": 3, "job": "fed-a"},
-                                previous_keys=["round-00002.npz"])
-    assert cm["binaryData"] == {"round-00002.npz": None,
-                                "round-00003.npz": base64.b64encode(b"\x00\x01").decode()}
-    assert json.loads(cm["data"]["status.json"])["currentRound"] == 3
+def test_checkpoint_secret_replaces_the_previous_round() -> None:
+    cm = m.checkpoint_secret(JOB, 3, b"\x00\x01", {"currentRound": 3, "job": "fed-a"},
+                             previous_keys=["round-00002.npz", "status.json"])
+    assert cm["kind"] == "Secret"  # the checkpoint is the global model: never a ConfigMap
+    status = cm["data"].pop("status.json")
+    assert cm["data"] == {"round-00002.npz": None,
+                          "round-00003.npz": base64.b64encode(b"\x00\x01").decode()}
+    assert json.loads(base64.b64decode(status))["currentRound"] == 3
+    cm["data"]["status.json"] = status
     assert cm["metadata"]["annotations"]["pqfed.io/round"] == "3"
     assert m.checkpoint_round(cm) == 3
     assert m.checkpoint_round(None) == 0
@@ -407,10 +423,9 @@ def test_lost_aggregator_is_recreated_from_the_checkpoint() -> None:
     status, observed = started(spec)
     status = {**status, "currentRound": 2}
     pods = {k: v for k, v in observed.pods.items() if k != "fed-a-aggregator"}
-    configmaps = {**observed.configmaps,
-                  "fed-a-checkpoint": m.checkpoint_configmap(JOB, 2, b"npz", {})}
-    plan = reconcile.plan_tick(JOB, spec, status, Observed(observed.secrets, configmaps,
-                                                           observed.services, pods), LATER)
+    obs = dataclasses.replace(observed, pods=pods,
+                              checkpoint=m.checkpoint_secret(JOB, 2, b"npz", {}))
+    plan = reconcile.plan_tick(JOB, spec, status, obs, LATER)
     (agg,) = plan.create
     assert agg["metadata"]["name"] == "fed-a-aggregator"
     assert "--restore" in agg["spec"]["containers"][0]["command"]
@@ -426,8 +441,7 @@ def test_aggregator_lost_with_its_node_is_deleted_then_recreated() -> None:
     pods["fed-a-aggregator"] = with_status(pods["fed-a-aggregator"], phase="Failed",
                                            ready=False, reason="Terminated",
                                            message="node shutdown")
-    plan = reconcile.plan_tick(JOB, spec, status, Observed(observed.secrets, observed.configmaps,
-                                                           observed.services, pods), LATER)
+    plan = reconcile.plan_tick(JOB, spec, status, dataclasses.replace(observed, pods=pods), LATER)
     assert plan.delete_pods == ["fed-a-aggregator"] and plan.create == []
     assert "phase" not in plan.status
     assert cond(plan.status, "AggregatorReady")["reason"] == "AggregatorLost"
@@ -441,13 +455,13 @@ def test_lost_client_is_recreated_and_recorded() -> None:
     pods["fed-a-client-0"] = {**pods["fed-a-client-0"],
                               "metadata": {**pods["fed-a-client-0"]["metadata"],
                                            "deletionTimestamp": NOW}}
-    terminating = Observed(observed.secrets, observed.configmaps, observed.services, pods)
+    terminating = dataclasses.replace(observed, pods=pods)
     plan = reconcile.plan_tick(JOB, spec, status, terminating, LATER)
     assert plan.create == [] and plan.delete_pods == []  # wait until it is gone
     clients = cond(plan.status, "ClientsReady")
     assert (clients["status"], clients["reason"]) == ("False", "ClientPodLost")
     del pods["fed-a-client-0"]
-    gone = Observed(observed.secrets, observed.configmaps, observed.services, pods)
+    gone = dataclasses.replace(observed, pods=pods)
     plan = reconcile.plan_tick(JOB, spec, {**status, **plan.status}, gone, LATER)
     assert [o["metadata"]["name"] for o in plan.create] == ["fed-a-client-0"]
     assert "client-0 at round 1" in cond(plan.status, "PodsRecreated")["message"]
@@ -466,8 +480,7 @@ def test_failed_client_pod_is_replaced() -> None:
     pods = dict(observed.pods)
     pods["fed-a-client-1"] = with_status(pods["fed-a-client-1"], phase="Failed",
                                          ready=False, reason="Terminated")
-    plan = reconcile.plan_tick(JOB, spec, status, Observed(observed.secrets, observed.configmaps,
-                                                           observed.services, pods), LATER)
+    plan = reconcile.plan_tick(JOB, spec, status, dataclasses.replace(observed, pods=pods), LATER)
     assert plan.delete_pods == ["fed-a-client-1"] and plan.create == []
 
 
@@ -476,8 +489,7 @@ def test_success_reported_by_the_aggregator() -> None:
     status, observed = started(spec)
     report = agg_report(3, phase="Succeeded", auditHead="ab12",
                         completionTime="2026-11-25T12:03:30Z")
-    obs = Observed(observed.secrets, observed.configmaps, observed.services, observed.pods,
-                   aggregator=report)
+    obs = dataclasses.replace(observed, aggregator=report)
     plan = reconcile.plan_tick(JOB, spec, status, obs, LATER)
     st = plan.status
     assert st["phase"] == "Succeeded" and st["completionTime"] == "2026-11-25T12:03:30Z"
@@ -494,8 +506,7 @@ def test_success_from_the_pod_phase_keeps_the_last_polled_status() -> None:
     pods = dict(observed.pods)
     pods["fed-a-aggregator"] = with_status(pods["fed-a-aggregator"], phase="Succeeded",
                                            ready=False)
-    plan = reconcile.plan_tick(JOB, spec, status, Observed(observed.secrets, observed.configmaps,
-                                                           observed.services, pods), LATER)
+    plan = reconcile.plan_tick(JOB, spec, status, dataclasses.replace(observed, pods=pods), LATER)
     assert plan.status["phase"] == "Succeeded" and plan.status["completionTime"] == LATER
     assert "accuracy 0.9500" in plan.status["message"]
 
@@ -509,16 +520,14 @@ def test_aggregator_crash_loop_fails_the_job() -> None:
         "name": "fl", "restartCount": 3,
         "state": {"waiting": {"reason": "CrashLoopBackOff"}},
         "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}}}]
-    plan = reconcile.plan_tick(JOB, spec, status, Observed(observed.secrets, observed.configmaps,
-                                                           observed.services, pods), LATER)
+    plan = reconcile.plan_tick(JOB, spec, status, dataclasses.replace(observed, pods=pods), LATER)
     assert plan.status["phase"] == "Failed"
     assert "exit code 1" in plan.status["message"]
     assert cond(plan.status, "Complete")["reason"] == "AggregatorFailed"
     assert sorted(plan.delete_pods) == ["fed-a-client-0", "fed-a-client-1"]
     # Fewer restarts: still running, nothing to do.
     pods["fed-a-aggregator"]["status"]["containerStatuses"][0]["restartCount"] = 1
-    calm = reconcile.plan_tick(JOB, spec, status, Observed(observed.secrets, observed.configmaps,
-                                                           observed.services, pods), LATER)
+    calm = reconcile.plan_tick(JOB, spec, status, dataclasses.replace(observed, pods=pods), LATER)
     assert "phase" not in calm.status and calm.delete_pods == []
 
 
@@ -529,8 +538,7 @@ def test_unschedulable_clients_name_the_node_selector() -> None:
         "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
         "message": "0/3 nodes are available: 3 node(s) didn't match selector"}]}}
         for name, pod in observed.pods.items()}
-    plan = reconcile.plan_tick(JOB, spec, status, Observed(observed.secrets, observed.configmaps,
-                                                           observed.services, pods), LATER)
+    plan = reconcile.plan_tick(JOB, spec, status, dataclasses.replace(observed, pods=pods), LATER)
     clients = cond(plan.status, "ClientsReady")
     assert clients["reason"] == "Unschedulable"
     assert "spec.placement.nodeSelector" in clients["message"]
@@ -581,62 +589,6 @@ def test_pod_state() -> None:
 
 
 # ---- wiring helpers (no cluster) ------------------------------------------------------------
-class _AggregatorStub:
-    """A loopback stand-in for the aggregator's status API (fl_node._serve_status)."""
-
-    def __init__(self, status: dict[str, Any], checkpoint: bytes, header_round: int) -> None:
-        import http.server
-        import threading
-
-        stub = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path == "/status":
-                    body, headers = json.dumps(stub.status).encode(), {}
-                elif self.path == "/checkpoint":
-                    body, headers = stub.checkpoint, {"X-Pqfed-Round": str(stub.round)}
-                else:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        self.status, self.checkpoint, self.round = status, checkpoint, header_round
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def test_aggregator_api_pairs_checkpoint_and_status() -> None:
-    from pqfed.operator import aggregator_api as api
-
-    stub = _AggregatorStub({"job": "fed-a", "currentRound": 2}, b"weights", 2)
-    try:
-        assert api.fetch_status("127.0.0.1", stub.port, "fed-a")["currentRound"] == 2
-        ckpt = api.fetch_checkpoint("127.0.0.1", stub.port, "fed-a")
-        assert ckpt is not None and (ckpt.round, ckpt.data) == (2, b"weights")
-        stub.round = 3  # a round completed between the two requests: try again later
-        assert api.fetch_checkpoint("127.0.0.1", stub.port, "fed-a") is None
-        with pytest.raises(api.AggregatorUnreachable, match="does not serve job other"):
-            api.fetch_status("127.0.0.1", stub.port, "other")
-    finally:
-        stub.close()
-    with pytest.raises(api.AggregatorUnreachable):
-        api.fetch_status("127.0.0.1", stub.port, "fed-a")
-
-
 def test_connection_info_from_a_client_configuration() -> None:
     kubernetes = pytest.importorskip("kubernetes")
     from pqfed.operator.handlers import connection_info
@@ -708,7 +660,7 @@ def test_lost_edge_is_recreated_and_named_in_conditions() -> None:
     status = {**status, "currentRound": 1}
     pods = dict(observed.pods)
     del pods["fed-a-edge-0"]
-    gone = Observed(observed.secrets, observed.configmaps, observed.services, pods)
+    gone = dataclasses.replace(observed, pods=pods)
     plan = reconcile.plan_tick(JOB, spec, status, gone, LATER)
     assert [o["metadata"]["name"] for o in plan.create] == ["fed-a-edge-0"]
     assert plan.issue == []  # its identity Secret is reused

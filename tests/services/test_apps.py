@@ -136,3 +136,19 @@ def test_privacy_budget_limits_rounds() -> None:
     allowed = rec.rounds_allowed()
     assert 0 < allowed < 50
     assert epsilon_after(spec, allowed) <= 8.0 < epsilon_after(spec, allowed + 1)  # type: ignore[operator]
+
+
+def test_local_dp_splits_epsilon_and_delta_over_the_rounds() -> None:
+    """Each round gets targetEpsilon/rounds and delta/rounds, so the job's guarantee (basic
+    composition) is (targetEpsilon, delta); before, every round spent the whole delta."""
+    from pqfed.services.rounds import epsilon_after, local_dp_budget
+
+    spec = parse_spec({"clients": 3, "rounds": 10, "privacy": {
+        "enabled": True, "mode": "local", "targetEpsilon": 8.0, "delta": 1e-5}})
+    eps, delta = local_dp_budget(spec)
+    assert eps == pytest.approx(0.8) and delta == pytest.approx(1e-6)
+    assert epsilon_after(spec, 10) == pytest.approx(8.0)
+    unset = parse_spec({"clients": 3, "rounds": 10, "privacy": {"enabled": True,
+                                                                "mode": "local"}})
+    with pytest.raises(ValueError, match="spec.privacy.targetEpsilon"):
+        local_dp_budget(unset)  # no silent 1.0

@@ -105,9 +105,13 @@ The least-privilege rules the operator needs in every namespace it watches.
 - apiGroups: [""]
   resources: ["pods/log"]
   verbs: ["get"]
-# Per-job aggregator Service, PQC identity Secrets, job ConfigMaps.
+# Per-job aggregator Service, PQC identity and checkpoint Secrets, job ConfigMaps.
 - apiGroups: [""]
   resources: ["services", "secrets", "configmaps"]
+  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+# Per-job NetworkPolicy: only the sidecars' PQC port is reachable on the pod network.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
   verbs: ["get", "list", "watch", "create", "delete", "patch"]
 # kopf reports handler progress and errors as Events.
 - apiGroups: [""]
