@@ -71,13 +71,17 @@ NAME_MAX: Final = 63 - len("-aggregator")
 NAME_PATTERN: Final = rf"^[a-z0-9]([-a-z0-9]{{0,{NAME_MAX - 2}}}[a-z0-9])?$"
 
 
+_LABEL_KEY_SYNTAX: Final = (
+    "a Kubernetes label key: [prefix/]name, prefix a DNS subdomain of at most 253 characters "
+    "(lowercase, digits, '-', single dots), name at most 63 of [-A-Za-z0-9_.] starting and "
+    "ending alphanumeric")
+
+
 def _label_key(key: str) -> str:
     """A node-selector key; the same check as `LABEL_KEY_CEL` on the API server."""
     if len(key) > LABEL_KEY_MAX or not re.fullmatch(LABEL_KEY_PATTERN, key) \
             or ("/" in key and key.index("/") > 253):
-        raise ValueError("not a Kubernetes label key: [prefix/]name, prefix a DNS subdomain of "
-                         "at most 253 characters (lowercase, digits, '-', single dots), name at "
-                         "most 63 of [-A-Za-z0-9_.] starting and ending alphanumeric")
+        raise ValueError(f"not {_LABEL_KEY_SYNTAX}; fix or remove the key")
     return key
 
 
@@ -86,10 +90,7 @@ def _label_key(key: str) -> str:
 LABEL_KEY_CEL: Final = (f"self.all(k, k.size() <= {LABEL_KEY_MAX} && "
                         f"k.matches(r'{LABEL_KEY_PATTERN}') && "
                         "(!k.contains('/') || k.indexOf('/') <= 253))")
-LABEL_KEY_MESSAGE: Final = (
-    "every key must be a Kubernetes label key: [prefix/]name, prefix a DNS subdomain of at most "
-    "253 characters (lowercase, digits, '-', single dots), name at most 63 of [-A-Za-z0-9_.] "
-    "starting and ending alphanumeric; fix or remove the key")
+LABEL_KEY_MESSAGE: Final = f"every key must be {_LABEL_KEY_SYNTAX}; fix or remove the key"
 
 
 def _selector(description: str) -> Any:
