@@ -63,6 +63,7 @@ _KNOWN_KEYS: Final = frozenset({
     "exclusiveMaximum", "minLength", "maxLength", "pattern", "properties", "required", "items",
     "minItems", "maxItems", "format", "additionalProperties", "anyOf",
     "title", "$ref", "$defs", "maxProperties", "minProperties", "x-kubernetes-validations",
+    "nullable",
 })
 
 
@@ -109,7 +110,7 @@ def _structural(node: dict[str, Any], path: str) -> dict[str, Any]:
     if unknown:
         raise SchemaConversionError(path, f"unsupported JSON-schema keys {sorted(unknown)}")
     node = dict(node)
-    nullable = False
+    nullable = bool(node.get("nullable"))
     if "anyOf" in node:
         options = node.pop("anyOf")
         variants = [v for v in options if v.get("type") != "null"]

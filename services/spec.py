@@ -93,15 +93,29 @@ LABEL_KEY_CEL: Final = (f"self.all(k, k.size() <= {LABEL_KEY_MAX} && "
 LABEL_KEY_MESSAGE: Final = f"every key must be {_LABEL_KEY_SYNTAX}; fix or remove the key"
 
 
+# A null label value would be pruned by the API server, silently dropping the constraint
+# (`ward:` with nothing after it is null in YAML) and letting pods land on any node. So the
+# CRD keeps nulls in the selector maps (`nullable` values) and refuses them with this rule;
+# `pqfed run` refuses them as "not a string".
+LABEL_VALUE_NOT_NULL_CEL: Final = "self.all(k, type(self[k]) == string)"
+LABEL_VALUE_NOT_NULL_MESSAGE: Final = (
+    "every value must be a label value, not null; write the value (\"\" for an empty one) or "
+    "remove the key")
+
+
 def _selector(description: str) -> Any:
     return Field(default_factory=dict, max_length=MAX_SELECTOR_LABELS, description=description,
-                 json_schema_extra={"x-kubernetes-validations": [{
-                     "rule": LABEL_KEY_CEL, "message": LABEL_KEY_MESSAGE,
-                     "reason": "FieldValueInvalid"}]})
+                 json_schema_extra={"x-kubernetes-validations": [
+                     {"rule": LABEL_KEY_CEL, "message": LABEL_KEY_MESSAGE,
+                      "reason": "FieldValueInvalid"},
+                     {"rule": LABEL_VALUE_NOT_NULL_CEL, "message": LABEL_VALUE_NOT_NULL_MESSAGE,
+                      "reason": "FieldValueInvalid"}]})
 
 
 LabelKey = Annotated[str, AfterValidator(_label_key)]
-LabelValue = Annotated[str, Field(pattern=LABEL_VALUE_PATTERN, max_length=63)]
+# `nullable` only in the CRD, so the API server keeps a null for the rule above to refuse.
+LabelValue = Annotated[str, Field(pattern=LABEL_VALUE_PATTERN, max_length=63,
+                                  json_schema_extra={"nullable": True})]
 
 
 class _Spec(BaseModel):

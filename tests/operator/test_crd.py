@@ -155,8 +155,11 @@ def test_maps_are_string_maps_with_key_rule(spec_schema: dict[str, Any]) -> None
         assert node["maxProperties"] == spec_module.MAX_SELECTOR_LABELS
         assert node["additionalProperties"]["pattern"] == spec_module.LABEL_VALUE_PATTERN
         assert node["additionalProperties"]["maxLength"] == 63
-        (rule,) = node["x-kubernetes-validations"]
-        assert rule["rule"] == spec_module.LABEL_KEY_CEL
+        keys, nulls = node["x-kubernetes-validations"]
+        assert keys["rule"] == spec_module.LABEL_KEY_CEL
+        # null values are kept (not pruned, which would drop the constraint) and refused
+        assert node["additionalProperties"]["nullable"] is True
+        assert nulls["rule"] == spec_module.LABEL_VALUE_NOT_NULL_CEL
 
 
 def test_exclusive_bounds_follow_pydantic(spec_schema: dict[str, Any]) -> None:

@@ -150,37 +150,34 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
                        text=True, timeout=120, check=False)
 
 
-def _try_list(api_client: Any) -> bool:
-    from kubernetes.client.exceptions import ApiException
+_JOBS = "/apis/pqfed.io/v1alpha1/namespaces/default/federationjobs"
 
-    try:
-        api_client.call_api("/apis/pqfed.io/v1alpha1/namespaces/default/federationjobs", "GET",
-                            header_params={"Accept": "application/json"},
-                            _preload_content=False)
-    except ApiException:
-        return False
-    return True
+
+def _request(api_client: Any, method: str, path: str, *, body: str | None = None,
+             query: list[tuple[str, str]] | None = None) -> tuple[int, dict[str, Any]]:
+    """One raw request (the generated API classes cannot send a YAML body) -> (status, JSON)."""
+    headers = {"Accept": "application/json"}
+    if body is not None:
+        headers["Content-Type"] = "application/yaml"
+    _, url, headers, body, _ = api_client.param_serialize(
+        method, path, query_params=query or [], header_params=headers, body=body)
+    resp = api_client.call_api(method, url, header_params=headers, body=body)
+    resp.read()
+    return int(resp.status), json.loads(resp.data or b"{}")
+
+
+def _try_list(api_client: Any) -> bool:
+    return _request(api_client, "GET", _JOBS)[0] == 200
 
 
 def _post(api_client: Any, text: str) -> tuple[int, dict[str, Any]]:
     """POSTs a manifest as written (YAML) with strict field validation -> (status, body)."""
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        resp = api_client.call_api(
-            "/apis/pqfed.io/v1alpha1/namespaces/default/federationjobs", "POST",
-            query_params=[("fieldValidation", "Strict")],
-            header_params={"Content-Type": "application/yaml", "Accept": "application/json"},
-            body=text, _preload_content=False)
-    except ApiException as exc:
-        return int(exc.status), json.loads(exc.body or "{}")
-    return int(resp[0].status), json.loads(resp[0].data)
+    return _request(api_client, "POST", _JOBS, body=text,
+                    query=[("fieldValidation", "Strict")])
 
 
 def _delete(api_client: Any, name: str) -> None:
-    api_client.call_api(f"/apis/pqfed.io/v1alpha1/namespaces/default/federationjobs/{name}",
-                        "DELETE", header_params={"Accept": "application/json"},
-                        _preload_content=False)
+    _request(api_client, "DELETE", f"{_JOBS}/{name}")
 
 
 @pytest.mark.slow
