@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal
 
 import yaml
 from pydantic import (
@@ -606,16 +606,43 @@ def _duplicate_keys(node: yaml.Node, path: str, out: dict[str, str]) -> None:
             _duplicate_keys(item, f"{path}[{i}]", out)
 
 
+class _ApiServerYamlLoader(yaml.SafeLoader):
+    """YAML read as the API server (and kubectl) read it: sigs.k8s.io/yaml's YAML 1.1, where
+    `y` and `n` are booleans too (PyYAML keeps them strings)."""
+
+    bool_values: ClassVar[dict[str, bool]] = {**yaml.SafeLoader.bool_values, "y": True,
+                                               "n": False}
+
+
+_ApiServerYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:y|Y|n|N)$"), list("yYnN"))
+
+
+def _as_json(value: Any) -> Any:
+    """The API server turns YAML into JSON before it validates, and Go writes a whole float64
+    as an integer (3.0 -> 3), so `rounds: 3.0` is the integer 3 there; the same here. 2.5 stays
+    a float and is refused for an integer field by both."""
+    if isinstance(value, dict):
+        return {k: _as_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_json(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def read_job_document(text: str, source: str) -> Any:
-    """One YAML document -> Python data; duplicate keys refused (JobSpecError)."""
+    """One YAML document -> the JSON data the API server would validate; duplicate keys
+    refused (JobSpecError)."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_ApiServerYamlLoader)
         duplicates: dict[str, str] = {}
         if node is not None:
             _duplicate_keys(node, "", duplicates)
         if duplicates:
             raise JobSpecError(source, duplicates)
-        return yaml.safe_load(text)
+        # a SafeLoader subclass: no arbitrary objects
+        return _as_json(yaml.load(text, Loader=_ApiServerYamlLoader))  # noqa: S506
     except yaml.YAMLError as exc:
         raise JobSpecError(source, {"(file)": f"not valid YAML: {exc}"}) from None
 

@@ -1,7 +1,7 @@
 """One table of invalid FederationJobs (tests/data/invalid_jobs.yaml), refused by both `pqfed run`
 and the real kube-apiserver with the chart's CRD, each naming the same field, so the two cannot
-drift again. And jobs with nulls where the API server prunes them and applies a default: both
-end up with the same effective spec.
+drift again. And valid jobs both must read alike (nulls where the API server applies a default,
+YAML 1.1 booleans, whole floats): both end up with the same effective spec.
 
 The API-server half starts a private control plane (testbed/cluster/up.sh on free ports in a
 tmp dir, no nodes) and posts every manifest as written (YAML, strict field validation), so the
@@ -29,13 +29,18 @@ CHART_CRD = REPO / "charts" / "pqfed" / "crds" / "federationjobs.pqfed.io.yaml"
 SCRIPTS = REPO / "testbed" / "cluster"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 
-# Valid jobs with nulls: the API server prunes null from a field that is not nullable and
-# applies the default; null in an optional field means "not set". Both must agree.
-NULLS: dict[str, str] = {
-    "rounds-null": "rounds: null",
-    "dataset-null": "dataset: null, training: {batchSize: null}",
-    "optional-null": "clientsPerRound: null, privacy: {targetEpsilon: null}",
-    "placement-null": "placement: {nodeSelector: null}",
+# Valid jobs both must read alike. Nulls: the API server prunes null from a field that is not
+# nullable and applies the default; null in an optional field means "not set". YAML: the API
+# server reads YAML 1.1 (`y` is true) and turns it into JSON, where 3.0 is written 3.
+AGREE: dict[str, tuple[str, dict[str, Any]]] = {
+    "rounds-null": ("rounds: null", {}),
+    "dataset-null": ("dataset: null, training: {batchSize: null}", {}),
+    "optional-null": ("clientsPerRound: null, privacy: {targetEpsilon: null}", {}),
+    "placement-null": ("placement: {nodeSelector: null}", {}),
+    "rounds-whole-float": ("rounds: 4.0, training: {learningRate: 1}",
+                           {"rounds": 4, "training": {"learningRate": 1.0}}),
+    "yaml-1-1-booleans": ("privacy: {enabled: y}, hierarchy: {enabled: N}",
+                          {"privacy": {"enabled": True}}),
 }
 
 
@@ -103,11 +108,12 @@ def test_refusals_say_how_to_fix(tmp_path: Path) -> None:
         assert hint in str(exc.value), (name, str(exc.value))
 
 
-@pytest.mark.parametrize("name", NULLS)
-def test_pqfed_run_reads_null_as_the_default(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", AGREE)
+def test_pqfed_run_reads_nulls_and_yaml_as_the_api_server(name: str, tmp_path: Path) -> None:
+    text, effective = AGREE[name]
     job = tmp_path / "job.yaml"
-    job.write_text(manifest({"name": name, "spec": NULLS[name]}))
-    assert load_job(job).spec == parse_spec({})
+    job.write_text(manifest({"name": name, "spec": text}))
+    assert load_job(job).spec == parse_spec(effective)
 
 
 # ---- the API server -------------------------------------------------------------------------
@@ -195,9 +201,10 @@ def test_api_server_refuses_naming_the_field(case: dict[str, Any], api: Any) -> 
 
 @pytest.mark.slow
 @pytest.mark.cluster
-@pytest.mark.parametrize("name", NULLS)
-def test_api_server_and_runner_agree_on_nulls(name: str, api: Any, tmp_path: Path) -> None:
-    text = manifest({"name": name, "spec": NULLS[name]})
+@pytest.mark.parametrize("name", AGREE)
+def test_api_server_and_runner_read_valid_jobs_alike(name: str, api: Any,
+                                                     tmp_path: Path) -> None:
+    text = manifest({"name": name, "spec": AGREE[name][0]})
     status, body = _post(api, text)
     assert status == 201, body
     _delete(api, name)
