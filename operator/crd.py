@@ -3,8 +3,10 @@
 `FederationJobSpec` (pqfed.services.spec) is the single source of truth: its JSON schema is
 turned into a *structural* OpenAPI v3.0 schema (every node typed, no $ref/anyOf, `nullable`
 for optional fields, OpenAPI 3.0 boolean `exclusiveMinimum`), its defaults become API-server
-defaults, and every cross-field rule of `FederationJobSpec._cross_field` is mirrored as a CEL
-`x-kubernetes-validations` rule, so the API server rejects the same jobs `pqfed run` refuses.
+defaults, every `SpecRule` of `pqfed.services.spec.RULES` becomes a CEL
+`x-kubernetes-validations` rule on `spec` (with its `fieldPath`), and CEL rules a field carries
+in its JSON schema (the label-key check) stay on that field. So the API server refuses the
+same jobs `pqfed run` refuses, with the same messages.
 
     python -m pqfed.operator.crd --out charts/pqfed/crds/federationjobs.pqfed.io.yaml
 """
@@ -15,7 +17,6 @@ import argparse
 import copy
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -23,7 +24,16 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from pqfed.services.spec import API_GROUP, API_VERSION, KIND, FederationJobSpec
+from pqfed.services.spec import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    NAME_MAX,
+    NAME_PATTERN,
+    RULES,
+    FederationJobSpec,
+    SpecRule,
+)
 
 PLURAL: Final = "federationjobs"
 SINGULAR: Final = "federationjob"
@@ -31,113 +41,29 @@ SHORT_NAMES: Final = ("fj",)
 CRD_NAME: Final = f"{PLURAL}.{API_GROUP}"
 PHASES: Final = ("Pending", "Running", "Succeeded", "Failed", "Cancelled")
 
-# Per-round client count as `_cross_field` computes it (`clientsPerRound or clients`).
-_PER_ROUND: Final = "(has(self.clientsPerRound) ? self.clientsPerRound : self.clients)"
+def rule_validation(rule: SpecRule) -> dict[str, Any]:
+    """A `SpecRule` as the CRD's `x-kubernetes-validations` entry on `spec`."""
+    return {"rule": rule.cel, "message": rule.message, "fieldPath": f".{rule.field}",
+            "reason": "FieldValueInvalid"}
 
-
-@dataclass(frozen=True)
-class CrossFieldRule:
-    """One rule of `FederationJobSpec._cross_field`, as CEL evaluated on `spec`.
-
-    The message is static: the API server's cost estimator treats `string(int)` as unbounded
-    and refuses any `messageExpression` that prints a number. It names the field, the
-    constraint and the fix, like the pydantic error does.
-    """
-
-    name: str
-    field_path: str  # relative to spec, e.g. ".strategy.byzantineClients"
-    rule: str
-    message: str
-
-    def as_validation(self) -> dict[str, Any]:
-        return {"rule": self.rule, "message": self.message, "fieldPath": self.field_path,
-                "reason": "FieldValueInvalid"}
-
-
-# One entry per `fail(...)` in `FederationJobSpec._cross_field`, in the same order. A test
-# checks the count against the source, so a new rule there fails CI until it is added here.
-CROSS_FIELD_RULES: Final[tuple[CrossFieldRule, ...]] = (
-    CrossFieldRule(
-        "minClients<=clients", ".minClients",
-        "self.minClients <= self.clients",
-        "minClients must be <= clients; lower minClients or add clients"),
-    CrossFieldRule(
-        "clientsPerRound<=clients", ".clientsPerRound",
-        "!has(self.clientsPerRound) || self.clientsPerRound <= self.clients",
-        "clientsPerRound must be <= clients; lower clientsPerRound or add clients"),
-    CrossFieldRule(
-        "clientsPerRound>=minClients", ".clientsPerRound",
-        "!has(self.clientsPerRound) || self.clientsPerRound >= self.minClients",
-        "clientsPerRound must be >= minClients; raise clientsPerRound or lower minClients"),
-    CrossFieldRule(
-        "krum-byzantine", ".strategy.byzantineClients",
-        "!(self.strategy.name in ['Krum', 'MultiKrum']) || "
-        f"{_PER_ROUND} >= 2 * self.strategy.byzantineClients + 3",
-        "Krum/MultiKrum need clientsPerRound (default: clients) >= 2*byzantineClients+3; "
-        "lower strategy.byzantineClients or add clients"),
-    CrossFieldRule(
-        "secagg-strategy", ".secureAggregation.enabled",
-        "!self.secureAggregation.enabled || self.strategy.name in ['FedAvg', 'FedProx']",
-        "secureAggregation.enabled: FedTrimmedAvg/Krum/MultiKrum must see individual updates "
-        "and SecAgg+ hides them; use strategy FedAvg/FedProx or disable secure aggregation"),
-    CrossFieldRule(
-        "secagg-threshold<=shares", ".secureAggregation.reconstructionThreshold",
-        "!self.secureAggregation.enabled || "
-        "self.secureAggregation.reconstructionThreshold <= self.secureAggregation.numShares",
-        "secureAggregation.reconstructionThreshold must be <= numShares; lower it or raise "
-        "numShares"),
-    CrossFieldRule(
-        "secagg-shares<=clientsPerRound", ".secureAggregation.numShares",
-        f"!self.secureAggregation.enabled || self.secureAggregation.numShares <= {_PER_ROUND}",
-        "secureAggregation.numShares must be <= clientsPerRound (default: clients); lower "
-        "numShares or add clients"),
-    CrossFieldRule(
-        "hierarchy-edges<=clients", ".hierarchy.edges",
-        "!self.hierarchy.enabled || self.hierarchy.edges <= self.clients",
-        "hierarchy.edges must be <= clients; use at most one edge aggregator per client"),
-    CrossFieldRule(
-        "hierarchy-central-dp", ".privacy.mode",
-        "!self.hierarchy.enabled || !self.privacy.enabled || self.privacy.mode != 'central'",
-        "privacy.mode: central DP clips individual updates, which only the edges see in "
-        "hierarchical mode; use privacy.mode: local or disable hierarchy"),
-    CrossFieldRule(
-        "hierarchy-secagg", ".secureAggregation.enabled",
-        "!self.hierarchy.enabled || !self.secureAggregation.enabled",
-        "secureAggregation.enabled: SecAgg+ is not available with edge aggregators; disable "
-        "one of them"),
-    CrossFieldRule(
-        "hierarchy-krum", ".strategy.byzantineClients",
-        "!self.hierarchy.enabled || !(self.strategy.name in ['Krum', 'MultiKrum']) || "
-        "self.clients / self.hierarchy.edges >= 2 * self.strategy.byzantineClients + 3",
-        "strategy.byzantineClients: Krum runs at each edge and needs clients/edges >= "
-        "2*byzantineClients+3; lower byzantineClients, use fewer edges or add clients"),
-    CrossFieldRule(
-        "natural-partition-only-hapt", ".dataset.partition",
-        "self.dataset.partition != 'natural' || self.task == 'hapt'",
-        "dataset.partition: natural is HAPT's per-subject split; use iid or dirichlet:<alpha> "
-        "for this task"),
-    CrossFieldRule(
-        "hapt-clients<=30", ".clients",
-        "self.task != 'hapt' || self.clients <= 30",
-        "clients: HAPT has 30 subjects; use at most 30 clients"),
-)
 
 # metadata.name as `load_job` accepts it (pod names are derived from it). The API server lets
 # a CRD restrict metadata.name (and generateName), nothing else in metadata.
 _METADATA: Final = {
     "type": "object",
     "properties": {"name": {
-        "type": "string", "maxLength": 52, "pattern": "^[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?$",
-        "description": "Lowercase letters, digits and '-', at most 52 characters (pod names "
-                       "are derived from it)"}},
+        "type": "string", "maxLength": NAME_MAX, "pattern": NAME_PATTERN,
+        "description": f"Lowercase letters, digits and '-', at most {NAME_MAX} characters "
+                       "(pod names are derived from it)"}},
 }
 
 # JSON-schema keys the converter understands; anything else is a spec change it must learn.
 _KNOWN_KEYS: Final = frozenset({
     "type", "description", "default", "enum", "minimum", "maximum", "exclusiveMinimum",
     "exclusiveMaximum", "minLength", "maxLength", "pattern", "properties", "required", "items",
-    "minItems", "maxItems", "format", "additionalProperties", "patternProperties", "anyOf",
-    "title", "$ref", "$defs",
+    "minItems", "maxItems", "format", "additionalProperties", "anyOf",
+    "title", "$ref", "$defs", "maxProperties", "minProperties", "x-kubernetes-validations",
+    "nullable",
 })
 
 
@@ -184,7 +110,7 @@ def _structural(node: dict[str, Any], path: str) -> dict[str, Any]:
     if unknown:
         raise SchemaConversionError(path, f"unsupported JSON-schema keys {sorted(unknown)}")
     node = dict(node)
-    nullable = False
+    nullable = bool(node.get("nullable"))
     if "anyOf" in node:
         options = node.pop("anyOf")
         variants = [v for v in options if v.get("type") != "null"]
@@ -212,7 +138,8 @@ def _structural(node: dict[str, Any], path: str) -> dict[str, Any]:
             out[exclusive] = True
         elif bound in node:
             out[bound] = node[bound]
-    for key in ("minLength", "maxLength", "pattern", "minItems", "maxItems", "required"):
+    for key in ("minLength", "maxLength", "pattern", "minItems", "maxItems", "minProperties",
+                "maxProperties", "required", "x-kubernetes-validations"):
         if key in node:
             out[key] = copy.deepcopy(node[key])
     if nullable:
@@ -224,20 +151,9 @@ def _structural(node: dict[str, Any], path: str) -> dict[str, Any]:
                 name: _structural(child, f"{path}.{name}")
                 for name, child in node["properties"].items()
             }
-        elif "patternProperties" in node:
-            # A map. Kubernetes has no patternProperties: values keep their schema; the key
-            # pattern becomes a CEL rule on the map.
-            (key_pattern, value_schema), *more = node["patternProperties"].items()
-            if more:
-                raise SchemaConversionError(path, "only one patternProperties entry supported")
-            out["additionalProperties"] = _structural(value_schema, f"{path}[*]")
-            out["x-kubernetes-validations"] = [{
-                "rule": f"self.all(k, k.matches(r'{key_pattern}'))",
-                "message": f"{path.lstrip('.')}: every key must be a label key "
-                           "([prefix/]name, name up to 63 of [-A-Za-z0-9_.])",
-                "reason": "FieldValueInvalid",
-            }]
         elif isinstance(node.get("additionalProperties"), dict):
+            # A map. Key checks are CEL rules the field carries (x-kubernetes-validations);
+            # a key `pattern` would come as patternProperties, which Kubernetes lacks.
             out["additionalProperties"] = _structural(node["additionalProperties"],
                                                       f"{path}[*]")
         else:
@@ -265,7 +181,7 @@ def spec_schema() -> dict[str, Any]:
     # (not `{}`) because the API server checks the CEL rules against the default as written.
     schema["default"] = FederationJobSpec().model_dump(mode="json", by_alias=True,
                                                        exclude_none=True)
-    schema["x-kubernetes-validations"] = [r.as_validation() for r in CROSS_FIELD_RULES]
+    schema["x-kubernetes-validations"] = [rule_validation(r) for r in RULES]
     return schema
 
 

@@ -19,7 +19,7 @@ from typing import Any, Final, Literal
 
 from pqfed.operator import pods as m
 from pqfed.pqc.identity import Role
-from pqfed.services.spec import FederationJobSpec, JobSpecError, parse_spec
+from pqfed.services.spec import OPERATOR_ONLY, FederationJobSpec, JobSpecError, parse_spec
 
 Manifest = dict[str, Any]
 
@@ -151,6 +151,14 @@ def validate(name: str, raw_spec: Mapping[str, Any] | None,
         problems.update(exc.problems)
         return problems
     return problems or spec
+
+
+def _operator_only(name: str) -> str:
+    """The condition text for an operator-only rule (spec.OPERATOR_ONLY): the field to fix and
+    why the API server could not refuse the job up front."""
+    rule = next(r for r in OPERATOR_ONLY if r.name == name)
+    return (f"no schedulable node matches spec.{rule.field}; label a node or change the "
+            f"selector (checked by the operator, not at admission: {rule.why_not_cel})")
 
 
 def cancel_requested(annotations: Mapping[str, str] | None) -> bool:
@@ -553,7 +561,8 @@ def plan_tick(job: m.JobRef, spec: FederationJobSpec, status: Mapping[str, Any],
         "terminating": ("False", "AggregatorTerminating", "aggregator pod is being deleted"),
         "lost": ("False", "AggregatorLost", f"aggregator pod lost: {agg_state.message}"),
         "unschedulable": ("False", "Unschedulable",
-                          f"aggregator pod cannot be scheduled: {agg_state.message}"),
+                          f"aggregator pod cannot be scheduled: {agg_state.message}; "
+                          + _operator_only("aggregator-node-exists")),
     }.get(agg_state.kind, ("False", "AggregatorStarting",
                            f"aggregator pod starting {agg_state.message}".strip()))
     conds = set_condition(new.get("conditions") or [], AGGREGATOR_READY, *agg_cond, now)
@@ -576,8 +585,8 @@ def plan_tick(job: m.JobRef, spec: FederationJobSpec, status: Mapping[str, Any],
         elif state.kind in ("missing", "terminating", "lost", "failed", "succeeded"):
             problems.append(f"{m.edge_node_id(e)} {state.kind}")
     if unschedulable:
-        cli = ("False", "Unschedulable", "client pods cannot be scheduled (check "
-               "spec.placement.nodeSelector): " + "; ".join(unschedulable))
+        cli = ("False", "Unschedulable", "client pods cannot be scheduled: "
+               + "; ".join(unschedulable) + "; " + _operator_only("client-nodes-exist"))
     elif problems:
         cli = ("False", "ClientPodLost", f"{ready}/{spec.clients} client pods ready; "
                + ", ".join(problems) + " (recreated)")

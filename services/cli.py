@@ -11,7 +11,7 @@ from pqfed.services.spec import JobSpecError
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pqfed.services.runner import run_local
+    from pqfed.services.runner import Interrupted, run_local
 
     attackers = frozenset(int(i) for i in args.attackers.split(",") if i) if args.attackers \
         else frozenset()
@@ -23,6 +23,10 @@ def _run(args: argparse.Namespace) -> int:
     except (RuntimeError, TimeoutError) as exc:
         print(f"pqfed: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print(f"pqfed: interrupted ({exc}); every process of the run was stopped",
+              file=sys.stderr)
+        return 128 + exc.signum  # the shell's convention for "killed by signal N"
     return 0
 
 

@@ -9,15 +9,20 @@ results.json and a PNG plot.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any
 
 from pqfed.pqc.identity import CertificateAuthority, Identity, Role
@@ -27,6 +32,60 @@ from pqfed.services.rounds import read_status
 from pqfed.services.spec import FederationJobFile, check_runnable, load_job
 
 FLEET_PATH_PREFIX = "/v1/fleet/"  # what the aggregator's sidecar lets through to SuperLink
+# Every process `pqfed run` starts, and everything those start, inherit this variable with the
+# run's id: the last sweep of `stop` finds what escaped the process trees (a grandchild started
+# after the tree was listed, or one whose parent died first and that was re-parented).
+RUN_ID_ENV = "PQFED_LOCAL_RUN_ID"
+
+
+class Interrupted(KeyboardInterrupt):
+    """`pqfed run` got SIGINT or SIGTERM; every process it started has been stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _SignalGuard:
+    """SIGINT/SIGTERM become `Interrupted`, except inside `critical()`, where they are held
+    until it ends: between `Popen` returning and the process being recorded a signal would
+    leak that process, and a second Ctrl-C must not cut the cleanup short."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        if self.depth:
+            self.pending = self.pending or signum
+            return
+        raise Interrupted(signum)
+
+    def install(self) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread receives signals; a caller there owns them
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handler)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @contextlib.contextmanager
+    def critical(self, *, deliver: bool = True) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if deliver and not self.depth and self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise Interrupted(signum)
 
 
 @dataclass
@@ -47,6 +106,8 @@ class LocalFederation:
     procs: list[_Proc] = field(default_factory=list)
     admin_ports: dict[str, int] = field(default_factory=dict)
     status_port: int = 0
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    guard: _SignalGuard = field(default_factory=_SignalGuard)
 
     def _identity_dir(self, ident: Identity, ca: CertificateAuthority) -> Path:
         d = self.run_dir / "identities" / ident.certificate.node_id
@@ -58,11 +119,12 @@ class LocalFederation:
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = self.run_dir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        handle = log.open("wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env,
-                                 start_new_session=True)
-        self.procs.append(_Proc(name, popen, log, handle))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", RUN_ID_ENV: self.run_id}
+        with self.guard.critical():  # started == recorded, whatever signal arrives
+            handle = log.open("wb")
+            popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+            self.procs.append(_Proc(name, popen, log, handle))
 
     def start(self) -> None:
         spec = self.job.spec
@@ -172,10 +234,33 @@ class LocalFederation:
         return totals
 
     def stop(self) -> None:
-        for p in reversed(self.procs):
-            if p.popen.poll() is None:
-                terminate_process_tree(p.popen.pid, timeout=10)
-            p.handle.close()
+        """Stops every process this run started and everything they started. Signals that
+        arrive meanwhile wait (`Interrupted` is raised by the caller's guard afterwards)."""
+        with self.guard.critical(deliver=False):
+            for p in reversed(self.procs):
+                if p.popen.poll() is None:
+                    terminate_process_tree(p.popen.pid, timeout=10)
+                p.handle.close()
+            for pid in run_processes(self.run_id):
+                terminate_process_tree(pid, timeout=5)
+
+
+def run_processes(run_id: str) -> list[int]:
+    """Pids of live processes that carry `run_id` in their environment."""
+    import psutil
+
+    marker = f"{RUN_ID_ENV}={run_id}".encode()
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{proc.pid}/environ", "rb") as fh:
+                if marker in fh.read().split(b"\0"):
+                    found.append(proc.pid)
+        except OSError:
+            continue  # gone, or not ours to read
+    return found
 
 
 def run_local(job_file: Path, out_dir: Path, *, pqc: bool = True,
@@ -198,6 +283,7 @@ def run_local(job_file: Path, out_dir: Path, *, pqc: bool = True,
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     console = Console(quiet=not show, width=None if sys.stdout.isatty() else 150)
+    fed.guard.install()
     try:
         fed.start()
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -220,7 +306,12 @@ def run_local(job_file: Path, out_dir: Path, *, pqc: bool = True,
         metrics = fed.sidecar_metrics() if pqc else {}
         rc = fed.aggregator().popen.returncode
     finally:
-        fed.stop()
+        try:
+            fed.stop()
+        finally:
+            fed.guard.restore()
+    if fed.guard.pending is not None:  # a signal that arrived while stopping
+        raise Interrupted(fed.guard.pending)
     results = {"job": job.name, "pqc": pqc, "returncode": rc, "wallSeconds": time.time() - t0,
                "spec": spec.model_dump(by_alias=True), "status": st, "sidecars": metrics,
                "runDir": str(run_dir)}

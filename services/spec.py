@@ -2,17 +2,34 @@
 runner (`pqfed run`) and the CLI.
 
 Field names are camelCase, as in every Kubernetes API, so a job file and a `FederationJob`
-custom resource have the same `spec`. Every error names the field and says how to fix it.
+custom resource have the same `spec`. Every error names the field by its path
+(`spec.secureAggregation.reconstructionThreshold`) and says how to fix it.
+
+One truth for bad input: every bound and pattern here becomes the CRD's OpenAPI schema, every
+validator is mirrored by a CEL rule the CRD generator emits (`RULES`, `LABEL_KEY_CEL`) or is
+listed in `OPERATOR_ONLY` with the reason CEL cannot check it, and the parsing is as strict as
+the API server's: no string-to-number or string-to-bool coercion, no non-finite numbers, null
+treated as absent only where the API server prunes it and applies a default.
+tests/operator/test_crd.py walks every validator and fails on one that is mirrored nowhere.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "pqfed.io"
@@ -21,22 +38,100 @@ KIND = "FederationJob"
 
 TaskName = Literal["breast-cancer", "hapt", "ecg-sim"]
 StrategyName = Literal["FedAvg", "FedProx", "FedTrimmedAvg", "Krum", "MultiKrum"]
+
+# Patterns are anchored and use only what both RE2 (the API server, CEL `matches`) and the
+# Rust regex engine behind pydantic's `pattern` understand; in both `$` is the end of the
+# text, never "before a trailing newline" as in Python's `re.match`.
 _PARTITION = r"^(iid|natural|dirichlet:(0\.[0-9]*[1-9][0-9]*|[1-9][0-9]*(\.[0-9]+)?))$"
-_LABEL_KEY = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
-_LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+
+# Kubernetes label syntax (apimachinery validation.IsQualifiedName / IsValidLabelValue): an
+# optional DNS-1123 subdomain prefix of at most 253 characters and '/', then a name of at most
+# 63 characters. A Pod whose nodeSelector breaks it is refused, so the job must be too.
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_KEY_PATTERN: Final = rf"^({_DNS_LABEL}(\.{_DNS_LABEL})*/)?{_LABEL_NAME}$"
+LABEL_KEY_MAX: Final = 253 + 1 + 63
+LABEL_VALUE_PATTERN: Final = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+MAX_SELECTOR_LABELS: Final = 32
+
+# Image references as the distribution/reference grammar defines them: [domain/]path[:tag]
+# [@digest]; the domain needs a dot, a port or to be localhost (otherwise it is a path
+# component, lowercase only); sha256/sha512 digests with their exact lengths.
+_DOMAIN_PART = r"([a-zA-Z0-9]|[a-zA-Z0-9][-a-zA-Z0-9]*[a-zA-Z0-9])"
+_DOMAIN = (rf"({_DOMAIN_PART}(\.{_DOMAIN_PART})+(:[0-9]{{1,5}})?|localhost(:[0-9]{{1,5}})?|"
+           rf"{_DOMAIN_PART}:[0-9]{{1,5}})")
+_PATH_PART = r"[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*"
+IMAGE_PATTERN: Final = (rf"^({_DOMAIN}/)?{_PATH_PART}(/{_PATH_PART})*"
+                        r"(:[A-Za-z0-9_][-A-Za-z0-9_.]{0,127})?"
+                        r"(@(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}))?$")
+IMAGE_MAX: Final = 512
+
+# metadata.name: "<name>-aggregator" must stay a valid 63-character Service/DNS label.
+NAME_MAX: Final = 63 - len("-aggregator")
+NAME_PATTERN: Final = rf"^[a-z0-9]([-a-z0-9]{{0,{NAME_MAX - 2}}}[a-z0-9])?$"
+
+
+_LABEL_KEY_SYNTAX: Final = (
+    "a Kubernetes label key: [prefix/]name, prefix a DNS subdomain of at most 253 characters "
+    "(lowercase, digits, '-', single dots), name at most 63 of [-A-Za-z0-9_.] starting and "
+    "ending alphanumeric")
+
+
+def _label_key(key: str) -> str:
+    """A node-selector key; the same check as `LABEL_KEY_CEL` on the API server."""
+    if len(key) > LABEL_KEY_MAX or not re.fullmatch(LABEL_KEY_PATTERN, key) \
+            or ("/" in key and key.index("/") > 253):
+        raise ValueError(f"not {_LABEL_KEY_SYNTAX}; fix or remove the key")
+    return key
+
+
+# The CEL twin of `_label_key` (emitted on both selector maps). Sizes are checked first so the
+# regex never runs on an oversized key; `indexOf` is from the Kubernetes CEL strings library.
+LABEL_KEY_CEL: Final = (f"self.all(k, k.size() <= {LABEL_KEY_MAX} && "
+                        f"k.matches(r'{LABEL_KEY_PATTERN}') && "
+                        "(!k.contains('/') || k.indexOf('/') <= 253))")
+LABEL_KEY_MESSAGE: Final = f"every key must be {_LABEL_KEY_SYNTAX}; fix or remove the key"
+
+
+# A null label value would be pruned by the API server, silently dropping the constraint
+# (`ward:` with nothing after it is null in YAML) and letting pods land on any node. So the
+# CRD keeps nulls in the selector maps (`nullable` values) and refuses them with this rule;
+# `pqfed run` refuses them as "not a string".
+LABEL_VALUE_NOT_NULL_CEL: Final = "self.all(k, type(self[k]) == string)"
+LABEL_VALUE_NOT_NULL_MESSAGE: Final = (
+    "every value must be a label value, not null; write the value (\"\" for an empty one) or "
+    "remove the key")
+
+
+def _selector(description: str) -> Any:
+    return Field(default_factory=dict, max_length=MAX_SELECTOR_LABELS, description=description,
+                 json_schema_extra={"x-kubernetes-validations": [
+                     {"rule": LABEL_KEY_CEL, "message": LABEL_KEY_MESSAGE,
+                      "reason": "FieldValueInvalid"},
+                     {"rule": LABEL_VALUE_NOT_NULL_CEL, "message": LABEL_VALUE_NOT_NULL_MESSAGE,
+                      "reason": "FieldValueInvalid"}]})
+
+
+LabelKey = Annotated[str, AfterValidator(_label_key)]
+# `nullable` only in the CRD, so the API server keeps a null for the rule above to refuse.
+LabelValue = Annotated[str, Field(pattern=LABEL_VALUE_PATTERN, max_length=63,
+                                  json_schema_extra={"nullable": True})]
 
 
 class _Spec(BaseModel):
+    # strict: "64" is not 64 and "true" is not True (the API server refuses both); no inf/nan
+    # (JSON cannot carry them and the bounds would be meaningless).
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid",
-                              frozen=True)
+                              frozen=True, strict=True, allow_inf_nan=False)
 
 
 class DatasetSpec(_Spec):
     """Which data each client holds. `natural` is HAPT's per-subject split (non-IID)."""
 
-    partition: Annotated[str, Field(pattern=_PARTITION)] = Field(
+    partition: Annotated[str, Field(pattern=_PARTITION, max_length=32)] = Field(
         "iid", description="iid, natural (HAPT: one subject per client) or dirichlet:<alpha>")
-    seed: int = Field(0, ge=0, description="Seed for partitioning and training")
+    seed: int = Field(0, ge=0, le=2**32 - 1,
+                      description="Seed for partitioning and training (NumPy: below 2^32)")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Per-client held-out fraction")
 
 
@@ -51,9 +146,10 @@ class StrategySpec(_Spec):
     poisoned updates; FedProx adds a proximal term for non-IID clients."""
 
     name: StrategyName = "FedAvg"
-    proximal_mu: float = Field(0.0, ge=0, description="FedProx proximal term (mu)")
+    proximal_mu: float = Field(0.0, ge=0, le=100, description="FedProx proximal term (mu)")
     trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="FedTrimmedAvg beta")
-    byzantine_clients: int = Field(0, ge=0, description="Krum/MultiKrum: assumed attackers")
+    byzantine_clients: int = Field(0, ge=0, le=1000,
+                                   description="Krum/MultiKrum: assumed attackers")
 
 
 class PrivacySpec(_Spec):
@@ -62,9 +158,10 @@ class PrivacySpec(_Spec):
 
     enabled: bool = False
     mode: Literal["central", "local"] = "central"
-    clipping_norm: float = Field(1.0, gt=0)
-    noise_multiplier: float = Field(1.0, ge=0)
-    target_epsilon: float | None = Field(None, gt=0, description="Stop before exceeding it")
+    clipping_norm: float = Field(1.0, gt=0, le=1e6)
+    noise_multiplier: float = Field(1.0, ge=0, le=1000)
+    target_epsilon: float | None = Field(None, gt=0, le=1e6,
+                                         description="Stop before exceeding it")
     delta: float = Field(1e-5, gt=0, lt=1)
 
 
@@ -72,10 +169,10 @@ class SecureAggregationSpec(_Spec):
     """Flower SecAgg+: the aggregator only learns the sum of the updates."""
 
     enabled: bool = False
-    num_shares: int = Field(3, ge=2)
-    reconstruction_threshold: int = Field(2, ge=1)
-    clipping_range: float = Field(8.0, gt=0)
-    quantization_range: int = Field(4194304, ge=2)
+    num_shares: int = Field(3, ge=2, le=1000)
+    reconstruction_threshold: int = Field(2, ge=1, le=1000)
+    clipping_range: float = Field(8.0, gt=0, le=1e6)
+    quantization_range: int = Field(4194304, ge=2, le=2**31 - 1)
 
 
 class CompressionSpec(_Spec):
@@ -102,7 +199,7 @@ class CryptoSpec(_Spec):
 
 
 class TimeoutSpec(_Spec):
-    round_seconds: int = Field(600, ge=5)
+    round_seconds: int = Field(600, ge=5, le=7 * 86400)
     handshake_seconds: float = Field(10.0, gt=0, le=300)
 
 
@@ -110,12 +207,10 @@ class PlacementSpec(_Spec):
     """Where pods run (Kubernetes only): client pods spread over nodes matching
     `nodeSelector`, the aggregator on nodes matching `aggregatorNodeSelector`."""
 
-    node_selector: dict[Annotated[str, Field(pattern=_LABEL_KEY)],
-                        Annotated[str, Field(pattern=_LABEL_VALUE)]] = Field(
-        default_factory=dict)
-    aggregator_node_selector: dict[Annotated[str, Field(pattern=_LABEL_KEY)],
-                                   Annotated[str, Field(pattern=_LABEL_VALUE)]] = Field(
-        default_factory=dict)
+    node_selector: dict[LabelKey, LabelValue] = _selector(
+        "Labels a node must carry to run client pods (Kubernetes label syntax)")
+    aggregator_node_selector: dict[LabelKey, LabelValue] = _selector(
+        "Labels a node must carry to run the aggregator pod (Kubernetes label syntax)")
     spread: bool = Field(True, description="Spread client pods across nodes")
 
 
@@ -124,8 +219,10 @@ class FederationJobSpec(_Spec):
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     rounds: int = Field(3, ge=1, le=10000)
     clients: int = Field(3, ge=1, le=1000, description="Client nodes taking part")
-    clients_per_round: int | None = Field(None, ge=1, description="Default: all clients")
-    min_clients: int = Field(2, ge=1, description="A round fails below this many updates")
+    clients_per_round: int | None = Field(None, ge=1, le=1000,
+                                          description="Default: all clients")
+    min_clients: int = Field(2, ge=1, le=1000,
+                             description="A round fails below this many updates")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     strategy: StrategySpec = Field(default_factory=StrategySpec)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
@@ -135,64 +232,213 @@ class FederationJobSpec(_Spec):
     crypto: CryptoSpec = Field(default_factory=CryptoSpec)
     timeouts: TimeoutSpec = Field(default_factory=TimeoutSpec)
     placement: PlacementSpec = Field(default_factory=PlacementSpec)
-    image: str = Field("ghcr.io/pqfed/pqfed:0.1.0", min_length=1,
-                       description="Image of the FL and sidecar containers")
+    image: str = Field("ghcr.io/pqfed/pqfed:0.1.0", min_length=1, max_length=IMAGE_MAX,
+                       pattern=IMAGE_PATTERN,
+                       description="Image of the FL and sidecar containers: "
+                                   "[registry/]repository[:tag][@sha256:digest], repository "
+                                   "lowercase")
+
+    @property
+    def per_round(self) -> int:
+        return self.clients_per_round or self.clients
 
     @model_validator(mode="after")
     def _cross_field(self) -> FederationJobSpec:
-        # Every rule here is mirrored as a CEL rule in the CRD (operator/crd.py), so the API
-        # server rejects the same jobs that `pqfed run` refuses.
-        def fail(field: str, msg: str) -> None:
-            raise ValueError(f"{field}: {msg}")
-
-        if self.min_clients > self.clients:
-            fail("minClients", f"{self.min_clients} exceeds clients ({self.clients}); "
-                               "lower minClients or add clients")
-        per_round = self.clients_per_round or self.clients
-        if per_round > self.clients:
-            fail("clientsPerRound", f"{per_round} exceeds clients ({self.clients})")
-        if per_round < self.min_clients:
-            fail("clientsPerRound", f"{per_round} is below minClients ({self.min_clients})")
-        if self.strategy.name in ("Krum", "MultiKrum") and \
-                per_round < 2 * self.strategy.byzantine_clients + 3:
-            fail("strategy.byzantineClients",
-                 f"Krum needs clientsPerRound >= 2*byzantineClients+3 "
-                 f"({2 * self.strategy.byzantine_clients + 3}); lower byzantineClients")
-        if self.secure_aggregation.enabled:
-            if self.strategy.name not in ("FedAvg", "FedProx"):
-                fail("secureAggregation.enabled",
-                     f"{self.strategy.name} must see individual updates; SecAgg+ hides them. "
-                     "Use FedAvg/FedProx or disable secure aggregation")
-            sa = self.secure_aggregation
-            if sa.reconstruction_threshold > sa.num_shares:
-                fail("secureAggregation.reconstructionThreshold", "must be <= numShares")
-            if sa.num_shares > per_round:
-                fail("secureAggregation.numShares",
-                     f"{sa.num_shares} exceeds clientsPerRound ({per_round})")
-        if self.hierarchy.enabled:
-            edges = self.hierarchy.edges
-            if edges > self.clients:
-                fail("hierarchy.edges", f"{edges} edges for {self.clients} clients; use at "
-                                        "most one edge aggregator per client")
-            if self.privacy.enabled and self.privacy.mode == "central":
-                fail("privacy.mode", "central DP clips individual updates, which only the "
-                                     "edges see in hierarchical mode; use privacy.mode: local "
-                                     "or disable hierarchy")
-            if self.secure_aggregation.enabled:
-                fail("secureAggregation.enabled", "SecAgg+ is not available with edge "
-                                                  "aggregators; disable one of them")
-            if self.strategy.name in ("Krum", "MultiKrum") and \
-                    self.clients // edges < 2 * self.strategy.byzantine_clients + 3:
-                fail("strategy.byzantineClients",
-                     f"Krum runs at each edge and needs clients/edges >= 2*byzantineClients+3 "
-                     f"({2 * self.strategy.byzantine_clients + 3}); lower byzantineClients, "
-                     "use fewer edges or add clients")
-        if self.dataset.partition == "natural" and self.task != "hapt":
-            fail("dataset.partition", "natural is HAPT's per-subject split; use iid or "
-                                      "dirichlet:<alpha> for this task")
-        if self.task == "hapt" and self.clients > 30:
-            fail("clients", "HAPT has 30 subjects; use at most 30 clients")
+        # Every rule is a `SpecRule`: the same rule in Python (here) and in CEL (emitted into
+        # the CRD), so the API server refuses the jobs `pqfed run` refuses, with the same text.
+        broken = [r for r in RULES if not r.holds(self)]
+        if broken:
+            raise ValueError("\n".join(f"{r.field}: {r.message}" for r in broken))
         return self
+
+
+@dataclass(frozen=True)
+class SpecRule:
+    """One cross-field rule of `FederationJobSpec`.
+
+    `holds` is the rule in Python, `cel` the same rule in CEL evaluated on `spec` (`self`).
+    Both report `field` (relative to spec; the CRD's `fieldPath`) with `message`, which is
+    static: the API server's cost estimator treats `string(int)` as unbounded and refuses a
+    `messageExpression` that prints a number. CEL arithmetic is written so that it can neither
+    overflow nor divide by zero on any value the schema lets through (or rejects: the API
+    server evaluates the rules even when a bound already failed).
+    """
+
+    name: str
+    field: str
+    cel: str
+    message: str
+    holds: Callable[[FederationJobSpec], bool]
+
+
+@dataclass(frozen=True)
+class OperatorOnlyRule:
+    """A rule no CEL rule can check, checked by the operator and reported in
+    `status.conditions[type=condition]` with `reason`; `why_not_cel` says why."""
+
+    name: str
+    field: str
+    why_not_cel: str
+    condition: str
+    reason: str
+
+
+# Per-round client count (`clientsPerRound or clients`).
+_PER_ROUND: Final = "(has(self.clientsPerRound) ? self.clientsPerRound : self.clients)"
+_KRUM: Final = ("Krum", "MultiKrum")
+
+
+def _krum_ok(clients: int, byzantine: int) -> bool:
+    return clients >= 3 and byzantine <= (clients - 3) // 2  # clients >= 2f+3, no overflow
+
+
+RULES: Final[tuple[SpecRule, ...]] = (
+    SpecRule(
+        "minClients<=clients", "minClients",
+        "self.minClients <= self.clients",
+        "minClients must be <= clients; lower minClients or add clients",
+        lambda s: s.min_clients <= s.clients),
+    SpecRule(
+        "clientsPerRound<=clients", "clientsPerRound",
+        "!has(self.clientsPerRound) || self.clientsPerRound <= self.clients",
+        "clientsPerRound must be <= clients; lower clientsPerRound or add clients",
+        lambda s: s.per_round <= s.clients),
+    SpecRule(
+        "clientsPerRound>=minClients", "clientsPerRound",
+        "!has(self.clientsPerRound) || self.clientsPerRound >= self.minClients",
+        "clientsPerRound must be >= minClients; raise clientsPerRound or lower minClients",
+        lambda s: s.clients_per_round is None or s.clients_per_round >= s.min_clients),
+    SpecRule(
+        "krum-byzantine", "strategy.byzantineClients",
+        "!(self.strategy.name in ['Krum', 'MultiKrum']) || "
+        f"({_PER_ROUND} >= 3 && self.strategy.byzantineClients <= ({_PER_ROUND} - 3) / 2)",
+        "Krum/MultiKrum need clientsPerRound (default: clients) >= 2*byzantineClients+3; "
+        "lower strategy.byzantineClients or add clients",
+        lambda s: s.strategy.name not in _KRUM or _krum_ok(s.per_round,
+                                                           s.strategy.byzantine_clients)),
+    SpecRule(
+        "secagg-strategy", "secureAggregation.enabled",
+        "!self.secureAggregation.enabled || self.strategy.name in ['FedAvg', 'FedProx']",
+        "secureAggregation.enabled: FedTrimmedAvg/Krum/MultiKrum must see individual updates "
+        "and SecAgg+ hides them; use strategy FedAvg/FedProx or disable secure aggregation",
+        lambda s: not s.secure_aggregation.enabled or s.strategy.name in ("FedAvg", "FedProx")),
+    SpecRule(
+        "secagg-min-shares", "secureAggregation.numShares",
+        "!self.secureAggregation.enabled || self.secureAggregation.numShares >= 3",
+        "secureAggregation.numShares must be >= 3 (Flower's SecAgg+ minimum); raise numShares "
+        "and add clients if needed",
+        lambda s: not s.secure_aggregation.enabled or s.secure_aggregation.num_shares >= 3),
+    SpecRule(
+        "secagg-min-threshold", "secureAggregation.reconstructionThreshold",
+        "!self.secureAggregation.enabled || "
+        "self.secureAggregation.reconstructionThreshold >= 2",
+        "secureAggregation.reconstructionThreshold must be >= 2 (one share would reveal a "
+        "client's mask seed); raise reconstructionThreshold",
+        lambda s: not s.secure_aggregation.enabled
+        or s.secure_aggregation.reconstruction_threshold >= 2),
+    SpecRule(
+        "secagg-threshold<shares", "secureAggregation.reconstructionThreshold",
+        "!self.secureAggregation.enabled || "
+        "self.secureAggregation.reconstructionThreshold < self.secureAggregation.numShares",
+        "secureAggregation.reconstructionThreshold must be < numShares (Flower's SecAgg+); "
+        "lower reconstructionThreshold or raise numShares",
+        lambda s: not s.secure_aggregation.enabled
+        or s.secure_aggregation.reconstruction_threshold < s.secure_aggregation.num_shares),
+    SpecRule(
+        "secagg-shares<=clientsPerRound", "secureAggregation.numShares",
+        f"!self.secureAggregation.enabled || self.secureAggregation.numShares <= {_PER_ROUND}",
+        "secureAggregation.numShares must be <= clientsPerRound (default: clients); lower "
+        "numShares or add clients",
+        lambda s: not s.secure_aggregation.enabled
+        or s.secure_aggregation.num_shares <= s.per_round),
+    SpecRule(
+        "secagg-privacy", "privacy.enabled",
+        "!self.secureAggregation.enabled || !self.privacy.enabled",
+        "privacy.enabled: differential privacy is not combined with secure aggregation in "
+        "this release; disable one of them",
+        lambda s: not (s.secure_aggregation.enabled and s.privacy.enabled)),
+    SpecRule(
+        "secagg-compression", "compression.method",
+        "!self.secureAggregation.enabled || self.compression.method == 'none'",
+        "compression.method: SecAgg+ masks dense quantized parameters; use method: none with "
+        "secure aggregation or disable it",
+        lambda s: not s.secure_aggregation.enabled or s.compression.method == "none"),
+    SpecRule(
+        "epsilon-needs-privacy", "privacy.targetEpsilon",
+        "self.privacy.enabled || !has(self.privacy.targetEpsilon)",
+        "privacy.targetEpsilon is a budget for differential privacy, which is disabled; set "
+        "privacy.enabled: true or remove targetEpsilon",
+        lambda s: s.privacy.enabled or s.privacy.target_epsilon is None),
+    SpecRule(
+        "epsilon-needs-noise", "privacy.noiseMultiplier",
+        "!self.privacy.enabled || self.privacy.mode != 'central' || "
+        "!has(self.privacy.targetEpsilon) || self.privacy.noiseMultiplier > 0.0",
+        "privacy.noiseMultiplier: central DP without noise spends an infinite epsilon, so "
+        "targetEpsilon can never hold; raise noiseMultiplier or remove targetEpsilon",
+        lambda s: not (s.privacy.enabled and s.privacy.mode == "central"
+                       and s.privacy.target_epsilon is not None)
+        or s.privacy.noise_multiplier > 0),
+    SpecRule(
+        "hierarchy-edges<=clients", "hierarchy.edges",
+        "!self.hierarchy.enabled || self.hierarchy.edges <= self.clients",
+        "hierarchy.edges must be <= clients; use at most one edge aggregator per client",
+        lambda s: not s.hierarchy.enabled or s.hierarchy.edges <= s.clients),
+    SpecRule(
+        "hierarchy-central-dp", "privacy.mode",
+        "!self.hierarchy.enabled || !self.privacy.enabled || self.privacy.mode != 'central'",
+        "privacy.mode: central DP clips individual updates, which only the edges see in "
+        "hierarchical mode; use privacy.mode: local or disable hierarchy",
+        lambda s: not (s.hierarchy.enabled and s.privacy.enabled
+                       and s.privacy.mode == "central")),
+    SpecRule(
+        "hierarchy-secagg", "secureAggregation.enabled",
+        "!self.hierarchy.enabled || !self.secureAggregation.enabled",
+        "secureAggregation.enabled: SecAgg+ is not available with edge aggregators; disable "
+        "one of them",
+        lambda s: not (s.hierarchy.enabled and s.secure_aggregation.enabled)),
+    SpecRule(
+        "hierarchy-krum", "strategy.byzantineClients",
+        "!self.hierarchy.enabled || !(self.strategy.name in ['Krum', 'MultiKrum']) || "
+        "self.hierarchy.edges < 1 || (self.clients / self.hierarchy.edges >= 3 && "
+        "self.strategy.byzantineClients <= (self.clients / self.hierarchy.edges - 3) / 2)",
+        "strategy.byzantineClients: Krum runs at each edge and needs clients/edges >= "
+        "2*byzantineClients+3; lower byzantineClients, use fewer edges or add clients",
+        lambda s: not s.hierarchy.enabled or s.strategy.name not in _KRUM
+        or _krum_ok(s.clients // s.hierarchy.edges, s.strategy.byzantine_clients)),
+    SpecRule(
+        "natural-partition-only-hapt", "dataset.partition",
+        "self.dataset.partition != 'natural' || self.task == 'hapt'",
+        "dataset.partition: natural is HAPT's per-subject split; use iid or dirichlet:<alpha> "
+        "for this task",
+        lambda s: s.dataset.partition != "natural" or s.task == "hapt"),
+    SpecRule(
+        "hapt-clients<=30", "clients",
+        "self.task != 'hapt' || self.clients <= 30",
+        "clients: HAPT has 30 subjects; use at most 30 clients",
+        lambda s: s.task != "hapt" or s.clients <= 30),
+)
+
+# Rules that need the cluster, not the object: the operator reports them in status.conditions.
+OPERATOR_ONLY: Final[tuple[OperatorOnlyRule, ...]] = (
+    OperatorOnlyRule(
+        "client-nodes-exist", "placement.nodeSelector",
+        "whether a schedulable node carries these labels is cluster state that changes after "
+        "admission; CEL sees only the FederationJob",
+        "ClientsReady", "Unschedulable"),
+    OperatorOnlyRule(
+        "aggregator-node-exists", "placement.aggregatorNodeSelector",
+        "whether a schedulable node carries these labels is cluster state that changes after "
+        "admission; CEL sees only the FederationJob",
+        "AggregatorReady", "Unschedulable"),
+)
+
+# Every validator function of the model and what mirrors it on the API server: the names of
+# `RULES` it evaluates, or "cel:<field>" for a CEL rule emitted on that field's schema node.
+# tests/operator/test_crd.py walks the model and fails on a validator missing here.
+VALIDATOR_MIRRORS: Final[Mapping[str, tuple[str, ...]]] = {
+    "FederationJobSpec._cross_field": tuple(r.name for r in RULES),
+    "_label_key": ("cel:placement.nodeSelector", "cel:placement.aggregatorNodeSelector"),
+}
 
 
 class JobSpecError(ValueError):
@@ -204,24 +450,100 @@ class JobSpecError(ValueError):
         self.problems = problems
 
 
+# What to write instead, per pydantic error type (the default text says what is wrong only).
+_FIXES: Final[Mapping[str, str]] = {
+    "int_type": "write a whole number without quotes",
+    "float_type": "write a number without quotes",
+    "bool_type": "write true or false without quotes",
+    "string_type": "write a string",
+    "finite_number": ".inf and .nan are not allowed; write a finite number",
+    "model_type": "write a mapping of the fields below it",
+    "dict_type": "write a mapping",
+    "extra_forbidden": "check the spelling (fields are camelCase)",
+}
+# Pattern fields: the pattern itself is no help to a reader.
+_PATTERN_HINTS: Final[Mapping[str, str]] = {
+    "image": "not an image reference: [registry[:port]/]repository[:tag][@sha256:<64 hex>], "
+             "the repository in lowercase, no spaces",
+    "dataset.partition": "use iid, natural or dirichlet:<alpha> with alpha > 0",
+    "placement.nodeSelector": "not a Kubernetes label value: at most 63 of [-A-Za-z0-9_.], "
+                              "starting and ending alphanumeric",
+    "placement.aggregatorNodeSelector": "not a Kubernetes label value: at most 63 of "
+                                        "[-A-Za-z0-9_.], starting and ending alphanumeric",
+}
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[-1] == "[key]":  # a map key: spec.placement.nodeSelector["bad key"]
+        return ".".join(parts[:-2]) + f"[{parts[-2]!r}]"
+    return ".".join(parts)
+
+
 def _problems(exc: ValidationError) -> dict[str, str]:
     out: dict[str, str] = {}
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
+        loc = _path(err["loc"])
         msg = err["msg"]
-        if err["type"] == "value_error":
-            # cross-field errors carry their own field name: "minClients: ..."
+        kind = err["type"]
+        if kind == "value_error":
+            # cross-field errors carry their own field names: "minClients: ...", one a line
             text = msg.removeprefix("Value error, ")
-            field, sep, rest = text.partition(": ")
-            if sep and re.fullmatch(r"[A-Za-z.]+", field):
-                loc, msg = field, rest
-            else:
-                msg = text
-        elif err["type"] == "extra_forbidden":
-            msg = "unknown field; check the spelling (fields are camelCase)"
-        elif err["type"] == "literal_error":
+            for line in text.splitlines():
+                field, sep, rest = line.partition(": ")
+                if sep and re.fullmatch(r"[A-Za-z.]+", field):
+                    out[f"spec.{field}"] = rest
+                else:
+                    out["spec." + loc if loc else "spec"] = line
+            continue
+        if kind == "extra_forbidden":
+            msg = "unknown field"
+        elif kind == "literal_error":
             msg = f"{msg} (got {err.get('input')!r})"
+        elif kind == "string_pattern_mismatch":
+            hint = next((h for f, h in _PATTERN_HINTS.items() if loc.startswith(f)), None)
+            msg = f"{hint or msg} (got {_short(err.get('input'))})"
+        elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal",
+                      "string_too_long", "too_long"):
+            msg = f"{msg} (got {_short(err.get('input'))})"
+        if kind in _FIXES:
+            msg = f"{msg} (got {_short(err.get('input'))}); {_FIXES[kind]}" \
+                if kind not in ("extra_forbidden", "model_type", "dict_type") \
+                else f"{msg}; {_FIXES[kind]}"
         out["spec." + loc if loc else "spec"] = msg
+    return out
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
+
+
+def _fields_by_alias(model: type[BaseModel]) -> dict[str, Any]:
+    return {field.alias or name: field for name, field in model.model_fields.items()}
+
+
+def _prune_nulls(data: Any, model: type[BaseModel], path: str,
+                 problems: dict[str, str]) -> Any:
+    """What the API server does before validating: null in a field that is not nullable is
+    pruned and the field's default applied; null where the schema allows it (an optional
+    field) stays. Keys are matched by their camelCase name only: the API server knows no
+    other, so `batch_size` is an unknown field here too."""
+    if not isinstance(data, dict):
+        return data
+    fields = _fields_by_alias(model)
+    out: dict[Any, Any] = {}
+    for key, value in data.items():
+        field = fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            problems[f"{path}.{key}"] = f"unknown field; {_FIXES['extra_forbidden']}"
+            continue
+        has_default = field.default_factory is not None or field.default is not None
+        if value is None and has_default:
+            continue
+        ann = field.annotation
+        nested = isinstance(ann, type) and issubclass(ann, BaseModel)
+        out[key] = _prune_nulls(value, ann, f"{path}.{key}", problems) if nested else value
     return out
 
 
@@ -232,14 +554,29 @@ def check_runnable(spec: FederationJobSpec, source: str = "spec") -> None:
 
 
 def parse_spec(data: Any, source: str = "spec") -> FederationJobSpec:
+    """A FederationJob `spec` (absent or null: every default) -> the model, as strictly as the
+    API server with the chart's CRD. Raises JobSpecError mapping each field path to a fix."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise JobSpecError(source, {"spec": f"must be a mapping of fields, not "
+                                            f"{type(data).__name__}; write spec: {{...}}"})
+    problems: dict[str, str] = {}
+    pruned = _prune_nulls(data, FederationJobSpec, "spec", problems)
     try:
-        return FederationJobSpec.model_validate(data or {})
+        spec = FederationJobSpec.model_validate(pruned)
     except ValidationError as exc:
-        raise JobSpecError(source, _problems(exc)) from None
+        problems.update(_problems(exc))
+    if problems:
+        raise JobSpecError(source, problems)
+    return spec
 
 
-# "<name>-aggregator" must stay a valid 63-character Service/DNS label.
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?$")
+_NAME = re.compile(NAME_PATTERN)
+_NAMESPACE = re.compile(rf"^{_DNS_LABEL}$")
+NAME_RULE: Final = (f"required: at most {NAME_MAX} lowercase letters, digits and '-', starting "
+                    f"and ending alphanumeric (the aggregator Service <name>-aggregator must "
+                    f"be a 63-character DNS label)")
 
 
 class FederationJobFile(BaseModel):
@@ -250,29 +587,105 @@ class FederationJobFile(BaseModel):
     spec: FederationJobSpec
 
 
-def load_job(path: Path) -> FederationJobFile:
-    """Reads a job YAML (a FederationJob manifest). Raises JobSpecError naming the field."""
+def _duplicate_keys(node: yaml.Node, path: str, out: dict[str, str]) -> None:
+    """PyYAML keeps the last of two equal keys; the API server's strict decoder refuses
+    them, so we do too, naming the key by its path."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            child = f"{path}.{key}" if path else key
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                out[child] = (f"duplicate key (lines {seen[key]} and {line}); keep one of them")
+            else:
+                seen[key] = line
+            _duplicate_keys(value_node, child, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _duplicate_keys(item, f"{path}[{i}]", out)
+
+
+class _ApiServerYamlLoader(yaml.SafeLoader):
+    """YAML read as the API server (and kubectl) read it: sigs.k8s.io/yaml's YAML 1.1, where
+    `y` and `n` are booleans too (PyYAML keeps them strings)."""
+
+    bool_values: ClassVar[dict[str, bool]] = {**yaml.SafeLoader.bool_values, "y": True,
+                                               "n": False}
+
+
+_ApiServerYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:y|Y|n|N)$"), list("yYnN"))
+
+
+def _as_json(value: Any) -> Any:
+    """The API server turns YAML into JSON before it validates, and Go writes a whole float64
+    as an integer (3.0 -> 3), so `rounds: 3.0` is the integer 3 there; the same here. 2.5 stays
+    a float and is refused for an integer field by both."""
+    if isinstance(value, dict):
+        return {k: _as_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_json(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def read_job_document(text: str, source: str) -> Any:
+    """One YAML document -> the JSON data the API server would validate; duplicate keys
+    refused (JobSpecError)."""
     try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise JobSpecError(str(path), {"(file)": str(exc)}) from None
+        node = yaml.compose(text, Loader=_ApiServerYamlLoader)
+        duplicates: dict[str, str] = {}
+        if node is not None:
+            _duplicate_keys(node, "", duplicates)
+        if duplicates:
+            raise JobSpecError(source, duplicates)
+        # a SafeLoader subclass: no arbitrary objects
+        return _as_json(yaml.load(text, Loader=_ApiServerYamlLoader))  # noqa: S506
+    except yaml.YAMLError as exc:
+        raise JobSpecError(source, {"(file)": f"not valid YAML: {exc}"}) from None
+
+
+def parse_job(doc: Any, source: str) -> FederationJobFile:
+    """A FederationJob manifest (parsed YAML/JSON) -> the job; JobSpecError names each field."""
     if not isinstance(doc, dict):
-        raise JobSpecError(str(path), {"(file)": "must hold a FederationJob mapping"})
+        raise JobSpecError(source, {"(file)": "must hold one FederationJob mapping "
+                                              "(apiVersion, kind, metadata, spec)"})
     problems: dict[str, str] = {}
     if doc.get("apiVersion") != f"{API_GROUP}/{API_VERSION}":
         problems["apiVersion"] = f"must be {API_GROUP}/{API_VERSION}"
     if doc.get("kind") != KIND:
         problems["kind"] = f"must be {KIND}"
-    meta = doc.get("metadata") or {}
-    name = str(meta.get("name", ""))
-    if not _NAME.match(name):
-        problems["metadata.name"] = ("required: lowercase letters, digits and '-', at most "
-                                     "52 characters (pod and Service names derive from it)")
+    meta = doc.get("metadata")
+    name = namespace = ""
+    if not isinstance(meta, dict):
+        problems["metadata"] = "required: a mapping with name (and optionally namespace)"
+    else:
+        raw_name = meta.get("name")
+        name = raw_name if isinstance(raw_name, str) else ""
+        # fullmatch: `re.match` with `$` would let "x\n" through.
+        if not _NAME.fullmatch(name):
+            problems["metadata.name"] = f"{NAME_RULE} (got {_short(raw_name)})"
+        raw_ns = meta.get("namespace", "default")
+        namespace = raw_ns if isinstance(raw_ns, str) else ""
+        if not (_NAMESPACE.fullmatch(namespace) and len(namespace) <= 63):
+            problems["metadata.namespace"] = (f"a DNS label: at most 63 lowercase letters, "
+                                              f"digits and '-' (got {_short(raw_ns)})")
+    spec: FederationJobSpec | None = None
     try:
-        spec = parse_spec(doc.get("spec"), str(path))
+        spec = parse_spec(doc.get("spec"), source)
     except JobSpecError as exc:
         problems.update(exc.problems)
-    if problems:
-        raise JobSpecError(str(path), problems)
-    return FederationJobFile(name=name, namespace=str(meta.get("namespace", "default")),
-                             spec=spec)
+    if problems or spec is None:
+        raise JobSpecError(source, problems)
+    return FederationJobFile(name=name, namespace=namespace, spec=spec)
+
+
+def load_job(path: Path) -> FederationJobFile:
+    """Reads a job YAML (a FederationJob manifest). Raises JobSpecError naming the field."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JobSpecError(str(path), {"(file)": str(exc)}) from None
+    return parse_job(read_job_document(text, str(path)), str(path))

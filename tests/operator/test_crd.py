@@ -1,5 +1,6 @@
 """The FederationJob CRD generated from FederationJobSpec: structural, defaulted, every Literal
-an enum, every `_cross_field` rule mirrored in CEL, and the committed chart copy up to date.
+an enum, every validator of the model mirrored by a CEL rule or listed as operator-only, and
+the committed chart copy up to date.
 
 Whether a real kube-apiserver accepts the CRD and rejects invalid jobs is an e2e test against
 the testbed control plane; here everything is offline and fast.
@@ -7,7 +8,6 @@ the testbed control plane; here everything is offline and fast.
 
 from __future__ import annotations
 
-import inspect
 import re
 import typing
 from collections.abc import Iterator
@@ -16,36 +16,30 @@ from typing import Any
 
 import pytest
 import yaml
-from pydantic import BaseModel
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    PlainValidator,
+    WrapValidator,
+    model_validator,
+)
 
 from pqfed.operator import crd
+from pqfed.services import spec as spec_module
 from pqfed.services.spec import FederationJobSpec, JobSpecError, parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
 CHART_CRD = REPO / "charts" / "pqfed" / "crds" / "federationjobs.pqfed.io.yaml"
 
-# One spec per rule that breaks exactly that rule (the API-server e2e test can reuse them).
-VIOLATIONS: dict[str, dict[str, Any]] = {
-    "minClients<=clients": {"clients": 3, "minClients": 4},
-    "clientsPerRound<=clients": {"clients": 3, "clientsPerRound": 4},
-    "clientsPerRound>=minClients": {"clients": 5, "minClients": 3, "clientsPerRound": 2},
-    "krum-byzantine": {"clients": 4, "strategy": {"name": "Krum", "byzantineClients": 1}},
-    "secagg-strategy": {"strategy": {"name": "FedTrimmedAvg"},
-                        "secureAggregation": {"enabled": True}},
-    "secagg-threshold<=shares": {"secureAggregation": {
-        "enabled": True, "numShares": 3, "reconstructionThreshold": 4}},
-    "secagg-shares<=clientsPerRound": {"clients": 3, "secureAggregation": {
-        "enabled": True, "numShares": 4}},
-    "hierarchy-edges<=clients": {"clients": 3, "hierarchy": {"enabled": True, "edges": 4}},
-    "hierarchy-central-dp": {"hierarchy": {"enabled": True},
-                             "privacy": {"enabled": True, "mode": "central"}},
-    "hierarchy-secagg": {"clients": 4, "hierarchy": {"enabled": True},
-                         "secureAggregation": {"enabled": True}},
-    "hierarchy-krum": {"clients": 10, "hierarchy": {"enabled": True, "edges": 3},
-                       "strategy": {"name": "Krum", "byzantineClients": 1}},
-    "natural-partition-only-hapt": {"task": "breast-cancer", "dataset": {"partition": "natural"}},
-    "hapt-clients<=30": {"task": "hapt", "clients": 31, "minClients": 2},
-}
+# The one table of invalid jobs (also run against the API server and `pqfed run`); the cases
+# that name a rule break exactly that rule.
+TABLE: list[dict[str, Any]] = yaml.safe_load(
+    (REPO / "tests" / "data" / "invalid_jobs.yaml").read_text())
+RULE_CASES: dict[str, dict[str, Any]] = {}
+for _case in TABLE:
+    if "rule" in _case:
+        RULE_CASES.setdefault(_case["rule"], yaml.safe_load("{" + _case["spec"] + "}"))
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +139,8 @@ def test_schema_is_structural(version: dict[str, Any]) -> None:
 
 def test_optional_fields_are_nullable_without_default(spec_schema: dict[str, Any]) -> None:
     assert spec_schema["properties"]["clientsPerRound"] == {
-        "type": "integer", "description": "Default: all clients", "minimum": 1, "nullable": True}
+        "type": "integer", "description": "Default: all clients", "minimum": 1, "maximum": 1000,
+        "nullable": True}
     epsilon = spec_schema["properties"]["privacy"]["properties"]["targetEpsilon"]
     assert epsilon["nullable"] is True and "default" not in epsilon
     assert epsilon["exclusiveMinimum"] is True and epsilon["minimum"] == 0
@@ -157,8 +152,14 @@ def test_maps_are_string_maps_with_key_rule(spec_schema: dict[str, Any]) -> None
         assert node["type"] == "object"
         assert node["additionalProperties"]["type"] == "string"
         assert node["default"] == {}
-        (rule,) = node["x-kubernetes-validations"]
-        assert rule["rule"].startswith("self.all(k, k.matches(")
+        assert node["maxProperties"] == spec_module.MAX_SELECTOR_LABELS
+        assert node["additionalProperties"]["pattern"] == spec_module.LABEL_VALUE_PATTERN
+        assert node["additionalProperties"]["maxLength"] == 63
+        keys, nulls = node["x-kubernetes-validations"]
+        assert keys["rule"] == spec_module.LABEL_KEY_CEL
+        # null values are kept (not pruned, which would drop the constraint) and refused
+        assert node["additionalProperties"]["nullable"] is True
+        assert nulls["rule"] == spec_module.LABEL_VALUE_NOT_NULL_CEL
 
 
 def test_exclusive_bounds_follow_pydantic(spec_schema: dict[str, Any]) -> None:
@@ -205,31 +206,113 @@ def test_every_literal_is_an_enum(spec_schema: dict[str, Any]) -> None:
     assert seen >= 9  # task, strategy.name, privacy.mode, compression.method, 5 in crypto
 
 
-# --- CEL rules mirror _cross_field ----------------------------------------------------------
+# --- every validator mirrored: CEL rule or operator-only ------------------------------------
 
-def test_one_cel_rule_per_cross_field_rule(spec_schema: dict[str, Any]) -> None:
-    source = inspect.getsource(typing.cast(Any, FederationJobSpec._cross_field))
-    fails = len(re.findall(r"\bfail\(", source)) - 1  # minus `def fail(`
-    assert len(crd.CROSS_FIELD_RULES) == fails, (
-        "every fail(...) in FederationJobSpec._cross_field needs a CEL rule in "
-        "pqfed.operator.crd.CROSS_FIELD_RULES")
+_VALIDATOR_TYPES = (AfterValidator, BeforeValidator, PlainValidator, WrapValidator)
+
+
+def _annotated_validators(annotation: Any) -> Iterator[Any]:
+    """Validator functions hidden in Annotated[...] metadata, also inside dict[K, V] etc."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        for meta in annotation.__metadata__:
+            if isinstance(meta, _VALIDATOR_TYPES):
+                yield meta.func
+    for arg in typing.get_args(annotation):
+        if not isinstance(arg, str | int | float | bool | type(None)):
+            yield from _annotated_validators(arg)
+
+
+def unmirrored_validators(root: type[BaseModel]) -> list[str]:
+    """Every validator of `root` and its nested models that neither spec.VALIDATOR_MIRRORS nor
+    spec.OPERATOR_ONLY accounts for."""
+    accounted = set(spec_module.VALIDATOR_MIRRORS) | {r.name for r in spec_module.OPERATOR_ONLY}
+    found: set[str] = set()
+    for _, model in _models(root):
+        decorators = model.__pydantic_decorators__
+        for group in (decorators.model_validators, decorators.field_validators,
+                      decorators.root_validators, decorators.validators):
+            found |= {f"{model.__name__}.{name}" for name in group}
+        for field in model.model_fields.values():
+            found |= {f.__name__ for f in _annotated_validators(field.annotation)}
+            found |= {f.__name__ for m in field.metadata if isinstance(m, _VALIDATOR_TYPES)
+                      for f in [m.func]}
+    return sorted(found - accounted)
+
+
+def test_every_validator_has_a_cel_rule_or_an_operator_only_entry(
+        spec_schema: dict[str, Any]) -> None:
+    assert unmirrored_validators(FederationJobSpec) == [], (
+        "add a CEL rule (spec.RULES, or x-kubernetes-validations on the field) and list it in "
+        "spec.VALIDATOR_MIRRORS, or list the rule in spec.OPERATOR_ONLY with why_not_cel")
+    rule_names = {r.name for r in spec_module.RULES}
+    for validator, mirrors in spec_module.VALIDATOR_MIRRORS.items():
+        assert mirrors, validator
+        for mirror in mirrors:
+            if mirror.startswith("cel:"):
+                node = _at(spec_schema, mirror.removeprefix("cel:"))
+                assert node.get("x-kubernetes-validations"), f"{validator}: {mirror}"
+            else:
+                assert mirror in rule_names, f"{validator}: unknown rule {mirror}"
+    # The model validator evaluates every rule, so every rule must be its mirror.
+    assert set(spec_module.VALIDATOR_MIRRORS["FederationJobSpec._cross_field"]) == rule_names
+
+
+def test_the_walk_finds_an_unmirrored_validator() -> None:
+    class Sneaky(BaseModel):
+        x: typing.Annotated[int, AfterValidator(lambda v: v)] = 0
+
+        @model_validator(mode="after")
+        def _secret_rule(self) -> Sneaky:
+            return self
+
+    class Outer(BaseModel):
+        inner: Sneaky = Sneaky()
+        labels: dict[typing.Annotated[str, AfterValidator(str.strip)], str] = {}
+
+    assert unmirrored_validators(Outer) == ["<lambda>", "Sneaky._secret_rule", "strip"]
+
+
+def test_operator_only_rules_say_why_and_where() -> None:
+    for rule in spec_module.OPERATOR_ONLY:
+        assert _at(crd.spec_schema(), rule.field) is not None, rule.name
+        assert "CEL" in rule.why_not_cel or "admission" in rule.why_not_cel, rule.name
+        assert rule.condition in {"ClientsReady", "AggregatorReady", "Valid", "Complete"}
+        assert re.fullmatch(r"[A-Z][A-Za-z]+", rule.reason)
+
+
+# --- CEL rules mirror the spec's RULES -----------------------------------------------------
+
+def test_one_cel_rule_per_spec_rule(spec_schema: dict[str, Any]) -> None:
     assert spec_schema["x-kubernetes-validations"] == [
-        r.as_validation() for r in crd.CROSS_FIELD_RULES]
-    assert set(VIOLATIONS) == {r.name for r in crd.CROSS_FIELD_RULES}
+        crd.rule_validation(r) for r in spec_module.RULES]
+    names = [r.name for r in spec_module.RULES]
+    assert len(names) == len(set(names))
+    assert set(RULE_CASES) == set(names), "every rule needs a case in tests/data/invalid_jobs.yaml"
 
 
-@pytest.mark.parametrize("rule", crd.CROSS_FIELD_RULES, ids=lambda r: r.name)
-def test_rule_matches_pydantic_field(rule: crd.CrossFieldRule,
+@pytest.mark.parametrize("rule", spec_module.RULES, ids=lambda r: r.name)
+def test_rule_matches_pydantic_field(rule: spec_module.SpecRule,
                                      spec_schema: dict[str, Any]) -> None:
-    field = rule.field_path.lstrip(".")
-    _at(spec_schema, field)  # fieldPath must exist in the schema (the API server checks it)
+    _at(spec_schema, rule.field)  # fieldPath must exist in the schema (the API server checks it)
+    assert rule.holds(FederationJobSpec())
     # The pydantic rule on the same input reports the same field as the CEL fieldPath.
     with pytest.raises(JobSpecError) as exc:
-        parse_spec(VIOLATIONS[rule.name])
-    assert f"spec.{field}" in exc.value.problems
+        parse_spec(RULE_CASES[rule.name])
+    assert exc.value.problems.get(f"spec.{rule.field}") == rule.message
     # Messages name the field and say how to fix it.
-    assert field in rule.message
-    assert re.search(r"\b(use|lower|raise|add|disable)\b", rule.message)
+    assert rule.field.split(".")[-1] in rule.message
+    assert re.search(r"\b(use|lower|raise|add|disable|remove|set)\b", rule.message)
+    # Static text: the API server refuses messageExpressions that print numbers.
+    assert "{" not in rule.message
+
+
+def test_cel_arithmetic_cannot_overflow_or_divide_by_zero() -> None:
+    for rule in spec_module.RULES:
+        # Products and sums of unbounded fields could overflow int64 before the bound that
+        # refuses them is reported; divisions must be guarded against a zero divisor.
+        assert "2 *" not in rule.cel and "* 2" not in rule.cel, rule.name
+        if " / self.hierarchy.edges" in rule.cel:
+            assert "self.hierarchy.edges < 1 ||" in rule.cel, rule.name
 
 
 def test_status_schema(version: dict[str, Any]) -> None:

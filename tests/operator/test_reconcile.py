@@ -15,7 +15,7 @@ from pqfed.operator import identities, reconcile
 from pqfed.operator import pods as m
 from pqfed.operator.reconcile import Observed
 from pqfed.pqc.identity import Certificate, Identity, Role, TrustAnchor
-from pqfed.services.spec import FederationJobSpec, parse_spec
+from pqfed.services.spec import OPERATOR_ONLY, FederationJobSpec, parse_spec
 
 JOB = m.JobRef("fed-a", "hospitals", "uid-1234")
 NOW = "2026-11-25T12:00:00Z"
@@ -542,6 +542,10 @@ def test_unschedulable_clients_name_the_node_selector() -> None:
     clients = cond(plan.status, "ClientsReady")
     assert clients["reason"] == "Unschedulable"
     assert "spec.placement.nodeSelector" in clients["message"]
+    # An operator-only rule (spec.OPERATOR_ONLY): the condition says why admission let it in.
+    (rule,) = [r for r in OPERATOR_ONLY if r.field == "placement.nodeSelector"]
+    assert (rule.condition, rule.reason) == ("ClientsReady", "Unschedulable")
+    assert rule.why_not_cel in clients["message"]
 
 
 def test_pending_jobs_are_not_ticked() -> None:

@@ -1,8 +1,16 @@
 """`pqfed run`: a real federation (Flower deployment mode, real training) through real PQC
-sidecars on this machine; and bad job files refused before anything starts."""
+sidecars on this machine; bad job files refused before anything starts (and the one table of
+invalid jobs in test_invalid_jobs.py); SIGINT/SIGTERM at any moment leave no process behind."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -115,3 +123,96 @@ def test_plaintext_baseline_runs_without_sidecars(tmp_path: Path) -> None:
     res = run_local(job, tmp_path / "runs", pqc=False, show=False, timeout=300)
     assert res["status"]["phase"] == "Succeeded" and not res["sidecars"]
     assert not list((Path(res["runDir"]) / "logs").glob("sidecar-*.log"))
+
+
+# ---- interrupted runs -----------------------------------------------------------------------
+
+def _tagged(tag: str) -> dict[int, tuple[int, int]]:
+    """Live processes whose environment carries `tag` -> (process group, session)."""
+    marker = f"PQFED_TEST_TAG={tag}".encode()
+    found: dict[int, tuple[int, int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                pid = int(entry.name)
+                found[pid] = (os.getpgid(pid), os.getsid(pid))
+        except (OSError, ProcessLookupError):
+            continue  # gone meanwhile, or a zombie (no environment left)
+    return found
+
+
+def _logs(run_root: Path) -> list[Path]:
+    return list(run_root.glob("*/logs/*.log"))
+
+
+def _first_round_done(run_root: Path) -> bool:
+    return any((read_status(d) or {}).get("rounds") for d in run_root.glob("*/state/aggregator"))
+
+
+# (moment, signal): before anything started, while the processes are being spawned, right
+# after the last one, and with a round done and the clients training the next.
+MOMENTS: list[tuple[str, signal.Signals]] = [
+    ("at-once", signal.SIGINT),
+    ("first-process", signal.SIGTERM),
+    ("half-spawned", signal.SIGINT),
+    ("all-spawned", signal.SIGTERM),
+    ("clients-working", signal.SIGINT),
+    ("clients-working", signal.SIGTERM),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("moment", "sig"), MOMENTS, ids=lambda v: getattr(v, "name", v))
+def test_interrupted_run_leaves_no_process_behind(tmp_path: Path, moment: str,
+                                                  sig: signal.Signals) -> None:
+    """`pqfed run` with 3 clients (7 processes through PQC sidecars) gets SIGINT or SIGTERM at
+    one moment; afterwards no process it started, directly or not, may be alive, and no
+    process group or session of one either."""
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB.replace("rounds: 2", "rounds: 200"))
+    runs = tmp_path / "runs"
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "PQFED_TEST_TAG": tag}
+    # Its own session, as a shell's job: the signal reaches `pqfed run` only, like Ctrl-C does
+    # (the processes it starts live in sessions of their own).
+    proc = subprocess.Popen([sys.executable, "-m", "pqfed.cli", "run", str(job), "--out",
+                             str(runs)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ready = {
+        "at-once": lambda: True,
+        "first-process": lambda: len(_logs(runs)) >= 1,
+        "half-spawned": lambda: len(_logs(runs)) >= 4,
+        "all-spawned": lambda: len(_logs(runs)) >= 7,
+        "clients-working": lambda: _first_round_done(runs),
+    }[moment]
+    seen: dict[int, tuple[int, int]] = {}
+    try:
+        deadline = time.monotonic() + 240
+        while not ready():
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, f"{moment} not reached"
+            seen.update(_tagged(tag))
+            time.sleep(0.05)
+        seen.update(_tagged(tag))
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    survivors = _tagged(tag)
+    for pid in survivors:  # a failing run must not leave them to the next test
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"still running after {sig.name} at {moment}: {survivors}"
+    assert rc != 0, err
+    if moment != "at-once":  # the handlers are installed before the first process starts
+        assert rc == 128 + sig, err
+        assert "every process of the run was stopped" in err
+    groups = {g for pid, (g, _) in seen.items() if pid != proc.pid}
+    sessions = {s for pid, (_, s) in seen.items() if pid != proc.pid}
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        with contextlib.suppress(OSError):
+            assert os.getpgid(pid) not in groups and os.getsid(pid) not in sessions, pid
