@@ -59,7 +59,9 @@ class LocalFederation:
         log = self.run_dir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         handle = log.open("wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # Every process (sidecars, in-process identities) uses the job's crypto backend.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "PQFED_CRYPTO_BACKEND": self.job.spec.crypto.backend}
         popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env,
                                  start_new_session=True)
         self.procs.append(_Proc(name, popen, log, handle))
