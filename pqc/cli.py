@@ -86,6 +86,7 @@ def _selftest(args: argparse.Namespace) -> int:
 
     if args.backend:
         os.environ["PQFED_CRYPTO_BACKEND"] = args.backend
+        get_backend.cache_clear()
     report: dict[str, object] = {**backend_report(), "available": available_backends()}
     chosen = get_backend()
     checks: dict[str, str] = {}

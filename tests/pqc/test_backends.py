@@ -170,3 +170,24 @@ def test_environment_selects_the_backend(monkeypatch: pytest.MonkeyPatch) -> Non
         assert get_backend().name == "pyca"
     finally:
         get_backend.cache_clear()
+
+
+def test_selftest_reports_the_backend_and_checks_across_backends(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from pqfed.cli import main
+
+    monkeypatch.delenv("PQFED_CRYPTO_BACKEND", raising=False)
+    get_backend.cache_clear()
+    try:
+        assert main(["selftest"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["backend"] == "liboqs" and report["ok"] is True
+        assert report["description"].startswith("liboqs 0.13.0 via ctypes")
+        assert set(report["checks"]) == {"pyca->pyca", "pyca->liboqs", "liboqs->pyca",
+                                         "liboqs->liboqs"}
+        assert main(["selftest", "--backend", "pyca"]) == 0
+        assert json.loads(capsys.readouterr().out)["backend"] == "pyca"
+    finally:
+        get_backend.cache_clear()
