@@ -131,7 +131,7 @@ def test_signature_and_private_key_interop(producer: str, consumer: str, alg: st
 
 
 def test_auto_prefers_liboqs_and_reports_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PQFED_CRYPTO_BACKEND", raising=False)
+    monkeypatch.setenv("PQFED_CRYPTO_BACKEND", "auto")  # restored afterwards
     get_backend.cache_clear()
     try:
         assert get_backend().name == "liboqs"
@@ -147,7 +147,7 @@ def test_auto_falls_back_to_pyca_without_liboqs(monkeypatch: pytest.MonkeyPatch,
                                                  tmp_path: os.PathLike[str]) -> None:
     from pqfed.pqc.backends import liboqs
 
-    monkeypatch.delenv("PQFED_CRYPTO_BACKEND", raising=False)
+    monkeypatch.setenv("PQFED_CRYPTO_BACKEND", "auto")  # restored afterwards
     monkeypatch.setenv("PQFED_LIBOQS", os.fspath(tmp_path) + "/missing/liboqs.so")
     get_backend.cache_clear()
     liboqs.load_library.cache_clear()
@@ -178,7 +178,7 @@ def test_selftest_reports_the_backend_and_checks_across_backends(
 
     from pqfed.cli import main
 
-    monkeypatch.delenv("PQFED_CRYPTO_BACKEND", raising=False)
+    monkeypatch.setenv("PQFED_CRYPTO_BACKEND", "auto")  # restored afterwards
     get_backend.cache_clear()
     try:
         assert main(["selftest"]) == 0
