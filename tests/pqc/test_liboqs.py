@@ -11,6 +11,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pqfed.pqc.backends.liboqs import (
     BUILT_VERSION,
@@ -21,7 +23,7 @@ from pqfed.pqc.backends.liboqs import (
     parse_version,
     select_binding,
 )
-from pqfed.pqc.errors import BackendUnavailable
+from pqfed.pqc.errors import BackendUnavailable, InvalidSignature
 
 from .vector_files import load_vectors
 
@@ -159,3 +161,43 @@ def test_arm64_build_runs_under_qemu_and_matches_the_known_answers(tmp_path: Pat
     assert lines["ek"] == kem["ek"]
     assert lines["pk"] == dsa["pk"]
     assert lines["roundtrip"] == "ok"
+
+
+# Untrusted bytes reach C code here: only typed errors may come back, never a crash.
+_FUZZ = settings(max_examples=200, deadline=None)
+_BACKEND_KEYS: dict[str, object] = {}
+
+
+def _fuzz_keys() -> tuple[LiboqsBackend, object, bytes]:
+    if not _BACKEND_KEYS:
+        b = LiboqsBackend()
+        _BACKEND_KEYS["b"], _BACKEND_KEYS["kem"] = b, b.kem_generate("ML-KEM-768")
+        _BACKEND_KEYS["pk"] = b.sig_generate("ML-DSA-65").public_bytes()
+    return (_BACKEND_KEYS["b"], _BACKEND_KEYS["kem"],  # type: ignore[return-value]
+            _BACKEND_KEYS["pk"])  # type: ignore[return-value]
+
+
+@_FUZZ
+@given(st.binary(min_size=0, max_size=5000), st.binary(max_size=300), st.binary(max_size=300))
+def test_verify_on_arbitrary_signatures(sig: bytes, msg: bytes, ctx: bytes) -> None:
+    b, _, pk = _fuzz_keys()
+    with pytest.raises(InvalidSignature):
+        b.sig_verify("ML-DSA-65", pk, msg, sig, ctx)
+
+
+@_FUZZ
+@given(st.binary(min_size=1088, max_size=1088))
+def test_decapsulate_arbitrary_ciphertexts(ct: bytes) -> None:
+    _, kem, _ = _fuzz_keys()
+    assert len(kem.decapsulate(ct)) == 32  # type: ignore[attr-defined]
+
+
+@_FUZZ
+@given(st.binary(max_size=3000))
+def test_arbitrary_public_keys_are_refused_cleanly(pk: bytes) -> None:
+    b, _, _ = _fuzz_keys()
+    try:
+        ct, ss = b.kem_encapsulate("ML-KEM-768", pk)
+    except ValueError:
+        return
+    assert len(pk) == 1184 and len(ct) == 1088 and len(ss) == 32
