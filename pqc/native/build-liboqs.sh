@@ -57,6 +57,10 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 case "$ARCH" in
+    x86_64) ARCH=amd64 ;;
+    aarch64) ARCH=arm64 ;;
+esac
+case "$ARCH" in
     amd64|arm64) ;;
     *) die "--arch '$ARCH' is not supported; use amd64 or arm64" ;;
 esac
