@@ -24,6 +24,9 @@
 set -euo pipefail
 
 OQS_SYS_VERSION="0.11.0+liboqs-0.13.0"
+# SHA-256 of that .crate as published on crates.io (cargo checks the download against the
+# registry index; we also check the index's answer against this pin).
+OQS_SYS_SHA256="ac6d66ee528a895ce5cc08851698d109c5d7ee5d7a0b3b40d61550eda91e414f"
 LIBOQS_VERSION="${OQS_SYS_VERSION##*liboqs-}"
 # Keep in step with pqc/algorithms.py (KEM_SIZES, PQ_SIGNATURES).
 ALGORITHMS="KEM_ml_kem_768;KEM_ml_kem_1024;SIG_ml_dsa_44;SIG_ml_dsa_65;SIG_ml_dsa_87"
@@ -136,7 +139,11 @@ oqs-sys = { version = "=$OQS_SYS_VERSION", default-features = false }
 TOML
     echo 'fn main() {}' >"$work/src/main.rs"
     log "fetching oqs-sys $OQS_SYS_VERSION from crates.io"
-    cargo fetch --quiet --manifest-path "$work/Cargo.toml"
+    cargo fetch --quiet --manifest-path "$work/Cargo.toml" \
+        || die "cargo fetch of oqs-sys failed (needs crates.io and a recent cargo, e.g. from rustup)"
+    got="$(grep -A3 '^name = "oqs-sys"$' "$work/Cargo.lock" | sed -n 's/^checksum = "\(.*\)"$/\1/p')"
+    [[ "$got" == "$OQS_SYS_SHA256" ]] \
+        || die "oqs-sys $OQS_SYS_VERSION checksum is '$got', expected $OQS_SYS_SHA256"
     crate_dir="$(cargo metadata --format-version 1 --manifest-path "$work/Cargo.toml" \
         | python3 -c 'import json,sys; m=json.load(sys.stdin); print(next(p["manifest_path"] for p in m["packages"] if p["name"]=="oqs-sys"))')"
     crate_dir="$(dirname "$crate_dir")"
