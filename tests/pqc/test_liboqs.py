@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def test_the_built_library_is_found_in_the_cache_and_loads() -> None:
     assert backend.binding == "ctypes"
     assert backend.library == path
     assert cache_library().exists()
+    # liboqs-python is never imported for a 0.13 library (its import would fail, or on a
+    # miss download and build liboqs).
+    assert "oqs" not in sys.modules
 
 
 @pytest.mark.parametrize(("version", "installed", "expected"), [
