@@ -114,6 +114,11 @@ if [[ $CHECK -eq 1 ]]; then
     exit 1
 fi
 test_tools
+# One build at a time per cache (make -j runs liboqs and liboqs-arm64 side by side and both
+# would fetch the same sources).
+mkdir -p "$PQFED_CACHE/liboqs"
+exec 9>"$PQFED_CACHE/liboqs/.lock"
+flock 9
 if [[ $FORCE -eq 0 ]] && current; then
     log "liboqs $LIBOQS_VERSION ($ARCH) is current in $OUT"
     exit 0
