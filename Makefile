@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.pqfed-installed
 export PQFED_CACHE ?= $(HOME)/.cache/pqfed
 
 .PHONY: all venv demo test test-fast lint typecheck bench-pqc bench-fl bench-testbed \
-        cluster-binaries cluster-up cluster-down clean
+        cluster-binaries cluster-up cluster-down clean liboqs liboqs-arm64
 
 all: test
 
@@ -29,13 +29,13 @@ lint: $(STAMP)
 typecheck: lint
 
 # The README's test command: lint, types, then every test (unit, slow, cluster e2e).
-test: $(STAMP) lint cluster-binaries
+test: $(STAMP) lint cluster-binaries liboqs liboqs-arm64
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) liboqs liboqs-arm64
 	$(BIN)/python -m pytest -q -m "not slow and not cluster"
 
-bench-pqc: $(STAMP)
+bench-pqc: $(STAMP) liboqs
 	$(BIN)/pqfed bench-pqc --out results/bench-pqc
 
 bench-fl: $(STAMP)
@@ -54,6 +54,15 @@ cluster-up: cluster-binaries
 
 cluster-down:
 	testbed/cluster/down.sh
+
+# liboqs (C sources from the crates.io package oqs-sys, built with cmake + ninja), cached in
+# $(PQFED_CACHE)/liboqs/<version>/<arch>/liboqs.so; ARCH=arm64 cross-compiles for the Pis.
+ARCH ?=
+liboqs:
+	pqc/native/build-liboqs.sh $(if $(ARCH),--arch $(ARCH))
+
+liboqs-arm64:
+	pqc/native/build-liboqs.sh --arch arm64
 
 clean:
 	rm -rf results .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -25,6 +25,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import mldsa, mlkem
 
 from pqfed.pqc.backends import get_backend
+from pqfed.pqc.bench_backends import bench_backends
+from pqfed.pqc.bench_backends import report as backends_report
 from pqfed.pqc.handshake import (
     ClientHandshake,
     Group,
@@ -506,7 +508,15 @@ def main(args: argparse.Namespace) -> int:
         ("parallel", lambda: bench_parallel([1, 4] if quick else [1, 4, 16, 64],
                                             1 if quick else 5)),
         ("throughput", lambda: bench_throughput((8 if quick else 256) << 20)),
+        ("backends", lambda: bench_backends(quick)),
     ]
+    only = [x for x in (getattr(args, "only", "") or "").split(",") if x]
+    if only:
+        unknown = sorted(set(only) - {name for name, _ in steps})
+        if unknown:
+            raise ValueError(f"--only: unknown step(s) {', '.join(unknown)}; choose from "
+                             + ", ".join(name for name, _ in steps))
+        steps = [(name, fn) for name, fn in steps if name in only]
     from rich.progress import Progress
 
     with Progress() as progress:
@@ -516,8 +526,11 @@ def main(args: argparse.Namespace) -> int:
             results[name] = fn()
             progress.advance(task)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    results["plots"] = _plot(results, out)
-    report = _report(results)
+    full = all(k in results for k in ("primitives", "handshake", "parallel", "throughput"))
+    results["plots"] = _plot(results, out) if full else []
+    report = _report(results) if full else ""
+    if "backends" in results:
+        report += "\n" + backends_report(results["backends"])
     (out / "report.md").write_text(report)
     print(report)
     return 0

@@ -1,4 +1,4 @@
-"""`pqfed ca|sidecar|audit|bench-pqc` subcommands (registered by pqfed.cli)."""
+"""`pqfed ca|sidecar|selftest|audit|bench-pqc` subcommands (registered by pqfed.cli)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from pathlib import Path
 
 from pqfed.pqc.handshake import Group
@@ -53,6 +54,13 @@ def _sidecar(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.backend:
+        # The process-wide default read by get_backend(); set before any key is loaded.
+        os.environ["PQFED_CRYPTO_BACKEND"] = args.backend
+    from pqfed.pqc.backends import backend_report
+
+    logging.getLogger("pqfed.sidecar").info("crypto backend: %s",
+                                            backend_report()["description"])
     if args.config:
         config = SidecarConfig.from_yaml(Path(args.config))
     else:
@@ -71,6 +79,34 @@ def _sidecar(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(Sidecar(config)))
     return 0
+
+
+def _selftest(args: argparse.Namespace) -> int:
+    """Which backend runs here, its version, and a KEM + signature round trip through it;
+    with more than one backend present, also across them (FIPS 203/204 interoperability)."""
+    from pqfed.pqc.backends import available_backends, backend_report, get_backend
+
+    if args.backend:
+        os.environ["PQFED_CRYPTO_BACKEND"] = args.backend
+        get_backend.cache_clear()
+    report: dict[str, object] = {**backend_report(), "available": available_backends()}
+    chosen = get_backend()
+    checks: dict[str, str] = {}
+    usable = [name for name, why in available_backends().items() if why == "ok"]
+    for producer in usable:
+        for consumer in usable:
+            p, c = get_backend(producer), get_backend(consumer)
+            kem = c.kem_generate("ML-KEM-768")
+            ct, ss = p.kem_encapsulate("ML-KEM-768", kem.public_bytes())
+            sig_key = p.sig_generate("ML-DSA-65")
+            c.sig_verify("ML-DSA-65", sig_key.public_bytes(), b"selftest",
+                         sig_key.sign(b"selftest", b"pqfed"), b"pqfed")
+            ok = kem.decapsulate(ct) == ss
+            checks[f"{producer}->{consumer}"] = "ok" if ok else "KEM shared secrets differ"
+    report["checks"] = checks
+    report["ok"] = chosen.name in usable and all(v == "ok" for v in checks.values())
+    print(json.dumps(report, indent=2))
+    return 0 if report["ok"] else 1
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -125,10 +161,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="inbound: channels from an operator identity reach only GET "
                          "/status and /checkpoint at this loopback HOST:PORT")
     sc.add_argument("--log-level", default="info")
+    sc.add_argument("--backend", choices=["auto", "pyca", "liboqs"],
+                    help="crypto backend (default: $PQFED_CRYPTO_BACKEND, else auto)")
     sc.set_defaults(func=_sidecar)
+
+    st = sub.add_parser("selftest", help="report the crypto backend in use and check it "
+                                         "(KEM + signature round trips, across backends)")
+    st.add_argument("--backend", choices=["auto", "pyca", "liboqs"],
+                    help="check this backend (default: $PQFED_CRYPTO_BACKEND, else auto)")
+    st.set_defaults(func=_selftest)
 
     bench = sub.add_parser("bench-pqc", help="PQC micro/macro benchmarks (docs/BENCHMARKS.md)")
     bench.add_argument("--out", default="results/bench-pqc")
     bench.add_argument("--quick", action="store_true", help="fewer iterations (CI smoke run)")
+    bench.add_argument("--only", default="", help="comma list of steps: primitives,handshake,"
+                                                  "parallel,throughput,backends")
     bench.set_defaults(func=_bench)
 

@@ -119,7 +119,9 @@ class LocalFederation:
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = self.run_dir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", RUN_ID_ENV: self.run_id}
+        # Every process (sidecars, in-process identities) uses the job's crypto backend.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", RUN_ID_ENV: self.run_id,
+               "PQFED_CRYPTO_BACKEND": self.job.spec.crypto.backend}
         with self.guard.critical():  # started == recorded, whatever signal arrives
             handle = log.open("wb")
             popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env,

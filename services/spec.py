@@ -193,7 +193,10 @@ class CryptoSpec(_Spec):
     kem: Literal["ML-KEM-768", "ML-KEM-1024"] = "ML-KEM-768"
     signature: Literal["ML-DSA-44", "ML-DSA-65", "ML-DSA-87"] = "ML-DSA-65"
     aead: Literal["auto", "AES-256-GCM", "CHACHA20-POLY1305"] = "auto"
-    backend: Literal["pyca", "liboqs"] = "pyca"
+    backend: Literal["auto", "pyca", "liboqs"] = Field(
+        "auto", description="PQC implementation: auto (liboqs when its library is present, "
+        "else pyca; liboqs measured faster, docs/BENCHMARKS.md), pyca (OpenSSL via "
+        "pyca/cryptography) or liboqs (Open Quantum Safe; fails if absent)")
     parallel_workers: int = Field(0, ge=0, le=256, description="0 = one per CPU")
     pool: Literal["auto", "sequential", "threads", "processes"] = "auto"
 

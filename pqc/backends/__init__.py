@@ -1,6 +1,10 @@
-"""Backend selection: `get_backend()` returns pyca unless `PQFED_CRYPTO_BACKEND` or the
-caller names another. An unavailable backend raises `BackendUnavailable`; there is no silent
-fallback from one backend to another."""
+"""Backend selection.
+
+`get_backend()` returns the backend named by the caller or `PQFED_CRYPTO_BACKEND`, else the
+default `auto`: liboqs when its library is present (it measured faster on every primitive and
+on the full handshake, docs/BENCHMARKS.md "PQC backends"), pyca otherwise. A backend named
+explicitly that cannot be used raises `BackendUnavailable`; only `auto` falls back.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,25 @@ from pqfed.pqc.backends.base import Backend, KemPrivateKey, SigPrivateKey
 from pqfed.pqc.errors import BackendUnavailable
 
 BACKENDS = ("pyca", "liboqs")
-DEFAULT_BACKEND = "pyca"
+CHOICES = ("auto", *BACKENDS)
+DEFAULT_BACKEND = "auto"
+# `auto` tries these in order: the faster first (measured by `make bench-pqc`).
+AUTO_ORDER = ("liboqs", "pyca")
 
-__all__ = ["BACKENDS", "Backend", "KemPrivateKey", "SigPrivateKey", "available_backends",
-           "get_backend"]
+__all__ = ["AUTO_ORDER", "BACKENDS", "CHOICES", "DEFAULT_BACKEND", "Backend", "KemPrivateKey",
+           "SigPrivateKey", "available_backends", "backend_report", "get_backend"]
 
 
 @functools.cache
 def get_backend(name: str | None = None) -> Backend:
     chosen = name or os.environ.get("PQFED_CRYPTO_BACKEND") or DEFAULT_BACKEND
+    if chosen == "auto":
+        for candidate in AUTO_ORDER[:-1]:
+            try:
+                return get_backend(candidate)
+            except BackendUnavailable:
+                continue
+        return get_backend(AUTO_ORDER[-1])
     if chosen == "pyca":
         from pqfed.pqc.backends.pyca import PycaBackend
 
@@ -28,7 +42,8 @@ def get_backend(name: str | None = None) -> Backend:
         from pqfed.pqc.backends.liboqs import LiboqsBackend
 
         return LiboqsBackend()
-    raise BackendUnavailable(chosen, f"unknown backend; choose one of {', '.join(BACKENDS)}")
+    raise BackendUnavailable(chosen, f"unknown backend; choose one of {', '.join(CHOICES)} "
+                                     "(PQFED_CRYPTO_BACKEND or crypto.backend)")
 
 
 def available_backends() -> dict[str, str]:
@@ -42,3 +57,15 @@ def available_backends() -> dict[str, str]:
         else:
             out[name] = "ok"
     return out
+
+
+def backend_report() -> dict[str, str]:
+    """What runs here, for `pqfed selftest` and the sidecar's admin endpoint: the selected
+    backend's name and a one-line description (library, version, binding)."""
+    backend = get_backend()
+    description = getattr(backend, "description", None)
+    if description is None:
+        from cryptography.hazmat.backends.openssl.backend import backend as openssl
+
+        description = f"pyca/cryptography ({openssl.openssl_version_text()})"
+    return {"backend": backend.name, "description": str(description)}

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pqfed.pqc.backends import available_backends
+from pqfed.pqc.backends import available_backends, backend_report
 from pqfed.pqc.sidecar.proxy import Sidecar
 
 
@@ -49,7 +49,8 @@ def build_admin_app(sidecar: Sidecar) -> FastAPI:
             "fingerprint": cert.fingerprint, "caFingerprint": sidecar.trust.root.fingerprint,
             "groups": [g.name for g in sidecar.config.groups],
             "suites": [s.name for s in sidecar.config.suites],
-            "backends": available_backends(), "ports": sidecar.bound,
+            "backends": available_backends(), "backend": backend_report(),
+            "ports": sidecar.bound,
         }
 
     @app.get("/metrics")

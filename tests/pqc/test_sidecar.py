@@ -119,7 +119,8 @@ def test_admin_endpoints(tmp_path: Path, ca: CertificateAuthority, client: Ident
     assert api.get("/readyz").status_code == 200
     ident = api.get("/identity").json()
     assert ident["nodeId"] == "client-1" and ident["signatureAlgorithm"] == "ML-DSA-65"
-    assert ident["backends"]["pyca"] == "ok"
+    assert ident["backends"] == {"pyca": "ok", "liboqs": "ok"}
+    assert ident["backend"]["backend"] == "liboqs"  # auto: the faster one, built by make
     text = api.get("/metrics").text
     assert "pqfed_handshake_seconds_bucket" in text and "pqfed_channel_bytes_total" in text
 
