@@ -276,10 +276,13 @@ def _groups(spec: FederationJobSpec) -> list[str]:
     return ["--group", "X25519_MLKEM1024"] if spec.crypto.kem == "ML-KEM-1024" else []
 
 
-def _container(name: str, image: str, command: list[str], resources: Manifest,
+def _container(name: str, spec: FederationJobSpec, command: list[str], resources: Manifest,
                mounts: list[Manifest], **extra: Any) -> Manifest:
-    return {"name": name, "image": image, "imagePullPolicy": "IfNotPresent",
-            "command": command, "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
+    # Every process of the job (sidecar handshakes, update signing) uses its crypto backend.
+    env = [{"name": "PYTHONUNBUFFERED", "value": "1"},
+           {"name": "PQFED_CRYPTO_BACKEND", "value": spec.crypto.backend}]
+    return {"name": name, "image": spec.image, "imagePullPolicy": "IfNotPresent",
+            "command": command, "env": env,
             "resources": resources, "securityContext": CONTAINER_SECURITY,
             "volumeMounts": mounts, **extra}
 
@@ -337,7 +340,7 @@ def _inbound_sidecar(spec: FederationJobSpec, *extra: str) -> Manifest:
            "--listen", f"0.0.0.0:{PQC_PORT}", "--upstream", f"127.0.0.1:{FLEET_PORT}",
            "--allow-path-prefix", FLEET_PATH_PREFIX, *_groups(spec), *extra,
            "--admin", f"0.0.0.0:{ADMIN_PORT}"]
-    return _container("sidecar", spec.image, cmd, SIDECAR_RESOURCES, [_IDENTITY_MOUNT],
+    return _container("sidecar", spec, cmd, SIDECAR_RESOURCES, [_IDENTITY_MOUNT],
                       ports=[{"name": "pqc", "containerPort": PQC_PORT},
                              {"name": "admin", "containerPort": ADMIN_PORT}],
                       readinessProbe=_http_probe("/readyz", ADMIN_PORT))
@@ -356,7 +359,7 @@ def aggregator_pod(job: JobRef, spec: FederationJobSpec, *, restore: bool = Fals
     if restore:
         fl_cmd += ["--restore", RESTORE_DIR]
         mounts.append(_RESTORE_MOUNT)
-    fl = _container("fl", spec.image, fl_cmd, FL_RESOURCES, mounts)
+    fl = _container("fl", spec, fl_cmd, FL_RESOURCES, mounts)
     sidecar = _inbound_sidecar(spec, "--operator-upstream", f"127.0.0.1:{STATUS_PORT}")
     lbls = labels(job.name, "aggregator", **{ROLE_LABEL: "aggregator"})
     return _pod(job, aggregator_pod_name(job.name), lbls, "OnFailure",
@@ -376,7 +379,7 @@ def edge_pod(job: JobRef, spec: FederationJobSpec, edge: int) -> Manifest:
               "--identity-dir", IDENTITY_DIR, "--state-dir", STATE_DIR,
               "--fleet-port", str(FLEET_PORT), "--superlink", f"127.0.0.1:{ROUTE_PORT}",
               "--runtime-port", str(RUNTIME_PORT)]
-    fl = _container("fl", spec.image, fl_cmd, FL_RESOURCES,
+    fl = _container("fl", spec, fl_cmd, FL_RESOURCES,
                     [_IDENTITY_MOUNT, _JOB_MOUNT, _STATE_MOUNT])
     sidecar = _inbound_sidecar(spec, "--route", f"127.0.0.1:{ROUTE_PORT}="
                                f"{_aggregator_peer(job)}@{AGGREGATOR_NODE_ID}")
@@ -393,7 +396,7 @@ def client_pod(job: JobRef, spec: FederationJobSpec, index: int) -> Manifest:
     fl_cmd = ["pqfed", "fl", "client", "--spec", f"{JOB_DIR}/{SPEC_FILE}",
               "--index", str(index), "--identity-dir", IDENTITY_DIR, "--state-dir", STATE_DIR,
               "--superlink", f"127.0.0.1:{ROUTE_PORT}", "--runtime-port", str(RUNTIME_PORT)]
-    fl = _container("fl", spec.image, fl_cmd, FL_RESOURCES,
+    fl = _container("fl", spec, fl_cmd, FL_RESOURCES,
                     [_IDENTITY_MOUNT, _JOB_MOUNT, _STATE_MOUNT])
     peer, peer_id = _aggregator_peer(job), AGGREGATOR_NODE_ID
     if spec.hierarchy.enabled:
@@ -403,7 +406,7 @@ def client_pod(job: JobRef, spec: FederationJobSpec, index: int) -> Manifest:
     sidecar_cmd = ["pqfed", "sidecar", *_identity_args(), *_groups(spec),
                    "--route", f"127.0.0.1:{ROUTE_PORT}={peer}@{peer_id}",
                    "--admin", f"127.0.0.1:{ADMIN_PORT}"]
-    sidecar = _container("sidecar", spec.image, sidecar_cmd, SIDECAR_RESOURCES,
+    sidecar = _container("sidecar", spec, sidecar_cmd, SIDECAR_RESOURCES,
                          [_IDENTITY_MOUNT])
     lbls = labels(job.name, "client", **{ROLE_LABEL: "client", INDEX_LABEL: str(index)})
     extra: Manifest = {}

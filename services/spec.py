@@ -373,6 +373,14 @@ RULES: Final[tuple[SpecRule, ...]] = (
         "privacy.enabled: true or remove targetEpsilon",
         lambda s: s.privacy.enabled or s.privacy.target_epsilon is None),
     SpecRule(
+        "local-dp-needs-epsilon", "privacy.targetEpsilon",
+        "!self.privacy.enabled || self.privacy.mode != 'local' || "
+        "has(self.privacy.targetEpsilon)",
+        "privacy.targetEpsilon: local DP splits this budget over the rounds (epsilon and delta "
+        "each divided by rounds); set it, e.g. targetEpsilon: 8",
+        lambda s: not s.privacy.enabled or s.privacy.mode != "local"
+        or s.privacy.target_epsilon is not None),
+    SpecRule(
         "epsilon-needs-noise", "privacy.noiseMultiplier",
         "!self.privacy.enabled || self.privacy.mode != 'central' || "
         "!has(self.privacy.targetEpsilon) || self.privacy.noiseMultiplier > 0.0",
