@@ -37,6 +37,7 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("", "secrets"): {"get", "list", "watch", "create", "delete", "patch"},
     ("", "configmaps"): {"get", "list", "watch", "create", "delete", "patch"},
     ("", "events"): {"create", "patch"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "list", "create", "delete"},
 }
 PEERING_VERBS = {"get", "list", "watch", "patch"}
 

@@ -112,7 +112,7 @@ The least-privilege rules the operator needs in every namespace it watches.
 # Per-job NetworkPolicy: only the sidecars' PQC port is reachable on the pod network.
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+  verbs: ["get", "list", "create", "delete"]
 # kopf reports handler progress and errors as Events.
 - apiGroups: [""]
   resources: ["events"]
