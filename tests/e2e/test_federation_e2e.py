@@ -88,6 +88,7 @@ def test_job_survives_a_lost_client_and_an_operator_restart(testbed: Any) -> Non
     assert "pqfed.io/cleanup" in job["metadata"]["finalizers"]
     secrets = _uids(bed, name)
     assert set(secrets) == {f"{name}-ca", f"{name}-aggregator-identity",
+                            f"{name}-operator-identity",
                             *(f"{name}-client-{i}-identity" for i in range(3))}
     (agg,) = bed.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
 
