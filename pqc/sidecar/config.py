@@ -73,6 +73,10 @@ class SidecarConfig:
     suites: tuple[Suite, ...] = field(default_factory=default_suites)
     handshake_timeout_s: float = 10.0
     crypto_threads: int = 4
+    # Inbound handshakes not yet authenticated, at most: a ClientHello needs no secret but
+    # costs the server an encapsulation and an ML-DSA signature. Past it, connections are
+    # refused at once (and counted) instead of queueing crypto work for strangers.
+    max_pending_handshakes: int = 64
     allowed_client_roles: tuple[Role, ...] = (Role.CLIENT, Role.EDGE)
     # Inbound only: if set, peers may send nothing but HTTP/1.1 requests under these paths.
     allow_path_prefixes: tuple[str, ...] = ()
@@ -89,6 +93,8 @@ class SidecarConfig:
             raise ConfigError("handshake_timeout_s", "must be > 0 seconds")
         if self.crypto_threads < 1:
             raise ConfigError("crypto_threads", "must be >= 1")
+        if self.max_pending_handshakes < 1:
+            raise ConfigError("maxPendingHandshakes", "must be >= 1")
         for route in self.routes:
             if route.listen.host not in ("127.0.0.1", "::1", "localhost"):
                 raise ConfigError("routes.listen", f"{route.listen} must be a loopback address: "
@@ -110,7 +116,7 @@ class SidecarConfig:
     def from_mapping(cls, data: dict[str, Any], base: Path = Path()) -> SidecarConfig:
         known = {"cert", "key", "ca", "listen", "upstream", "routes", "admin", "groups",
                  "suites", "handshakeTimeoutSeconds", "cryptoThreads", "allowPathPrefixes",
-                 "operatorUpstream"}
+                 "operatorUpstream", "maxPendingHandshakes"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(sorted(unknown)[0],
@@ -142,6 +148,7 @@ class SidecarConfig:
             allow_path_prefixes=tuple(data.get("allowPathPrefixes", ())),
             operator_upstream=(Endpoint.parse(data["operatorUpstream"], "operatorUpstream")
                                if data.get("operatorUpstream") else None),
+            max_pending_handshakes=int(data.get("maxPendingHandshakes", 64)),
         )
 
     @classmethod

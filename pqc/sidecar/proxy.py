@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import socket
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -19,7 +21,7 @@ from typing import Any
 
 from pqfed.pqc.backends import Backend, SigPrivateKey, get_backend
 from pqfed.pqc.channel import SecureChannel, client_channel, server_channel
-from pqfed.pqc.errors import ChannelClosed, HandshakeError, PqcError, RecordError
+from pqfed.pqc.errors import ChannelClosed, PqcError, RecordError
 from pqfed.pqc.handshake import HandshakeConfig, KeySharePool
 from pqfed.pqc.identity import Certificate, Identity, Role, TrustAnchor
 from pqfed.pqc.sidecar.config import OPERATOR_PATHS, Endpoint, Route, SidecarConfig
@@ -72,6 +74,20 @@ class _TimedBackend:
             self._metrics.verify_seconds.observe(time.perf_counter() - start)
 
 
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Ends a TCP connection with RST (SO_LINGER 0), not FIN: the peer sees an error."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def _finished(task: asyncio.Future[Any]) -> bool:
+    """Done without being cancelled or raising."""
+    return task.done() and not task.cancelled() and task.exception() is None
+
+
 class Sidecar:
     def __init__(self, config: SidecarConfig, metrics: SidecarMetrics | None = None) -> None:
         self.config = config
@@ -83,6 +99,7 @@ class Sidecar:
         self._executor = ThreadPoolExecutor(config.crypto_threads, "pqfed-handshake")
         self._key_shares = KeySharePool()
         self._servers: list[asyncio.Server] = []
+        self._pending = 0  # inbound handshakes in progress (not yet authenticated)
         self.ready = False
         self.bound: dict[str, int] = {}
 
@@ -124,8 +141,9 @@ class Sidecar:
     async def _secure(self, side: str, coro: Any) -> SecureChannel | None:
         try:
             channel: SecureChannel = await coro
-        except HandshakeError as exc:
-            self.metrics.failures.labels("handshake", exc.field).inc()
+        except PqcError as exc:  # a HandshakeError, or a malformed frame (RecordError, ...)
+            self.metrics.failures.labels("handshake",
+                                         getattr(exc, "field", type(exc).__name__)).inc()
             return None
         except (ConnectionError, OSError) as exc:
             log.warning("%s connection failed: %s", side, exc)
@@ -139,8 +157,17 @@ class Sidecar:
     async def _inbound(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert self.config.upstream is not None
         self.metrics.connections.labels("inbound").inc()
-        channel = await self._secure(
-            "server", server_channel(reader, writer, self._handshake_config(None), self._executor))
+        if self._pending >= self.config.max_pending_handshakes:
+            self.metrics.failures.labels("handshake", "capacity").inc()
+            writer.transport.abort()
+            return
+        self._pending += 1
+        try:
+            channel = await self._secure(
+                "server", server_channel(reader, writer, self._handshake_config(None),
+                                         self._executor))
+        finally:
+            self._pending -= 1
         if channel is None:
             return
         upstream, http = self._inbound_target(channel.peer)
@@ -188,14 +215,23 @@ class Sidecar:
         self.metrics.active.inc()
         up = asyncio.ensure_future(self._app_to_channel(app_r, channel))
         down = asyncio.ensure_future(self._channel_to_app(channel, app_w, http))
+        clean = False
         try:
             await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+            # The app sees a clean end (FIN) only after an authenticated close from the peer
+            # or its own close; a channel cut or broken mid-stream resets the app connection,
+            # so a truncated response is never taken for a whole one.
+            clean = (_finished(down) and bool(down.result())) or (
+                _finished(up) and not down.done())
         finally:
             for task in (up, down):
                 task.cancel()
             await asyncio.gather(up, down, return_exceptions=True)
             await channel.close()
-            app_w.close()
+            if clean:
+                app_w.close()
+            else:
+                _reset(app_w)
             self.metrics.bytes.labels("tx").inc(channel.bytes_sent)
             self.metrics.bytes.labels("rx").inc(channel.bytes_received)
             self.metrics.active.dec()
@@ -205,7 +241,8 @@ class Sidecar:
             await channel.send(data)
 
     async def _channel_to_app(self, channel: SecureChannel, app_w: asyncio.StreamWriter,
-                              http: HttpRequestFilter | None = None) -> None:
+                              http: HttpRequestFilter | None = None) -> bool:
+        """Pumps channel -> app; True only when the peer closed the channel cleanly."""
         try:
             while True:
                 data = await channel.recv()
@@ -214,7 +251,7 @@ class Sidecar:
                 app_w.write(data)
                 await app_w.drain()
         except ChannelClosed:
-            return
+            return True
         except RequestRejected as exc:
             log.warning("closing channel to %s (%s): %s", channel.peer.node_id,
                         channel.peername, exc)
@@ -225,3 +262,6 @@ class Sidecar:
             self.metrics.failures.labels("record", exc.field).inc()
         except PqcError as exc:
             self.metrics.failures.labels("record", type(exc).__name__).inc()
+        except (ConnectionError, OSError):
+            self.metrics.failures.labels("record", "connection").inc()
+        return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 
@@ -155,3 +156,115 @@ def test_bad_config_names_the_field(data: dict[str, object], field: str) -> None
     with pytest.raises(ConfigError) as err:
         SidecarConfig.from_mapping(data)
     assert err.value.field == field
+
+
+def _inbound(tmp_path: Path, ca: CertificateAuthority, aggregator: Identity, app_port: int,
+             **extra: object) -> Sidecar:
+    base = _write(tmp_path, "agg", aggregator, ca)
+    return Sidecar(SidecarConfig(cert=base.cert, key=base.key, ca=base.ca,
+                                 listen=Endpoint("127.0.0.1", 0),
+                                 upstream=Endpoint("127.0.0.1", app_port), admin=None,
+                                 **extra))  # type: ignore[arg-type]
+
+
+def test_malformed_handshake_frames_are_counted_not_raised(
+        tmp_path: Path, ca: CertificateAuthority, aggregator: Identity,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A garbage frame used to escape the sidecar's error handling: a traceback per
+    connection and nothing in the metrics."""
+    caplog.set_level(logging.ERROR)
+
+    async def main() -> None:
+        server = _inbound(tmp_path, ca, aggregator, 1)
+        await server.start()
+        for garbage in (b"\xff" * 64, b"\x00\x00\x00\x05hello", b"GET / HTTP/1.1\r\n\r\n"):
+            r, w = await asyncio.open_connection("127.0.0.1", server.bound["listen"])
+            w.write(garbage)
+            await w.drain()
+            with contextlib.suppress(ConnectionError):
+                assert await asyncio.wait_for(r.read(), 5) == b""
+            w.close()
+        await asyncio.sleep(0.2)
+        samples = [s for m in server.metrics.registry.collect() for s in m.samples
+                   if s.name == "pqfed_channel_failures_total" and s.labels["stage"] ==
+                   "handshake"]
+        assert sum(s.value for s in samples) == 3, samples
+        await server.stop()
+
+    asyncio.run(main())
+    assert "Traceback" not in caplog.text and "exception" not in caplog.text.lower()
+
+
+def test_unauthenticated_handshakes_are_capped(tmp_path: Path, ca: CertificateAuthority,
+                                               aggregator: Identity) -> None:
+    async def main() -> None:
+        server = _inbound(tmp_path, ca, aggregator, 1, max_pending_handshakes=2)
+        await server.start()
+        idle = [await asyncio.open_connection("127.0.0.1", server.bound["listen"])
+                for _ in range(2)]  # they never send a ClientHello
+        await asyncio.sleep(0.2)
+        r, w = await asyncio.open_connection("127.0.0.1", server.bound["listen"])
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(r.read(), 5) == b""  # refused at once
+        assert server.metrics.registry.get_sample_value(
+            "pqfed_channel_failures_total", {"stage": "handshake", "field": "capacity"}) == 1
+        for _, iw in idle:
+            iw.close()
+        w.close()
+        await server.stop()
+
+    asyncio.run(main())
+
+
+def test_a_channel_cut_mid_response_resets_the_app_connection(
+        tmp_path: Path, ca: CertificateAuthority, client: Identity,
+        aggregator: Identity) -> None:
+    """The client app must not take a truncated response for a whole one: a channel that
+    breaks (no authenticated close) ends its connection with a reset, not a FIN."""
+    async def main() -> None:
+        cut: list[asyncio.StreamWriter] = []
+
+        async def app_fn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await r.read(100)
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\npartial")
+            await w.drain()
+            await asyncio.sleep(30)
+
+        app = await asyncio.start_server(app_fn, "127.0.0.1", 0)
+        server = _inbound(tmp_path, ca, aggregator, app.sockets[0].getsockname()[1])
+        await server.start()
+
+        # A TCP relay in front of the aggregator's sidecar that we can cut.
+        async def relay(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+            sr, sw = await asyncio.open_connection("127.0.0.1", server.bound["listen"])
+            cut.append(cw)
+
+            async def pump(a: asyncio.StreamReader, b: asyncio.StreamWriter) -> None:
+                while data := await a.read(65536):
+                    b.write(data)
+                    await b.drain()
+
+            await asyncio.gather(pump(cr, sw), pump(sr, cw), return_exceptions=True)
+
+        mitm = await asyncio.start_server(relay, "127.0.0.1", 0)
+        base_c = _write(tmp_path, "cli", client, ca)
+        side = Sidecar(SidecarConfig(
+            cert=base_c.cert, key=base_c.key, ca=base_c.ca, admin=None,
+            routes=(Route(Endpoint("127.0.0.1", 0),
+                          Endpoint("127.0.0.1", mitm.sockets[0].getsockname()[1]),
+                          "aggregator"),)))
+        await side.start()
+        r, w = await asyncio.open_connection("127.0.0.1", side.bound["route0"])
+        w.write(b"GET /v1/fleet/x HTTP/1.1\r\n\r\n")
+        await w.drain()
+        assert (await r.readuntil(b"partial")).endswith(b"partial")
+        cut[0].transport.abort()  # the network cuts the channel mid-response
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(r.read(), 10)
+        w.close()
+        await side.stop()
+        await server.stop()
+        mitm.close()
+        app.close()
+
+    asyncio.run(main())
