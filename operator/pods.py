@@ -360,7 +360,10 @@ def aggregator_pod(job: JobRef, spec: FederationJobSpec, *, restore: bool = Fals
         fl_cmd += ["--restore", RESTORE_DIR]
         mounts.append(_RESTORE_MOUNT)
     fl = _container("fl", spec, fl_cmd, FL_RESOURCES, mounts)
-    sidecar = _inbound_sidecar(spec, "--operator-upstream", f"127.0.0.1:{STATUS_PORT}")
+    # In hierarchical jobs only edges talk to the aggregator: a client certificate is refused
+    # at the handshake, so no client can bypass its edge.
+    roles = ["--peer-role", "edge"] if spec.hierarchy.enabled else []
+    sidecar = _inbound_sidecar(spec, *roles, "--operator-upstream", f"127.0.0.1:{STATUS_PORT}")
     lbls = labels(job.name, "aggregator", **{ROLE_LABEL: "aggregator"})
     return _pod(job, aggregator_pod_name(job.name), lbls, "OnFailure",
                 spec.placement.aggregator_node_selector, sidecar, fl,

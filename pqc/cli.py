@@ -75,6 +75,8 @@ def _sidecar(args: argparse.Namespace) -> int:
             allow_path_prefixes=tuple(args.allow_path_prefix),
             operator_upstream=(Endpoint.parse(args.operator_upstream, "--operator-upstream")
                                if args.operator_upstream else None),
+            allowed_client_roles=(tuple(Role.parse(r) for r in args.peer_role)
+                                  or (Role.CLIENT, Role.EDGE)),
         )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(Sidecar(config)))
@@ -157,6 +159,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="key-establishment group(s); default X25519_MLKEM768")
     sc.add_argument("--allow-path-prefix", action="append", default=[],
                     help="inbound: only HTTP/1.1 requests under this path (repeatable)")
+    sc.add_argument("--peer-role", action="append", default=[], choices=["client", "edge"],
+                    help="inbound: roles allowed to reach the upstream (repeatable; default "
+                         "client and edge; a hierarchical job's aggregator takes edges only)")
     sc.add_argument("--operator-upstream",
                     help="inbound: channels from an operator identity reach only GET "
                          "/status and /checkpoint at this loopback HOST:PORT")

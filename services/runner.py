@@ -144,6 +144,7 @@ class LocalFederation:
                 str(agg_dir / "tls.key"), "--ca", str(agg_dir / "ca.crt"),
                 "--listen", f"127.0.0.1:{secure}", "--upstream", f"127.0.0.1:{fleet}",
                 "--allow-path-prefix", FLEET_PATH_PREFIX, "--group", groups,
+                *(["--peer-role", "edge"] if edges else []),
                 "--admin", f"127.0.0.1:{agg_admin}", "--log-level", "warning"])
             self.admin_ports["aggregator"] = agg_admin
         self._spawn("aggregator", [

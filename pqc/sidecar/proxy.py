@@ -199,13 +199,13 @@ class Sidecar:
         except (OSError, TimeoutError) as exc:
             log.warning("peer %s unreachable: %s", route.peer, exc)
             self.metrics.failures.labels("connect", "peer").inc()
-            app_w.close()
+            _reset(app_w)  # the app sees an error, never an empty answer
             return
         channel = await self._secure(
             "client", client_channel(reader, writer, self._handshake_config(route),
                                      self._executor))
         if channel is None:
-            app_w.close()
+            _reset(app_w)
             return
         await self._splice(channel, app_r, app_w)
 

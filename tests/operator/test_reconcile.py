@@ -672,3 +672,11 @@ def test_lost_edge_is_recreated_and_named_in_conditions() -> None:
     assert "edge-0 missing" in cond(plan.status, "ClientsReady")["message"]
     assert any(e.reason == "EdgeRecreated" for e in plan.events)
     assert plan.recreated == ["edge"]
+
+
+def test_hierarchical_aggregator_admits_only_edges() -> None:
+    """Clients must not bypass their edge: the central sidecar refuses client certificates."""
+    cmd = m.aggregator_pod(JOB, spec_of(**HIER))["spec"]["initContainers"][0]["command"]
+    assert cmd[cmd.index("--peer-role") + 1] == "edge" and cmd.count("--peer-role") == 1
+    flat = m.aggregator_pod(JOB, spec_of())["spec"]["initContainers"][0]["command"]
+    assert "--peer-role" not in flat

@@ -96,7 +96,8 @@ def test_wrong_aggregator_identity_never_reaches_app(
         await side.start()
         r, w = await asyncio.open_connection("127.0.0.1", side.bound["route0"])
         w.write(b"secret update")
-        assert await r.read() == b""  # closed
+        with pytest.raises(ConnectionResetError):  # an error, not an empty answer
+            await r.read()
         await asyncio.sleep(0.1)
         assert reached == []
         fails = side.metrics.registry.get_sample_value(
@@ -266,5 +267,30 @@ def test_a_channel_cut_mid_response_resets_the_app_connection(
         await server.stop()
         mitm.close()
         app.close()
+
+    asyncio.run(main())
+
+
+def test_edge_only_sidecar_refuses_a_client(tmp_path: Path, ca: CertificateAuthority,
+                                            client: Identity, aggregator: Identity) -> None:
+    async def main() -> None:
+        server = _inbound(tmp_path, ca, aggregator, 1, allowed_client_roles=(Role.EDGE,))
+        await server.start()
+        base_c = _write(tmp_path, "cli", client, ca)
+        side = Sidecar(SidecarConfig(
+            cert=base_c.cert, key=base_c.key, ca=base_c.ca, admin=None,
+            routes=(Route(Endpoint("127.0.0.1", 0),
+                          Endpoint("127.0.0.1", server.bound["listen"]), "aggregator"),)))
+        await side.start()
+        r, w = await asyncio.open_connection("127.0.0.1", side.bound["route0"])
+        w.write(b"POST /v1/fleet/push-messages HTTP/1.1\r\n\r\n")
+        with pytest.raises(ConnectionResetError):
+            await r.read()
+        await asyncio.sleep(0.1)
+        assert server.metrics.registry.get_sample_value(
+            "pqfed_channel_failures_total",
+            {"stage": "handshake", "field": "client_flight.certificate.role"}) == 1
+        await side.stop()
+        await server.stop()
 
     asyncio.run(main())
