@@ -209,7 +209,7 @@ def build(spec: ImageSpec) -> bytes:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--name", required=True, help="image reference, e.g. localhost/pqfed/pause:3.10")
+    ap.add_argument("--name", required=True, help="reference, e.g. localhost/pqfed/pause:3.10")
     ap.add_argument("--out", required=True, type=Path, help="archive to write")
     ap.add_argument("--file", action="append", default=[], help="SRC:DEST[:MODE]")
     ap.add_argument("--dir", action="append", default=[], help="DEST[:MODE]")

@@ -13,7 +13,7 @@
 # Usage: build.sh [--force] [--check] [--jobs N] [NAME...]
 #   NAME     build only these (etcd etcdctl kube-apiserver
 #            kube-controller-manager kube-scheduler helm kubelet kube-proxy
-#            containerd ctr containerd-shim-runc-v2 coredns pause);
+#            containerd ctr containerd-shim-runc-v2 coredns pause probe);
 #            default: all
 #   --force  rebuild even if the stamp matches
 #   --check  build nothing; exit 0 if every selected binary is up to date,
@@ -21,8 +21,9 @@
 #   --jobs N go build parallelism (default 2, i.e. GOFLAGS=-p=2)
 #
 # Versions: etcd, Kubernetes, containerd and CoreDNS are pinned by the wrapper
-# modules testbed/cluster/{etcd,k8s,containerd,coredns}/go.mod; pause by a hash
-# of testbed/cluster/pause/main.go; helm by
+# modules testbed/cluster/{etcd,k8s,containerd,coredns}/go.mod; our own pause
+# and probe (the node's sandbox and test-image programs) by a hash of their
+# source; helm by
 # HELM_VERSION (env, default below). On 2 cores a cold build of everything
 # takes a long while (the Kubernetes binaries dominate); the Go build cache
 # (GOCACHE) makes later rebuilds much faster.
@@ -35,7 +36,7 @@ STAMPS="$BIN/.stamps"
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
 
 ALL=(etcd etcdctl helm kube-apiserver kube-controller-manager kube-scheduler
-     kubelet kube-proxy containerd ctr containerd-shim-runc-v2 coredns pause)
+     kubelet kube-proxy containerd ctr containerd-shim-runc-v2 coredns pause probe)
 
 log() { printf '[build.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '[build.sh] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -50,7 +51,7 @@ while [[ $# -gt 0 ]]; do
         --check) CHECK=1 ;;
         --jobs) shift; JOBS="${1:?--jobs needs a number}" ;;
         --jobs=*) JOBS="${1#--jobs=}" ;;
-        -h|--help) sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) die "unknown option: $1" ;;
         *)
             case " ${ALL[*]} " in
@@ -78,8 +79,9 @@ CONTAINERD_VERSION="$(modversion "$HERE/containerd/go.mod" github.com/containerd
 COREDNS_VERSION="$(modversion "$HERE/coredns/go.mod" github.com/coredns/coredns)"
 [[ -n "$CONTAINERD_VERSION" ]] || die "cannot read the containerd version from $HERE/containerd/go.mod"
 [[ -n "$COREDNS_VERSION" ]] || die "cannot read the CoreDNS version from $HERE/coredns/go.mod"
-# Our own program: its version is its source, so an edit rebuilds it.
+# Our own programs: their version is their source, so an edit rebuilds them.
 PAUSE_VERSION="3.10-pqfed.$(cat "$HERE/pause/main.go" "$HERE/pause/go.mod" | sha256sum | cut -c1-12)"
+PROBE_VERSION="pqfed.$(cat "$HERE/probe/main.go" "$HERE/probe/go.mod" | sha256sum | cut -c1-12)"
 
 want_version() {  # <name>
     case "$1" in
@@ -89,6 +91,7 @@ want_version() {  # <name>
         containerd|ctr|containerd-shim-runc-v2) echo "$CONTAINERD_VERSION" ;;
         coredns) echo "$COREDNS_VERSION" ;;
         pause) echo "$PAUSE_VERSION" ;;
+        probe) echo "$PROBE_VERSION" ;;
     esac
 }
 
@@ -255,15 +258,15 @@ if [[ ${#need[@]} -gt 0 ]]; then
     install_built "$COREDNS_VERSION" coredns
 fi
 
-# --- pause (the pod sandbox program, packed into an image by node.sh) -------
-mapfile -t need < <(todo pause)
-if [[ ${#need[@]} -gt 0 ]]; then
+# --- pause, probe (the node's sandbox and test-image programs; see node.sh) --
+for n in $(todo pause probe); do
     ensure_go
-    log "building pause $PAUSE_VERSION"
-    (cd "$HERE/pause" && go build -trimpath -ldflags "-s -w -X main.version=$PAUSE_VERSION" \
-        -o "$TMP/pause" .) || die "building pause failed"
-    install_built "$PAUSE_VERSION" pause
-fi
+    v="$(want_version "$n")"
+    log "building $n $v"
+    (cd "$HERE/$n" && go build -trimpath -ldflags "-s -w -X main.version=$v" -o "$TMP/$n" .) \
+        || die "building $n failed"
+    install_built "$v" "$n"
+done
 
 log "done in $((SECONDS - START))s:"
 for n in "${SELECTED[@]}"; do

@@ -58,7 +58,7 @@ ctr_() { "$PQFED_BIN/ctr" --address "$CTRD_SOCK" --namespace k8s.io "$@"; }
 missing_prereqs() {
     [[ $EUID -eq 0 ]] || echo "needs root (containers, cgroups, iptables)"
     local b
-    for b in containerd ctr containerd-shim-runc-v2 kubelet kube-proxy coredns pause; do
+    for b in containerd ctr containerd-shim-runc-v2 kubelet kube-proxy coredns pause probe; do
         [[ -x "$PQFED_BIN/$b" ]] || echo "$PQFED_BIN/$b is missing: run testbed/cluster/build.sh"
     done
     for b in runc iptables iptables-restore conntrack ip python3; do
@@ -138,12 +138,13 @@ api() {  # <method> <path> [json body] -> http status on stdout, body in $NODE_D
 # Create or replace an object: <collection path> <name> <json>
 apply() {
     local code
-    code="$(api POST "$1" "$3")"
-    if [[ "$code" == 409 ]]; then
-        # Replace keeps only what we own; resourceVersion is not needed for PUT of these kinds
-        # except Services (clusterIP is immutable, so a conflicting Service is left as it is).
+    if [[ "$(api GET "$1/$2")" == 200 ]]; then
+        # An existing Service keeps its allocated clusterIP (immutable); the
+        # other kinds are replaced (an unconditional PUT needs no resourceVersion).
         [[ "$1" == */services ]] && return 0
         code="$(api PUT "$1/$2" "$3")"
+    else
+        code="$(api POST "$1" "$3")"
     fi
     [[ "$code" =~ ^20[01]$ ]] || die "apiserver refused $1/$2 (HTTP $code): $(head -c 600 "$NODE_DIR/.api")"
 }
@@ -151,7 +152,7 @@ apply() {
 # The `kubernetes` Service's endpoints (the apiserver runs with
 # --endpoint-reconciler-type=none, so nobody else writes them) and cluster DNS.
 apply_cluster_objects() {
-    local slice_meta='"labels":{"kubernetes.io/service-name":"%s","endpointslice.kubernetes.io/managed-by":"pqfed.io/node.sh"}'
+    local slice_meta='"labels":{"kubernetes.io/service-name":"%s","endpointslice.kubernetes.io/managed-by":"pqfed-node.sh"}'
     # shellcheck disable=SC2059
     apply /apis/discovery.k8s.io/v1/namespaces/default/endpointslices kubernetes "$(printf \
         '{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{"name":"kubernetes",'"$slice_meta"'},"addressType":"IPv4","endpoints":[{"addresses":["%s"],"conditions":{"ready":true}}],"ports":[{"name":"https","protocol":"TCP","port":%s}]}' \
@@ -179,7 +180,7 @@ build_images() {
     local pause_ver busybox_ver
     pause_ver="$(cat "$PQFED_BIN/.stamps/pause")"
     busybox_ver="$(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null || sha256sum "$PQFED_BUSYBOX" | cut -c1-12)"
-    busybox_ver="${busybox_ver//[^A-Za-z0-9_.-]/_}"
+    busybox_ver="${busybox_ver//[^A-Za-z0-9_.-]/_}-$(cut -d. -f2 "$PQFED_BIN/.stamps/probe")"
     PAUSE_IMAGE="localhost/pqfed/pause:$pause_ver"
     TEST_IMAGE="localhost/pqfed/busybox:$busybox_ver"
     PAUSE_TAR="$IMAGES_CACHE/pause-$pause_ver.tar"
@@ -199,9 +200,10 @@ build_images() {
         done < <("$PQFED_BUSYBOX" --list)
         python3 "$REPO/testbed/ociimage.py" --name "$TEST_IMAGE" --out "$TEST_TAR" \
             --file "$PQFED_BUSYBOX:/bin/busybox:0755" "${links[@]}" --dir /tmp:1777 \
+            --file "$PQFED_BIN/probe:/bin/probe:0755" \
             --dir /etc --entrypoint '["/bin/sh"]' \
             --annotation "org.opencontainers.image.version=$busybox_ver" \
-            --annotation "org.opencontainers.image.title=pqfed node test image (Debian busybox-static)"
+            --annotation "org.opencontainers.image.title=pqfed node test image (Debian busybox-static, probe)"
     fi
 }
 
@@ -210,11 +212,13 @@ import_archives() {  # <archive...>
     for a in "$@"; do
         [[ -f "$a" ]] || die "no such image archive: $a"
         log "importing $a"
+        local out
         case "$a" in
-            *.tar.gz|*.tgz) gzip -dc "$a" | ctr_ images import --no-unpack=false - >/dev/null ;;
-            *.tar.zst) zstd -dc "$a" | ctr_ images import - >/dev/null ;;
-            *) ctr_ images import "$a" >/dev/null ;;
-        esac || die "ctr images import $a failed (is it an OCI or docker-archive tar?)"
+            *.tar.gz|*.tgz) out="$(gzip -dc "$a" | ctr_ images import - 2>&1)" ;;
+            *.tar.zst) out="$(zstd -dc "$a" | ctr_ images import - 2>&1)" ;;
+            *) out="$(ctr_ images import "$a" 2>&1)" ;;
+        esac || die "ctr images import $a failed (is it an OCI or docker-archive tar?): $out"
+        sed -n 's/^\([^[:space:]]*\)[[:space:]]*saved.*/  imported \1/p' <<<"$out" >&2
     done
 }
 
@@ -222,6 +226,9 @@ import_archives() {  # <archive...>
 # configuration files
 # --------------------------------------------------------------------------
 write_configs() {
+    # Can this process lower its oom_score_adj? (CAP_SYS_RESOURCE is not always enough.)
+    RESTRICT_OOM=false
+    (echo -1 >/proc/self/oom_score_adj) 2>/dev/null || RESTRICT_OOM=true
     mkdir -p "$CTRD_DIR" "$KUBELET_DIR" "$CNI_DIR/net.d" "$CNI_DIR/ipam" "$NODE_DIR/kube-proxy" "$PQFED_AIRGAP_DIR"
     cat >"$CTRD_DIR/config.toml" <<EOF
 # Written by testbed/cluster/node.sh: a private containerd for one test node.
@@ -231,16 +238,17 @@ state = "$CTRD_DIR/state"
 # NRI's socket path is host-global; nothing here uses it.
 disabled_plugins = ["io.containerd.nri.v1.nri"]
 
-[grpc]
-  address = "$CTRD_SOCK"
-[ttrpc]
-  address = "$CTRD_SOCK.ttrpc"
-[debug]
-  address = ""
-  level = "info"
-[metrics]
-  address = ""
+imports = []
 
+# Config version 4 (containerd 2.4): the listeners are server plugins.
+[plugins."io.containerd.server.v1.grpc"]
+  address = "$CTRD_SOCK"
+[plugins."io.containerd.server.v1.ttrpc"]
+  address = "$CTRD_SOCK.ttrpc"
+[plugins."io.containerd.server.v1.debug"]
+  address = ""
+[plugins."io.containerd.server.v1.metrics"]
+  address = ""
 [plugins."io.containerd.internal.v1.opt"]
   path = "$CTRD_DIR/opt"
 [plugins."io.containerd.grpc.v1.cri"]
@@ -252,6 +260,9 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
   [plugins."io.containerd.cri.v1.images".pinned_images]
     sandbox = "$PAUSE_IMAGE"
 [plugins."io.containerd.cri.v1.runtime"]
+  # Sandboxes ask for oom_score_adj -998; where even root may not lower it
+  # (e.g. this test VM), runc would fail. Clamp to containerd's own value.
+  restrict_oom_score_adj = $RESTRICT_OOM
   [plugins."io.containerd.cri.v1.runtime".containerd]
     default_runtime_name = "runc"
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
@@ -629,12 +640,14 @@ cmd_stop() {
     if [[ -x "$PQFED_BIN/kube-proxy" && $EUID -eq 0 ]] && ! host_owner >/dev/null; then
         "$PQFED_BIN/kube-proxy" --cleanup >>"$LOGS/kube-proxy.log" 2>&1 || true
     fi
-    [[ -f "$HOST_OWNER" && "$(cut -d' ' -f1 "$HOST_OWNER")" == "$PQFED_CLUSTER_DIR" ]] && rm -f "$HOST_OWNER"
+    if [[ -f "$HOST_OWNER" && "$(cut -d' ' -f1 "$HOST_OWNER")" == "$PQFED_CLUSTER_DIR" ]]; then
+        rm -f "$HOST_OWNER"
+    fi
     # Volumes (service-account tokens, emptyDirs) and container rootfs mounts.
     local m
-    findmnt -rn -o TARGET 2>/dev/null | grep -F "$NODE_DIR/" | sort -r | while read -r m; do
+    while read -r m; do
         umount -l "$(printf '%b' "$m")" 2>/dev/null || true
-    done
+    done < <(findmnt -rn -o TARGET 2>/dev/null | grep -F "$NODE_DIR/" | sort -r || true)
     if [[ $EUID -eq 0 ]]; then
         remove_forwarding_rule
         remove_cgroup_parent

@@ -35,7 +35,7 @@ SCRIPTS = REPO / "testbed" / "cluster"
 RUN_ID = uuid.uuid4().hex[:4]
 NODE = f"pqfed-real-{RUN_ID}"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet",
-            "kube-proxy", "containerd", "ctr", "containerd-shim-runc-v2", "coredns", "pause")
+            "kube-proxy", "containerd", "ctr", "containerd-shim-runc-v2", "coredns", "pause", "probe")
 AIRGAP_IMAGE = f"localhost/pqfed/airgap-probe:{RUN_ID}"
 IMPORTED_IMAGE = f"localhost/pqfed/import-probe:{RUN_ID}"
 
@@ -165,6 +165,16 @@ def _logs(core: Any, ns: str, name: str) -> str:
     return str(core.read_namespaced_pod_log(name, ns, container="main"))
 
 
+def _pod_exists(core: Any, ns: str, name: str) -> bool:
+    try:
+        core.read_namespaced_pod(name, ns)
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
 def _node_ctr(cluster: dict[str, str], *args: str) -> str:
     out = subprocess.run(["bash", str(SCRIPTS / "node.sh"), "ctr", *args], env=cluster,
                          capture_output=True, text=True, check=True, timeout=60)
@@ -231,8 +241,14 @@ def test_pod_is_a_real_container(core: Any, namespace: str, cluster: dict[str, s
     # Deleting the pod stops the container: the task and its host process go away.
     core.delete_namespaced_pod("real", namespace)
     wait_for(lambda: not Path(f"/proc/{pid}").exists(), 60, f"container process {pid} to exit")
-    tasks = _node_ctr(cluster, "tasks", "ls")
-    assert container_id.removeprefix("containerd://") not in tasks
+    cid = container_id.removeprefix("containerd://")
+
+    def task_gone() -> bool:
+        rows = [r.split() for r in _node_ctr(cluster, "tasks", "ls").splitlines()[1:]]
+        return not any(r and r[0] == cid and r[-1] == "RUNNING" for r in rows)
+
+    wait_for(task_gone, 60, f"task {cid} to stop")
+    wait_for(lambda: not _pod_exists(core, namespace, "real"), 60, "the pod object to go")
 
 
 def test_service_by_dns_name_and_cluster_ip(core: Any, namespace: str,
@@ -249,10 +265,10 @@ def test_service_by_dns_name_and_cluster_ip(core: Any, namespace: str,
     _wait_phase(core, namespace, "web", ("Running",))
     fqdn = f"web.{namespace}.svc.cluster.local"
     probe = (f"nslookup {fqdn} && "
-             f"echo by-name=$(wget -q -T 5 -O - http://{fqdn}/) && "
-             f"echo by-ip=$(wget -q -T 5 -O - http://{ip}/) && "
+             f"echo by-name=$(timeout 10 wget -q -O - http://{fqdn}/) && "
+             f"echo by-ip=$(timeout 10 wget -q -O - http://{ip}/) && "
              # The short name resolves through the search path kubelet writes.
-             f"echo short=$(wget -q -T 5 -O - http://web/)")
+             f"echo short=$(timeout 10 wget -q -O - http://web/)")
     core.create_namespaced_pod(namespace, _pod("client", image, probe,
                                                restart="OnFailure"))
     phase = _wait_phase(core, namespace, "client", ("Succeeded",), timeout=180)
@@ -276,16 +292,20 @@ def test_kubernetes_service_reaches_apiserver_with_token(core: Any, api: Any, na
                                   name="read-pods"),
         subjects=[client.RbacV1Subject(kind="ServiceAccount", name="default",
                                        namespace=namespace)]))
-    # busybox's wget speaks TLS but cannot verify a chain: the token is what is under test.
+    # The test image's `probe` verifies the apiserver against the pod's CA bundle and sends
+    # the pod's token, as an in-cluster client library does; anonymous must be refused.
     sa = "/var/run/secrets/kubernetes.io/serviceaccount"
-    script = (f"wget -q -T 10 --no-check-certificate -O - "
-              f"--header \"Authorization: Bearer $(cat {sa}/token)\" "
-              f"https://kubernetes.default.svc.cluster.local/api/v1/namespaces/"
-              f"$(cat {sa}/namespace)/pods/$(hostname)")
+    url = ("https://kubernetes.default.svc.cluster.local/api/v1/namespaces/"
+           f"$(cat {sa}/namespace)/pods/$(hostname)")
+    script = (f"echo anonymous=$(probe -ca {sa}/ca.crt {url} >/dev/null 2>&1 "
+              f"&& echo allowed || echo refused); "
+              f"probe -ca {sa}/ca.crt -token {sa}/token {url}")
     core.create_namespaced_pod(namespace, _pod("whoami", cluster["PQFED_TEST_IMAGE"], script,
                                                restart="OnFailure"))
     _wait_phase(core, namespace, "whoami", ("Succeeded",), timeout=180)
-    body = json.loads(_logs(core, namespace, "whoami"))
+    first, _, rest = _logs(core, namespace, "whoami").partition("\n")
+    assert first == "anonymous=refused"
+    body = json.loads(rest)
     assert body["kind"] == "Pod"
     assert body["metadata"]["name"] == "whoami"
     assert body["spec"]["nodeName"] == NODE
