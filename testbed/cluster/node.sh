@@ -639,6 +639,11 @@ cmd_stop() {
     # kube-proxy's chains, unless another cluster's node owns them now.
     if [[ -x "$PQFED_BIN/kube-proxy" && $EUID -eq 0 ]] && ! host_owner >/dev/null; then
         "$PQFED_BIN/kube-proxy" --cleanup >>"$LOGS/kube-proxy.log" 2>&1 || true
+        # The kubelet's own canary chains (it watches them to notice a flush).
+        local t
+        for t in mangle nat filter; do
+            iptables -w 5 -t "$t" -X KUBE-KUBELET-CANARY 2>/dev/null || true
+        done
     fi
     if [[ -f "$HOST_OWNER" && "$(cut -d' ' -f1 "$HOST_OWNER")" == "$PQFED_CLUSTER_DIR" ]]; then
         rm -f "$HOST_OWNER"

@@ -37,6 +37,10 @@ case "${1:-}" in
     *) die "unknown argument: $1" ;;
 esac
 
+case "$PQFED_REAL_NODE" in
+    0|1|on|off|auto) ;;
+    *) die "PQFED_REAL_NODE=$PQFED_REAL_NODE: expected 0 (no real node), 1 (start one) or auto (when root and built)" ;;
+esac
 for c in "${COMPONENTS[@]}"; do
     [[ -x "$PQFED_BIN/$c" ]] || die "$PQFED_BIN/$c is missing: run testbed/cluster/build.sh first"
 done
@@ -413,7 +417,6 @@ case "$PQFED_REAL_NODE" in
             log "no real node (PQFED_REAL_NODE=auto):${why//$'\n'/; }"
         fi
         ;;
-    0|off) ;;
-    *) die "PQFED_REAL_NODE=$PQFED_REAL_NODE: expected 0, 1 or auto" ;;
+    *) ;;
 esac
 echo "export KUBECONFIG=$KUBECONFIG_ADMIN"
