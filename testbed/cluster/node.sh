@@ -68,6 +68,10 @@ missing_prereqs() {
         || echo "CNI plugins missing in $PQFED_CNI_BIN_DIR: run testbed/cluster/deps.sh (containernetworking-plugins)"
     [[ -x "$PQFED_BUSYBOX" ]] || echo "$PQFED_BUSYBOX is missing (busybox-static): run testbed/cluster/deps.sh"
     grep -qw overlay /proc/filesystems || echo "the kernel has no overlayfs"
+    local other
+    if other="$(host_owner)"; then
+        echo "another cluster's real node runs on this host ($other): kube-proxy owns the host's KUBE-* iptables chains, so only one can (stop it with PQFED_CLUSTER_DIR=$other testbed/cluster/down.sh)"
+    fi
 }
 
 # Another cluster's real node on this host, if any (its cluster dir).
@@ -542,10 +546,6 @@ cmd_start() {
         || die "PQFED_NODE_POD_SUBNET=$PQFED_NODE_POD_SUBNET: must be 10.X.0.0/16"
     [[ "$PQFED_NODE_POD_SUBNET" != "$PQFED_POD_SUBNET" ]] \
         || die "PQFED_NODE_POD_SUBNET must differ from the node agents' PQFED_POD_SUBNET ($PQFED_POD_SUBNET)"
-    local other
-    if other="$(host_owner)"; then
-        die "another real node runs on this host (cluster $other); kube-proxy owns the host's iptables KUBE-* chains, so only one can. Stop it (PQFED_CLUSTER_DIR=$other testbed/cluster/down.sh) or start this cluster with PQFED_REAL_NODE=0"
-    fi
     local t0=$SECONDS
     mkdir -p "$NODE_DIR" "$RUN" "$LOGS" /run/pqfed
     chmod 700 "$NODE_DIR"
