@@ -420,11 +420,9 @@ ensure_forwarding() {
         log "enabled net.ipv4.ip_forward (FORWARD policy DROP; see node.sh header)"
     fi
     # kube-proxy's ClusterIPs for pods on a bridge need bridged traffic in iptables.
-    if [[ -f /proc/sys/net/bridge/bridge-nf-call-iptables ]]; then
-        echo 1 >/proc/sys/net/bridge/bridge-nf-call-iptables
-    else
-        modprobe br_netfilter 2>/dev/null || die "br_netfilter is not available (needed by kube-proxy for pods on a bridge)"
-    fi
+    [[ -f /proc/sys/net/bridge/bridge-nf-call-iptables ]] || modprobe br_netfilter 2>/dev/null \
+        || die "br_netfilter is not available (needed by kube-proxy for pods on a bridge)"
+    echo 1 >/proc/sys/net/bridge/bridge-nf-call-iptables
 }
 remove_forwarding_rule() {
     fw -D FORWARD -i "$PQFED_NODE_BRIDGE" -o "$PQFED_NODE_BRIDGE" \

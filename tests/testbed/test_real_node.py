@@ -209,7 +209,8 @@ def test_node_registers_ready(core: Any, cluster: dict[str, str]) -> None:
 def test_pod_is_a_real_container(core: Any, namespace: str, cluster: dict[str, str]) -> None:
     script = ("echo uid=$(id -u) gid=$(id -g); "
               "if touch /probe 2>/dev/null; then echo rootfs=rw; else echo rootfs=ro; fi; "
-              "echo pid1=$(tr '\\0' ' ' </proc/1/cmdline); echo ready; exec sleep 3600")
+              "echo pid1=$(tr '\\0' ' ' </proc/1/cmdline); "
+              "echo default_routes=$(ip route | grep -c default); echo ready; exec sleep 3600")
     security = client.V1SecurityContext(run_as_user=4321, run_as_group=4321,
                                         read_only_root_filesystem=True,
                                         allow_privilege_escalation=False)
@@ -222,6 +223,8 @@ def test_pod_is_a_real_container(core: Any, namespace: str, cluster: dict[str, s
     assert "rootfs=ro" in logs
     # PID 1 of the container is its own shell: it has a PID namespace of its own.
     assert "pid1=/bin/sh -c" in logs
+    # No default route: the pod reaches the service range and the control plane, nothing else.
+    assert "default_routes=0" in logs
 
     pod = core.read_namespaced_pod("real", namespace)
     assert pod.status.pod_ip.startswith(cluster["PQFED_NODE_IP"].rsplit(".", 2)[0] + ".")
