@@ -414,6 +414,15 @@ ensure_forwarding() {
     local n=(-m comment --comment "pqfed node $NODE_NAME: pod to pod")
     fw -C FORWARD -i "$PQFED_NODE_BRIDGE" -o "$PQFED_NODE_BRIDGE" "${n[@]}" -j ACCEPT 2>/dev/null \
         || fw -I FORWARD 2 -i "$PQFED_NODE_BRIDGE" -o "$PQFED_NODE_BRIDGE" "${n[@]}" -j ACCEPT
+    # Pods of this node and the emulated agents' pods (PQFED_BRIDGE) reach each
+    # other, as pods of one cluster do; nothing else crosses bridges.
+    local e=(-m comment --comment "pqfed node $NODE_NAME: emulated pods")
+    if ip link show dev "$PQFED_BRIDGE" >/dev/null 2>&1; then
+        fw -C FORWARD -i "$PQFED_NODE_BRIDGE" -o "$PQFED_BRIDGE" "${e[@]}" -j ACCEPT 2>/dev/null \
+            || fw -I FORWARD 2 -i "$PQFED_NODE_BRIDGE" -o "$PQFED_BRIDGE" "${e[@]}" -j ACCEPT
+        fw -C FORWARD -i "$PQFED_BRIDGE" -o "$PQFED_NODE_BRIDGE" "${e[@]}" -j ACCEPT 2>/dev/null \
+            || fw -I FORWARD 2 -i "$PQFED_BRIDGE" -o "$PQFED_NODE_BRIDGE" "${e[@]}" -j ACCEPT
+    fi
     fw -P FORWARD DROP
     if [[ "$(cat /proc/sys/net/ipv4/ip_forward)" != 1 ]]; then
         echo 1 >/proc/sys/net/ipv4/ip_forward
@@ -427,6 +436,12 @@ ensure_forwarding() {
 remove_forwarding_rule() {
     fw -D FORWARD -i "$PQFED_NODE_BRIDGE" -o "$PQFED_NODE_BRIDGE" \
         -m comment --comment "pqfed node $NODE_NAME: pod to pod" -j ACCEPT 2>/dev/null || true
+    local pair
+    for pair in "$PQFED_NODE_BRIDGE $PQFED_BRIDGE" "$PQFED_BRIDGE $PQFED_NODE_BRIDGE"; do
+        set -- $pair
+        fw -D FORWARD -i "$1" -o "$2" -m comment --comment "pqfed node $NODE_NAME: emulated pods" \
+            -j ACCEPT 2>/dev/null || true
+    done
 }
 
 # cgroup v1: the kubelet wants its cgroupRoot to exist in every hierarchy.
@@ -537,6 +552,7 @@ cmd_start() {
     [[ -z "$why" ]] || die "cannot start a real node:"$'\n'"$why"
     [[ -f "$PQFED_CLUSTER_DIR/env" && -f "$PKI/ca.key" ]] || die "no control plane in $PQFED_CLUSTER_DIR: run up.sh first"
     PQFED_HOST="$(sed -n 's/^PQFED_APISERVER_HOST=//p' "$PQFED_CLUSTER_DIR/env")"
+    PQFED_BRIDGE="$(sed -n 's/^PQFED_BRIDGE=//p' "$PQFED_CLUSTER_DIR/env")"
     APISERVER_URL="$(sed -n 's/^PQFED_APISERVER_URL=//p' "$PQFED_CLUSTER_DIR/env")"
     [[ "$PQFED_HOST" != "$PQFED_LOOPBACK" ]] \
         || die "the apiserver listens on loopback only, which pods cannot reach: start up.sh with PQFED_POD_NETWORK=on"
@@ -629,6 +645,9 @@ stop_containers() {
 cmd_stop() {
     local wipe="${1:-}"
     [[ -d "$NODE_DIR" ]] || return 0
+    if [[ -f "$PQFED_CLUSTER_DIR/env" ]]; then
+        PQFED_BRIDGE="$(sed -n 's/^PQFED_BRIDGE=//p' "$PQFED_CLUSTER_DIR/env")"
+    fi
     stop_one kube-proxy
     stop_one coredns
     stop_one kubelet
