@@ -1,6 +1,6 @@
 // Wrapper module used by testbed/cluster/build.sh to build the Kubernetes
-// control-plane binaries (kube-apiserver, kube-controller-manager,
-// kube-scheduler) from the Go module proxy. k8s.io/kubernetes replaces its
+// control-plane and node binaries (kube-apiserver, kube-controller-manager,
+// kube-scheduler, kubelet, kube-proxy) from the Go module proxy. k8s.io/kubernetes replaces its
 // staging modules with ./staging/... paths, which only work inside its own
 // repository, so every one of them is re-pinned here to the published
 // v0.X.Y release that matches the kubernetes version.
