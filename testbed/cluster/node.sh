@@ -229,12 +229,20 @@ import_archives() {  # <archive...>
 # --------------------------------------------------------------------------
 # configuration files
 # --------------------------------------------------------------------------
+# Replace a config file only when its content changes: kube-proxy exits when
+# its --config file changes, so a rerun of up.sh must leave it untouched.
+write_file() {  # <file>, content on stdin
+    local tmp="$1.tmp"
+    cat >"$tmp"
+    if cmp -s "$tmp" "$1"; then rm -f "$tmp"; else mv -f "$tmp" "$1"; fi
+}
+
 write_configs() {
     # Can this process lower its oom_score_adj? (CAP_SYS_RESOURCE is not always enough.)
     RESTRICT_OOM=false
     (echo -1 >/proc/self/oom_score_adj) 2>/dev/null || RESTRICT_OOM=true
     mkdir -p "$CTRD_DIR" "$KUBELET_DIR" "$CNI_DIR/net.d" "$CNI_DIR/ipam" "$NODE_DIR/kube-proxy" "$PQFED_AIRGAP_DIR"
-    cat >"$CTRD_DIR/config.toml" <<EOF
+    write_file "$CTRD_DIR/config.toml" <<EOF
 # Written by testbed/cluster/node.sh: a private containerd for one test node.
 version = 4
 root = "$CTRD_DIR/root"
@@ -283,7 +291,7 @@ EOF
     local svc_route emu_route
     svc_route="$PQFED_SERVICE_CIDR"
     emu_route="$PQFED_POD_SUBNET"
-    cat >"$CNI_DIR/net.d/10-pqfed-node.conflist" <<EOF
+    write_file "$CNI_DIR/net.d/10-pqfed-node.conflist" <<EOF
 {
   "cniVersion": "1.0.0",
   "name": "pqfed-node",
@@ -304,7 +312,7 @@ EOF
   ]
 }
 EOF
-    cat >"$KUBELET_DIR/config.yaml" <<EOF
+    write_file "$KUBELET_DIR/config.yaml" <<EOF
 # Written by testbed/cluster/node.sh.
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -348,7 +356,7 @@ syncFrequency: 10s
 EOF
     # Pods with dnsPolicy Default: no resolver (nothing outside is reachable).
     : >"$NODE_DIR/resolv.conf"
-    cat >"$NODE_DIR/kube-proxy/config.yaml" <<EOF
+    write_file "$NODE_DIR/kube-proxy/config.yaml" <<EOF
 # Written by testbed/cluster/node.sh.
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
@@ -372,7 +380,7 @@ conntrack:
   tcpEstablishedTimeout: 0s
   tcpCloseWaitTimeout: 0s
 EOF
-    cat >"$NODE_DIR/Corefile" <<EOF
+    write_file "$NODE_DIR/Corefile" <<EOF
 # Written by testbed/cluster/node.sh: cluster DNS for pods of the real node.
 cluster.local:53 in-addr.arpa:53 ip6.arpa:53 {
     bind $NODE_IP

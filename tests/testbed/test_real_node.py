@@ -206,6 +206,17 @@ def test_node_registers_ready(core: Any, cluster: dict[str, str]) -> None:
     assert addresses["InternalIP"] == cluster["PQFED_NODE_IP"]
 
 
+def test_up_again_leaves_the_node_running(cluster: dict[str, str]) -> None:
+    again = subprocess.run(["bash", str(SCRIPTS / "up.sh")], env=cluster, capture_output=True,
+                           text=True, timeout=300, check=False)
+    assert again.returncode == 0, again.stderr[-4000:]
+    for component in ("containerd", "kubelet", "coredns", "kube-proxy"):
+        assert f"{component} already running" in again.stderr, again.stderr[-4000:]
+    status = subprocess.run(["bash", str(SCRIPTS / "node.sh"), "status"], env=cluster,
+                            capture_output=True, text=True, check=True).stdout
+    assert "stopped" not in status, status
+
+
 def test_pod_is_a_real_container(core: Any, namespace: str, cluster: dict[str, str]) -> None:
     script = ("echo uid=$(id -u) gid=$(id -g); "
               "if touch /probe 2>/dev/null; then echo rootfs=rw; else echo rootfs=ro; fi; "
