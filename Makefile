@@ -44,13 +44,19 @@ bench-fl: $(STAMP)
 bench-testbed: $(STAMP)
 	$(BIN)/pqfed bench --out results/bench-testbed
 
-# Real kube-apiserver/etcd/controller-manager/scheduler built from the Go module proxy,
+# Real kube-apiserver/etcd/controller-manager/scheduler, kubelet/kube-proxy/containerd/CoreDNS
+# built from the Go module proxy,
 # cached in $(PQFED_CACHE)/bin (never in the repository).
+# The real node (testbed/cluster/node.sh) also needs Debian's runc, CNI plugins, iptables,
+# conntrack and busybox-static: deps.sh installs the missing ones (as root).
 cluster-binaries:
+	testbed/cluster/deps.sh
 	testbed/cluster/build.sh
 
+# PQFED_REAL_NODE=auto: one real node (kubelet + containerd) beside the control plane when
+# root; PQFED_REAL_NODE=0 make cluster-up for the control plane alone.
 cluster-up: cluster-binaries
-	testbed/cluster/up.sh
+	PQFED_REAL_NODE=$${PQFED_REAL_NODE:-auto} testbed/cluster/up.sh
 
 cluster-down:
 	testbed/cluster/down.sh

@@ -41,10 +41,16 @@ def free_subnet(first: int, last: int) -> str | None:
 
 
 def cluster_env(cluster_dir: Path, nodes: Sequence[str], *, bridge: str | None = None,
-                pod_subnet: str | None = None) -> dict[str, str]:
+                pod_subnet: str | None = None, real_node: str | None = None,
+                node_bridge: str | None = None, node_subnet: str | None = None) -> dict[str, str]:
     """Environment for testbed/cluster/up.sh and down.sh giving a test its own cluster: own
     state dir and free ports and, when pods get network namespaces, its own bridge and
-    subnet, so it never touches a developer's cluster or a concurrently running suite."""
+    subnet, so it never touches a developer's cluster or a concurrently running suite.
+
+    A real node (testbed/cluster/node.sh: kubelet + containerd) is started only when
+    `real_node` names it; it then needs `node_bridge` and `node_subnet` of its own and gets
+    free ports for the kubelet, kube-proxy and CoreDNS. Otherwise PQFED_REAL_NODE=0, whatever
+    the caller's environment says."""
     from pqfed.services.flower_runtime import free_ports
 
     etcd_client, etcd_peer, api, kcm, sched = free_ports(5)
@@ -61,4 +67,23 @@ def cluster_env(cluster_dir: Path, nodes: Sequence[str], *, bridge: str | None =
     if bridge is not None and pod_subnet is not None:
         env.update({"PQFED_POD_NETWORK": "on", "PQFED_BRIDGE": bridge,
                     "PQFED_POD_SUBNET": pod_subnet})
+    env["PQFED_REAL_NODE"] = "0"
+    if real_node is not None:
+        if node_bridge is None or node_subnet is None:
+            raise ValueError("cluster_env: a real node needs node_bridge and node_subnet "
+                             "(a bridge and 10.X.0.0/16 of its own)")
+        kubelet, kubelet_health, proxy_health, proxy_metrics, dns_health, dns_ready = (
+            free_ports(6))
+        env.update({
+            "PQFED_REAL_NODE": "1",
+            "PQFED_REAL_NODE_NAME": real_node,
+            "PQFED_NODE_BRIDGE": node_bridge,
+            "PQFED_NODE_POD_SUBNET": node_subnet,
+            "PQFED_KUBELET_PORT": str(kubelet),
+            "PQFED_KUBELET_HEALTHZ_PORT": str(kubelet_health),
+            "PQFED_KUBE_PROXY_HEALTHZ_PORT": str(proxy_health),
+            "PQFED_KUBE_PROXY_METRICS_PORT": str(proxy_metrics),
+            "PQFED_COREDNS_HEALTH_PORT": str(dns_health),
+            "PQFED_COREDNS_READY_PORT": str(dns_ready),
+        })
     return env

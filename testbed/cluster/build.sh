@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Build the binaries of a real, container-less Kubernetes control plane
-# (etcd, etcdctl, kube-apiserver, kube-controller-manager, kube-scheduler)
-# plus helm, from the Go module proxy, into a cache directory outside the repo:
+# Build the binaries of a real Kubernetes control plane (etcd, etcdctl,
+# kube-apiserver, kube-controller-manager, kube-scheduler), of its one real
+# node (kubelet, kube-proxy, containerd, ctr, containerd-shim-runc-v2, CoreDNS
+# and the pod sandbox program `pause`, see node.sh) plus helm, from the Go
+# module proxy, into a cache directory outside the repo:
 #
 #     ${PQFED_CACHE:-$HOME/.cache/pqfed}/bin
 #
@@ -10,14 +12,18 @@
 #
 # Usage: build.sh [--force] [--check] [--jobs N] [NAME...]
 #   NAME     build only these (etcd etcdctl kube-apiserver
-#            kube-controller-manager kube-scheduler helm); default: all
+#            kube-controller-manager kube-scheduler helm kubelet kube-proxy
+#            containerd ctr containerd-shim-runc-v2 coredns pause probe);
+#            default: all
 #   --force  rebuild even if the stamp matches
 #   --check  build nothing; exit 0 if every selected binary is up to date,
 #            1 otherwise (lists what is missing)
 #   --jobs N go build parallelism (default 2, i.e. GOFLAGS=-p=2)
 #
-# Versions: etcd and Kubernetes are pinned by the wrapper modules
-# testbed/cluster/etcd/go.mod and testbed/cluster/k8s/go.mod; helm by
+# Versions: etcd, Kubernetes, containerd and CoreDNS are pinned by the wrapper
+# modules testbed/cluster/{etcd,k8s,containerd,coredns}/go.mod; our own pause
+# and probe (the node's sandbox and test-image programs) by a hash of their
+# source; helm by
 # HELM_VERSION (env, default below). On 2 cores a cold build of everything
 # takes a long while (the Kubernetes binaries dominate); the Go build cache
 # (GOCACHE) makes later rebuilds much faster.
@@ -29,7 +35,8 @@ BIN="$PQFED_CACHE/bin"
 STAMPS="$BIN/.stamps"
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
 
-ALL=(etcd etcdctl helm kube-apiserver kube-controller-manager kube-scheduler)
+ALL=(etcd etcdctl helm kube-apiserver kube-controller-manager kube-scheduler
+     kubelet kube-proxy containerd ctr containerd-shim-runc-v2 coredns pause probe)
 
 log() { printf '[build.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '[build.sh] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -44,7 +51,7 @@ while [[ $# -gt 0 ]]; do
         --check) CHECK=1 ;;
         --jobs) shift; JOBS="${1:?--jobs needs a number}" ;;
         --jobs=*) JOBS="${1#--jobs=}" ;;
-        -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) die "unknown option: $1" ;;
         *)
             case " ${ALL[*]} " in
@@ -68,12 +75,23 @@ KUBE_VERSION="$(modversion "$HERE/k8s/go.mod" k8s.io/kubernetes)"
 ETCD_VERSION="$(modversion "$HERE/etcd/go.mod" go.etcd.io/etcd/server/v3)"
 [[ -n "$KUBE_VERSION" ]] || die "cannot read the k8s.io/kubernetes version from $HERE/k8s/go.mod"
 [[ -n "$ETCD_VERSION" ]] || die "cannot read the etcd version from $HERE/etcd/go.mod"
+CONTAINERD_VERSION="$(modversion "$HERE/containerd/go.mod" github.com/containerd/containerd/v2)"
+COREDNS_VERSION="$(modversion "$HERE/coredns/go.mod" github.com/coredns/coredns)"
+[[ -n "$CONTAINERD_VERSION" ]] || die "cannot read the containerd version from $HERE/containerd/go.mod"
+[[ -n "$COREDNS_VERSION" ]] || die "cannot read the CoreDNS version from $HERE/coredns/go.mod"
+# Our own programs: their version is their source, so an edit rebuilds them.
+PAUSE_VERSION="3.10-pqfed.$(cat "$HERE/pause/main.go" "$HERE/pause/go.mod" | sha256sum | cut -c1-12)"
+PROBE_VERSION="pqfed.$(cat "$HERE/probe/main.go" "$HERE/probe/go.mod" | sha256sum | cut -c1-12)"
 
 want_version() {  # <name>
     case "$1" in
         etcd|etcdctl) echo "$ETCD_VERSION" ;;
         helm) echo "$HELM_VERSION" ;;
-        kube-*) echo "$KUBE_VERSION" ;;
+        kube-*|kubelet) echo "$KUBE_VERSION" ;;
+        containerd|ctr|containerd-shim-runc-v2) echo "$CONTAINERD_VERSION" ;;
+        coredns) echo "$COREDNS_VERSION" ;;
+        pause) echo "$PAUSE_VERSION" ;;
+        probe) echo "$PROBE_VERSION" ;;
     esac
 }
 
@@ -147,7 +165,7 @@ ensure_go() {
 
 START=$SECONDS
 log "cache: $BIN"
-log "versions: etcd $ETCD_VERSION, kubernetes $KUBE_VERSION, helm $HELM_VERSION"
+log "versions: etcd $ETCD_VERSION, kubernetes $KUBE_VERSION, helm $HELM_VERSION, containerd $CONTAINERD_VERSION, coredns $COREDNS_VERSION"
 
 # --- etcd + etcdctl ---------------------------------------------------------
 mapfile -t need < <(todo etcd etcdctl)
@@ -186,8 +204,8 @@ if [[ ${#need[@]} -gt 0 ]]; then
     install_built "$HELM_VERSION" helm
 fi
 
-# --- kube-apiserver, kube-controller-manager, kube-scheduler ----------------
-mapfile -t need < <(todo kube-apiserver kube-controller-manager kube-scheduler)
+# --- kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy
+mapfile -t need < <(todo kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
 if [[ ${#need[@]} -gt 0 ]]; then
     ensure_go
     ver="${KUBE_VERSION#v}"
@@ -209,6 +227,46 @@ if [[ ${#need[@]} -gt 0 ]]; then
     log "built ${need[*]} in $((SECONDS - t))s"
     install_built "$KUBE_VERSION" "${need[@]}"
 fi
+
+# --- containerd, ctr, containerd-shim-runc-v2 --------------------------------
+mapfile -t need < <(todo containerd ctr containerd-shim-runc-v2)
+if [[ ${#need[@]} -gt 0 ]]; then
+    ensure_go
+    pkgs=()
+    for n in "${need[@]}"; do pkgs+=("github.com/containerd/containerd/v2/cmd/$n"); done
+    # CGO is off: the tags drop the snapshotters that need cgo or kernel
+    # features we do not use (the node runs on overlayfs).
+    log "building ${need[*]} $CONTAINERD_VERSION"
+    t=$SECONDS
+    (cd "$HERE/containerd" && go build -trimpath -tags "no_btrfs no_devmapper no_zfs" \
+        -ldflags "-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION" \
+        -o "$TMP/" "${pkgs[@]}") || die "building ${need[*]} failed"
+    log "built ${need[*]} in $((SECONDS - t))s"
+    install_built "$CONTAINERD_VERSION" "${need[@]}"
+fi
+
+# --- coredns (only the plugins node.sh's Corefile uses: coredns/main.go) ---
+mapfile -t need < <(todo coredns)
+if [[ ${#need[@]} -gt 0 ]]; then
+    ensure_go
+    log "building coredns $COREDNS_VERSION"
+    t=$SECONDS
+    (cd "$HERE/coredns" && go build -trimpath \
+        -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" \
+        -o "$TMP/coredns" .) || die "building coredns failed"
+    log "built coredns in $((SECONDS - t))s"
+    install_built "$COREDNS_VERSION" coredns
+fi
+
+# --- pause, probe (the node's sandbox and test-image programs; see node.sh) --
+for n in $(todo pause probe); do
+    ensure_go
+    v="$(want_version "$n")"
+    log "building $n $v"
+    (cd "$HERE/$n" && go build -trimpath -ldflags "-s -w -X main.version=$v" -o "$TMP/$n" .) \
+        || die "building $n failed"
+    install_built "$v" "$n"
+done
 
 log "done in $((SECONDS - START))s:"
 for n in "${SELECTED[@]}"; do

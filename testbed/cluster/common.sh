@@ -63,3 +63,24 @@ component_pid() {  # <name>
     [[ "$exe" == "$PQFED_BIN/$1" || "$exe" == "$(cd "$PQFED_BIN" 2>/dev/null && pwd -P)/$1" ]] || return 1
     echo "$pid"
 }
+
+# The real node (node.sh: containerd + kubelet + kube-proxy + CoreDNS):
+#   PQFED_REAL_NODE=0     none (default of up.sh: tests start it explicitly)
+#                   1     start it with the control plane; fail if it cannot
+#                   auto  start it when root and everything is built (make cluster-up)
+PQFED_REAL_NODE="${PQFED_REAL_NODE:-0}"
+PQFED_REAL_NODE_NAME="${PQFED_REAL_NODE_NAME:-pqfed-real-0}"
+PQFED_NODE_BRIDGE="${PQFED_NODE_BRIDGE:-pqfn0}"
+PQFED_NODE_POD_SUBNET="${PQFED_NODE_POD_SUBNET:-10.89.0.0/16}"   # must differ from PQFED_POD_SUBNET
+PQFED_NODE_IP="${PQFED_NODE_POD_SUBNET%.*/*}.1"                   # bridge gateway = node InternalIP
+PQFED_CLUSTER_DNS_IP="${PQFED_CLUSTER_DNS_IP:-10.96.0.10}"
+PQFED_KUBELET_PORT="${PQFED_KUBELET_PORT:-10250}"
+PQFED_KUBELET_HEALTHZ_PORT="${PQFED_KUBELET_HEALTHZ_PORT:-10248}"
+PQFED_KUBE_PROXY_HEALTHZ_PORT="${PQFED_KUBE_PROXY_HEALTHZ_PORT:-10256}"
+PQFED_KUBE_PROXY_METRICS_PORT="${PQFED_KUBE_PROXY_METRICS_PORT:-10249}"
+PQFED_COREDNS_HEALTH_PORT="${PQFED_COREDNS_HEALTH_PORT:-18080}"
+PQFED_COREDNS_READY_PORT="${PQFED_COREDNS_READY_PORT:-18181}"
+PQFED_REAL_NODE_LABELS="${PQFED_REAL_NODE_LABELS:-pqfed.io/testbed=real,node.kubernetes.io/instance-type=pqfed-testbed}"
+PQFED_AIRGAP_DIR="${PQFED_AIRGAP_DIR:-$PQFED_CLUSTER_DIR/node/agent/images}"
+PQFED_CNI_BIN_DIR="${PQFED_CNI_BIN_DIR:-/usr/lib/cni}"
+PQFED_BUSYBOX="${PQFED_BUSYBOX:-/bin/busybox}"

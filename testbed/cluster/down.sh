@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stop the control plane started by up.sh, by its pidfiles: first the node
 # agents whose state is in $PQFED_CLUSTER_DIR/agents (they stop their pods and
-# report NotReady), then scheduler, controller-manager, apiserver and etcd.
+# report NotReady) and the real node (node.sh stop), then scheduler,
+# controller-manager, apiserver and etcd.
 #
 # Usage: down.sh [--wipe]
 #   --wipe   also delete ${PQFED_CLUSTER_DIR:-$PQFED_CACHE/cluster} (etcd data,
@@ -20,7 +21,7 @@ WIPE=0
 for a in "$@"; do
     case "$a" in
         --wipe) WIPE=1 ;;
-        -h|--help) sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $a" ;;
     esac
 done
@@ -100,6 +101,10 @@ stop_agents() {
 
 if [[ -d "$PQFED_CLUSTER_DIR" ]]; then
     [[ -d "$AGENTS" ]] && stop_agents
+    # The real node (node.sh): its containers, kubelet, containerd, kube-proxy, CoreDNS.
+    if [[ -d "$PQFED_CLUSTER_DIR/node" ]]; then
+        if [[ $WIPE -eq 1 ]]; then "$HERE/node.sh" stop --wipe; else "$HERE/node.sh" stop; fi
+    fi
     for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
         stop "${COMPONENTS[i]}"
     done

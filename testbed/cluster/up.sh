@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Start a real, container-less Kubernetes control plane: etcd,
-# kube-apiserver, kube-controller-manager and kube-scheduler, built by build.sh
-# into ${PQFED_CACHE:-$HOME/.cache/pqfed}/bin. There is no kubelet and no
-# container runtime: Pods run only where `pqfed node-agent` processes run
-# (testbed/nodeagent); without agents they are stored and scheduled only.
+# Start a real Kubernetes control plane: etcd, kube-apiserver,
+# kube-controller-manager and kube-scheduler, built by build.sh into
+# ${PQFED_CACHE:-$HOME/.cache/pqfed}/bin. Pods run where `pqfed node-agent`
+# processes run (testbed/nodeagent, emulated Pis) and, with PQFED_REAL_NODE=1
+# (or auto, which `make cluster-up` sets), on one real node started after the
+# control plane (node.sh: containerd, kubelet, kube-proxy, CoreDNS).
 # etcd, controller-manager and scheduler bind 127.0.0.1. As root the pod
 # bridge PQFED_BRIDGE (pqfed0, 10.88.0.1/16) is created and the apiserver binds
 # 10.88.0.1, so pods in their network namespaces reach it (PQFED_POD_NETWORK).
@@ -36,6 +37,10 @@ case "${1:-}" in
     *) die "unknown argument: $1" ;;
 esac
 
+case "$PQFED_REAL_NODE" in
+    0|1|on|off|auto) ;;
+    *) die "PQFED_REAL_NODE=$PQFED_REAL_NODE: expected 0 (no real node), 1 (start one) or auto (when root and built)" ;;
+esac
 for c in "${COMPONENTS[@]}"; do
     [[ -x "$PQFED_BIN/$c" ]] || die "$PQFED_BIN/$c is missing: run testbed/cluster/build.sh first"
 done
@@ -155,6 +160,8 @@ fi
 issue apiserver "/CN=kube-apiserver" serverAuth \
     "IP:$PQFED_LOOPBACK,IP:$PQFED_BRIDGE_IP,IP:$PQFED_SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
 issue admin "/O=system:masters/CN=pqfed-admin" clientAuth
+# The apiserver's identity towards kubelets (logs, exec, port-forward on the real node).
+issue apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" clientAuth
 issue kube-controller-manager "/CN=system:kube-controller-manager" clientAuth
 issue kube-scheduler "/CN=system:kube-scheduler" clientAuth
 # Bound to ClusterRole system:node-proxier by default: node agents read
@@ -259,6 +266,10 @@ args_for() {  # <component> -> one argument per line
             --service-account-signing-key-file="$PKI/sa.key" \
             --service-cluster-ip-range="$PQFED_SERVICE_CIDR" \
             --allow-privileged=true \
+            --kubelet-client-certificate="$PKI/apiserver-kubelet-client.crt" \
+            --kubelet-client-key="$PKI/apiserver-kubelet-client.key" \
+            --kubelet-certificate-authority="$PKI/ca.crt" \
+            --kubelet-preferred-address-types=InternalIP \
             --endpoint-reconciler-type=none \
             --profiling=false \
             --cert-dir="$PQFED_CLUSTER_DIR/apiserver-certs"
@@ -393,4 +404,19 @@ for node in $PQFED_NODE_NAMES; do
 done
 [[ "$PQFED_POD_NETWORK" == on ]] \
     || log "pod network off: node agents can run pods, but pods cannot reach the apiserver"
+
+# The real node (node.sh): containerd + kubelet + kube-proxy + CoreDNS.
+case "$PQFED_REAL_NODE" in
+    1|on) "$HERE/node.sh" start >&2 ;;
+    auto)
+        why="$("$HERE/node.sh" prereqs)"
+        [[ "$PQFED_POD_NETWORK" == on ]] || why+=$'\n'"the pod network is off (the apiserver is on loopback)"
+        if [[ -z "${why//$'\n'/}" ]]; then
+            "$HERE/node.sh" start >&2
+        else
+            log "no real node (PQFED_REAL_NODE=auto):${why//$'\n'/; }"
+        fi
+        ;;
+    *) ;;
+esac
 echo "export KUBECONFIG=$KUBECONFIG_ADMIN"

@@ -1,0 +1,362 @@
+"""The real node of the test cluster (testbed/cluster/node.sh): kubelet + containerd + runc +
+CNI bridge + kube-proxy + CoreDNS, all real, beside the real control plane of up.sh.
+
+One private cluster for the module (own state dir, free ports, own bridges and subnets, no
+emulated node agents), started with PQFED_REAL_NODE=1. Pods run from images that reach the
+node only by import, the k3s air-gap way: the node's busybox test image, an archive dropped
+into the air-gap directory before start, and one imported with `node.sh import` afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pqfed.testbed.testing import cluster_env, free_subnet, wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+kubernetes = pytest.importorskip(
+    "kubernetes", reason="the kubernetes client is not installed (pip install -e '.[k8s]')")
+client = kubernetes.client
+ApiException = kubernetes.client.rest.ApiException
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = REPO / "testbed" / "cluster"
+RUN_ID = uuid.uuid4().hex[:4]
+NODE = f"pqfed-real-{RUN_ID}"
+BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet",
+            "kube-proxy", "containerd", "ctr", "containerd-shim-runc-v2", "coredns", "pause", "probe")
+AIRGAP_IMAGE = f"localhost/pqfed/airgap-probe:{RUN_ID}"
+IMPORTED_IMAGE = f"localhost/pqfed/import-probe:{RUN_ID}"
+
+
+def _prerequisites() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("a real node needs root (containers, cgroups, iptables)")
+    built = subprocess.run(["bash", str(SCRIPTS / "build.sh"), "--check", *BINARIES],
+                           capture_output=True, text=True, check=False)
+    if built.returncode != 0:
+        pytest.skip("the cluster binaries are not built; run `make cluster-binaries`:\n"
+                    + built.stdout)
+    missing = subprocess.run(["bash", str(SCRIPTS / "node.sh"), "prereqs"],
+                             capture_output=True, text=True, check=False).stdout.strip()
+    if missing:
+        pytest.skip(f"the real node cannot start here (run `make cluster-binaries`):\n{missing}")
+    owner = Path("/run/pqfed/real-node.owner")
+    if owner.is_file():
+        cluster_dir, _, pid = owner.read_text().strip().partition(" ")
+        if pid.isdigit() and Path(f"/proc/{pid}").exists():
+            pytest.skip(f"another cluster's real node ({cluster_dir}) runs on this host and owns "
+                        "kube-proxy's iptables chains; stop it to run these tests")
+
+
+def _image_archive(path: Path, name: str) -> Path:
+    """A one-binary image of busybox under `name`, written by the project's OCI writer."""
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    subprocess.run([sys.executable, str(REPO / "testbed" / "ociimage.py"), "--name", name,
+                    "--out", str(path), "--file", f"{busybox}:/bin/busybox:0755",
+                    "--symlink", "/bin/sh:busybox", "--entrypoint", '["/bin/sh"]'],
+                   check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    _prerequisites()
+    first = free_subnet(60 + int(RUN_ID, 16) % 20, 100)
+    if first is None:
+        pytest.skip("no free 10.X.0.0/16 for the control plane's pod bridge")
+    x = int(first.split(".")[1])
+    node_subnet = free_subnet(x + 1, 100)
+    if node_subnet is None:
+        pytest.skip("no free 10.X.0.0/16 for the real node's pods")
+    cluster_dir = tmp_path_factory.mktemp("realnode")
+    env = cluster_env(cluster_dir, [], bridge=f"pqr{RUN_ID}", pod_subnet=first,
+                      real_node=NODE, node_bridge=f"pqn{RUN_ID}", node_subnet=node_subnet)
+    airgap = cluster_dir / "node" / "agent" / "images"
+    airgap.mkdir(parents=True)
+    _image_archive(airgap / "airgap-probe.tar", AIRGAP_IMAGE)
+    try:
+        up = subprocess.run(["bash", str(SCRIPTS / "up.sh")], env=env, capture_output=True,
+                            text=True, timeout=600, check=False)
+        assert up.returncode == 0, f"up.sh failed ({up.returncode}):\n{up.stderr[-6000:]}"
+        node_env = dict(line.split("=", 1) for line in
+                        (cluster_dir / "node" / "env").read_text().splitlines() if "=" in line)
+        yield {**env, **node_env, "KUBECONFIG": str(cluster_dir / "kubeconfig")}
+    finally:
+        down = subprocess.run(["bash", str(SCRIPTS / "down.sh"), "--wipe"], env=env,
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert down.returncode == 0, f"down.sh failed:\n{down.stderr[-4000:]}"
+        assert not cluster_dir.exists(), "down.sh --wipe left the cluster dir"
+        links = subprocess.run(["ip", "-o", "link", "show", f"pqn{RUN_ID}"],
+                               capture_output=True, text=True, check=False)
+        assert links.returncode != 0, "the node bridge survived down.sh --wipe"
+
+
+@pytest.fixture(scope="module")
+def api(cluster: dict[str, str]) -> Any:
+    return kubernetes.config.new_client_from_config(config_file=cluster["KUBECONFIG"])
+
+
+@pytest.fixture(scope="module")
+def core(api: Any) -> Any:
+    return client.CoreV1Api(api)
+
+
+@pytest.fixture
+def namespace(core: Any) -> Iterator[str]:
+    name = f"real-{uuid.uuid4().hex[:8]}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    wait_for(lambda: _has_default_sa(core, name), 60, f"service account {name}/default")
+    yield name
+    core.delete_namespace(name)
+
+
+def _has_default_sa(core: Any, ns: str) -> bool:
+    try:
+        core.read_namespaced_service_account("default", ns)
+    except ApiException:
+        return False
+    return True
+
+
+def _pod(name: str, image: str, script: str, *, policy: str = "Never",
+         restart: str = "Never", labels: dict[str, str] | None = None,
+         security: Any = None) -> Any:
+    return client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name, labels=labels or {"app": name}),
+        spec=client.V1PodSpec(
+            node_name=NODE, restart_policy=restart, termination_grace_period_seconds=2,
+            containers=[client.V1Container(
+                name="main", image=image, image_pull_policy=policy,
+                command=["/bin/sh", "-c", script], security_context=security)]))
+
+
+def _phase(core: Any, ns: str, name: str) -> str:
+    return str(core.read_namespaced_pod(name, ns).status.phase)
+
+
+def _diagnose(core: Any, ns: str, name: str) -> str:
+    pod = core.read_namespaced_pod(name, ns)
+    events = core.list_namespaced_event(ns, field_selector=f"involvedObject.name={name}")
+    return (f"status: {pod.status}\nevents: "
+            + "; ".join(f"{e.reason}: {e.message}" for e in events.items))
+
+
+def _wait_phase(core: Any, ns: str, name: str, phases: tuple[str, ...], timeout: float = 120
+                ) -> str:
+    return str(wait_for(lambda: _phase(core, ns, name) in phases and _phase(core, ns, name),
+                        timeout, f"pod {ns}/{name} in {phases}",
+                        diagnose=lambda: _diagnose(core, ns, name)))
+
+
+def _logs(core: Any, ns: str, name: str) -> str:
+    # The kubelet serves logs; the apiserver proxies to it with its kubelet client cert.
+    return str(core.read_namespaced_pod_log(name, ns, container="main"))
+
+
+def _pod_exists(core: Any, ns: str, name: str) -> bool:
+    try:
+        core.read_namespaced_pod(name, ns)
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
+def _node_ctr(cluster: dict[str, str], *args: str) -> str:
+    out = subprocess.run(["bash", str(SCRIPTS / "node.sh"), "ctr", *args], env=cluster,
+                         capture_output=True, text=True, check=True, timeout=60)
+    return out.stdout
+
+
+def _host_pid(cluster: dict[str, str], container_id: str) -> int:
+    for line in _node_ctr(cluster, "tasks", "ls").splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == container_id:
+            return int(fields[1])
+    raise AssertionError(f"container {container_id} has no task in the node's containerd")
+
+
+def test_node_registers_ready(core: Any, cluster: dict[str, str]) -> None:
+    node = core.read_node(NODE)
+    ready = {c.type: c.status for c in node.status.conditions}
+    assert ready.get("Ready") == "True", node.status.conditions
+    info = node.status.node_info
+    assert info.kubelet_version == "v1.37.2"
+    assert info.container_runtime_version.startswith("containerd://2."), info
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+    labels = node.metadata.labels
+    assert labels["kubernetes.io/arch"] == arch
+    assert labels["kubernetes.io/os"] == "linux"
+    assert labels["kubernetes.io/hostname"] == NODE
+    assert labels["pqfed.io/testbed"] == "real"
+    addresses = {a.type: a.address for a in node.status.addresses}
+    assert addresses["InternalIP"] == cluster["PQFED_NODE_IP"]
+
+
+def test_up_again_leaves_the_node_running(cluster: dict[str, str]) -> None:
+    again = subprocess.run(["bash", str(SCRIPTS / "up.sh")], env=cluster, capture_output=True,
+                           text=True, timeout=300, check=False)
+    assert again.returncode == 0, again.stderr[-4000:]
+    for component in ("containerd", "kubelet", "coredns", "kube-proxy"):
+        assert f"{component} already running" in again.stderr, again.stderr[-4000:]
+    status = subprocess.run(["bash", str(SCRIPTS / "node.sh"), "status"], env=cluster,
+                            capture_output=True, text=True, check=True).stdout
+    assert "stopped" not in status, status
+
+
+def test_pod_is_a_real_container(core: Any, namespace: str, cluster: dict[str, str]) -> None:
+    script = ("echo uid=$(id -u) gid=$(id -g); "
+              "if touch /probe 2>/dev/null; then echo rootfs=rw; else echo rootfs=ro; fi; "
+              "echo pid1=$(tr '\\0' ' ' </proc/1/cmdline); "
+              "echo default_routes=$(ip route | grep -c default); echo ready; exec sleep 3600")
+    security = client.V1SecurityContext(run_as_user=4321, run_as_group=4321,
+                                        read_only_root_filesystem=True,
+                                        allow_privilege_escalation=False)
+    core.create_namespaced_pod(namespace, _pod("real", cluster["PQFED_TEST_IMAGE"], script,
+                                               security=security))
+    _wait_phase(core, namespace, "real", ("Running",))
+    logs = wait_for(lambda: "ready" in _logs(core, namespace, "real") and
+                    _logs(core, namespace, "real"), 60, "the pod's log")
+    assert "uid=4321 gid=4321" in logs
+    assert "rootfs=ro" in logs
+    # PID 1 of the container is its own shell: it has a PID namespace of its own.
+    assert "pid1=/bin/sh -c" in logs
+    # No default route: the pod reaches the service range and the control plane, nothing else.
+    assert "default_routes=0" in logs
+
+    pod = core.read_namespaced_pod("real", namespace)
+    assert pod.status.pod_ip.startswith(cluster["PQFED_NODE_IP"].rsplit(".", 2)[0] + ".")
+    container_id = pod.status.container_statuses[0].container_id
+    assert container_id.startswith("containerd://"), container_id
+    pid = _host_pid(cluster, container_id.removeprefix("containerd://"))
+    host_ns = {ns: os.readlink(f"/proc/self/ns/{ns}") for ns in ("pid", "net", "mnt")}
+    for ns, link in host_ns.items():
+        assert os.readlink(f"/proc/{pid}/ns/{ns}") != link, f"the container shares the {ns} ns"
+    status = Path(f"/proc/{pid}/status").read_text()
+    uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+    assert set(uids) == {"4321"}, status
+    cgroups = Path(f"/proc/{pid}/cgroup").read_text()
+    assert f"/pqfed-{NODE}/kubepods" in cgroups, cgroups
+    assert pod.metadata.uid.replace("-", "_") in cgroups or pod.metadata.uid in cgroups, cgroups
+
+    # Deleting the pod stops the container: the task and its host process go away.
+    core.delete_namespaced_pod("real", namespace)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 60, f"container process {pid} to exit")
+    cid = container_id.removeprefix("containerd://")
+
+    def task_gone() -> bool:
+        rows = [r.split() for r in _node_ctr(cluster, "tasks", "ls").splitlines()[1:]]
+        return not any(r and r[0] == cid and r[-1] == "RUNNING" for r in rows)
+
+    wait_for(task_gone, 60, f"task {cid} to stop")
+    wait_for(lambda: not _pod_exists(core, namespace, "real"), 60, "the pod object to go")
+
+
+def test_service_by_dns_name_and_cluster_ip(core: Any, namespace: str,
+                                           cluster: dict[str, str]) -> None:
+    image = cluster["PQFED_TEST_IMAGE"]
+    serve = ("mkdir -p /tmp/www && echo hello-from-$(hostname) >/tmp/www/index.html && "
+             "exec httpd -f -p 8080 -h /tmp/www")
+    core.create_namespaced_pod(namespace, _pod("web", image, serve, labels={"app": "web"}))
+    svc = core.create_namespaced_service(namespace, client.V1Service(
+        metadata=client.V1ObjectMeta(name="web"),
+        spec=client.V1ServiceSpec(selector={"app": "web"}, ports=[
+            client.V1ServicePort(port=80, target_port=8080, protocol="TCP")])))
+    ip = svc.spec.cluster_ip
+    _wait_phase(core, namespace, "web", ("Running",))
+    fqdn = f"web.{namespace}.svc.cluster.local"
+    probe = (f"nslookup {fqdn} && "
+             f"echo by-name=$(timeout 10 wget -q -O - http://{fqdn}/) && "
+             f"echo by-ip=$(timeout 10 wget -q -O - http://{ip}/) && "
+             # The short name resolves through the search path kubelet writes.
+             f"echo short=$(timeout 10 wget -q -O - http://web/)")
+    core.create_namespaced_pod(namespace, _pod("client", image, probe,
+                                               restart="OnFailure"))
+    phase = _wait_phase(core, namespace, "client", ("Succeeded",), timeout=180)
+    assert phase == "Succeeded"
+    logs = _logs(core, namespace, "client")
+    assert ip in logs, logs      # nslookup answered with the Service's ClusterIP
+    assert "by-name=hello-from-web" in logs, logs
+    assert "by-ip=hello-from-web" in logs, logs
+    assert "short=hello-from-web" in logs, logs
+
+
+def test_kubernetes_service_reaches_apiserver_with_token(core: Any, api: Any, namespace: str,
+                                                         cluster: dict[str, str]) -> None:
+    rbac = client.RbacAuthorizationV1Api(api)
+    rbac.create_namespaced_role(namespace, client.V1Role(
+        metadata=client.V1ObjectMeta(name="read-pods"),
+        rules=[client.V1PolicyRule(api_groups=[""], resources=["pods"], verbs=["get"])]))
+    rbac.create_namespaced_role_binding(namespace, client.V1RoleBinding(
+        metadata=client.V1ObjectMeta(name="read-pods"),
+        role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role",
+                                  name="read-pods"),
+        subjects=[client.RbacV1Subject(kind="ServiceAccount", name="default",
+                                       namespace=namespace)]))
+    # The test image's `probe` verifies the apiserver against the pod's CA bundle and sends
+    # the pod's token, as an in-cluster client library does; anonymous must be refused.
+    sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+    url = ("https://kubernetes.default.svc.cluster.local/api/v1/namespaces/"
+           f"$(cat {sa}/namespace)/pods/$(hostname)")
+    script = (f"echo anonymous=$(probe -ca {sa}/ca.crt {url} >/dev/null 2>&1 "
+              f"&& echo allowed || echo refused); "
+              f"probe -ca {sa}/ca.crt -token {sa}/token {url}")
+    core.create_namespaced_pod(namespace, _pod("whoami", cluster["PQFED_TEST_IMAGE"], script,
+                                               restart="OnFailure"))
+    _wait_phase(core, namespace, "whoami", ("Succeeded",), timeout=180)
+    first, _, rest = _logs(core, namespace, "whoami").partition("\n")
+    assert first == "anonymous=refused"
+    body = json.loads(rest)
+    assert body["kind"] == "Pod"
+    assert body["metadata"]["name"] == "whoami"
+    assert body["spec"]["nodeName"] == NODE
+
+
+def test_images_reach_the_node_by_import(core: Any, namespace: str, cluster: dict[str, str],
+                                         tmp_path: Path) -> None:
+    # Dropped into the air-gap directory before the node started.
+    core.create_namespaced_pod(namespace, _pod("airgap", AIRGAP_IMAGE, "echo from-airgap"))
+    # Imported into the running node, as `k3s ctr images import` would.
+    archive = _image_archive(tmp_path / "probe.tar", IMPORTED_IMAGE)
+    subprocess.run(["bash", str(SCRIPTS / "node.sh"), "import", str(archive)], env=cluster,
+                   check=True, capture_output=True, timeout=120)
+    assert IMPORTED_IMAGE in _node_ctr(cluster, "images", "ls", "-q")
+    core.create_namespaced_pod(namespace, _pod("imported", IMPORTED_IMAGE, "echo from-import",
+                                               policy="IfNotPresent"))
+    for name, word in (("airgap", "from-airgap"), ("imported", "from-import")):
+        _wait_phase(core, namespace, name, ("Succeeded",))
+        assert _logs(core, namespace, name).strip() == word
+
+
+@pytest.mark.parametrize(("policy", "reasons"), [
+    ("Never", {"ErrImageNeverPull"}),
+    # A pull is tried (localhost only; nothing listens there) and fails for real.
+    ("IfNotPresent", {"ErrImagePull", "ImagePullBackOff"}),
+])
+def test_image_not_imported_fails_with_a_real_reason(core: Any, namespace: str,
+                                                     policy: str, reasons: set[str]) -> None:
+    image = f"localhost:1/pqfed/not-imported:{RUN_ID}"
+    core.create_namespaced_pod(namespace, _pod("absent", image, "true", policy=policy))
+
+    def waiting_reason() -> str | None:
+        statuses = core.read_namespaced_pod("absent", namespace).status.container_statuses
+        waiting = statuses[0].state.waiting if statuses else None
+        return waiting.reason if waiting and waiting.reason in reasons else None
+
+    reason = wait_for(waiting_reason, 120, f"waiting reason in {reasons}",
+                      diagnose=lambda: _diagnose(core, namespace, "absent"))
+    assert reason in reasons
+    assert _phase(core, namespace, "absent") == "Pending"
