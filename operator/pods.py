@@ -278,10 +278,11 @@ def _groups(spec: FederationJobSpec) -> list[str]:
 
 def _container(name: str, spec: FederationJobSpec, command: list[str], resources: Manifest,
                mounts: list[Manifest], **extra: Any) -> Manifest:
+    image = spec.sidecar_image if name == "sidecar" else spec.image
     # Every process of the job (sidecar handshakes, update signing) uses its crypto backend.
     env = [{"name": "PYTHONUNBUFFERED", "value": "1"},
            {"name": "PQFED_CRYPTO_BACKEND", "value": spec.crypto.backend}]
-    return {"name": name, "image": spec.image, "imagePullPolicy": "IfNotPresent",
+    return {"name": name, "image": image, "imagePullPolicy": "IfNotPresent",
             "command": command, "env": env,
             "resources": resources, "securityContext": CONTAINER_SECURITY,
             "volumeMounts": mounts, **extra}

@@ -65,6 +65,9 @@ IMAGE_PATTERN: Final = (rf"^({_DOMAIN}/)?{_PATH_PART}(/{_PATH_PART})*"
                         r"(:[A-Za-z0-9_][-A-Za-z0-9_.]{0,127})?"
                         r"(@(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}))?$")
 IMAGE_MAX: Final = 512
+# The images `make images` builds (images/build.py): localhost/pqfed/{operator,sidecar,fl}.
+IMAGE_PREFIX: Final = "localhost/pqfed"
+IMAGE_VERSION: Final = "0.1.0"
 
 # metadata.name: "<name>-aggregator" must stay a valid 63-character Service/DNS label.
 NAME_MAX: Final = 63 - len("-aggregator")
@@ -235,11 +238,16 @@ class FederationJobSpec(_Spec):
     crypto: CryptoSpec = Field(default_factory=CryptoSpec)
     timeouts: TimeoutSpec = Field(default_factory=TimeoutSpec)
     placement: PlacementSpec = Field(default_factory=PlacementSpec)
-    image: str = Field("ghcr.io/pqfed/pqfed:0.1.0", min_length=1, max_length=IMAGE_MAX,
-                       pattern=IMAGE_PATTERN,
-                       description="Image of the FL and sidecar containers: "
+    image: str = Field(f"{IMAGE_PREFIX}/fl:{IMAGE_VERSION}", min_length=1,
+                       max_length=IMAGE_MAX, pattern=IMAGE_PATTERN,
+                       description="Image of the FL container (torch + Flower): "
                                    "[registry/]repository[:tag][@sha256:digest], repository "
-                                   "lowercase")
+                                   "lowercase. The default is what `make images` builds and "
+                                   "docs/helm.md imports (air-gapped k3s) or pushes")
+    sidecar_image: str = Field(f"{IMAGE_PREFIX}/sidecar:{IMAGE_VERSION}", min_length=1,
+                               max_length=IMAGE_MAX, pattern=IMAGE_PATTERN,
+                               description="Image of the PQC sidecar containers (no torch): "
+                                           "[registry/]repository[:tag][@sha256:digest]")
 
     @property
     def per_round(self) -> int:
@@ -476,6 +484,8 @@ _FIXES: Final[Mapping[str, str]] = {
 _PATTERN_HINTS: Final[Mapping[str, str]] = {
     "image": "not an image reference: [registry[:port]/]repository[:tag][@sha256:<64 hex>], "
              "the repository in lowercase, no spaces",
+    "sidecarImage": "not an image reference: [registry[:port]/]repository[:tag]"
+                    "[@sha256:<64 hex>], the repository in lowercase, no spaces",
     "dataset.partition": "use iid, natural or dirichlet:<alpha> with alpha > 0",
     "placement.nodeSelector": "not a Kubernetes label value: at most 63 of [-A-Za-z0-9_.], "
                               "starting and ending alphanumeric",

@@ -196,7 +196,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     "first selected node)")
     cl.add_argument("--namespace", default="pqfed-bench",
                     help="namespace for the pods (created and deleted if absent)")
-    cl.add_argument("--image", default="ghcr.io/pqfed/pqfed:0.1.0",
+    cl.add_argument("--image", default="localhost/pqfed/fl:0.1.0",
                     help="container image (ignored by the emulated nodes)")
     cl.add_argument("--image-pull-policy", default="IfNotPresent")
     cl.add_argument("--pod-env", action="append", default=[], metavar="KEY=VALUE",

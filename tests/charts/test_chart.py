@@ -279,7 +279,7 @@ def test_defaults_run_one_standalone_operator_on_all_namespaces(helm: Helm) -> N
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
     container = _operator(docs)
-    assert container["image"] == "ghcr.io/pqfed/pqfed:0.1.0"  # tag = appVersion
+    assert container["image"] == "localhost/pqfed/operator:0.1.0"  # tag = appVersion
     assert container["command"] == ["pqfed", "operator", "run"]
     assert container["args"] == ["--all-namespaces", "--standalone", "--metrics-port=8080",
                                  "--log-level=info"]
@@ -356,7 +356,8 @@ def test_chart_metadata() -> None:
     assert meta["appVersion"] == "0.1.0"
     assert meta["kubeVersion"].startswith(">=1.29")  # native sidecar containers
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    assert values["image"]["repository"] == "ghcr.io/pqfed/pqfed"
+    # What `make images` builds (images/build.py) and docs/helm.md imports: no registry needed.
+    assert values["image"]["repository"] == "localhost/pqfed/operator"
     assert values["image"]["tag"] == ""
     assert values["operator"]["replicas"] == 1
     assert values["metrics"] == {"enabled": True, "port": 8080}

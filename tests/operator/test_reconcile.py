@@ -124,7 +124,8 @@ def test_aggregator_pod_matches_the_local_runner_topology() -> None:
     assert sidecar["restartPolicy"] == "Always"  # native sidecar: the pod can complete
     # Ready = the sidecar is up and its upstream (the SuperLink) accepts connections.
     assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 9901}
-    assert fl["image"] == sidecar["image"] == spec.image
+    assert fl["image"] == spec.image == "localhost/pqfed/fl:0.1.0"
+    assert sidecar["image"] == spec.sidecar_image == "localhost/pqfed/sidecar:0.1.0"
     assert fl["resources"]["requests"] == {"cpu": "100m", "memory": "768Mi"}
     assert fl["resources"]["limits"] == {"memory": "1Gi"}
     assert ps["securityContext"]["runAsNonRoot"] is True
