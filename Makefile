@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.pqfed-installed
 export PQFED_CACHE ?= $(HOME)/.cache/pqfed
 
 .PHONY: all venv demo test test-fast lint typecheck bench-pqc bench-fl bench-testbed \
-        cluster-binaries cluster-up cluster-down clean liboqs liboqs-arm64
+        cluster-binaries cluster-up cluster-down clean liboqs liboqs-arm64 images \
+        images-prereqs images-push
 
 all: test
 
@@ -23,13 +24,13 @@ demo: $(STAMP)
 	$(BIN)/pqfed run examples/jobs/demo.yaml
 
 lint: $(STAMP)
-	$(BIN)/ruff check pqc services operator testbed src tests
+	$(BIN)/ruff check pqc services operator testbed src tests images
 	$(BIN)/mypy src/pqfed
 
 typecheck: lint
 
 # The README's test command: lint, types, then every test (unit, slow, cluster e2e).
-test: $(STAMP) lint cluster-binaries liboqs liboqs-arm64
+test: $(STAMP) lint cluster-binaries liboqs liboqs-arm64 images
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP) liboqs liboqs-arm64
@@ -69,6 +70,19 @@ liboqs:
 
 liboqs-arm64:
 	pqc/native/build-liboqs.sh --arch arm64
+
+# Container images (operator, sidecar, fl) for linux/amd64 + linux/arm64 as OCI archives in
+# dist/images, built without a Docker daemon; layers cached in $(PQFED_CACHE)/images
+# (images/README.md). images-prereqs apt-installs mmdebstrap, qemu-user-static, runc, skopeo.
+images-prereqs:
+	images/prereqs.sh
+
+images: $(STAMP) images-prereqs liboqs liboqs-arm64
+	$(BIN)/python images/build.py
+
+# make images-push REGISTRY=host:port/path [PUSH_FLAGS=--dest-tls-verify=false]
+images-push: images
+	images/push.sh "$(REGISTRY)" $(PUSH_FLAGS)
 
 clean:
 	rm -rf results .pytest_cache .mypy_cache .ruff_cache .hypothesis

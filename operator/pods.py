@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final
 
-from pqfed.services import edge as edges
+from pqfed.services import hierarchy as edges
 from pqfed.services.spec import API_GROUP, API_VERSION, KIND, FederationJobSpec
 
 Manifest = dict[str, Any]

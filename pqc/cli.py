@@ -1,4 +1,4 @@
-"""`pqfed ca|sidecar|selftest|audit|bench-pqc` subcommands (registered by pqfed.cli)."""
+"""`pqfed ca|sidecar|audit|bench-pqc` subcommands (registered by pqfed.cli)."""
 
 from __future__ import annotations
 
@@ -83,34 +83,6 @@ def _sidecar(args: argparse.Namespace) -> int:
     return 0
 
 
-def _selftest(args: argparse.Namespace) -> int:
-    """Which backend runs here, its version, and a KEM + signature round trip through it;
-    with more than one backend present, also across them (FIPS 203/204 interoperability)."""
-    from pqfed.pqc.backends import available_backends, backend_report, get_backend
-
-    if args.backend:
-        os.environ["PQFED_CRYPTO_BACKEND"] = args.backend
-        get_backend.cache_clear()
-    report: dict[str, object] = {**backend_report(), "available": available_backends()}
-    chosen = get_backend()
-    checks: dict[str, str] = {}
-    usable = [name for name, why in available_backends().items() if why == "ok"]
-    for producer in usable:
-        for consumer in usable:
-            p, c = get_backend(producer), get_backend(consumer)
-            kem = c.kem_generate("ML-KEM-768")
-            ct, ss = p.kem_encapsulate("ML-KEM-768", kem.public_bytes())
-            sig_key = p.sig_generate("ML-DSA-65")
-            c.sig_verify("ML-DSA-65", sig_key.public_bytes(), b"selftest",
-                         sig_key.sign(b"selftest", b"pqfed"), b"pqfed")
-            ok = kem.decapsulate(ct) == ss
-            checks[f"{producer}->{consumer}"] = "ok" if ok else "KEM shared secrets differ"
-    report["checks"] = checks
-    report["ok"] = chosen.name in usable and all(v == "ok" for v in checks.values())
-    print(json.dumps(report, indent=2))
-    return 0 if report["ok"] else 1
-
-
 def _bench(args: argparse.Namespace) -> int:
     from pqfed.pqc.bench import main as bench_main
 
@@ -169,12 +141,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sc.add_argument("--backend", choices=["auto", "pyca", "liboqs"],
                     help="crypto backend (default: $PQFED_CRYPTO_BACKEND, else auto)")
     sc.set_defaults(func=_sidecar)
-
-    st = sub.add_parser("selftest", help="report the crypto backend in use and check it "
-                                         "(KEM + signature round trips, across backends)")
-    st.add_argument("--backend", choices=["auto", "pyca", "liboqs"],
-                    help="check this backend (default: $PQFED_CRYPTO_BACKEND, else auto)")
-    st.set_defaults(func=_selftest)
 
     bench = sub.add_parser("bench-pqc", help="PQC micro/macro benchmarks (docs/BENCHMARKS.md)")
     bench.add_argument("--out", default="results/bench-pqc")

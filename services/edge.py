@@ -61,19 +61,6 @@ class EdgeRoundError(RuntimeError):
     or the edge ServerApp is unreachable)."""
 
 
-def edge_of(client_index: int, edges: int) -> int:
-    """The edge a client belongs to (round-robin, so edges differ in size by at most one)."""
-    return client_index % edges
-
-
-def edge_members(spec: FederationJobSpec, edge: int) -> list[int]:
-    return [i for i in range(spec.clients) if edge_of(i, spec.hierarchy.edges) == edge]
-
-
-def edge_node_id(edge: int) -> str:
-    return f"edge-{edge}"
-
-
 def socket_path(state_dir: Path) -> Path:
     path = state_dir / "edge.sock"
     if len(str(path)) > 100:  # AF_UNIX path limit (108 bytes on Linux)

@@ -211,7 +211,7 @@ def run_client(args: argparse.Namespace) -> int:
 def run_edge(args: argparse.Namespace) -> int:
     """An edge aggregator (services/edge.py): a SuperLink + edge ServerApp for its member
     clients, and an upstream SuperNode towards the central aggregator."""
-    from pqfed.services import edge
+    from pqfed.services import edge, hierarchy
 
     _setup_logging()
     name, spec = load_spec(Path(args.spec))
@@ -224,7 +224,7 @@ def run_edge(args: argparse.Namespace) -> int:
     state.mkdir(parents=True, exist_ok=True)
     identity_dir = str(Path(args.identity_dir).resolve())
     sock = edge.socket_path(state)
-    members = edge.edge_members(spec, args.index)
+    members = hierarchy.edge_members(spec, args.index)
     stock = _stock()
     fast = None if stock else FAST_POLL_S
     run_dir = state / "flower"

@@ -84,7 +84,8 @@ def _edge_grid(spec: FederationJobSpec, job: str, ca: CertificateAuthority, root
                clients: dict[int, Context]) -> InProcessGrid:
     """The central grid of a hierarchical job: one node per edge aggregator, each running the
     real edge round (services/edge.py) over an in-process grid of its member clients."""
-    from pqfed.services.edge import EDGE_SOCKET_KEY, EdgeAggregator, edge_members, edge_node_id
+    from pqfed.services.edge import EDGE_SOCKET_KEY, EdgeAggregator
+    from pqfed.services.hierarchy import edge_members, edge_node_id
 
     contexts: dict[int, Context] = {}
     client_apps: dict[int, ClientApp] = {}

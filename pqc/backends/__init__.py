@@ -69,3 +69,25 @@ def backend_report() -> dict[str, str]:
 
         description = f"pyca/cryptography ({openssl.openssl_version_text()})"
     return {"backend": backend.name, "description": str(description)}
+
+
+def cross_backend_checks() -> dict[str, str]:
+    """A KEM + signature round trip from each usable backend to each (FIPS 203/204
+    interoperability), for `pqfed selftest`: {"producer->consumer": "ok" or what failed}."""
+    checks: dict[str, str] = {}
+    usable = [name for name, why in available_backends().items() if why == "ok"]
+    for producer in usable:
+        for consumer in usable:
+            p, c = get_backend(producer), get_backend(consumer)
+            try:
+                kem = c.kem_generate("ML-KEM-768")
+                ct, ss = p.kem_encapsulate("ML-KEM-768", kem.public_bytes())
+                sig_key = p.sig_generate("ML-DSA-65")
+                c.sig_verify("ML-DSA-65", sig_key.public_bytes(), b"selftest",
+                             sig_key.sign(b"selftest", b"pqfed"), b"pqfed")
+                ok = kem.decapsulate(ct) == ss
+            except Exception as exc:
+                checks[f"{producer}->{consumer}"] = f"{type(exc).__name__}: {exc}"
+                continue
+            checks[f"{producer}->{consumer}"] = "ok" if ok else "KEM shared secrets differ"
+    return checks

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 # Subpackages whose `cli` module has register(subparsers); optional ones may be missing deps.
-_COMMAND_MODULES = ("pqfed.pqc.cli", "pqfed.services.cli", "pqfed.operator.cli",
+_COMMAND_MODULES = ("pqfed.selftest", "pqfed.pqc.cli", "pqfed.services.cli", "pqfed.operator.cli",
                     "pqfed.testbed.cli")
 
 

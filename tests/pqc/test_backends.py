@@ -181,13 +181,16 @@ def test_selftest_reports_the_backend_and_checks_across_backends(
     monkeypatch.setenv("PQFED_CRYPTO_BACKEND", "auto")  # restored afterwards
     get_backend.cache_clear()
     try:
-        assert main(["selftest"]) == 0
+        assert main(["selftest", "--json"]) == 0
         report = json.loads(capsys.readouterr().out)
-        assert report["backend"] == "liboqs" and report["ok"] is True
-        assert report["description"].startswith("liboqs 0.13.0 via ctypes")
-        assert set(report["checks"]) == {"pyca->pyca", "pyca->liboqs", "liboqs->pyca",
-                                         "liboqs->liboqs"}
-        assert main(["selftest", "--backend", "pyca"]) == 0
-        assert json.loads(capsys.readouterr().out)["backend"] == "pyca"
+        assert report["ok"] is True
+        assert report["versions"]["pqc_backend"].startswith("liboqs (liboqs 0.13.0 via ctypes")
+        pairs = {c["name"]: c["status"] for c in report["checks"]
+                 if c["name"].startswith("backends: ")}
+        assert pairs == {f"backends: {p}": "ok" for p in
+                         ("pyca->pyca", "pyca->liboqs", "liboqs->pyca", "liboqs->liboqs")}
+        assert main(["selftest", "--json", "--backend", "pyca"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["versions"]["pqc_backend"].startswith("pyca ")
     finally:
         get_backend.cache_clear()

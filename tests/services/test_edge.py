@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from pqfed.pqc.audit import AuditLog, verify_audit_log
 from pqfed.pqc.identity import CertificateAuthority, Identity, Role
-from pqfed.services import apps, edge
+from pqfed.services import apps, edge, hierarchy
 from pqfed.services.models import build_model, get_weights
 from pqfed.services.rounds import RoundRecorder, read_status
 from pqfed.services.simulation import InProcessGrid, simulate
@@ -60,7 +60,7 @@ def _signed_reply(tmp: Path, ca: CertificateAuthority, ident: Identity, pid: int
 def test_membership_covers_every_client_once() -> None:
     spec = parse_spec({"clients": 7, "minClients": 2, "hierarchy": {"enabled": True,
                                                                     "edges": 3}})
-    groups = [edge.edge_members(spec, e) for e in range(3)]
+    groups = [hierarchy.edge_members(spec, e) for e in range(3)]
     assert sorted(i for g in groups for i in g) == list(range(7))
     assert max(map(len, groups)) - min(map(len, groups)) <= 1
 
