@@ -24,6 +24,14 @@ def _write(tmp: Path, name: str, ident: Identity, ca: CertificateAuthority) -> S
                          admin=None)
 
 
+def _outbound(tmp: Path, ca: CertificateAuthority, ident: Identity, port: int) -> Sidecar:
+    """A client-side sidecar whose route pins the peer node id 'aggregator'."""
+    base = _write(tmp, "cli", ident, ca)
+    return Sidecar(SidecarConfig(
+        cert=base.cert, key=base.key, ca=base.ca, admin=None,
+        routes=(Route(Endpoint("127.0.0.1", 0), Endpoint("127.0.0.1", port), "aggregator"),)))
+
+
 async def _upper_app(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
     while data := await r.read(65536):
         w.write(data.upper())
@@ -42,12 +50,7 @@ def test_app_traffic_flows_through_two_sidecars(tmp_path: Path, ca: CertificateA
                               upstream=Endpoint("127.0.0.1", app_port), admin=None)
         server = Sidecar(s_cfg)
         await server.start()
-        base_c = _write(tmp_path, "cli", client, ca)
-        c_cfg = SidecarConfig(
-            cert=base_c.cert, key=base_c.key, ca=base_c.ca, admin=None,
-            routes=(Route(Endpoint("127.0.0.1", 0),
-                          Endpoint("127.0.0.1", server.bound["listen"]), "aggregator"),))
-        side = Sidecar(c_cfg)
+        side = _outbound(tmp_path, ca, client, server.bound["listen"])
         await side.start()
         r, w = await asyncio.open_connection("127.0.0.1", side.bound["route0"])
         payload = b"weights " * 50000
@@ -88,11 +91,7 @@ def test_wrong_aggregator_identity_never_reaches_app(
             cert=base_s.cert, key=base_s.key, ca=base_s.ca, listen=Endpoint("127.0.0.1", 0),
             upstream=Endpoint("127.0.0.1", app.sockets[0].getsockname()[1]), admin=None))
         await server.start()
-        base_c = _write(tmp_path, "cli", client, ca)
-        side = Sidecar(SidecarConfig(
-            cert=base_c.cert, key=base_c.key, ca=base_c.ca, admin=None,
-            routes=(Route(Endpoint("127.0.0.1", 0),
-                          Endpoint("127.0.0.1", server.bound["listen"]), "aggregator"),)))
+        side = _outbound(tmp_path, ca, client, server.bound["listen"])
         await side.start()
         r, w = await asyncio.open_connection("127.0.0.1", side.bound["route0"])
         w.write(b"secret update")
@@ -248,12 +247,7 @@ def test_a_channel_cut_mid_response_resets_the_app_connection(
             await asyncio.gather(pump(cr, sw), pump(sr, cw), return_exceptions=True)
 
         mitm = await asyncio.start_server(relay, "127.0.0.1", 0)
-        base_c = _write(tmp_path, "cli", client, ca)
-        side = Sidecar(SidecarConfig(
-            cert=base_c.cert, key=base_c.key, ca=base_c.ca, admin=None,
-            routes=(Route(Endpoint("127.0.0.1", 0),
-                          Endpoint("127.0.0.1", mitm.sockets[0].getsockname()[1]),
-                          "aggregator"),)))
+        side = _outbound(tmp_path, ca, client, mitm.sockets[0].getsockname()[1])
         await side.start()
         r, w = await asyncio.open_connection("127.0.0.1", side.bound["route0"])
         w.write(b"GET /v1/fleet/x HTTP/1.1\r\n\r\n")
@@ -276,11 +270,7 @@ def test_edge_only_sidecar_refuses_a_client(tmp_path: Path, ca: CertificateAutho
     async def main() -> None:
         server = _inbound(tmp_path, ca, aggregator, 1, allowed_client_roles=(Role.EDGE,))
         await server.start()
-        base_c = _write(tmp_path, "cli", client, ca)
-        side = Sidecar(SidecarConfig(
-            cert=base_c.cert, key=base_c.key, ca=base_c.ca, admin=None,
-            routes=(Route(Endpoint("127.0.0.1", 0),
-                          Endpoint("127.0.0.1", server.bound["listen"]), "aggregator"),)))
+        side = _outbound(tmp_path, ca, client, server.bound["listen"])
         await side.start()
         r, w = await asyncio.open_connection("127.0.0.1", side.bound["route0"])
         w.write(b"POST /v1/fleet/push-messages HTTP/1.1\r\n\r\n")
