@@ -84,3 +84,59 @@ PQFED_REAL_NODE_LABELS="${PQFED_REAL_NODE_LABELS:-pqfed.io/testbed=real,node.kub
 PQFED_AIRGAP_DIR="${PQFED_AIRGAP_DIR:-$PQFED_CLUSTER_DIR/node/agent/images}"
 PQFED_CNI_BIN_DIR="${PQFED_CNI_BIN_DIR:-/usr/lib/cni}"
 PQFED_BUSYBOX="${PQFED_BUSYBOX:-/bin/busybox}"
+
+# --- PKI helpers shared by up.sh and node.sh (need PKI, and APISERVER_URL for kubeconfigs)
+ossl() {  # run openssl quietly, show its output only if it fails
+    local out
+    out="$(openssl "$@" 2>&1)" || { printf '%s\n' "$out" >&2; die "openssl $1 failed"; }
+}
+
+# EC P-256 keys: fast to generate and accepted by every component.
+new_key() { [[ -f "$1" ]] || ossl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1"; }
+
+# Issue a certificate signed by the cluster CA (or by $ISSUER, e.g. front-proxy-ca).
+#   issue <name> <subject> <extendedKeyUsage> [subjectAltName]
+issue() {
+    local name="$1" subj="$2" eku="$3" san="${4:-}" ca="${ISSUER:-ca}"
+    [[ -f "$PKI/$name.crt" ]] && return 0
+    new_key "$PKI/$name.key"
+    local ext="$PKI/$name.ext"
+    {
+        echo "basicConstraints=critical,CA:FALSE"
+        echo "keyUsage=critical,digitalSignature,keyEncipherment"
+        echo "extendedKeyUsage=$eku"
+        [[ -n "$san" ]] && echo "subjectAltName=$san"
+    } >"$ext"
+    ossl req -new -key "$PKI/$name.key" -subj "$subj" -out "$PKI/$name.csr"
+    ossl x509 -req -in "$PKI/$name.csr" -CA "$PKI/$ca.crt" -CAkey "$PKI/$ca.key" \
+        -CAcreateserial -days 3650 -sha256 -extfile "$ext" -out "$PKI/$name.crt"
+    rm -f "$PKI/$name.csr" "$ext"
+}
+
+b64() { base64 -w0 <"$1"; }
+
+write_kubeconfig() {  # <file> <user> <cert name>
+    local tmp="$1.tmp"
+    cat >"$tmp" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: pqfed
+  cluster:
+    server: $APISERVER_URL
+    certificate-authority-data: $(b64 "$PKI/ca.crt")
+users:
+- name: $2
+  user:
+    client-certificate-data: $(b64 "$PKI/$3.crt")
+    client-key-data: $(b64 "$PKI/$3.key")
+contexts:
+- name: $2@pqfed
+  context:
+    cluster: pqfed
+    user: $2
+current-context: $2@pqfed
+EOF
+    chmod 600 "$tmp"
+    mv -f "$tmp" "$1"
+}

@@ -87,49 +87,6 @@ host_owner() {
 # --------------------------------------------------------------------------
 # PKI: node identity, kubelet serving cert, CoreDNS identity (cluster CA)
 # --------------------------------------------------------------------------
-ossl() {
-    local out
-    out="$(openssl "$@" 2>&1)" || { printf '%s\n' "$out" >&2; die "openssl $1 failed"; }
-}
-issue() {  # <name> <subject> <extendedKeyUsage> [subjectAltName]
-    local name="$1" subj="$2" eku="$3" san="${4:-}"
-    [[ -f "$PKI/$name.crt" ]] && return 0
-    [[ -f "$PKI/$name.key" ]] || ossl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$PKI/$name.key"
-    chmod 600 "$PKI/$name.key"
-    local ext="$PKI/$name.ext"
-    {
-        echo "basicConstraints=critical,CA:FALSE"
-        echo "keyUsage=critical,digitalSignature,keyEncipherment"
-        echo "extendedKeyUsage=$eku"
-        [[ -n "$san" ]] && echo "subjectAltName=$san"
-    } >"$ext"
-    ossl req -new -key "$PKI/$name.key" -subj "$subj" -out "$PKI/$name.csr"
-    ossl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" \
-        -CAcreateserial -days 3650 -sha256 -extfile "$ext" -out "$PKI/$name.crt"
-    rm -f "$PKI/$name.csr" "$ext"
-}
-kubeconfig() {  # <file> <user> <cert name>
-    cat >"$1.tmp" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: pqfed
-  cluster:
-    server: $APISERVER_URL
-    certificate-authority: $PKI/ca.crt
-users:
-- name: $2
-  user:
-    client-certificate: $PKI/$3.crt
-    client-key: $PKI/$3.key
-contexts:
-- name: $2@pqfed
-  context: {cluster: pqfed, user: $2}
-current-context: $2@pqfed
-EOF
-    chmod 600 "$1.tmp"
-    mv -f "$1.tmp" "$1"
-}
 
 # --------------------------------------------------------------------------
 # apiserver objects the node needs (as the admin, with curl: no kubectl here)
@@ -576,9 +533,9 @@ cmd_start() {
     issue "kubelet-serving-$NODE_NAME" "/O=system:nodes/CN=system:node:$NODE_NAME" serverAuth \
         "IP:$NODE_IP,DNS:$NODE_NAME"
     issue coredns "/CN=system:pqfed-coredns" clientAuth
-    kubeconfig "$NODE_DIR/kubelet.kubeconfig" "system:node:$NODE_NAME" "kubelet-$NODE_NAME"
-    kubeconfig "$NODE_DIR/kube-proxy.kubeconfig" system:kube-proxy kube-proxy
-    kubeconfig "$NODE_DIR/coredns.kubeconfig" pqfed-coredns coredns
+    write_kubeconfig "$NODE_DIR/kubelet.kubeconfig" "system:node:$NODE_NAME" "kubelet-$NODE_NAME"
+    write_kubeconfig "$NODE_DIR/kube-proxy.kubeconfig" system:kube-proxy kube-proxy
+    write_kubeconfig "$NODE_DIR/coredns.kubeconfig" pqfed-coredns coredns
 
     build_images
     write_configs
