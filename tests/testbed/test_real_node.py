@@ -360,3 +360,35 @@ def test_image_not_imported_fails_with_a_real_reason(core: Any, namespace: str,
                       diagnose=lambda: _diagnose(core, namespace, "absent"))
     assert reason in reasons
     assert _phase(core, namespace, "absent") == "Pending"
+
+
+def test_the_built_sidecar_image_runs_as_a_pod(core: Any, namespace: str,
+                                               cluster: dict[str, str]) -> None:
+    """What `make images` builds, imported the k3s air-gap way, runs on the real node under
+    its exact name: `pqfed selftest` in the sidecar image as uid 10001, read-only root."""
+    archive = REPO / "dist" / "images" / "pqfed-sidecar-0.1.0.oci.tar"
+    if not archive.is_file():
+        pytest.skip(f"{archive} is not built: run `make images` (make test does)")
+    image = "localhost/pqfed/sidecar:0.1.0"
+    subprocess.run(["bash", str(SCRIPTS / "node.sh"), "import", str(archive)], env=cluster,
+                   check=True, capture_output=True, timeout=300)
+    assert image in _node_ctr(cluster, "images", "ls", "-q").split()
+    security = client.V1SecurityContext(
+        run_as_user=10001, run_as_group=10001, run_as_non_root=True,
+        read_only_root_filesystem=True, allow_privilege_escalation=False,
+        capabilities=client.V1Capabilities(drop=["ALL"]))
+    pod = client.V1Pod(
+        metadata=client.V1ObjectMeta(name="selftest"),
+        spec=client.V1PodSpec(
+            node_name=NODE, restart_policy="Never", termination_grace_period_seconds=2,
+            volumes=[client.V1Volume(name="tmp", empty_dir=client.V1EmptyDirVolumeSource())],
+            containers=[client.V1Container(
+                name="main", image=image, image_pull_policy="Never",
+                command=["pqfed", "selftest"], security_context=security,
+                volume_mounts=[client.V1VolumeMount(name="tmp", mount_path="/tmp")])]))
+    core.create_namespaced_pod(namespace, pod)
+    _wait_phase(core, namespace, "selftest", ("Succeeded", "Failed"), timeout=300)
+    log = _logs(core, namespace, "selftest")
+    assert _phase(core, namespace, "selftest") == "Succeeded", log
+    assert "pqfed1 handshake + records over loopback" in log and "FAIL" not in log, log
+    assert "liboqs 0.13.0 via ctypes" in log, log  # the image carries liboqs
