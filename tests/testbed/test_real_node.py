@@ -392,3 +392,37 @@ def test_the_built_sidecar_image_runs_as_a_pod(core: Any, namespace: str,
     assert _phase(core, namespace, "selftest") == "Succeeded", log
     assert "pqfed1 handshake + records over loopback" in log and "FAIL" not in log, log
     assert "liboqs 0.13.0 via ctypes" in log, log  # the image carries liboqs
+
+
+def test_helm_install_runs_the_built_operator_image(cluster: dict[str, str],
+                                                    tmp_path: Path, api: Any) -> None:
+    """The chart's default values, unchanged, on a node that has only the imported images:
+    the operator is a real container that reaches the apiserver through the `kubernetes`
+    Service, and `helm test` passes (its pod runs the operator image too)."""
+    archive = REPO / "dist" / "images" / "pqfed-operator-0.1.0.oci.tar"
+    helm = Path(os.environ.get("PQFED_CACHE", Path.home() / ".cache" / "pqfed")) / "bin" / "helm"
+    if not archive.is_file() or not helm.is_file():
+        pytest.skip("run `make images` and `make cluster-binaries` (make test does)")
+    subprocess.run(["bash", str(SCRIPTS / "node.sh"), "import", str(archive)], env=cluster,
+                   check=True, capture_output=True, timeout=300)
+    helm_env = {**cluster, "HOME": str(tmp_path)}
+    kubeconfig = cluster["KUBECONFIG"]
+    install = subprocess.run(
+        [str(helm), "install", "pqfed", str(REPO / "charts" / "pqfed"), "-n", "pqfed-system",
+         "--create-namespace", "--kubeconfig", kubeconfig, "--wait", "--timeout", "240s"],
+        env=helm_env, capture_output=True, text=True, timeout=300, check=False)
+    apps = client.AppsV1Api(api)
+    if install.returncode != 0:
+        pods = client.CoreV1Api(api).list_namespaced_pod("pqfed-system").items
+        raise AssertionError(f"helm install failed: {install.stderr}\n"
+                             + "\n".join(str(p.status) for p in pods))
+    (dep,) = apps.list_namespaced_deployment("pqfed-system").items
+    assert dep.spec.template.spec.containers[0].image == "localhost/pqfed/operator:0.1.0"
+    assert dep.status.ready_replicas == 1
+    (pod,) = client.CoreV1Api(api).list_namespaced_pod(
+        "pqfed-system", label_selector="app.kubernetes.io/component=operator").items
+    assert pod.spec.node_name == NODE
+    test = subprocess.run([str(helm), "test", "pqfed", "-n", "pqfed-system", "--kubeconfig",
+                           kubeconfig, "--timeout", "180s"],
+                          env=helm_env, capture_output=True, text=True, timeout=240, check=False)
+    assert test.returncode == 0, f"helm test failed:\n{test.stdout}\n{test.stderr}"
