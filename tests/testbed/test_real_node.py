@@ -394,35 +394,96 @@ def test_the_built_sidecar_image_runs_as_a_pod(core: Any, namespace: str,
     assert "liboqs 0.13.0 via ctypes" in log, log  # the image carries liboqs
 
 
-def test_helm_install_runs_the_built_operator_image(cluster: dict[str, str],
-                                                    tmp_path: Path, api: Any) -> None:
-    """The chart's default values, unchanged, on a node that has only the imported images:
-    the operator is a real container that reaches the apiserver through the `kubernetes`
-    Service, and `helm test` passes (its pod runs the operator image too)."""
-    archive = REPO / "dist" / "images" / "pqfed-operator-0.1.0.oci.tar"
+def _built(name: str) -> Path:
+    archive = REPO / "dist" / "images" / f"pqfed-{name}-0.1.0.oci.tar"
+    if not archive.is_file():
+        pytest.skip(f"{archive} is not built: run `make images` (make test does)")
+    return archive
+
+
+def _helm() -> Path:
     helm = Path(os.environ.get("PQFED_CACHE", Path.home() / ".cache" / "pqfed")) / "bin" / "helm"
-    if not archive.is_file() or not helm.is_file():
-        pytest.skip("run `make images` and `make cluster-binaries` (make test does)")
-    subprocess.run(["bash", str(SCRIPTS / "node.sh"), "import", str(archive)], env=cluster,
-                   check=True, capture_output=True, timeout=300)
-    helm_env = {**cluster, "HOME": str(tmp_path)}
-    kubeconfig = cluster["KUBECONFIG"]
+    if not helm.is_file():
+        pytest.skip("no helm binary: run `make cluster-binaries` (make test does)")
+    return helm
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: dict[str, str], api: Any,
+             tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The chart installed with its default values on a node that has only the imported
+    images (operator, sidecar, fl), as docs/helm.md's air-gapped install does."""
+    helm = _helm()
+    for name in ("operator", "sidecar", "fl"):
+        subprocess.run(["bash", str(SCRIPTS / "node.sh"), "import", str(_built(name))],
+                       env=cluster, check=True, capture_output=True, timeout=600)
+    helm_env = {**cluster, "HOME": str(tmp_path_factory.mktemp("helm"))}
     install = subprocess.run(
         [str(helm), "install", "pqfed", str(REPO / "charts" / "pqfed"), "-n", "pqfed-system",
-         "--create-namespace", "--kubeconfig", kubeconfig, "--wait", "--timeout", "240s"],
+         "--create-namespace", "--kubeconfig", cluster["KUBECONFIG"], "--wait",
+         "--timeout", "240s"],
         env=helm_env, capture_output=True, text=True, timeout=300, check=False)
-    apps = client.AppsV1Api(api)
     if install.returncode != 0:
         pods = client.CoreV1Api(api).list_namespaced_pod("pqfed-system").items
         raise AssertionError(f"helm install failed: {install.stderr}\n"
                              + "\n".join(str(p.status) for p in pods))
-    (dep,) = apps.list_namespaced_deployment("pqfed-system").items
+    return {**helm_env, "HELM": str(helm)}
+
+
+def test_helm_install_runs_the_built_operator_image(operator: dict[str, str], api: Any) -> None:
+    """The operator is a real container that reaches the apiserver through the `kubernetes`
+    Service, and `helm test` passes (its pod runs the operator image too)."""
+    (dep,) = client.AppsV1Api(api).list_namespaced_deployment("pqfed-system").items
     assert dep.spec.template.spec.containers[0].image == "localhost/pqfed/operator:0.1.0"
     assert dep.status.ready_replicas == 1
     (pod,) = client.CoreV1Api(api).list_namespaced_pod(
         "pqfed-system", label_selector="app.kubernetes.io/component=operator").items
     assert pod.spec.node_name == NODE
-    test = subprocess.run([str(helm), "test", "pqfed", "-n", "pqfed-system", "--kubeconfig",
-                           kubeconfig, "--timeout", "180s"],
-                          env=helm_env, capture_output=True, text=True, timeout=240, check=False)
+    test = subprocess.run([operator["HELM"], "test", "pqfed", "-n", "pqfed-system",
+                           "--kubeconfig", operator["KUBECONFIG"], "--timeout", "180s"],
+                          env=operator, capture_output=True, text=True, timeout=240,
+                          check=False)
     assert test.returncode == 0, f"helm test failed:\n{test.stdout}\n{test.stderr}"
+
+
+def test_federation_job_succeeds_in_real_containers(operator: dict[str, str], api: Any,
+                                                     namespace: str) -> None:
+    """A FederationJob with the default images: aggregator and client pods (fl + native PQC
+    sidecar) are real containers on the real node, talking over the real pod network through
+    ClusterIP Services and cluster DNS; the job reaches Succeeded."""
+    custom = client.CustomObjectsApi(api)
+    core = client.CoreV1Api(api)
+    body = {"apiVersion": "pqfed.io/v1alpha1", "kind": "FederationJob",
+            "metadata": {"name": "real"},
+            "spec": {"task": "breast-cancer", "clients": 2, "minClients": 2, "rounds": 2}}
+    custom.create_namespaced_custom_object("pqfed.io", "v1alpha1", namespace,
+                                           "federationjobs", body)
+
+    def diagnose() -> str:
+        pods = core.list_namespaced_pod(namespace).items
+        out = [f"{p.metadata.name}: {p.status.phase} "
+               f"{[(c.name, c.state) for c in (p.status.container_statuses or [])]}"
+               for p in pods]
+        for p in pods:
+            for c in ("fl", "sidecar"):
+                try:
+                    out.append(f"--- {p.metadata.name}/{c}\n" + core.read_namespaced_pod_log(
+                        p.metadata.name, namespace, container=c, tail_lines=30))
+                except ApiException as exc:
+                    out.append(f"--- {p.metadata.name}/{c}: {exc.reason}")
+        return "\n".join(out)
+
+    def phase() -> str | None:
+        st = custom.get_namespaced_custom_object("pqfed.io", "v1alpha1", namespace,
+                                                 "federationjobs", "real").get("status") or {}
+        return st.get("phase") if st.get("phase") in ("Succeeded", "Failed") else None
+
+    assert wait_for(phase, 600, "the job to finish", diagnose=diagnose) == "Succeeded", \
+        diagnose()
+    st = custom.get_namespaced_custom_object("pqfed.io", "v1alpha1", namespace,
+                                             "federationjobs", "real")["status"]
+    assert [r["round"] for r in st["rounds"]] == [1, 2] and st["accuracy"] > 0.8
+    agg = core.read_namespaced_pod("real-aggregator", namespace)
+    assert agg.spec.node_name == NODE
+    assert {c.image for c in agg.spec.containers} == {"localhost/pqfed/fl:0.1.0"}
+    assert {c.image for c in agg.spec.init_containers} == {"localhost/pqfed/sidecar:0.1.0"}
