@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -552,17 +553,22 @@ def test_shim_records_exit_codes_and_start_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a private mount namespace needs root")
-def test_volume_over_the_clone_does_not_hide_the_runtime(tmp_path: Path) -> None:
+def test_volume_over_the_clone_does_not_hide_the_runtime() -> None:
     """The chart's emptyDir at /tmp hid a clone under /tmp: every e2e pod failed to exec."""
     from pqfed.testbed.nodeagent.config import runtime_paths
 
     shim = REPO / "testbed" / "nodeagent" / "shim.py"
     runtime = runtime_paths()
     assert REPO in runtime or any(REPO.is_relative_to(p) for p in runtime)
-    empty = tmp_path / "empty"
+    # The shim writes its exit file after the volumes are mounted: keep its files outside the
+    # folder the volume hides (with a clone under /tmp, pytest's tmp_path is hidden too).
+    outside = next(Path(d) for d in ("/var/tmp", "/run", "/dev/shm")
+                   if Path(d).is_dir() and not Path(d).resolve().is_relative_to(REPO.parent))
+    state = Path(tempfile.mkdtemp(prefix="pqfed-shim-", dir=outside))
+    empty = state / "empty"
     empty.mkdir()
-    spec = tmp_path / "spec.json"
-    exit_file, pid_file, log = tmp_path / "c.exit", tmp_path / "c.pid", tmp_path / "c.log"
+    spec = state / "spec.json"
+    exit_file, pid_file, log = state / "c.exit", state / "c.pid", state / "c.log"
     # A volume mounted on the clone's parent folder, as an emptyDir at /tmp is for /tmp/clone.
     spec.write_text(json.dumps({
         "argv": [sys.executable, "-c", "import pqfed.cli, pathlib, sys; "
@@ -576,8 +582,11 @@ def test_volume_over_the_clone_does_not_hide_the_runtime(tmp_path: Path) -> None
     with open(log, "wb") as out:
         subprocess.run([sys.executable, "-I", "-S", str(shim), str(spec)], stdout=out,
                        stderr=subprocess.STDOUT, start_new_session=True, timeout=60, check=False)
-    output = log.read_text()
-    assert json.loads(exit_file.read_text())["exitCode"] == 0, output
-    # The volume is there (only the runtime's folder shows through it) and the runtime runs.
-    assert f"ok True {[REPO.name]!r}" in output, output
-    assert any(REPO.parent.iterdir())  # the host's folder is untouched
+    try:
+        output = log.read_text()
+        assert json.loads(exit_file.read_text())["exitCode"] == 0, output
+        # The volume is there (only the runtime's folder shows through it), the runtime runs.
+        assert f"ok True {[REPO.name]!r}" in output, output
+        assert any(REPO.parent.iterdir())  # the host's folder is untouched
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
