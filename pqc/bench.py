@@ -25,18 +25,15 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import mldsa, mlkem
 
 from pqfed.pqc.backends import get_backend
-from pqfed.pqc.bench_backends import bench_backends
+from pqfed.pqc.bench_backends import bench_backends, handshake_once
 from pqfed.pqc.bench_backends import report as backends_report
 from pqfed.pqc.handshake import (
-    ClientHandshake,
     Group,
     HandshakeConfig,
     KeySharePool,
-    ServerHandshake,
 )
 from pqfed.pqc.identity import CertificateAuthority, Identity, Role
 from pqfed.pqc.pool import CryptoPool, PoolMode, usable_cpus
-from pqfed.pqc.record import FrameDecoder
 from pqfed.pqc.signing import sign_update, verify_update
 
 
@@ -121,16 +118,6 @@ def _configs(classical: bool) -> tuple[HandshakeConfig, HandshakeConfig]:
             HandshakeConfig(agg, ca.trust, groups=groups, peer_signature_algorithms=accept))
 
 
-def handshake_in_memory(c_cfg: HandshakeConfig, s_cfg: HandshakeConfig) -> None:
-    client, server = ClientHandshake(c_cfg), ServerHandshake(s_cfg)
-    to_s, to_c = FrameDecoder(), FrameDecoder()
-    f1 = b"".join(server.receive(f) for f in to_s.feed(client.start()))
-    f2 = b"".join(client.receive(f) for f in to_c.feed(f1))
-    for f in to_s.feed(f2):
-        server.receive(f)
-    assert client.complete and server.complete
-
-
 def _handshake_server(pems: tuple[str, str, str], classical: bool, parallel: bool,
                       port_queue: Any) -> None:
     """A handshake server in its own process (the aggregator's side on another machine)."""
@@ -199,12 +186,12 @@ def bench_handshake(n: int) -> dict[str, Any]:
                                           replace(s, parallel_auth=par))
     for c, s in variants.values():
         for _ in range(5):
-            handshake_in_memory(c, s)
+            handshake_once(c, s)
     mem: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(n):
         for name, (c, s) in variants.items():
             t0 = time.perf_counter()
-            handshake_in_memory(c, s)
+            handshake_once(c, s)
             mem[name].append(time.perf_counter() - t0)
     sock = {name: _socket_handshakes(c, s, n, name.startswith("classical"))
             for name, (c, s) in variants.items()}
@@ -245,7 +232,7 @@ def _peer_init(pems: tuple[str, str, str, str, str]) -> None:
 def peer_task(i: int) -> int:
     """Full hybrid handshake + the client's signed update + the aggregator's verification."""
     c_cfg, s_cfg = _WORKER["cfg"]
-    handshake_in_memory(c_cfg, s_cfg)
+    handshake_once(c_cfg, s_cfg)
     payload = _WORKER["payload"]
     signed = sign_update(_WORKER["cli"], "bench", i, payload)
     verify_update(signed, payload, _WORKER["trust"], job="bench", round_number=i)
