@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import functools
 import hashlib
 import time
 from collections.abc import Iterable
@@ -143,8 +144,17 @@ def _ext(cert: x509.Certificate, kind: type[_E], field_name: str, *,
 
 
 def _signed_by(cert: x509.Certificate, issuer_key: mldsa.MLDSA65PublicKey) -> bool:
+    return _ml_dsa_signed(issuer_key.public_bytes_raw(), cert.tbs_certificate_bytes,
+                          cert.signature)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ml_dsa_signed(public_key: bytes, tbs: bytes, signature: bytes) -> bool:
+    """Whether the CA signed `tbs`. Cached as in `pqfed.pqc.identity`: the answer for given
+    bytes never changes and a node sees the same peer certificates in every handshake;
+    validity, revocation and role are checked on every use, outside the cache."""
     try:
-        issuer_key.verify(cert.signature, cert.tbs_certificate_bytes)
+        mldsa.MLDSA65PublicKey.from_public_bytes(public_key).verify(signature, tbs)
     except InvalidSignature:
         return False
     return True
@@ -221,21 +231,21 @@ class X509TrustAnchor:
     revoked: frozenset[int] = frozenset()
     crl_number: int | None = None  # of the CRL `revoked` came from; never goes down
     crl_fingerprint: str | None = None
+    # Derived from `root` once (every handshake reads them).
+    root_uri: NodeURI = field(init=False, repr=False, compare=False)
+    root_key: mldsa.MLDSA65PublicKey = field(init=False, repr=False, compare=False)
+    root_key_id: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        check_ca_certificate(self.root)
-
-    @property
-    def root_uri(self) -> NodeURI:
-        return read_node_uri(self.root, "root.subject_alt_name")
+        object.__setattr__(self, "root_uri", check_ca_certificate(self.root))
+        key = check_ml_dsa_65_key(self.root.public_key(), "root.public_key")
+        object.__setattr__(self, "root_key", key)
+        object.__setattr__(self, "root_key_id",
+                           x509.SubjectKeyIdentifier.from_public_key(key).digest)
 
     @property
     def federation(self) -> str:
         return self.root_uri.federation
-
-    @property
-    def root_key(self) -> mldsa.MLDSA65PublicKey:
-        return check_ml_dsa_65_key(self.root.public_key(), "root.public_key")
 
     @classmethod
     def from_pem(cls, pem: bytes | str) -> X509TrustAnchor:
@@ -271,8 +281,7 @@ class X509TrustAnchor:
             raise CertificateError("node_id", f"{uri.node_id!r} is not the expected {node_id!r}")
         aki = _ext(cert, x509.AuthorityKeyIdentifier, "authority_key_identifier",
                    critical=False)
-        root_ski = x509.SubjectKeyIdentifier.from_public_key(self.root_key).digest
-        if aki.key_identifier != root_ski:
+        if aki.key_identifier != self.root_key_id:
             raise CertificateError("issuer", "authority key identifier is not this CA's key")
         # The root's end first: a leaf is capped at it, and "rotate the CA" is the fix.
         if t >= self.root.not_valid_after_utc.timestamp():
