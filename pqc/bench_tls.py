@@ -236,9 +236,13 @@ async def _measure(ports: dict[str, int], pids: dict[str, int], conns: dict[str,
             per_run[proto]["p99_ms"].append(_pct(run[proto], 0.99))
             pooled[proto].extend(run[proto])
     mibps: dict[str, list[float]] = {p: [] for p in PROTOCOLS}
+    cpu_per_mib: dict[str, list[float]] = {p: [] for p in PROTOCOLS}
     for i in range(transfers):
         for proto in _rotation(i):
+            c0, s0 = time.process_time(), _cpu(pids[proto])
             mibps[proto].append(await _transfer(conns[proto], ports[proto], total) / 2**20)
+            cpu = time.process_time() - c0 + _cpu(pids[proto]) - s0
+            cpu_per_mib[proto].append(cpu * 1e3 / (total / 2**20))
     out: dict[str, Any] = {}
     for proto in PROTOCOLS:
         out[proto] = {
@@ -249,6 +253,7 @@ async def _measure(ports: dict[str, int], pids: dict[str, int], conns: dict[str,
                                  "median_ms": statistics.median(pooled[proto]),
                                  "p99_ms": _pct(pooled[proto], 0.99)},
             "throughput_MiBps": _spread(mibps[proto]),
+            "transfer_cpu_ms_per_MiB": _spread(cpu_per_mib[proto]),
         }
     out["ratio_tls13_to"] = {base: {
         "handshake_median": (out["tls13"]["handshake_median_ms"]["median"]
@@ -304,8 +309,8 @@ def report(r: dict[str, Any]) -> str:
         f"TLS 1.3: {s['tls13_openssl']} (pyOpenSSL).",
         "",
         "| protocol | handshake median, ms | handshake p99, ms | pooled median / p99, ms "
-        "| CPU per handshake (both ends), ms | throughput, MiB/s |",
-        "|---|---|---|---|---|---|",
+        "| CPU per handshake (both ends), ms | throughput, MiB/s | CPU per MiB (both ends), ms |",
+        "|---|---|---|---|---|---|---|",
     ]
     for proto in PROTOCOLS:
         x = r[proto]
@@ -314,7 +319,8 @@ def report(r: dict[str, Any]) -> str:
                      f"{cell(x['handshake_p99_ms'])} | {pooled['median_ms']:.2f} / "
                      f"{pooled['p99_ms']:.2f} (n={pooled['n']}) | "
                      f"{cell(x['handshake_cpu_ms'])} | "
-                     f"{cell(x['throughput_MiBps'], '{:.0f}')} |")
+                     f"{cell(x['throughput_MiBps'], '{:.0f}')} | "
+                     f"{cell(x['transfer_cpu_ms_per_MiB'], '{:.1f}')} |")
     lines.append("")
     for base, ratio in r["ratio_tls13_to"].items():
         lines.append(f"TLS 1.3 / {base}: handshake median x{ratio['handshake_median']:.2f}, "
