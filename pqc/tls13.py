@@ -52,7 +52,6 @@ from pqfed.pqc.pki.profile import (
     X509TrustAnchor,
     check_ml_dsa_65_key,
     private_key_pem,
-    read_node_uri,
 )
 
 log = logging.getLogger("pqfed.pqc.tls13")
@@ -421,8 +420,3 @@ async def tls_connect(host: str, port: int, context: TlsContext,
                       peer_node_id: str | None = None) -> TlsChannel:
     reader, writer = await asyncio.open_connection(host, port)
     return await tls_client_channel(reader, writer, context, peer_node_id)
-
-
-def describe(cert: x509.Certificate) -> str:
-    """One line for logs: the node URI and the serial."""
-    return f"{read_node_uri(cert)} serial {cert.serial_number:#x}"

@@ -370,3 +370,24 @@ def test_pem_round_trip_of_the_identity_files(ca: X509CertificateAuthority, cli:
     pem = cli[0].public_bytes(serialization.Encoding.PEM)
     assert x509.load_pem_x509_certificate(pem) == cli[0]
     assert cli[0].not_valid_after_utc > datetime.datetime.now(datetime.UTC)
+
+
+def test_tls12_client_is_refused(ca: X509CertificateAuthority, agg: Node, cli: Node) -> None:
+    ctx = _raw_context(cli[0], cli[1], None)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+    server_error, client_result = asyncio.run(_our_server_vs_raw_client(server_ctx(ca, agg), ctx))
+    assert isinstance(server_error, HandshakeError)
+    assert server_error.field == "version"
+    assert isinstance(client_result, SSL.Error)
+
+
+def test_mlkem1024_group_when_both_sides_choose_it(ca: X509CertificateAuthority, agg: Node,
+                                                   cli: Node) -> None:
+    groups = ("SecP384r1MLKEM1024",)
+    out = run(_exchange(server_ctx(ca, agg, groups=groups), client_ctx(ca, cli, groups=groups)))
+    assert out.client is not None and out.client.group == "SecP384r1MLKEM1024"
+    # a server that allows only X25519MLKEM768 refuses that client
+    out = run(_exchange(server_ctx(ca, agg), client_ctx(ca, cli, groups=groups)))
+    assert isinstance(out.server_error, HandshakeError)
+    assert out.server_error.field == "groups"
