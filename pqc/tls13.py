@@ -196,6 +196,9 @@ class TlsContext:
         except CertificateError as exc:
             state.error = exc
             return False
+        except ValueError as exc:  # cryptography parses extensions lazily
+            state.error = CertificateError("certificate", f"cannot be parsed: {exc}")
+            return False
         return True
 
     def connection(self, peer_node_id: str | None = None) -> tuple[SSL.Connection, _ConnState]:

@@ -21,7 +21,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa
 from OpenSSL import SSL, crypto
 
-from pqfed.pqc.errors import CertificateError, ChannelClosed, HandshakeError, PqcError
+from pqfed.pqc.errors import (
+    CertificateError,
+    ChannelClosed,
+    HandshakeError,
+    PqcError,
+    RecordError,
+)
 from pqfed.pqc.identity import Role
 from pqfed.pqc.pki import NodeURI, Usage, X509CertificateAuthority
 from pqfed.pqc.pki.profile import private_key_pem, subject_name
@@ -391,3 +397,61 @@ def test_mlkem1024_group_when_both_sides_choose_it(ca: X509CertificateAuthority,
     out = run(_exchange(server_ctx(ca, agg), client_ctx(ca, cli, groups=groups)))
     assert isinstance(out.server_error, HandshakeError)
     assert out.server_error.field == "groups"
+
+
+async def _relay_pair(sctx: TlsContext, cctx: TlsContext, tamper: bool
+                      ) -> tuple[TlsChannel, TlsChannel, asyncio.Event]:
+    """client -> relay -> server; once `armed` is set, the relay flips one bit of the next
+    client-to-server chunk (a network attacker inside an established channel)."""
+    armed = asyncio.Event()
+    server_ch: asyncio.Future[TlsChannel] = asyncio.get_running_loop().create_future()
+
+    async def on_server(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        server_ch.set_result(await tls_server_channel(r, w, sctx))
+
+    srv = await asyncio.start_server(on_server, "127.0.0.1", 0)
+    sport = srv.sockets[0].getsockname()[1]
+
+    async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter, flip: bool) -> None:
+        while data := await r.read(1 << 16):
+            if flip and tamper and armed.is_set():
+                data = data[:-1] + bytes([data[-1] ^ 0x01])
+                flip = False
+            w.write(data)
+            await w.drain()
+        w.close()  # pass the end of the stream on
+
+    async def on_relay(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection("127.0.0.1", sport)
+        await asyncio.gather(pump(cr, sw, True), pump(sr, cw, False), return_exceptions=True)
+
+    relay = await asyncio.start_server(on_relay, "127.0.0.1", 0)
+    client = await tls_connect("127.0.0.1", relay.sockets[0].getsockname()[1], cctx)
+    server = await asyncio.wait_for(server_ch, 10)
+    return client, server, armed
+
+
+def test_tampered_record_is_refused(ca: X509CertificateAuthority, agg: Node, cli: Node) -> None:
+    async def go() -> None:
+        client, server, armed = await _relay_pair(server_ctx(ca, agg), client_ctx(ca, cli), True)
+        await client.send(b"first")
+        assert await server.recv() == b"first"
+        armed.set()
+        await client.send(b"x" * 1000)
+        with pytest.raises(RecordError) as err:
+            await server.recv()
+        assert err.value.field == "tls"
+    asyncio.run(go())
+
+
+def test_truncation_without_close_notify_is_reported(ca: X509CertificateAuthority, agg: Node,
+                                                     cli: Node) -> None:
+    async def go() -> None:
+        client, server, _ = await _relay_pair(server_ctx(ca, agg), client_ctx(ca, cli), False)
+        await server.send(b"partial")
+        assert await client.recv() == b"partial"
+        server.abort()  # TCP ends, no close_notify
+        with pytest.raises(RecordError) as err:
+            await client.recv()
+        assert err.value.field == "close"
+    asyncio.run(go())
