@@ -15,6 +15,9 @@ SKI, subjectAltName = exactly one node URI (critical when the subject is empty; 
 (federation, issuer, role, expected node id, validity, revocation, signature) plus the root's own
 validity, a leaf that does not outlive its root and the profile above; each failure raises
 CertificateError naming the field.
+
+The writer of the profile (`X509CertificateAuthority`) and its reader (`X509TrustAnchor`) stay
+in one module, past 500 lines, because they must agree extension by extension.
 """
 
 from __future__ import annotations
