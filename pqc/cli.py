@@ -107,6 +107,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     issue.add_argument("--algorithm", default="ML-DSA-65")
     issue.add_argument("--days", type=int, default=30)
     issue.set_defaults(func=_ca_issue)
+    from pqfed.pqc.pki.cli import register as register_x509
+
+    register_x509(ca_sub)  # x509-init, csr, sign, crl (docs/pki.md)
 
     audit = sub.add_parser("audit", help="verify a signed, hash-chained audit log offline")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)

@@ -1,0 +1,425 @@
+"""TLS 1.3 (RFC 8446) with ML-DSA-65 X.509 certificates and hybrid ML-KEM key exchange.
+
+The standard counterpart of the pqfed1 channel (`pqfed.pqc.channel`), for peers that speak
+TLS: hospital IT, service meshes, openssl tooling. OpenSSL (4.x, the one bundled with
+cryptography, reached through pyOpenSSL) runs the protocol; this module fixes its parameters
+and applies pqfed's identity policy:
+
+* TLS 1.3 only; key exchange X25519MLKEM768 (draft-ietf-tls-ecdhe-mlkem; SecP384r1MLKEM1024
+  may be added), never a classical-only group, so a client offering only X25519 is refused;
+* signature algorithms: ML-DSA-65 only (draft-ietf-tls-mldsa), for CertificateVerify and for
+  the certificates, so an ECDSA/Ed25519/RSA certificate cannot authenticate;
+* AEAD: TLS_AES_256_GCM_SHA384 or TLS_CHACHA20_POLY1305_SHA256 (pqfed1's suites);
+* mutual authentication: OpenSSL builds and checks the chain to the federation CA (the only
+  certificate in its store), then our verification callback runs `X509TrustAnchor.verify` on
+  the leaf: federation, role, pinned node id, usage (EKU), revocation (the CA's CRL).
+
+Byte-stream API like `SecureChannel`: `send`, `recv`, `close`, `abort`, `peer`. The TLS engine
+runs on memory BIOs and the bytes travel over asyncio streams (sans-IO, like the pqfed1
+handshake), so it works over any socket asyncio can open.
+
+In TLS 1.3 the client's handshake completes before the server has judged the client's
+certificate (RFC 8446 §4.4.2, §4.6.3): a client refused by the server learns it from the alert
+on its first `recv` (HandshakeError('peer_alert')), the server from its own handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from cryptography import x509
+from cryptography.hazmat.bindings.openssl.binding import Binding
+from cryptography.hazmat.primitives.asymmetric import mldsa
+from OpenSSL import SSL, crypto
+
+from pqfed.pqc.channel import HandshakeStats
+from pqfed.pqc.errors import (
+    CertificateError,
+    ChannelClosed,
+    HandshakeError,
+    PqcError,
+    RecordError,
+)
+from pqfed.pqc.identity import Role
+from pqfed.pqc.pki.profile import (
+    NodeCertificate,
+    Usage,
+    X509TrustAnchor,
+    check_ml_dsa_65_key,
+    private_key_pem,
+)
+
+log = logging.getLogger("pqfed.pqc.tls13")
+
+PQ_GROUPS = ("X25519MLKEM768", "SecP384r1MLKEM1024")
+DEFAULT_GROUPS = ("X25519MLKEM768",)
+SIGNATURE_ALGORITHMS = "mldsa65"
+CIPHERSUITES = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+READ_CHUNK = 1 << 18
+WRITE_CHUNK = 1 << 18
+
+_lib = Binding.lib
+_ffi = Binding.ffi
+_SSL_MODE_NO_AUTO_CHAIN = 0x8  # openssl/ssl.h; neither pyOpenSSL nor the binding name it
+
+
+def set_groups(ctx: SSL.Context, groups: tuple[str, ...]) -> None:
+    """SSL_CTX_set1_groups_list (alias set1_curves_list). pyOpenSSL has no wrapper for it or
+    for the signature algorithms: both calls go through cryptography's OpenSSL binding on
+    pyOpenSSL's context handle, here and in `set_signature_algorithms` only."""
+    if _lib.SSL_CTX_set1_curves_list(ctx._context, ":".join(groups).encode()) != 1:
+        raise HandshakeError("groups", f"OpenSSL refused the group list {groups}")
+
+
+def set_signature_algorithms(ctx: SSL.Context, sigalgs: str) -> None:
+    """SSL_CTX_set1_sigalgs_list: what we sign with, accept in CertificateVerify and ask the
+    peer for (signature_algorithms and, for the client certificate, CertificateRequest)."""
+    if _lib.SSL_CTX_set1_sigalgs_list(ctx._context, sigalgs.encode()) != 1:
+        raise HandshakeError("signature_algorithms", f"OpenSSL refused {sigalgs!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """One side's identity, what it trusts and what it expects of its peer."""
+
+    certificate: x509.Certificate
+    key: mldsa.MLDSA65PrivateKey = field(repr=False)
+    trust: X509TrustAnchor
+    peer_roles: tuple[Role, ...] | None = None
+    peer_node_id: str | None = None
+    groups: tuple[str, ...] = DEFAULT_GROUPS
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        check_ml_dsa_65_key(self.certificate.public_key(), "certificate.public_key")
+        if self.key.public_key() != self.certificate.public_key():
+            raise CertificateError("private_key", "does not match the certificate")
+        bad = [g for g in self.groups if g not in PQ_GROUPS]
+        if not self.groups or bad:
+            raise HandshakeError("groups", f"{bad or 'none'}: choose from {', '.join(PQ_GROUPS)}"
+                                           " (hybrid post-quantum groups only)")
+
+
+@dataclass(slots=True)
+class _ConnState:
+    """Per connection: the pin and what the verification callback found."""
+
+    usage: Usage  # what the peer's certificate must authenticate
+    node_id: str | None
+    peer: NodeCertificate | None = None
+    error: CertificateError | None = None
+
+
+_OPENSSL_FIELD = {
+    _lib.X509_V_ERR_CERT_NOT_YET_VALID: "not_before",
+    _lib.X509_V_ERR_CERT_HAS_EXPIRED: "not_after",
+    _lib.X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT: "issuer",
+    _lib.X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY: "issuer",
+    _lib.X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE: "issuer",
+    _lib.X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT: "issuer",
+    _lib.X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN: "issuer",
+    _lib.X509_V_ERR_CERT_SIGNATURE_FAILURE: "signature",
+    _lib.X509_V_ERR_INVALID_PURPOSE: "extended_key_usage",
+    _lib.X509_V_ERR_KEYUSAGE_NO_DIGITAL_SIGNATURE: "key_usage",
+    _lib.X509_V_ERR_INVALID_CA: "basic_constraints",
+    _lib.X509_V_ERR_PATH_LENGTH_EXCEEDED: "basic_constraints",
+    _lib.X509_V_ERR_UNHANDLED_CRITICAL_EXTENSION: "extensions",
+}
+
+
+def _openssl_error(errnum: int, depth: int) -> CertificateError:
+    name = _OPENSSL_FIELD.get(errnum, "chain")
+    reason = _ffi.string(_lib.X509_verify_cert_error_string(errnum)).decode()
+    return CertificateError(f"root.{name}" if depth > 0 and name != "issuer" else name,
+                            f"OpenSSL: {reason} (X509_V_ERR {errnum}, depth {depth})")
+
+
+def _openssl_key(key: mldsa.MLDSA65PrivateKey) -> crypto.PKey:
+    """pyOpenSSL converts only classical cryptography keys (PKey.from_cryptography_key), so
+    the ML-DSA key goes through PKCS#8 PEM into OpenSSL; pyOpenSSL deprecates passing PKey
+    objects, which is the only route for this key type."""
+    return crypto.load_privatekey(crypto.FILETYPE_PEM, private_key_pem(key))
+
+
+class TlsContext:
+    """One side's OpenSSL context, built once and used for every connection of that side.
+
+    `trust` may be replaced (a newer CRL) while connections run; each verification reads it.
+    """
+
+    def __init__(self, config: TlsConfig, side: Usage) -> None:
+        self.config = config
+        self.side = side
+        self.trust = config.trust
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+        ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
+        ctx.set_tls13_ciphersuites(CIPHERSUITES.encode())
+        set_groups(ctx, config.groups)
+        set_signature_algorithms(ctx, SIGNATURE_ALGORITHMS)
+        ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION)
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        # Send the leaf only: the peer holds the CA (RFC 8446 §4.4.2 lets the trust anchor be
+        # omitted), which saves one 5.5 KB ML-DSA-65 certificate per side and handshake.
+        ctx.set_mode(_SSL_MODE_NO_AUTO_CHAIN)
+        ctx.use_certificate(config.certificate)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.use_privatekey(_openssl_key(config.key))
+        ctx.check_privatekey()
+        store = ctx.get_cert_store()
+        assert store is not None
+        store.add_cert(crypto.X509.from_cryptography(config.trust.root))
+        store.set_flags(crypto.X509StoreFlags.X509_STRICT)
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
+        ctx.set_verify_depth(1)  # leaf + the federation CA: no intermediates (pathLen 0)
+        self.ssl = ctx
+
+    def _verify(self, conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int,
+                ok: int) -> bool:
+        """OpenSSL's per-certificate callback: its chain result, then our policy on the leaf."""
+        state: _ConnState = conn.get_app_data()
+        if not ok:
+            state.error = state.error or _openssl_error(errnum, depth)
+            return False
+        if depth > 0:
+            return True
+        try:
+            state.peer = self.trust.verify(
+                cert.to_cryptography(),
+                roles=self.config.peer_roles, node_id=state.node_id, usage=state.usage)
+        except CertificateError as exc:
+            state.error = exc
+            return False
+        except ValueError as exc:  # cryptography parses extensions lazily
+            state.error = CertificateError("certificate", f"cannot be parsed: {exc}")
+            return False
+        return True
+
+    def connection(self, peer_node_id: str | None = None) -> tuple[SSL.Connection, _ConnState]:
+        conn = SSL.Connection(self.ssl, None)  # memory BIOs
+        peer_usage = Usage.CLIENT if self.side is Usage.SERVER else Usage.SERVER
+        state = _ConnState(peer_usage, peer_node_id or self.config.peer_node_id)
+        conn.set_app_data(state)
+        if self.side is Usage.SERVER:
+            conn.set_accept_state()
+        else:
+            conn.set_connect_state()
+        return conn, state
+
+
+def _tls_reason(err: SSL.Error) -> str:
+    parts = []
+    for item in err.args[0] if err.args and isinstance(err.args[0], list) else []:
+        parts.append(str(item[-1]) if isinstance(item, tuple) else str(item))
+    return "; ".join(parts) or str(err)
+
+
+def _handshake_error(err: SSL.Error) -> HandshakeError:
+    reason = _tls_reason(err)
+    low = reason.lower()
+    if "alert" in low:
+        fld = "peer_alert"
+    elif "group" in low or "key share" in low or "curve" in low:
+        fld = "groups"
+    elif "signature" in low or "sigalg" in low:
+        fld = "signature_algorithms"
+    elif "version" in low or "protocol" in low:
+        fld = "version"
+    elif "peer did not return a certificate" in low or "certificate required" in low:
+        fld = "certificate"
+    else:
+        fld = "tls"
+    return HandshakeError(fld, reason)
+
+
+def _peername(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+class TlsChannel:
+    """A mutually authenticated TLS 1.3 byte channel to one peer (the SecureChannel API)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 conn: SSL.Connection, peer: NodeCertificate, stats: HandshakeStats) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._conn = conn
+        self._closed = False
+        self.peer = peer
+        self.handshake = stats
+        self.group = conn.get_group_name() or ""
+        self.cipher = conn.get_cipher_name() or ""
+        self.version = conn.get_protocol_version_name()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    @property
+    def peername(self) -> str:
+        return _peername(self._writer)
+
+    def _flush(self) -> int:
+        out = _drain_bio(self._conn)
+        if out:
+            self._writer.write(out)
+        return len(out)
+
+    async def send(self, data: bytes) -> None:
+        if self._closed:
+            raise ChannelClosed("channel is closed")
+        view = memoryview(data)
+        for off in range(0, len(data), WRITE_CHUNK):
+            self._conn.sendall(bytes(view[off : off + WRITE_CHUNK]))
+            self.bytes_sent += self._flush()
+            await self._writer.drain()
+
+    async def recv(self) -> bytes:
+        """Next chunk of application data; ChannelClosed after the peer's close_notify,
+        RecordError (after closing) on a bad record or a truncated stream."""
+        while True:
+            try:
+                data = self._conn.recv(READ_CHUNK)
+            except SSL.WantReadError:
+                pass
+            except SSL.ZeroReturnError:
+                self._closed = True
+                self._writer.close()
+                raise ChannelClosed(f"peer {self.peer.node_id} closed the channel") from None
+            except SSL.Error as err:
+                exc = _handshake_error(err)
+                if exc.field != "peer_alert":
+                    await self._fail(RecordError("tls", exc.reason))
+                await self._fail(exc)
+            else:
+                if data:
+                    return data
+            if self._flush():  # e.g. a KeyUpdate answer
+                await self._writer.drain()
+            chunk = await self._reader.read(READ_CHUNK)
+            if not chunk:
+                await self._fail(RecordError(
+                    "close", "connection ended without close_notify (truncation)"))
+            self.bytes_received += len(chunk)
+            self._conn.bio_write(chunk)
+
+    async def close(self) -> None:
+        """close_notify (RFC 8446 §6.1), then the TCP close."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._conn.shutdown()
+            self._flush()
+            await self._writer.drain()
+        except (SSL.Error, ConnectionError, RuntimeError):
+            pass
+        self._writer.close()
+
+    def abort(self) -> None:
+        self._closed = True
+        self._writer.transport.abort()
+
+    async def _fail(self, exc: PqcError) -> NoReturn:
+        log.warning("closing TLS channel to %s (%s): %s", self.peer.node_id, self.peername, exc)
+        self.abort()
+        raise exc
+
+
+def _drain_bio(conn: SSL.Connection) -> bytes:
+    parts = []
+    while True:
+        try:
+            parts.append(conn.bio_read(READ_CHUNK))
+        except SSL.WantReadError:
+            return b"".join(parts)
+
+
+async def _run_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         context: TlsContext, peer_node_id: str | None) -> TlsChannel:
+    conn, state = context.connection(peer_node_id)
+    sent = received = 0
+    start = time.perf_counter()
+
+    async def drive() -> None:
+        nonlocal sent, received
+        while True:
+            try:
+                conn.do_handshake()
+                done = True
+            except SSL.WantReadError:
+                done = False
+            out = _drain_bio(conn)
+            if out:
+                writer.write(out)
+                sent += len(out)
+                await writer.drain()
+            if done:
+                return
+            chunk = await reader.read(READ_CHUNK)
+            if not chunk:
+                raise HandshakeError("stream", "peer closed the connection during the handshake")
+            received += len(chunk)
+            conn.bio_write(chunk)
+
+    try:
+        await asyncio.wait_for(drive(), timeout=context.config.timeout_s)
+    except TimeoutError:
+        exc: PqcError = HandshakeError("timeout", f"no complete handshake in "
+                                                  f"{context.config.timeout_s} s")
+        _abort(writer, exc)
+        raise exc from None
+    except SSL.Error as err:
+        exc = state.error or _handshake_error(err)
+        # Tell the peer why (the alert OpenSSL queued), then close.
+        out = _drain_bio(conn)
+        if out:
+            writer.write(out)
+        _abort(writer, exc)
+        raise exc from None
+    except (PqcError, ConnectionError) as err:
+        exc = err if isinstance(err, PqcError) else HandshakeError("stream", str(err))
+        _abort(writer, exc)
+        raise exc from None
+    # Defence in depth: the context allows nothing else, but a weaker result must not pass.
+    if conn.get_protocol_version_name() != "TLSv1.3":
+        _abort(writer, exc := HandshakeError("version", conn.get_protocol_version_name()))
+        raise exc
+    if conn.get_group_name() not in context.config.groups:
+        _abort(writer, exc := HandshakeError("groups", f"negotiated {conn.get_group_name()}"))
+        raise exc
+    if state.peer is None:
+        _abort(writer, exc := HandshakeError("certificate", "the peer sent no certificate"))
+        raise exc
+    stats = HandshakeStats(time.perf_counter() - start, sent, received)
+    return TlsChannel(reader, writer, conn, state.peer, stats)
+
+
+def _abort(writer: asyncio.StreamWriter, exc: PqcError) -> None:
+    log.warning("TLS handshake with %s failed: %s", _peername(writer), exc)
+    writer.transport.abort()
+
+
+async def tls_client_channel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                             context: TlsContext, peer_node_id: str | None = None) -> TlsChannel:
+    if context.side is not Usage.CLIENT:
+        raise HandshakeError("side", "a client channel needs TlsContext(..., Usage.CLIENT)")
+    return await _run_handshake(reader, writer, context, peer_node_id)
+
+
+async def tls_server_channel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                             context: TlsContext) -> TlsChannel:
+    if context.side is not Usage.SERVER:
+        raise HandshakeError("side", "a server channel needs TlsContext(..., Usage.SERVER)")
+    return await _run_handshake(reader, writer, context, None)
+
+
+async def tls_connect(host: str, port: int, context: TlsContext,
+                      peer_node_id: str | None = None) -> TlsChannel:
+    reader, writer = await asyncio.open_connection(host, port)
+    return await tls_client_channel(reader, writer, context, peer_node_id)
