@@ -412,8 +412,9 @@ def fuzz(target: Target, budget: int, seed: int, max_len: int = 1 << 16) -> Resu
     result = Result(target.name)
     corpus = list(target.seeds)
     alarm = sys.platform != "win32" and hasattr(signal, "setitimer")
-    if alarm:
+    if alarm:  # the caller's own alarm (e.g. pytest-timeout's) is re-armed afterwards
         previous = signal.signal(signal.SIGALRM, _on_alarm)
+        outer, _ = signal.setitimer(signal.ITIMER_REAL, 0)
     start = time.perf_counter()
     try:
         for i in range(budget):
@@ -448,6 +449,9 @@ def fuzz(target: Target, budget: int, seed: int, max_len: int = 1 << 16) -> Resu
     finally:
         if alarm:
             signal.signal(signal.SIGALRM, previous)
+            if outer:
+                signal.setitimer(signal.ITIMER_REAL,
+                                 max(outer - (time.perf_counter() - start), 0.001))
     result.seconds = time.perf_counter() - start
     return result
 
