@@ -9,7 +9,6 @@ byte. How each file was made and why it is trusted: its header and vectors/gener
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from pqfed.pqc import kat
 from pqfed.pqc import keyschedule as ks
-from pqfed.pqc.backends import BACKENDS, available_backends, get_backend
+from pqfed.pqc.backends import BACKENDS, get_backend
 from pqfed.pqc.backends.liboqs import LiboqsBackend, load_library
 from pqfed.pqc.errors import HandshakeError, InvalidSignature, RecordError
 from pqfed.pqc.identity import (
@@ -371,8 +370,7 @@ def test_certificates_from_fixed_inputs_are_reproduced() -> None:
     pki = golden_pki()
     assert [c.to_bytes().hex() for c in (pki.ca, pki.aggregator, pki.client)] == [
         v["certificate"] for v in CERTS]
-    if os.environ.get("PQFED_CRYPTO_BACKEND", "auto") != "pyca":
-        TrustAnchor(pki.ca).verify(pki.client)
+    TrustAnchor(pki.ca).verify(pki.client, roles=(Role.CLIENT,), node_id="client")
 
 
 # --- the golden handshake -------------------------------------------------------------------------
@@ -420,26 +418,21 @@ def test_golden_secrets_follow_from_the_recorded_messages() -> None:
 
 
 def _pyca_client():  # type: ignore[no-untyped-def]
-    """The verifying side with pyca alone: the client's ML-KEM key from its recorded seed
-    (FIPS 203 KeyGen_internal), its randoms from the recorded stream; its own signature is
-    pyca's hedged one (so its flight is not compared)."""
-    import dataclasses
+    """The verifying side with pyca alone (no liboqs needed): the recorded certificates, the
+    client's ML-KEM key from its recorded seed (FIPS 203 KeyGen_internal), its randoms from
+    the recorded stream; its own signature is pyca's hedged one (its flight is not compared)."""
+    from pqfed.pqc.handshake import ClientHandshake, Group, HandshakeConfig, Suite
 
-    from pqfed.pqc.handshake import ClientHandshake
+    from .golden import GOLDEN_SUITES, ByteStream, FixedBackend
 
-    from .golden import ByteStream, golden_configs, golden_pki
-
-    pki = golden_pki() if _has_liboqs() else None
-    cfg, _ = golden_configs(pki, ByteStream("golden/handshake/client"),  # type: ignore[arg-type]
-                            ByteStream("golden/handshake/server"), verify_with="pyca")
+    stream = ByteStream("golden/handshake/client")
     key = get_backend("pyca").sig_load_private("ML-DSA-65", fixed_bytes("golden/client/xi", 32))
-    return ClientHandshake(dataclasses.replace(
-        cfg, identity=Identity(Certificate.from_bytes(_h(GOLDEN, "client_certificate")), key),
-        trust=TrustAnchor(Certificate.from_bytes(_h(GOLDEN, "ca_certificate")))))
-
-
-def _has_liboqs() -> bool:
-    return available_backends()["liboqs"] == "ok"
+    return ClientHandshake(HandshakeConfig(
+        Identity(Certificate.from_bytes(_h(GOLDEN, "client_certificate")), key),
+        TrustAnchor(Certificate.from_bytes(_h(GOLDEN, "ca_certificate"))),
+        suites=tuple(Suite[s] for s in GOLDEN_SUITES), groups=(Group.X25519_MLKEM768,),
+        backend=FixedBackend(stream, verify_with="pyca"),  # type: ignore[arg-type]
+        parallel_auth=False, early_signature=False, random=stream))
 
 
 def test_golden_handshake_verifying_side_replays_with_pyca() -> None:
