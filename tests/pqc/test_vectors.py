@@ -458,3 +458,14 @@ def test_golden_replay_rejects_a_tampered_server_flight(where: int) -> None:
     (frame,) = list(FrameDecoder().feed(bytes(flight)))
     with pytest.raises(HandshakeError, match="server_flight"):
         client.receive(frame)
+
+
+def test_handshake_randomness_defaults_to_the_os_and_refuses_short_draws(
+        ca: CertificateAuthority, client: Identity) -> None:
+    import os
+
+    from pqfed.pqc.handshake import ClientHandshake, HandshakeConfig
+
+    assert HandshakeConfig(client, ca.trust).random is os.urandom
+    with pytest.raises(HandshakeError, match="31 of 32"):
+        ClientHandshake(HandshakeConfig(client, ca.trust, random=lambda n: bytes(n - 1)))
