@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.pqfed-installed
 export PQFED_CACHE ?= $(HOME)/.cache/pqfed
 
-.PHONY: all venv demo test test-fast lint typecheck bench-pqc bench-fl bench-testbed \
+.PHONY: all venv demo test test-fast lint typecheck fuzz bench-pqc bench-fl bench-testbed \
         cluster-binaries cluster-up cluster-down clean liboqs liboqs-arm64 images \
         images-prereqs images-push
 
@@ -35,6 +35,16 @@ test: $(STAMP) lint cluster-binaries liboqs liboqs-arm64 images
 
 test-fast: $(STAMP) liboqs liboqs-arm64
 	$(BIN)/python -m pytest -q -m "not slow and not cluster"
+
+# Structure-aware mutation fuzzing of every parser that sees untrusted bytes
+# (tests/fuzz/harness.py): FUZZ_BUDGET inputs over all targets, reproducible per FUZZ_SEED;
+# crashing inputs land in results/fuzz-crashes and fail the target. `make test` runs a few
+# thousand inputs of the same harness (tests/pqc/test_fuzz.py).
+FUZZ_BUDGET ?= 1000000
+FUZZ_SEED ?= 1
+fuzz: $(STAMP) liboqs
+	$(BIN)/python -W ignore::RuntimeWarning tests/fuzz/harness.py --budget $(FUZZ_BUDGET) \
+		--seed $(FUZZ_SEED) --crash-dir results/fuzz-crashes
 
 bench-pqc: $(STAMP) liboqs
 	$(BIN)/pqfed bench-pqc --out results/bench-pqc

@@ -42,7 +42,8 @@ PQC_PORT: Final = 7443  # aggregator sidecar, the only port peers reach
 # with its own PQC identity (the checkpoint is the global model).
 STATUS_PORT: Final = 8080
 FLEET_PORT: Final = 9092  # SuperLink Fleet API, loopback behind the sidecar
-ADMIN_PORT: Final = 9901  # sidecar admin API (/readyz, /metrics)
+ADMIN_PORT: Final = 9901  # sidecar admin API (/identity, /metrics, ...): loopback only
+PROBE_PORT: Final = 9902  # sidecar probe listener (/healthz, /readyz; no data) for the kubelet
 ROUTE_PORT: Final = 19092  # client sidecar's plaintext route to the aggregator
 RUNTIME_PORT: Final = 9094  # client SuperNode's ClientAppIo port
 FLEET_PATH_PREFIX: Final = "/v1/fleet/"
@@ -340,11 +341,11 @@ def _inbound_sidecar(spec: FederationJobSpec, *extra: str) -> Manifest:
     cmd = ["pqfed", "sidecar", *_identity_args(),
            "--listen", f"0.0.0.0:{PQC_PORT}", "--upstream", f"127.0.0.1:{FLEET_PORT}",
            "--allow-path-prefix", FLEET_PATH_PREFIX, *_groups(spec), *extra,
-           "--admin", f"0.0.0.0:{ADMIN_PORT}"]
+           "--admin", f"127.0.0.1:{ADMIN_PORT}", "--probes", f"0.0.0.0:{PROBE_PORT}"]
     return _container("sidecar", spec, cmd, SIDECAR_RESOURCES, [_IDENTITY_MOUNT],
                       ports=[{"name": "pqc", "containerPort": PQC_PORT},
-                             {"name": "admin", "containerPort": ADMIN_PORT}],
-                      readinessProbe=_http_probe("/readyz", ADMIN_PORT))
+                             {"name": "probes", "containerPort": PROBE_PORT}],
+                      readinessProbe=_http_probe("/readyz", PROBE_PORT))
 
 
 def aggregator_pod(job: JobRef, spec: FederationJobSpec, *, restore: bool = False) -> Manifest:

@@ -20,6 +20,8 @@ def unarmor(label: str, text: str) -> bytes:
     if not stripped.startswith(begin) or not stripped.endswith(end):
         raise DecodeError(label, f"expected text between '{begin}' and '{end}'")
     body = "".join(stripped[len(begin) : -len(end)].split())
+    if not body.isascii():  # b64decode would raise a bare ValueError for these
+        raise DecodeError(label, "invalid base64: a character outside ASCII")
     try:
         return base64.b64decode(body, validate=True)
     except binascii.Error as exc:

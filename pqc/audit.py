@@ -27,6 +27,49 @@ def _canonical(entry: dict[str, Any]) -> bytes:
     return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
+# What every entry carries, with its JSON type (AuditLog.append writes them all).
+_REQUIRED: dict[str, tuple[type, ...]] = {"seq": (int,), "time": (int, float), "event": (str,),
+                                          "prev": (str,), "signer": (str,), "hash": (str,),
+                                          "sig": (str,)}
+
+
+def parse_entry(line: str, lineno: int) -> dict[str, Any]:
+    """One log line, exactly as AuditLog.append writes it: a JSON object in canonical form
+    (json.dumps with sorted keys), no duplicate keys, no NaN/Infinity, the fields of
+    `_REQUIRED` with their types. Anything else raises AuditLogError: two readers must never
+    see different entries in the same bytes (with duplicate keys, JSON parsers disagree on
+    which value counts; RFC 8259 §4 leaves it open)."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in obj:
+                raise AuditLogError(lineno, f"duplicate key {key[:40]!r} (ambiguous entry)")
+            obj[key] = value
+        return obj
+
+    def no_constant(name: str) -> Any:
+        raise AuditLogError(lineno, f"{name} is not a JSON number")
+
+    try:
+        entry = json.loads(line, object_pairs_hook=unique, parse_constant=no_constant)
+    except json.JSONDecodeError as exc:
+        raise AuditLogError(lineno, f"not JSON: {exc}") from None
+    except RecursionError:
+        raise AuditLogError(lineno, "not JSON: nested too deeply") from None
+    if not isinstance(entry, dict):
+        raise AuditLogError(lineno, "entry is not an object")
+    for key, types in _REQUIRED.items():
+        value = entry.get(key)
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise AuditLogError(lineno, f"field {key!r} missing or not a "
+                                        f"{' or '.join(t.__name__ for t in types)}")
+    if json.dumps(entry, sort_keys=True) != line:
+        raise AuditLogError(lineno, "not in canonical form (sorted keys, ', ' and ': ' "
+                                    "separators, ASCII escapes, as AuditLog writes it)")
+    return entry
+
+
 def entry_hash(entry: dict[str, Any]) -> str:
     body = {k: v for k, v in entry.items() if k not in ("hash", "sig")}
     return hashlib.sha3_256(_canonical(body)).hexdigest()
@@ -85,12 +128,7 @@ def verify_audit_log(path: Path, trust: TrustAnchor | None) -> AuditSummary:
     events: dict[str, int] = {}
     count = 0
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise AuditLogError(lineno, f"not JSON: {exc}") from None
-        if not isinstance(entry, dict):
-            raise AuditLogError(lineno, "entry is not an object")
+        entry = parse_entry(line, lineno)
         if entry.get("seq") != count:
             raise AuditLogError(lineno, f"seq {entry.get('seq')} where {count} was expected "
                                         "(entry removed or reordered)")

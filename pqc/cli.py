@@ -70,6 +70,7 @@ def _sidecar(args: argparse.Namespace) -> int:
             upstream=Endpoint.parse(args.upstream, "--upstream") if args.upstream else None,
             routes=tuple(Route.parse(r) for r in args.route),
             admin=Endpoint.parse(args.admin, "--admin") if args.admin else None,
+            probes=Endpoint.parse(args.probes, "--probes") if args.probes else None,
             handshake_timeout_s=args.handshake_timeout,
             groups=tuple(Group[g] for g in args.group) or (Group.X25519_MLKEM768,),
             allow_path_prefixes=tuple(args.allow_path_prefix),
@@ -127,7 +128,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sc.add_argument("--upstream", help="local plaintext app HOST:PORT for inbound channels")
     sc.add_argument("--route", action="append", default=[],
                     help="outbound LISTEN=PEER[@NODE_ID], repeatable")
-    sc.add_argument("--admin", default="127.0.0.1:9901")
+    sc.add_argument("--admin", default="127.0.0.1:9901",
+                    help="admin API (/identity, /metrics, /healthz, /readyz): loopback only")
+    sc.add_argument("--probes",
+                    help="HOST:PORT for the kubelet's probes (/healthz, /readyz, no data), "
+                         "e.g. 0.0.0.0:9902; off by default")
     sc.add_argument("--handshake-timeout", type=float, default=10.0)
     sc.add_argument("--group", action="append", default=[],
                     choices=[g.name for g in Group if g is not Group.X25519],

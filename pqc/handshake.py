@@ -31,7 +31,6 @@ import functools
 import hashlib
 import hmac
 import os
-import secrets
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -136,6 +135,26 @@ def default_suites() -> tuple[Suite, ...]:
     return (Suite.CHACHA20_POLY1305_SHA384, Suite.AES_256_GCM_SHA384)
 
 
+# Where a handshake's own random values come from: the hello randoms and the X25519 private
+# keys (RFC 7748 §5: 32 random bytes, clamped by X25519 itself). Production: os.urandom.
+# Tests fix it to replay a recorded handshake byte for byte (tests/pqc/vectors/handshake/);
+# ML-KEM key generation and encapsulation and ML-DSA signing draw their randomness inside the
+# backend and the signing key, which such a test supplies too (HandshakeConfig.backend,
+# HandshakeConfig.identity).
+RandomSource = Callable[[int], bytes]
+
+
+def _x25519_private(random: RandomSource) -> x25519.X25519PrivateKey:
+    return x25519.X25519PrivateKey.from_private_bytes(_draw(random, X25519_LEN))
+
+
+def _draw(random: RandomSource, n: int) -> bytes:
+    data = random(n)
+    if len(data) != n:  # a broken source must never shorten a key or a random
+        raise HandshakeError("random", f"randomness source returned {len(data)} of {n} bytes")
+    return data
+
+
 @dataclass(frozen=True, slots=True)
 class KeyShare:
     """A client's ephemeral key share: an ML-KEM decapsulation key and an X25519 key."""
@@ -146,9 +165,10 @@ class KeyShare:
     x25519_public: bytes
 
     @classmethod
-    def generate(cls, group: Group, backend: Backend) -> KeyShare:
+    def generate(cls, group: Group, backend: Backend,
+                 random: RandomSource = os.urandom) -> KeyShare:
         alg = GROUP_KEM[group]
-        priv = x25519.X25519PrivateKey.generate()
+        priv = _x25519_private(random)
         return cls(group, backend.kem_generate(alg) if alg else None, priv,
                    priv.public_key().public_bytes_raw())
 
@@ -207,6 +227,8 @@ class HandshakeConfig:
     # Client side: sign on a pool thread as soon as ServerHello arrives (overlapping the
     # server's signature); off: sign inline in the same step (one fewer thread hand-off).
     early_signature: bool = True
+    # Hello randoms and X25519 keys (see RandomSource); never set outside tests.
+    random: RandomSource = os.urandom
 
 
 @dataclass(slots=True)
@@ -495,7 +517,7 @@ class ClientHandshake(_Endpoint):
             raise HandshakeError("config", "offer at least one group and one suite")
         self._group = config.groups[0]
         share = (config.key_shares.take(self._group, self.backend) if config.key_shares
-                 else KeyShare.generate(self._group, self.backend))
+                 else KeyShare.generate(self._group, self.backend, config.random))
         self._kem: KemPrivateKey | None = share.kem
         self._x25519 = share.x25519
         self._x25519_public = share.x25519_public
@@ -516,7 +538,7 @@ class ClientHandshake(_Endpoint):
             .u16(PROTOCOL_VERSION)
             .vec8(_u16_list(tuple(self.config.suites)))
             .vec8(_u16_list(tuple(self.config.groups)))
-            .raw(secrets.token_bytes(RANDOM_LEN))
+            .raw(_draw(self.config.random, RANDOM_LEN))
             .text(self.config.identity.certificate.federation)
             .u16(self._group)
             .vec16(kem_pk)
@@ -664,7 +686,7 @@ class ServerHandshake(_Endpoint):
             raise HandshakeError("client_hello.suites", "no suite in common")
         self.transcript.add(ch_msg)
 
-        x_private = x25519.X25519PrivateKey.generate()
+        x_private = _x25519_private(self.config.random)
         x_public = x_private.public_key().public_bytes_raw()
         ss_x = _x25519_shared(x_private, client_x, "client_hello.key_share.x25519_public")
         ct, ss_m = b"", b""
@@ -675,7 +697,7 @@ class ServerHandshake(_Endpoint):
                 raise HandshakeError("client_hello.key_share.kem_public", str(exc)) from None
         sh_body = (
             Writer().u16(PROTOCOL_VERSION).u16(suite).u16(group)
-            .raw(secrets.token_bytes(RANDOM_LEN)).vec16(ct).raw(x_public).getvalue()
+            .raw(_draw(self.config.random, RANDOM_LEN)).vec16(ct).raw(x_public).getvalue()
         )
         sh_msg = _msg(MessageType.SERVER_HELLO, sh_body)
         self.transcript.add(sh_msg)

@@ -1,10 +1,16 @@
-"""Known-answer checks for ML-KEM (FIPS 203) and ML-DSA (FIPS 204), run by `pqfed selftest`.
+"""Known-answer checks run by `pqfed selftest`: ML-KEM (FIPS 203), ML-DSA (FIPS 204), the
+X-Wing combiner, the pqfed1 key schedule and record protection.
 
 The vectors in ``kat.json`` fix, for a seed, what FIPS 203/204 make deterministic: the public
 key derived from the seed, the shared secret a fixed ciphertext decapsulates to, the implicit
 rejection secret of a tampered ciphertext, and that a fixed signature verifies (and a flipped
-one does not). A build whose PQC code or OpenSSL is wrong for its architecture (e.g. an arm64
-image run on a Raspberry Pi or under qemu) fails here before it carries any traffic.
+one does not); then the X-Wing draft's own first test vector (keys from its seed, decapsulation
+through our combiner), the pqfed1 secrets of a fixed shared secret and transcript, and one
+protected record per AEAD. A build whose PQC code or OpenSSL is wrong for its architecture
+(e.g. an arm64 image run on a Raspberry Pi or under qemu) fails here before it carries any
+traffic. One source of truth: every entry is a record of a vector file under
+tests/pqc/vectors/ (its ``_source``), copied by tests/pqc/vectors/generate.py, and
+tests/pqc/test_vectors.py fails when the two disagree.
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import mldsa, mlkem
+from cryptography.hazmat.primitives.asymmetric import mldsa, mlkem, x25519
 
 from pqfed.pqc.backends import get_backend
-from pqfed.pqc.errors import InvalidSignature
+from pqfed.pqc.errors import InvalidSignature, RecordError
+from pqfed.pqc.keyschedule import application_secrets, handshake_secrets, xwing_combine
+from pqfed.pqc.record import FrameDecoder, InnerType, RecordProtection
 
 __all__ = ["KatResult", "run_known_answer_tests"]
 
@@ -91,6 +99,50 @@ def _sig(alg: str, v: dict[str, str]) -> list[KatResult]:
     return out
 
 
+def _xwing(v: dict[str, str]) -> list[KatResult]:
+    """draft-connolly-cfrg-xwing-kem: keys from the 32-byte seed (SHAKE-256 expansion), then
+    decapsulation through pqfed's combiner."""
+    expanded = hashlib.shake_256(bytes.fromhex(v["seed"])).digest(96)
+    kem = mlkem.MLKEM768PrivateKey.from_seed_bytes(expanded[:64])
+    sk_x = x25519.X25519PrivateKey.from_private_bytes(expanded[64:])
+    pk_x = sk_x.public_key().public_bytes_raw()
+    pk = kem.public_key().public_bytes_raw() + pk_x
+    ct = bytes.fromhex(v["ciphertext"])
+    ct_m, ct_x = ct[:-32], ct[-32:]
+    ss = xwing_combine(kem.decapsulate(ct_m),
+                       sk_x.exchange(x25519.X25519PublicKey.from_public_bytes(ct_x)), ct_x, pk_x)
+    return [_check("X-Wing keygen from seed", hashlib.sha256(pk).hexdigest(),
+                   v["public_key_sha256"]),
+            _check("X-Wing decapsulate (combiner)", ss, v["shared_secret"])]
+
+
+def _key_schedule(v: dict[str, str]) -> list[KatResult]:
+    hs = handshake_secrets(bytes.fromhex(v["shared_secret"]), bytes.fromhex(v["hello_hash"]))
+    app = application_secrets(hs.master, bytes.fromhex(v["server_finished_hash"]))
+    got = {"client_handshake_traffic": hs.client_handshake,
+           "server_handshake_traffic": hs.server_handshake, "master_secret": hs.master,
+           "client_app_traffic": app.client, "server_app_traffic": app.server,
+           "exporter_master": app.exporter}
+    return [_check(f"pqfed1 key schedule {name}", value, v[name]) for name, value in got.items()]
+
+
+def _record(name: str, v: dict[str, str]) -> list[KatResult]:
+    aead = name.removeprefix("pqfed1 record ")
+    secret, content = bytes.fromhex(v["traffic_secret"]), bytes.fromhex(v["content"])
+    inner = InnerType(int(v["inner_type"], 16))
+    sender, receiver = RecordProtection(aead, secret), RecordProtection(aead, secret)
+    sender.seq = receiver.seq = int(v["seq"])
+    out = [_check(f"{name} seal", sender.seal(inner, content), v["record"])]
+    (frame,) = list(FrameDecoder().feed(bytes.fromhex(v["record"])))
+    try:
+        opened = receiver.open(frame)
+        out.append(KatResult(f"{name} open", opened == (inner, content),
+                             "" if opened == (inner, content) else "opened to other content"))
+    except RecordError as exc:
+        out.append(KatResult(f"{name} open", False, str(exc)))
+    return out
+
+
 def run_known_answer_tests() -> list[KatResult]:
     """Every check in ``kat.json``; never raises for a wrong answer, returns it."""
     results: list[KatResult] = []
@@ -99,6 +151,12 @@ def run_known_answer_tests() -> list[KatResult]:
             results += _kem(alg, v)
         elif alg in _SIG_FROM_SEED:
             results += _sig(alg, v)
+        elif alg == "X-Wing":
+            results += _xwing(v)
+        elif alg == "pqfed1 key schedule":
+            results += _key_schedule(v)
+        elif alg.startswith("pqfed1 record "):
+            results += _record(alg, v)
         else:
             results.append(KatResult(alg, False, "no check for this algorithm in pqc/kat.py"))
     return results

@@ -15,6 +15,7 @@ smaller: at 10% density a bitmap costs 1 bit per weight instead of 3.2), values.
 from __future__ import annotations
 
 import enum
+import math
 import struct
 from collections.abc import Sequence
 
@@ -23,6 +24,12 @@ import numpy.typing as npt
 
 Arrays = list[npt.NDArray[np.float32]]
 MAGIC = b"PQU1"
+# Without a model to match (`like=None`), a blob's shapes are all there is: a sparse tensor
+# of any declared size costs a few bytes, so the dense size it decodes to is bounded here
+# (2^28 float32 = 1 GiB over all tensors), and so is the rank.
+MAX_ELEMENTS = 1 << 28
+MAX_NDIM = 32
+_MAX_SCALE = float(np.finfo(np.float32).max) / 127  # 127 * scale must stay a finite float32
 
 
 class CompressionError(ValueError):
@@ -115,17 +122,27 @@ def decode(blob: bytes, like: Sequence[npt.NDArray[np.float32]] | None) -> Array
     if like is not None and count != len(like):
         raise CompressionError(f"{count} tensors, the model has {len(like)}")
     out: Arrays = []
+    elements = 0
     for i in range(count):
         (ndim,) = struct.unpack("<B", take(1, "ndim"))
+        if ndim > MAX_NDIM:
+            raise CompressionError(f"tensor {i}: {ndim} dimensions (at most {MAX_NDIM})")
         shape = struct.unpack(f"<{ndim}I", take(4 * ndim, "shape"))
         if like is not None and tuple(shape) != tuple(like[i].shape):
             raise CompressionError(f"tensor {i} has shape {shape}, expected {like[i].shape}")
-        size = int(np.prod(shape)) if ndim else 1
+        size = math.prod(shape)  # Python ints: no overflow
+        elements += size
+        # numpy refuses a shape whose non-zero dimensions overflow, even when one is 0.
+        if like is None and (elements > MAX_ELEMENTS
+                             or math.prod(d or 1 for d in shape) > MAX_ELEMENTS):
+            raise CompressionError(f"tensor {i}: over {MAX_ELEMENTS} elements in the update")
         (kind,) = struct.unpack("<B", take(1, "kind"))
         if kind > 7 or kind in {4, 5}:
             raise CompressionError(f"tensor {i}: unknown encoding {kind}")
         quant, sparse, bitmap = bool(kind & 1), bool(kind & 2), bool(kind & 4)
         scale = struct.unpack("<f", take(4, "scale"))[0] if quant else 1.0
+        if not math.isfinite(scale) or abs(scale) > _MAX_SCALE:
+            raise CompressionError(f"tensor {i}: scale {scale} is not a finite int8 step")
         if bitmap:
             packed = np.frombuffer(take((size + 7) // 8, "bitmap"), dtype=np.uint8)
             bits = np.unpackbits(packed)

@@ -87,9 +87,12 @@ def _serve_status(state_dir: Path, port: int) -> None:
         return Response(path.read_bytes(), media_type="application/octet-stream",
                         headers={"X-Pqfed-Round": str(done)})
 
-    # Loopback only: nothing that carries the model listens beside the PQC channel.
+    # Loopback only: nothing that carries the model listens beside the PQC channel. The
+    # operator's requests reach it through the sidecar's filter: same HTTP parser as there.
+    from pqfed.pqc.sidecar.httpfilter import UPSTREAM_HTTP_IMPLEMENTATION
+
     config = uvicorn.Config(app, host=STATUS_HOST, port=port, log_level="warning",
-                            lifespan="off")
+                            lifespan="off", http=UPSTREAM_HTTP_IMPLEMENTATION)
     threading.Thread(target=uvicorn.Server(config).run, daemon=True,
                      name="status-api").start()
 

@@ -6,6 +6,9 @@ Process recipe (Flower 1.42, everything on 127.0.0.1, explicit ports)::
     # 1. SuperLink: ONE HTTP port serves the Fleet, Control and Runtime (ServerApp) APIs.
     flower-superlink --insecure --isolation process --disable-runtime-dependency-installation \
         --host 127.0.0.1 --port $LINK --database $STATE/superlink.db
+    #    (run as `python -m pqfed.services.flower_runtime exec --http httptools
+    #    flower-superlink -- ...`: flwr calls uvicorn.run without http=, and the sidecar's
+    #    request filter was validated against httptools, so that parser is pinned.)
     # 2. Long-lived ServerApp launcher. Flower 1.42 has no long-lived ServerApp: `flwr-serverapp`
     #    needs a per-run token. SuperExec polls the Runtime API and spawns one `flwr-serverapp`
     #    per run (its stdout goes to /dev/null; read it with `flwr log RUN_ID CONN --show`).
@@ -343,14 +346,54 @@ def wait_http_ok(url: str, timeout: float, proc: ManagedProcess | None = None) -
     raise TimeoutError(f"{url} not healthy after {timeout:.0f}s")
 
 
-def _python_exec_argv(script: str, fast_poll: float | None) -> list[str]:
-    """argv that runs a flwr console script, optionally with capped poll sleeps."""
-    if fast_poll is None:
+def _python_exec_argv(script: str, fast_poll: float | None, http: str | None = None
+                      ) -> list[str]:
+    """argv that runs a flwr console script, optionally with capped poll sleeps and with
+    uvicorn's HTTP/1.1 implementation pinned (see pin_uvicorn_http)."""
+    if fast_poll is None and http is None:
         return [str(_BIN_DIR / script)]
     return [
-        sys.executable, "-m", "pqfed.services.flower_runtime",
-        "exec", "--poll-cap", str(fast_poll), script, "--",
+        sys.executable, "-m", "pqfed.services.flower_runtime", "exec",
+        *(["--poll-cap", str(fast_poll)] if fast_poll is not None else []),
+        *(["--http", http] if http is not None else []),
+        script, "--",
     ]  # fmt: skip
+
+
+def superlink_http_implementation() -> str:
+    """The HTTP/1.1 implementation the SuperLink's uvicorn must use: the one the sidecar's
+    request filter (pqc/sidecar/httpfilter.py) was validated against."""
+    from pqfed.pqc.sidecar.httpfilter import UPSTREAM_HTTP_IMPLEMENTATION
+
+    return UPSTREAM_HTTP_IMPLEMENTATION
+
+
+def pin_uvicorn_http(implementation: str) -> str:
+    """Every ``uvicorn.Config`` made in this process from now on (flwr 1.42's
+    ``flower-superlink`` calls ``uvicorn.run`` without ``http=``, so uvicorn's default "auto"
+    would pick httptools or h11 by what is installed) uses ``implementation``; returns the
+    patched name. A caller's explicit different choice is overridden, with a warning."""
+    import uvicorn
+    from uvicorn.config import HTTP_PROTOCOLS
+
+    if implementation not in HTTP_PROTOCOLS or implementation == "auto":
+        raise ValueError(f"--http {implementation!r}: choose one of "
+                         f"{sorted(set(HTTP_PROTOCOLS) - {'auto'})}")
+    init = uvicorn.Config.__init__
+    original = getattr(init, "__pqfed_original__", init)
+
+    @functools.wraps(original)
+    def pinned(self: Any, *args: Any, **kwargs: Any) -> None:
+        requested = kwargs.get("http", "auto")
+        if requested not in ("auto", implementation):
+            log.warning("uvicorn http=%r overridden: pinned to %r", requested, implementation)
+        kwargs["http"] = implementation
+        original(self, *args, **kwargs)
+
+    pinned.__pqfed_original__ = original  # type: ignore[attr-defined]
+    pinned.__pqfed_http__ = implementation  # type: ignore[attr-defined]
+    uvicorn.Config.__init__ = pinned  # type: ignore[method-assign]
+    return "uvicorn.Config.__init__"
 
 
 def write_fast_poll_shims(bin_dir: Path, poll_cap: float) -> Path:
@@ -393,7 +436,9 @@ class SuperLinkProcess:
 
     def command(self) -> list[str]:
         cmd = [
-            *_python_exec_argv("flower-superlink", self.fast_poll), "--insecure",
+            *_python_exec_argv("flower-superlink", self.fast_poll,
+                               http=superlink_http_implementation()),
+            "--insecure",
             "--isolation", self.isolation,
             "--disable-runtime-dependency-installation",
             "--host", self.host, "--port", str(self.port),
@@ -1270,8 +1315,11 @@ def run_zygote(
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pqfed.services.flower_runtime")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    ex = sub.add_parser("exec", help="run a flwr console script with capped poll sleeps")
-    ex.add_argument("--poll-cap", type=float, required=True)
+    ex = sub.add_parser("exec", help="run a flwr console script with capped poll sleeps "
+                                     "and/or a pinned uvicorn HTTP implementation")
+    ex.add_argument("--poll-cap", type=float, default=None)
+    ex.add_argument("--http", default=None, help="uvicorn HTTP/1.1 implementation (h11, "
+                                                 "httptools) for every server of the script")
     ex.add_argument("script")
     ex.add_argument("args", nargs=argparse.REMAINDER)
     zy = sub.add_parser("zygote", help="warm fork-server for flwr-clientapp tasks")
@@ -1287,7 +1335,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args[:1] == ["--"]:
         args = args[1:]
     fn = _console_script(ns.script)
-    install_fast_poll(ns.poll_cap)
+    if ns.http is not None:
+        pin_uvicorn_http(ns.http)
+    if ns.poll_cap is not None:
+        install_fast_poll(ns.poll_cap)
     sys.argv = [ns.script, *args]
     result = fn()
     raise SystemExit(result if isinstance(result, int) else 0)

@@ -58,6 +58,7 @@ class Route:
 
 # What an operator may read through an aggregator's sidecar: progress and the checkpoint.
 OPERATOR_PATHS: tuple[str, ...] = ("/status", "/checkpoint")
+LOOPBACK_HOSTS: tuple[str, ...] = ("127.0.0.1", "::1", "localhost")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,12 @@ class SidecarConfig:
     listen: Endpoint | None = None  # inbound secure port (aggregators, edge aggregators)
     upstream: Endpoint | None = None  # local plaintext app port for inbound connections
     routes: tuple[Route, ...] = ()
+    # The admin API (/identity, /metrics, /healthz, /readyz) has no authentication, so it
+    # listens on loopback only. A kubelet's httpGet probes reach the pod IP: give them
+    # `probes`, a second listener that answers /healthz and /readyz with a status and nothing
+    # else, and may bind the pod network (e.g. 0.0.0.0:9902).
     admin: Endpoint | None = field(default_factory=lambda: Endpoint("127.0.0.1", 9901))
+    probes: Endpoint | None = None
     groups: tuple[Group, ...] = (Group.X25519_MLKEM768,)
     suites: tuple[Suite, ...] = field(default_factory=default_suites)
     handshake_timeout_s: float = 10.0
@@ -95,8 +101,17 @@ class SidecarConfig:
             raise ConfigError("crypto_threads", "must be >= 1")
         if self.max_pending_handshakes < 1:
             raise ConfigError("maxPendingHandshakes", "must be >= 1")
+        if self.admin is not None and self.admin.host not in LOOPBACK_HOSTS:
+            raise ConfigError("admin", f"{self.admin} must be a loopback address (e.g. "
+                              "127.0.0.1:9901): /identity and /metrics are unauthenticated; "
+                              "for kubelet probes on the pod IP give probes (--probes "
+                              "0.0.0.0:9902) instead")
+        if (self.admin is not None and self.probes is not None
+                and self.admin.port == self.probes.port and self.admin.port != 0):
+            raise ConfigError("probes", f"{self.probes} shares its port with admin "
+                              f"{self.admin}; give it its own port")
         for route in self.routes:
-            if route.listen.host not in ("127.0.0.1", "::1", "localhost"):
+            if route.listen.host not in LOOPBACK_HOSTS:
                 raise ConfigError("routes.listen", f"{route.listen} must be a loopback address: "
                                   "plaintext never leaves the pod")
         for prefix in self.allow_path_prefixes:
@@ -104,7 +119,7 @@ class SidecarConfig:
                 raise ConfigError("allowPathPrefixes", f"{prefix!r} must start with '/'")
         for name, upstream in (("upstream", self.upstream),
                                ("operatorUpstream", self.operator_upstream)):
-            if upstream is not None and upstream.host not in ("127.0.0.1", "::1", "localhost"):
+            if upstream is not None and upstream.host not in LOOPBACK_HOSTS:
                 raise ConfigError(name, "must be a loopback address: plaintext stays local")
         if self.operator_upstream is not None and self.listen is None:
             raise ConfigError("operatorUpstream", "needs listen + upstream (an inbound sidecar)")
@@ -116,7 +131,7 @@ class SidecarConfig:
     def from_mapping(cls, data: dict[str, Any], base: Path = Path()) -> SidecarConfig:
         known = {"cert", "key", "ca", "listen", "upstream", "routes", "admin", "groups",
                  "suites", "handshakeTimeoutSeconds", "cryptoThreads", "allowPathPrefixes",
-                 "operatorUpstream", "maxPendingHandshakes"}
+                 "operatorUpstream", "maxPendingHandshakes", "probes"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(sorted(unknown)[0],
@@ -142,6 +157,7 @@ class SidecarConfig:
                       else None),
             routes=tuple(Route.parse(r) for r in data.get("routes", [])),
             admin=Endpoint.parse(data["admin"], "admin") if data.get("admin") else None,
+            probes=Endpoint.parse(data["probes"], "probes") if data.get("probes") else None,
             groups=groups, suites=suites,
             handshake_timeout_s=float(data.get("handshakeTimeoutSeconds", 10.0)),
             crypto_threads=int(data.get("cryptoThreads", 4)),

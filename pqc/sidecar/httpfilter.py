@@ -25,6 +25,13 @@ import re
 
 from pqfed.pqc.errors import PqcError
 
+# The HTTP/1.1 implementation of every uvicorn server behind this filter (the SuperLink's
+# Fleet API, the aggregator's status API) and of the sidecar's own listeners. uvicorn's default
+# ("auto") takes httptools when it is importable and h11 otherwise, and the two parse edge
+# cases differently (h11 ends a header line at a bare LF), so the implementation the filter's
+# tests ran against is pinned explicitly instead of depending on what is installed.
+UPSTREAM_HTTP_IMPLEMENTATION = "httptools"
+
 MAX_HEAD = 64 * 1024
 MAX_CHUNK_LINE = 1024
 MAX_TRAILER = 8 * 1024

@@ -120,10 +120,13 @@ def test_aggregator_pod_matches_the_local_runner_topology() -> None:
         "--key", "/etc/pqfed/identity/tls.key", "--ca", "/etc/pqfed/identity/ca.crt",
         "--listen", "0.0.0.0:7443", "--upstream", "127.0.0.1:9092",
         "--allow-path-prefix", "/v1/fleet/",
-        "--operator-upstream", "127.0.0.1:8080", "--admin", "0.0.0.0:9901"]
+        "--operator-upstream", "127.0.0.1:8080", "--admin", "127.0.0.1:9901",
+        "--probes", "0.0.0.0:9902"]
     assert sidecar["restartPolicy"] == "Always"  # native sidecar: the pod can complete
-    # Ready = the sidecar is up and its upstream (the SuperLink) accepts connections.
-    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 9901}
+    # Ready = the sidecar is up and its upstream (the SuperLink) accepts connections. The
+    # kubelet probes the pod IP: the data-free probe listener, never the loopback admin API.
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 9902}
+    assert [p["containerPort"] for p in sidecar["ports"]] == [7443, 9902]
     assert fl["image"] == spec.image == "localhost/pqfed/fl:0.1.0"
     assert sidecar["image"] == spec.sidecar_image == "localhost/pqfed/sidecar:0.1.0"
     assert fl["resources"]["requests"] == {"cpu": "100m", "memory": "768Mi"}

@@ -79,3 +79,34 @@ def test_cli_verify(tmp_path: Path, ca: CertificateAuthority, aggregator: Identi
     _rewrite(path, lambda ls: ls[:-2] + ls[-1:])
     assert main(["audit", "verify", str(path), "--ca", str(tmp_path / "ca.crt")]) == 2
     assert "audit log line 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["event", "node", "round"])
+def test_duplicate_keys_are_rejected(tmp_path: Path, ca: CertificateAuthority,
+                                     aggregator: Identity, key: str) -> None:
+    """A second value for a key before the real one: Python's json keeps the last (so hash and
+    signature still verify), a first-wins parser would read the forged value. Refused."""
+    path = _log(tmp_path, aggregator, 3)
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1].replace("{", '{"' + key + '": "forged", ', 1)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(AuditLogError, match=f"line 2: duplicate key '{key}'"):
+        verify_audit_log(path, ca.trust)
+
+
+@pytest.mark.parametrize(("old", "new", "reason"), [
+    ('"seq": 1', '"seq": 1.0', "seq"),
+    ('"seq": 1', '"seq": true', "seq"),
+    ('"round": 1', '"round": NaN', "NaN"),
+    (", ", ",  ", "canonical"),
+])
+def test_non_canonical_lines_are_rejected(tmp_path: Path, ca: CertificateAuthority,
+                                          aggregator: Identity, old: str, new: str,
+                                          reason: str) -> None:
+    path = _log(tmp_path, aggregator, 3)
+    lines = path.read_text().splitlines()
+    assert old in lines[1]
+    lines[1] = lines[1].replace(old, new, 1)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(AuditLogError, match=reason):
+        verify_audit_log(path, ca.trust)

@@ -1,5 +1,6 @@
 """Property-based fuzzing of every parser that sees untrusted bytes: only typed pqfed errors
-may escape, never IndexError/struct.error/UnicodeDecodeError or a hang."""
+may escape, never IndexError/struct.error/UnicodeDecodeError or a hang. The mutation harness
+(tests/fuzz/harness.py, `make fuzz` for a million inputs) runs here with a small budget."""
 
 from __future__ import annotations
 
@@ -69,3 +70,26 @@ def test_mutated_valid_client_hello(data: st.DataObject, ca: CertificateAuthorit
             server.receive(frame)
     except PqcError:
         pass
+
+
+def test_mutation_harness_small_budget() -> None:
+    """Every target of the harness (HTTP filter, record open, PEM armor, audit log lines,
+    compression and broadcast decoders), a few thousand inputs: no crash, no hang."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "fuzz" / "harness.py"
+    spec = importlib.util.spec_from_file_location("pqfed_fuzz_harness", path)
+    assert spec is not None and spec.loader is not None
+    harness = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, harness)
+    spec.loader.exec_module(harness)
+    lines: list[str] = []
+    with harness.work_dir() as work:
+        results = harness.run_all(6000, 7, work, log=lines.append)
+    assert {r.name for r in results} == {"http-filter", "record-open", "pem-armor", "audit-log",
+                                         "compression", "broadcast"}
+    assert [(r.name, r.crashes[:1]) for r in results if r.crashes] == [], lines
+    assert sum(r.inputs for r in results) >= 6000
+    assert all(r.rejected > 0 for r in results)  # the mutants reach the parsers' checks
