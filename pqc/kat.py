@@ -4,9 +4,10 @@ X-Wing combiner, the pqfed1 key schedule and record protection.
 The vectors in ``kat.json`` fix, for a seed, what FIPS 203/204 make deterministic: the public
 key derived from the seed, the shared secret a fixed ciphertext decapsulates to, the implicit
 rejection secret of a tampered ciphertext, and that a fixed signature verifies (and a flipped
-one does not); then the X-Wing draft's own first test vector (keys from its seed, decapsulation
-through our combiner), the pqfed1 secrets of a fixed shared secret and transcript, and one
-protected record per AEAD. A build whose PQC code or OpenSSL is wrong for its architecture
+one does not); then an X-Wing vector (keys from a seed, decapsulation through our combiner;
+the test suite checks the same code against the draft's own vectors), the pqfed1 secrets of a
+fixed shared secret and transcript, and one protected record per AEAD. A build whose PQC code
+or OpenSSL is wrong for its architecture
 (e.g. an arm64 image run on a Raspberry Pi or under qemu) fails here before it carries any
 traffic. One source of truth: every entry is a record of a vector file under
 tests/pqc/vectors/ (its ``_source``), copied by tests/pqc/vectors/generate.py, and
