@@ -97,15 +97,18 @@ async def _fleet_request(port: int, ident: Identity, trust: TrustAnchor) -> byte
     from pqfed.pqc.errors import PqcError
     from pqfed.pqc.handshake import HandshakeConfig
 
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     config = HandshakeConfig(ident, trust, peer_roles=(Role.AGGREGATOR,),
                              peer_node_id="aggregator")
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:  # not listening yet
+        return b""
     try:
         channel = await client_channel(reader, writer, config)
         await channel.send(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\n"
                            b"Content-Length: 0\r\n\r\n")
         return await asyncio.wait_for(channel.recv(), 20)
-    except (PqcError, ConnectionError, TimeoutError):
+    except (PqcError, OSError, TimeoutError):
         return b""
     finally:
         writer.close()
