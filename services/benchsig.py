@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     ca = CertificateAuthority.generate("bench")
     agg = ca.new_identity("aggregator", Role.AGGREGATOR)
-    out: dict[str, Any] = {"clients": args.clients, "runs": args.runs, "tasks": {}}
+    from pqfed.pqc.backends import get_backend
+
+    out: dict[str, Any] = {"clients": args.clients, "runs": args.runs,
+                           "backend": type(get_backend()).__name__, "tasks": {}}
     for task in args.tasks.split(","):
         weights = get_weights(build_model(task, seed=0))
         res: dict[str, list[float]] = {k: [] for k in ("sign", "verify", "digest_server",
