@@ -1,9 +1,29 @@
-"""Per-update signatures: the sender signs a manifest that binds the digest of each model
-update to (federation, round, sender, size); the receiver verifies before using it.
+"""Signed manifests, both directions of a round.
 
-The manifest, not the multi-megabyte update, is what ML-DSA signs: FIPS 204 signs any
-message, but hashing once with SHA3-256 lets the digest double as the audit log's key and
-keeps signing time independent of the model size.
+Uplink (per-update signatures): the sender signs a manifest that binds the digest of each
+model update to (federation, job, round, sender, size) and to the weight the aggregator gives
+it (`num_examples`, and `contributors`: 1 for a client, the clients behind an edge's
+aggregate); the receiver verifies before using it, and takes the weight from the manifest only.
+
+Downlink (model signatures): the central aggregator signs (federation, job, epoch, round,
+model version, model digest) once per model version; edges forward the signature unchanged
+and clients verify it against the pinned aggregator identity before training, so an edge in
+between can neither alter the model nor replay an older one.
+
+A manifest, not the multi-megabyte model, is what ML-DSA signs: FIPS 204 signs any message,
+but hashing once with SHA3-256 lets the digest double as the audit log's key and keeps
+signing time independent of the model size. Each direction has its own FIPS 204 context
+string, so a signature made for one can never verify as the other.
+
+Encodings (big-endian, pqc/encoding.py: `text` is a u8 length + UTF-8, `raw` fixed length):
+
+  UpdateManifest v2: u16 version=2 | text federation | text job | u32 round | text node_id |
+                     raw[32] digest | u64 size | u64 timestamp | u64 num_examples |
+                     u32 contributors
+  ModelManifest v1:  u16 version=1 | text federation | text job | raw[8] epoch | u32 round |
+                     u32 model_version | raw[32] digest | u64 timestamp
+
+Version 1 update manifests (no signed weight) are refused: the weight must be signed.
 """
 
 from __future__ import annotations
@@ -15,12 +35,30 @@ from dataclasses import dataclass
 from pqfed.pqc.armor import armor, unarmor
 from pqfed.pqc.backends import get_backend
 from pqfed.pqc.encoding import Reader, Writer
-from pqfed.pqc.errors import CertificateError, DecodeError, InvalidSignature, UpdateRejected
+from pqfed.pqc.errors import (
+    CertificateError,
+    DecodeError,
+    InvalidSignature,
+    PqcError,
+    UpdateRejected,
+)
 from pqfed.pqc.identity import Certificate, Identity, Role, TrustAnchor
 
 UPDATE_CONTEXT = b"pqfed/update/v1"
 DIGEST_LEN = 32
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+MODEL_CONTEXT = b"pqfed/model/v1"
+MODEL_MANIFEST_VERSION = 1
+EPOCH_LEN = 8
+MAX_WEIGHT = 2**63 - 1
+
+
+class ModelRejected(PqcError):
+    """A signed global model failed verification at a node and must not be trained on."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"model rejected: {reason}")
+        self.reason = reason
 
 
 def update_digest(payload: bytes) -> bytes:
@@ -36,12 +74,14 @@ class UpdateManifest:
     digest: bytes
     size: int
     timestamp: int
+    num_examples: int = 0  # the aggregation weight (FedAvg's); signed, so never altered
+    contributors: int = 1  # how many clients this update stands for (minClients counts it)
 
     def to_bytes(self) -> bytes:
         return (
             Writer().u16(MANIFEST_VERSION).text(self.federation).text(self.job)
             .u32(self.round).text(self.node_id).raw(self.digest).u64(self.size)
-            .u64(self.timestamp).getvalue()
+            .u64(self.timestamp).u64(self.num_examples).u32(self.contributors).getvalue()
         )
 
     @classmethod
@@ -49,11 +89,15 @@ class UpdateManifest:
         r = Reader(data, "update_manifest")
         version = r.u16("version")
         if version != MANIFEST_VERSION:
-            raise DecodeError("update_manifest.version", f"{version} is not {MANIFEST_VERSION}")
+            raise DecodeError("update_manifest.version",
+                              f"{version} is not {MANIFEST_VERSION} (version 1 manifests do "
+                              "not sign the update's weight; upgrade the sender)")
         out = cls(r.text("federation", 1, 63), r.text("job", 1, 253), r.u32("round"),
                   r.text("node_id", 1, 63), r.raw(DIGEST_LEN, "digest"), r.u64("size"),
-                  r.u64("timestamp"))
+                  r.u64("timestamp"), r.u64("num_examples"), r.u32("contributors"))
         r.finish()
+        if out.num_examples > MAX_WEIGHT:
+            raise DecodeError("update_manifest.num_examples", f"{out.num_examples} > {MAX_WEIGHT}")
         return out
 
 
@@ -88,10 +132,18 @@ class SignedUpdate:
         return cls.from_bytes(unarmor("PQFED SIGNED UPDATE", text))
 
 
-def sign_update(identity: Identity, job: str, round_number: int, payload: bytes) -> SignedUpdate:
+def sign_update(identity: Identity, job: str, round_number: int, payload: bytes, *,
+                num_examples: int = 0, contributors: int = 1) -> SignedUpdate:
+    """Signs `payload` for (job, round) with its aggregation weight (`num_examples`) and the
+    number of clients it stands for (`contributors`)."""
+    if not 0 <= num_examples <= MAX_WEIGHT:
+        raise ValueError(f"num_examples: {num_examples} is not in [0, {MAX_WEIGHT}]")
+    if not 1 <= contributors <= 0xFFFFFFFF:
+        raise ValueError(f"contributors: {contributors} must be >= 1")
     cert = identity.certificate
     manifest = UpdateManifest(cert.federation, job, round_number, cert.node_id,
-                              update_digest(payload), len(payload), int(time.time()))
+                              update_digest(payload), len(payload), int(time.time()),
+                              num_examples, contributors)
     return SignedUpdate(manifest, identity.sign(manifest.to_bytes(), UPDATE_CONTEXT), cert)
 
 
@@ -122,4 +174,103 @@ def verify_update(
                                   f"{round_number} (replayed update?)")
     if m.size != len(payload) or m.digest != update_digest(payload):
         raise UpdateRejected(who, "update bytes do not match the signed digest (tampered)")
+    return m
+
+
+# ---------------------------------------------------------------- downlink ---------------
+
+@dataclass(frozen=True, slots=True)
+class ModelManifest:
+    """What the central aggregator vouches for: the model of (job, epoch, round, version)."""
+
+    federation: str
+    job: str
+    epoch: bytes  # random per aggregator start: a restarted aggregator starts a new epoch
+    round: int
+    version: int  # the model version within the epoch (the public model's, or the round)
+    digest: bytes  # services.downlink.weights_digest of the weights nodes train from
+    timestamp: int
+
+    def to_bytes(self) -> bytes:
+        return (
+            Writer().u16(MODEL_MANIFEST_VERSION).text(self.federation).text(self.job)
+            .raw(self.epoch).u32(self.round).u32(self.version).raw(self.digest)
+            .u64(self.timestamp).getvalue()
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ModelManifest:
+        r = Reader(data, "model_manifest")
+        version = r.u16("version")
+        if version != MODEL_MANIFEST_VERSION:
+            raise DecodeError("model_manifest.version",
+                              f"{version} is not {MODEL_MANIFEST_VERSION}")
+        out = cls(r.text("federation", 1, 63), r.text("job", 1, 253), r.raw(EPOCH_LEN, "epoch"),
+                  r.u32("round"), r.u32("model_version"), r.raw(DIGEST_LEN, "digest"),
+                  r.u64("timestamp"))
+        r.finish()
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class SignedModel:
+    """Model manifest + the aggregator's signature + its certificate."""
+
+    manifest: ModelManifest
+    signature: bytes
+    certificate: Certificate
+
+    def to_bytes(self) -> bytes:
+        return (
+            Writer().vec16(self.manifest.to_bytes()).vec16(self.signature)
+            .vec16(self.certificate.to_bytes()).getvalue()
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SignedModel:
+        r = Reader(data, "signed_model")
+        manifest = ModelManifest.from_bytes(r.vec16("manifest", 1, 1024))
+        signature = r.vec16("signature", 1, 8192)
+        cert = Certificate.from_bytes(r.vec16("certificate", 1, 16384))
+        r.finish()
+        return cls(manifest, signature, cert)
+
+
+def sign_model(identity: Identity, job: str, epoch: bytes, round_number: int, version: int,
+               digest: bytes) -> SignedModel:
+    """The aggregator's signature over one model version (once per version, not per node)."""
+    if len(epoch) != EPOCH_LEN or len(digest) != DIGEST_LEN:
+        raise ValueError(f"epoch must be {EPOCH_LEN} bytes and digest {DIGEST_LEN} bytes")
+    cert = identity.certificate
+    manifest = ModelManifest(cert.federation, job, epoch, round_number, version, digest,
+                             int(time.time()))
+    return SignedModel(manifest, identity.sign(manifest.to_bytes(), MODEL_CONTEXT), cert)
+
+
+def verify_model(signed: SignedModel, trust: TrustAnchor, *, job: str, signer: str,
+                 round_number: int, digest: bytes) -> ModelManifest:
+    """Checks the signer is the pinned aggregator (`signer`: its node id) of this CA, the
+    signature, the job, the round and that `digest` (of the weights received) is the signed
+    one. Raises ModelRejected naming what did not match. Freshness across messages (no older
+    version of the same epoch) is the caller's: it holds what it accepted before."""
+    m = signed.manifest
+    try:
+        trust.verify(signed.certificate, roles=(Role.AGGREGATOR,), node_id=signer)
+    except CertificateError as exc:
+        raise ModelRejected(f"signer certificate: {exc}") from None
+    try:
+        get_backend().sig_verify(signed.certificate.sig_algorithm, signed.certificate.public_key,
+                                 m.to_bytes(), signed.signature, MODEL_CONTEXT)
+    except InvalidSignature:
+        raise ModelRejected("signature does not verify") from None
+    if m.federation != signed.certificate.federation:
+        raise ModelRejected(f"signed federation {m.federation!r} is not the signer's")
+    if m.job != job:
+        raise ModelRejected(f"signed job {m.job!r} is not {job!r}")
+    if m.round != round_number:
+        raise ModelRejected(f"signed round {m.round} is not the announced round {round_number} "
+                            "(replayed model?)")
+    if m.digest != digest:
+        raise ModelRejected("model weights do not match the aggregator's signed digest "
+                            "(altered in transit)")
     return m

@@ -1,14 +1,20 @@
 """The Flower ServerApp and ClientApp of pqfed (Flower 1.42 Message API, deployment mode).
 
 What pqfed adds to Flower, as composition rather than rewrites:
-* ClientApp `pqfed_mod` (a Flower mod): optional Flower LocalDpMod, then update compression
-  with error feedback, then an ML-DSA signature over the exact bytes sent (pqc.signing).
+* ClientApp `pqfed_mod` (a Flower mod): first checks the central aggregator's signature over
+  the model it is asked to train (pqc.signing.verify_model: pinned signer, job, round,
+  digest, no older version), then optional Flower LocalDpMod, then update compression with
+  error feedback, then an ML-DSA signature over the exact bytes sent and their aggregation
+  weight (pqc.signing.sign_update).
 * ServerApp `VerifiedStrategy`: wraps any Flower strategy (FedAvg, FedProx, FedTrimmedAvg,
-  Krum, MultiKrum, optionally inside Flower's central-DP wrapper); verifies every reply's
-  signature before anything else touches it, records rejections in the signed audit log,
-  decodes compressed deltas, and records each round (accuracy, bytes, crypto time,
-  participants) with a checkpoint so a restarted aggregator resumes after the last
-  completed round.
+  Krum, MultiKrum, optionally inside Flower's central-DP wrapper); signs (central aggregator)
+  or relays (edge) the model signature of each round; verifies every reply's signature
+  before anything else touches it and accepts at most one update per certified node id and
+  round (Flower node ids are not bound to certificates, so this is what stops one enrolled
+  node from voting twice through several SuperNodes); takes each update's weight from its
+  signed manifest only; records rejections in the signed audit log, decodes compressed
+  deltas, and records each round (accuracy, bytes, crypto time, participants) with a
+  checkpoint so a restarted aggregator resumes after the last completed round.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +45,30 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from pqfed.pqc.audit import AuditLog
-from pqfed.pqc.errors import PqcError
+from pqfed.pqc.errors import PqcError, UpdateRejected
 from pqfed.pqc.identity import Certificate, Identity, Role, TrustAnchor
-from pqfed.pqc.signing import SignedUpdate, sign_update, verify_update
+from pqfed.pqc.signing import (
+    EPOCH_LEN,
+    ModelManifest,
+    ModelRejected,
+    SignedModel,
+    SignedUpdate,
+    UpdateManifest,
+    sign_model,
+    sign_update,
+    verify_model,
+    verify_update,
+)
 from pqfed.services import compression, downlink
-from pqfed.services.downlink import Broadcast, Broadcaster, Held, apply
-from pqfed.services.edge import EDGE_SOCKET_KEY, EdgeRoundError, request_edge_round
+from pqfed.services.downlink import Broadcast, Broadcaster, Held, apply, weights_digest
+from pqfed.services.edge import (
+    AGGREGATOR_NODE_ID,
+    EDGE_SOCKET_KEY,
+    MODEL_SIGNER_KEY,
+    EdgeRoundError,
+    EdgeRunner,
+    request_edge_round,
+)
 from pqfed.services.rounds import RoundRecorder, local_dp_budget
 from pqfed.services.spec import FederationJobSpec, parse_spec
 from pqfed.services.strategies import build_strategy
@@ -53,6 +77,8 @@ log = logging.getLogger("pqfed.services")
 UPDATE_KEY = "pqfed-update"  # ConfigRecord carrying the signed manifest and blob
 BLOB_KEY = "blob"
 BROADCAST_KEY = "pqfed-broadcast"  # ConfigRecord marking a compressed model broadcast
+MODEL_SIG_KEY = "pqfed-model-sig"  # ConfigRecord: the central aggregator's SignedModel
+MODEL_SEEN_KEY = "pqfed-model-seen"  # node state: (epoch, round, version) last trained from
 
 
 # ---------------------------------------------------------------- shared helpers --------
@@ -131,6 +157,8 @@ def pqfed_mod(msg: Message, context: Context, call_next: Any) -> Message:
         msg.content = RecordDict(fields)
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)  # type: ignore[no-any-return]
+    if MODEL_SIGNER_KEY in context.node_config or MODEL_SIG_KEY in msg.content:
+        check_model_signature(msg, context)  # raises (-> an error reply) before any training
     spec = job_spec(context)
     global_record = _record(msg.content, "arrays")
     edge = EDGE_SOCKET_KEY in context.node_config
@@ -159,11 +187,13 @@ def pqfed_mod(msg: Message, context: Context, call_next: Any) -> Message:
         context.state["residual"] = ArrayRecord(list(residual))
     ident, _ = _identity(str(context.node_config["identity-dir"]))
     round_number = _round_of(msg)
-    t0 = time.perf_counter()
-    signed = sign_update(ident, str(context.run_config["job"]), round_number, blob)
-    sign_s = time.perf_counter() - t0
     metrics = _metrics(reply.content)
-    metrics["sign-seconds"] = sign_s
+    t0 = time.perf_counter()
+    # The aggregation weight travels inside the signed manifest (the metric is a copy).
+    signed = sign_update(ident, str(context.run_config["job"]), round_number, blob,
+                         num_examples=int(_number(metrics.get("num-examples", 0))),
+                         contributors=int(_number(metrics.get("clients", 1))))
+    metrics["sign-seconds"] = time.perf_counter() - t0
     content = RecordDict({
         "arrays": ArrayRecord({BLOB_KEY: Array(np.frombuffer(blob, dtype=np.uint8))}),
         "metrics": metrics,
@@ -172,13 +202,48 @@ def pqfed_mod(msg: Message, context: Context, call_next: Any) -> Message:
     return Message(content, reply_to=msg)
 
 
+def check_model_signature(msg: Message, context: Context) -> ModelManifest:
+    """A node's check of the model it is asked to train: signed by the pinned central
+    aggregator (node_config `model-signer`, default "aggregator", under the node's CA) for
+    this job and the announced round, over exactly the weights received, and not older than
+    what this node trained from before (same epoch: a later round and model version; another
+    epoch, i.e. a restarted aggregator: not an earlier round). Raises ModelRejected.
+
+    Required of nodes behind an edge (`model-signer` in their node config, set from their own
+    job file by `pqfed fl client`); a node of a flat job talks to the aggregator itself over
+    the channel pinned to it, and checks a signature only where one is sent."""
+    _, trust = _identity(str(context.node_config["identity-dir"]))
+    signer = str(context.node_config.get(MODEL_SIGNER_KEY, AGGREGATOR_NODE_ID))
+    if MODEL_SIG_KEY not in msg.content:
+        raise ModelRejected(f"the model carries no signature of {signer!r}; nodes train only "
+                            "on models the central aggregator signed")
+    raw = _config(msg.content, MODEL_SIG_KEY)["signed"]
+    if not isinstance(raw, bytes):
+        raise ModelRejected("the model signature is not bytes")
+    m = verify_model(SignedModel.from_bytes(raw), trust, job=str(context.run_config["job"]),
+                     signer=signer, round_number=_round_of(msg),
+                     digest=weights_digest(_arrays(_record(msg.content, "arrays"))))
+    if MODEL_SEEN_KEY in context.state:
+        seen = _config(context.state, MODEL_SEEN_KEY)
+        seen_round, seen_version = int(_number(seen["round"])), int(_number(seen["version"]))
+        if seen["epoch"] == m.epoch and (m.round <= seen_round or m.version <= seen_version):
+            raise ModelRejected(f"round {m.round} version {m.version} is not newer than round "
+                                f"{seen_round} version {seen_version} already trained from "
+                                "(replayed model)")
+        if seen["epoch"] != m.epoch and m.round < seen_round:
+            raise ModelRejected(f"round {m.round} is older than round {seen_round} already "
+                                "trained from (replayed model of an earlier epoch)")
+    context.state[MODEL_SEEN_KEY] = ConfigRecord({"epoch": m.epoch, "round": m.round,
+                                                  "version": m.version})
+    return m
+
+
 def receive_broadcast(msg: Message, context: Context) -> list[np.ndarray[Any, Any]]:
     """A compressed model broadcast (services/downlink.py): applies the steps this node lacks
     to the model it holds (kept in the node's state) and returns the published weights,
     checked against the broadcast's digest. Raises (-> an error reply) when anything does not
-    match; the aggregator then sends the whole model next round. Authenticity is the PQC
-    channel's (mutually authenticated, pinned to the aggregator's node id), as for a dense
-    broadcast."""
+    match; the aggregator then sends the whole model next round. Authenticity is the central
+    aggregator's model signature, checked after this (check_model_signature)."""
     spec = job_spec(context)
     version = _config(msg.content, BROADCAST_KEY)["version"]
     broadcast = Broadcast.from_bytes(_record(msg.content, "arrays")[BLOB_KEY].numpy().tobytes())
@@ -255,21 +320,21 @@ def train(msg: Message, context: Context) -> Message:
                                "metrics": metrics}), reply_to=msg)
 
 
-EdgeRunner = Callable[[int, list[np.ndarray[Any, Any]], dict[str, Any], float],
-                      tuple[list[np.ndarray[Any, Any]], dict[str, float]]]
-
-
 def edge_train(msg: Message, context: Context, run_round: EdgeRunner,
                received: float | None = None) -> Message:
     """An edge's upstream train handler: one edge round over the edge's own clients
-    (`run_round(round, global weights, config, timeout)`; services/edge.py)."""
+    (`run_round(round, global weights, config, timeout, model_sig)`; services/edge.py). The
+    central aggregator's model signature (checked by pqfed_mod) goes to the clients as is."""
     received = time.time() if received is None else received
     spec = job_spec(context)
     config = {k: v for k, v in _config(msg.content, "config").items()
               if isinstance(v, int | float | str | bool)}
+    sig = _config(msg.content, MODEL_SIG_KEY)["signed"]
+    if not isinstance(sig, bytes):
+        raise TypeError("the model signature is not bytes")
     try:
         weights, edge_metrics = run_round(_round_of(msg), _arrays(_record(msg.content, "arrays")),
-                                          config, float(spec.timeouts.round_seconds))
+                                          config, float(spec.timeouts.round_seconds), sig)
     except EdgeRoundError as exc:
         raise RuntimeError(str(exc)) from None  # Flower turns it into an error reply
     metrics = MetricRecord({**edge_metrics, "t-received": received, "t-replied": time.time()})
@@ -298,14 +363,26 @@ def evaluate(msg: Message, context: Context) -> Message:
 # ---------------------------------------------------------------- server side -----------
 
 class VerifiedStrategy(Strategy):
-    """Verifies, audits and decodes every training reply, then delegates to `inner`."""
+    """Signs (or relays) the round's model, then verifies, audits and decodes every training
+    reply, and delegates to `inner` with at most one update per certified node.
+
+    `model_signer`: the central aggregator's identity, which signs each model version it
+    sends (pqc.signing.sign_model). An edge has none: it sets `relay_model_sig` each round to
+    the central aggregator's signature of the model it forwards, unchanged."""
 
     def __init__(self, inner: Strategy, *, trust: TrustAnchor, job: str,
                  recorder: RoundRecorder, audit: AuditLog | None, round_offset: int,
                  min_clients: int, roles: tuple[Role, ...] = (Role.CLIENT,),
-                 downlink: Broadcaster | None = None) -> None:
+                 downlink: Broadcaster | None = None,
+                 model_signer: Identity | None = None) -> None:
         self.inner = inner
         self.downlink = downlink
+        self.model_signer = model_signer
+        self.relay_model_sig: bytes | None = None
+        # Model versions are (epoch, version): the broadcaster's, or this strategy's own
+        # epoch with the round as version when broadcasts stay dense.
+        self._epoch = downlink.epoch if downlink is not None else os.urandom(EPOCH_LEN)
+        self._voted: dict[int, set[str]] = {}  # round -> certified node ids accepted
         self._target: list[np.ndarray[Any, Any]] = []
         self.roles = roles  # who may sign updates here: clients, or edges in hierarchical mode
         self.trust = trust
@@ -333,26 +410,55 @@ class VerifiedStrategy(Strategy):
             arrays = ArrayRecord(list(self.downlink.advance(self._target)))
         self._global = _arrays(arrays)
         self.accepted_clients, self.accepted_examples = 0, 0.0
+        self._voted = {rnd: set()}
         config["round"] = rnd
         msgs = list(self.inner.configure_train(server_round, arrays, config, grid))
-        if self.downlink is None:
-            sent = arrays.count_bytes() * len(msgs)
-        else:
-            sent = sum(self._attach_broadcast(m) for m in msgs)
+        model_sig = self._model_signature(rnd)
+        sent = 0
+        for msg in msgs:
+            # A new RecordDict per message: Flower strategies share one content object between
+            # the round's messages, and nodes may be at different versions.
+            content = dict(msg.content.items())
+            if self.downlink is None:
+                sent += arrays.count_bytes()
+            else:
+                sent += self._attach_broadcast(msg.metadata.dst_node_id, content)
+            if model_sig is not None:
+                content[MODEL_SIG_KEY] = ConfigRecord({"signed": model_sig})
+                sent += len(model_sig)
+            msg.content = RecordDict(content)
         self.recorder.start_round(rnd, bytes_sent=sent)
         return msgs
 
-    def _attach_broadcast(self, msg: Message) -> int:
-        """Replaces the message's dense model by a compressed broadcast; returns its size."""
+    def _model_signature(self, rnd: int) -> bytes | None:
+        """The round's model signature: made here once per model version (central
+        aggregator), or the relayed one (edge)."""
+        if self.model_signer is None:
+            return self.relay_model_sig
+        version = self.downlink.version if self.downlink is not None else rnd
+        t0 = time.perf_counter()
+        signed = sign_model(self.model_signer, self.job, self._epoch, rnd, version,
+                            weights_digest(self._global))
+        self.recorder.add_crypto(rnd, time.perf_counter() - t0)
+        return signed.to_bytes()
+
+    def _attach_broadcast(self, node: int, content: dict[str, Any]) -> int:
+        """Replaces the dense model in `content` by a compressed broadcast; returns its size."""
         assert self.downlink is not None
-        data = self.downlink.broadcast_for(msg.metadata.dst_node_id).to_bytes()
-        # A new RecordDict per message: Flower strategies share one content object between
-        # the round's messages, and nodes may be at different versions.
-        content = dict(msg.content.items())
+        data = self.downlink.broadcast_for(node).to_bytes()
         content["arrays"] = ArrayRecord({BLOB_KEY: Array(np.frombuffer(data, np.uint8))})
         content[BROADCAST_KEY] = ConfigRecord({"version": self.downlink.version})
-        msg.content = RecordDict(content)
         return len(data)
+
+    def _check_vote(self, rnd: int, manifest: UpdateManifest) -> None:
+        """One update per (round, certified node id), whichever Flower node carried it, and a
+        client update stands for one client. Raises UpdateRejected."""
+        if manifest.node_id in self._voted.setdefault(rnd, set()):
+            raise UpdateRejected(manifest.node_id, f"a second update in round {rnd} (one update "
+                                 "per node and round; the first one counts)")
+        if self.roles == (Role.CLIENT,) and manifest.contributors != 1:
+            raise UpdateRejected(manifest.node_id, f"a client update claims to stand for "
+                                 f"{manifest.contributors} clients")
 
     def _verify(self, server_round: int, reply: Message) -> Message | None:
         rnd = self.offset + server_round
@@ -372,6 +478,7 @@ class VerifiedStrategy(Strategy):
             manifest = verify_update(signed, blob, self.trust, job=self.job, round_number=rnd,
                                      roles=self.roles)
             self.recorder.add_crypto(rnd, time.perf_counter() - t0)
+            self._check_vote(rnd, manifest)
             delta = compression.decode(blob, self._global)
         except (PqcError, KeyError, TypeError, ValueError) as exc:
             reason = str(exc)
@@ -384,17 +491,21 @@ class VerifiedStrategy(Strategy):
                 self.audit.append("update-rejected", round=rnd,
                                   node=str(reply.metadata.src_node_id), reason=reason)
             return None
+        self._voted[rnd].add(manifest.node_id)
         metrics = _metrics(reply.content)
+        # The weight the inner strategy uses (FedAvg's "num-examples") is the signed one.
+        metrics["num-examples"] = manifest.num_examples
         self.recorder.add_crypto(rnd, _number(metrics.get("sign-seconds", 0.0)))
         self.recorder.note_compute(rnd, _number(metrics.get("train-seconds", 0.0)))
         self.recorder.note_timeline(rnd, _number(metrics.get("t-received", 0.0)),
                                     _number(metrics.get("t-replied", 0.0)))
         self.recorder.note_update(rnd, manifest.node_id, len(blob))
-        self.accepted_clients += int(_number(metrics.get("clients", 1)))
-        self.accepted_examples += _number(metrics.get("num-examples", 0))
+        self.accepted_clients += manifest.contributors
+        self.accepted_examples += manifest.num_examples
         if self.audit:
             self.audit.append("update-accepted", round=rnd, node=manifest.node_id,
-                              digest=manifest.digest.hex(), size=manifest.size)
+                              digest=manifest.digest.hex(), size=manifest.size,
+                              examples=manifest.num_examples)
         if self.downlink is not None:
             self.downlink.ack(node)
         weights = [g + d for g, d in zip(self._global, delta, strict=True)]
@@ -453,7 +564,9 @@ def main(grid: Grid, context: Context) -> None:
     roles = (Role.EDGE,) if spec.hierarchy.enabled else (Role.CLIENT,)
     strategy = VerifiedStrategy(build_strategy(spec), trust=trust, job=job, recorder=recorder,
                                 audit=audit, round_offset=done, min_clients=spec.min_clients,
-                                roles=roles, downlink=downlink.for_spec(spec))
+                                roles=roles, downlink=downlink.for_spec(spec),
+                                # edges forward the model: sign it for their clients
+                                model_signer=ident if spec.hierarchy.enabled else None)
     train_config = ConfigRecord()  # FedProx adds "proximal-mu" itself
     strategy.start(grid, ArrayRecord(list(initial)), num_rounds=rounds,
                    timeout=spec.timeouts.round_seconds, train_config=train_config,

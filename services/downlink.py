@@ -13,9 +13,12 @@ Nodes hold (epoch, version, weights). A broadcast is a chain of steps from the v
 server last saw the node acknowledge, or a base step (the whole model: int8 at version 0, or
 fp32 later, whichever is smaller than the chain) for a node it does not know (new node ids,
 a restarted aggregator: new epoch). A node applies the steps it lacks and checks the SHA3-256
-digest of the result. Broadcasts are not signed: like the dense broadcast they travel only over
-the mutually authenticated PQC channel pinned to the aggregator (an ML-DSA-65 signature plus
-certificate would be ~7 KiB per message, more than a small model's compressed step).
+digest of the result. In flat jobs broadcasts are not signed: like the dense broadcast they
+travel only over the mutually authenticated PQC channel pinned to the aggregator (an ML-DSA-65
+signature plus certificate is ~8.6 KiB per message, more than a small model's compressed step).
+In hierarchical jobs the central aggregator signs (job, epoch, round, version, digest) once per
+version (pqc.signing.sign_model; `weights_digest` below is the digest it signs) and edges
+forward that signature to their clients with the exact weights.
 
 Message layout (big-endian): magic "PQM1" | 8-byte epoch | u32 target version | 32-byte
 digest of the target weights | u32 step count | per step: u32 from-version (0xFFFFFFFF = base:

@@ -8,6 +8,13 @@ An edge aggregator is two Flower roles in one process set (`pqfed fl edge`):
   to the central sidecar) whose ClientApp, on a train message, hands the global model to the
   edge ServerApp over a unix socket, waits for the pre-aggregated model and replies with it.
 
+The global model goes down unchanged: the edge forwards the central aggregator's model
+signature (pqc.signing.sign_model) with the exact weights it received, densely, and its
+clients verify that signature against the pinned central aggregator before training, so an
+edge can neither alter the model its clients train from nor replay an older one. (The edge
+therefore does not re-compress the broadcast to its clients: a lossy re-encoding would no
+longer match the signed digest.)
+
 The upstream reply then goes through the normal client pipeline (`apps.pqfed_mod`): it is
 compressed (with the edge's own error feedback) and ML-DSA-signed by the edge's identity
 (Role.EDGE). The central aggregator accepts only edge-signed updates in hierarchical mode and
@@ -16,12 +23,14 @@ as a client.
 
 Per edge round the edge verifies every client update (signature, job, round), audits rejects in
 its own signed log, aggregates with the job's Flower strategy (robust strategies therefore see
-individual client updates at the edge), and records the round in its own status.json. The
-central aggregator runs FedAvg over the edges weighted by the examples each edge aggregated.
+individual client updates at the edge; at most one update per client certificate and round),
+and records the round in its own status.json. The central aggregator runs FedAvg over the
+edges weighted by the examples each edge aggregated, as signed in the edge's manifest.
 
 Socket protocol (loopback-only unix socket, one request per connection): a frame is a u32
 big-endian header length, a JSON header, a u32 payload length and the payload (an .npz of the
-weights, loaded with allow_pickle=False).
+weights, loaded with allow_pickle=False). A round request's header carries the round, the
+train config, the timeout and `modelSignature` (hex of the central SignedModel).
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import struct
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -44,16 +53,28 @@ from flwr.serverapp import Grid, ServerApp
 
 from pqfed.pqc.audit import AuditLog
 from pqfed.pqc.identity import Role
-from pqfed.services import downlink
 from pqfed.services.rounds import RoundRecorder
 from pqfed.services.spec import FederationJobSpec
 
 log = logging.getLogger("pqfed.edge")
 
 EDGE_SOCKET_KEY = "edge-socket"  # node_config key of an edge's upstream SuperNode
+# node_config key of a client behind an edge: the node id of the central aggregator whose model
+# signature it requires (set from the node's own job file, never from the edge's run config).
+MODEL_SIGNER_KEY = "model-signer"
+AGGREGATOR_NODE_ID = "aggregator"  # the central aggregator's certificate node id
 MAX_HEADER = 64 * 1024
 MAX_PAYLOAD = 512 * 1024 * 1024
 Weights = list[npt.NDArray[np.float32]]
+
+
+class EdgeRunner(Protocol):
+    """Runs one edge round: (round, global weights, train config, timeout, the central
+    aggregator's model signature) -> (aggregated weights, metrics)."""
+
+    def __call__(self, round_number: int, weights: list[npt.NDArray[Any]],
+                 config: dict[str, Any], timeout: float, model_sig: bytes
+                 ) -> tuple[Weights, dict[str, float]]: ...
 
 
 class EdgeRoundError(RuntimeError):
@@ -115,7 +136,7 @@ def recv_frame(conn: socket.socket) -> tuple[dict[str, Any], bytes]:
 # ---------------------------------------------------------------- upstream side ---------
 
 def request_edge_round(path: Path, round_number: int, weights: list[npt.NDArray[Any]],
-                       config: dict[str, Any], timeout: float
+                       config: dict[str, Any], timeout: float, model_sig: bytes
                        ) -> tuple[Weights, dict[str, float]]:
     """Called by the edge's upstream ClientApp: runs one edge round, returns the edge's
     aggregated weights and its metrics (num-examples, clients, ...)."""
@@ -133,7 +154,8 @@ def request_edge_round(path: Path, round_number: int, weights: list[npt.NDArray[
                 time.sleep(0.05)
         conn.settimeout(max(1.0, deadline - time.monotonic()))
         send_frame(conn, {"round": round_number, "config": config,
-                          "timeout": max(1.0, deadline - time.monotonic())},
+                          "timeout": max(1.0, deadline - time.monotonic()),
+                          "modelSignature": model_sig.hex()},
                    pack_weights(weights))
         header, payload = recv_frame(conn)
     except (OSError, ValueError) as exc:
@@ -152,8 +174,9 @@ edge_server_app = ServerApp()
 
 
 class EdgeAggregator:
-    """The downstream half of an edge: verifies and aggregates its clients' signed updates
-    with the job's Flower strategy; `run_round` matches `apps.EdgeRunner`."""
+    """The downstream half of an edge: forwards the signed global model, verifies and
+    aggregates its clients' signed updates with the job's Flower strategy; `run_round` is an
+    `EdgeRunner`."""
 
     def __init__(self, grid: Grid, spec: FederationJobSpec, job: str, *, trust: Any,
                  recorder: RoundRecorder, audit: AuditLog | None) -> None:
@@ -165,14 +188,17 @@ class EdgeAggregator:
         self.strategy = VerifiedStrategy(
             build_strategy(spec, level="edge"), trust=trust, job=job, recorder=recorder,
             audit=audit, round_offset=0, min_clients=1, roles=(Role.CLIENT,),
-            downlink=downlink.for_spec(spec))
+            downlink=None)  # dense and exact: the clients check the central signature
 
     def run_round(self, round_number: int, weights: list[npt.NDArray[Any]],
-                  config: dict[str, Any], timeout: float) -> tuple[Weights, dict[str, float]]:
-        """Sends the global model to the member clients and aggregates their verified
-        updates. Raises EdgeRoundError when nothing valid came back."""
+                  config: dict[str, Any], timeout: float, model_sig: bytes
+                  ) -> tuple[Weights, dict[str, float]]:
+        """Sends the global model, with the central aggregator's signature, to the member
+        clients and aggregates their verified updates. Raises EdgeRoundError when nothing
+        valid came back."""
         strategy = self.strategy
         strategy.offset = round_number - 1  # so the clients sign the central round number
+        strategy.relay_model_sig = model_sig
         train_config = ConfigRecord({k: v for k, v in config.items()
                                      if isinstance(v, int | float | str | bool)})
         msgs = list(strategy.configure_train(1, ArrayRecord(list(weights)), train_config,
@@ -223,7 +249,8 @@ def edge_main(grid: Grid, context: Context) -> None:
                 weights, metrics = aggregator.run_round(
                     int(header["round"]), unpack_weights(payload),
                     dict(header.get("config", {})),
-                    float(header.get("timeout", spec.timeouts.round_seconds)) * 0.9)
+                    float(header.get("timeout", spec.timeouts.round_seconds)) * 0.9,
+                    bytes.fromhex(str(header.get("modelSignature", ""))))
                 send_frame(conn, {"ok": True, "metrics": metrics}, pack_weights(weights))
             except (EdgeRoundError, KeyError, TypeError, ValueError, OSError) as exc:
                 log.warning("edge round failed: %s", exc)

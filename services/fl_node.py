@@ -189,6 +189,10 @@ def run_client(args: argparse.Namespace) -> int:
         "partition-id": args.index, "num-partitions": spec.clients,
         "identity-dir": str(Path(args.identity_dir).resolve()),
     }
+    if spec.hierarchy.enabled:  # behind an edge: train only on the centre's signed model
+        from pqfed.services.edge import AGGREGATOR_NODE_ID, MODEL_SIGNER_KEY
+
+        node_config[MODEL_SIGNER_KEY] = AGGREGATOR_NODE_ID
     if args.attack:
         node_config["attack"] = args.attack
     stock = _stock()

@@ -1312,6 +1312,82 @@ def run_zygote(
         threading.Thread(target=reap, args=(pid, conn), daemon=True).start()
 
 
+# ---- one Flower node per certificate (SuperLink side) ---------------------------------------
+
+def install_peer_binding() -> bool:
+    """In a SuperLink process: binds Flower node ids to the certificates of the channels they
+    registered through. A Fleet `register-node` request carrying the sidecar's peer header
+    unregisters the node that certificate registered before, so each certificate holds at
+    most one live Flower node: a second SuperNode of one enrolled client replaces the first
+    instead of counting twice (in sampling, `min_available_nodes` and Krum's f). Requests
+    without the header (no sidecar in front: the plaintext baseline) are unchanged. Patches
+    attributes of the pinned flwr==1.42.0; returns False (with a warning) where they moved."""
+    from contextvars import ContextVar
+
+    # Set by the inbound PQC sidecar on every request it forwards: the node id of the
+    # certificate that authenticated the channel (a value a peer sent itself is dropped).
+    from pqfed.pqc.sidecar.httpfilter import PEER_HEADER
+
+    header = PEER_HEADER.lower()
+    try:
+        from flwr.common.constant import NOOP_FLWR_AID
+        from flwr.superlink import main as superlink_main
+        from flwr.superlink.servicer.fleet import fleet_handlers
+        from starlette.middleware import Middleware
+    except ImportError as exc:
+        log.warning("peer binding: %s; Flower node ids stay unbound", exc)
+        return False
+    if not hasattr(superlink_main, "_get_middleware") or not hasattr(fleet_handlers,
+                                                                      "register_node"):
+        log.warning("peer binding: flwr's SuperLink layout changed; node ids stay unbound")
+        return False
+    peer_var: ContextVar[str | None] = ContextVar("pqfed_peer", default=None)
+
+    class PeerMiddleware:
+        """Outermost ASGI middleware: the request's certified peer, for the handlers."""
+
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            peer = None
+            if scope.get("type") == "http":
+                peer = next((v.decode("ascii", "replace") for k, v in scope.get("headers", ())
+                             if k.lower() == header), None)
+            token = peer_var.set(peer)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                peer_var.reset(token)
+
+    stock_middleware = superlink_main._get_middleware
+    stock_register = fleet_handlers.register_node
+    bound: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def get_middleware() -> list[Any]:
+        return [Middleware(PeerMiddleware), *stock_middleware()]
+
+    def register_node(request: Any, state: Any, enable_supernode_auth: bool) -> Any:
+        response = stock_register(request=request, state=state,
+                                  enable_supernode_auth=enable_supernode_auth)
+        peer = peer_var.get()
+        if peer:
+            with lock:
+                previous, bound[peer] = bound.get(peer), int(response.node_id)
+            if previous is not None and previous != response.node_id:
+                with contextlib.suppress(ValueError):  # already unregistered
+                    state.delete_node(NOOP_FLWR_AID, previous)
+                log.warning("peer binding: %s registered node %d; its node %d is unregistered "
+                            "(one Flower node per certificate)", peer, response.node_id,
+                            previous)
+        return response
+
+    superlink_main._get_middleware = get_middleware
+    fleet_handlers.register_node = register_node
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pqfed.services.flower_runtime")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -1339,6 +1415,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         pin_uvicorn_http(ns.http)
     if ns.poll_cap is not None:
         install_fast_poll(ns.poll_cap)
+    if ns.script == "flower-superlink":
+        install_peer_binding()
     sys.argv = [ns.script, *args]
     result = fn()
     raise SystemExit(result if isinstance(result, int) else 0)

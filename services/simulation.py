@@ -24,6 +24,7 @@ from flwr.supercore.run import Run
 
 from pqfed.pqc.identity import CertificateAuthority, Role
 from pqfed.services import apps, downlink
+from pqfed.services.edge import AGGREGATOR_NODE_ID, MODEL_SIGNER_KEY
 from pqfed.services.models import build_model, get_weights
 from pqfed.services.rounds import RoundRecorder
 from pqfed.services.spec import FederationJobSpec
@@ -122,6 +123,8 @@ def simulate(spec: FederationJobSpec, *, attackers: frozenset[int] = frozenset()
             node_config: dict[str, Any] = {
                 "partition-id": i, "identity-dir": _identity_dir(root, ca, f"client-{i}",
                                                                  Role.CLIENT)}
+            if spec.hierarchy.enabled:
+                node_config[MODEL_SIGNER_KEY] = AGGREGATOR_NODE_ID
             if i in attackers:
                 node_config["attack"] = attack
             contexts[100 + i] = Context(run_id=1, node_id=100 + i, node_config=node_config,
@@ -134,7 +137,9 @@ def simulate(spec: FederationJobSpec, *, attackers: frozenset[int] = frozenset()
             build_strategy(spec), trust=ca.trust, job=job, recorder=recorder, audit=None,
             round_offset=0, min_clients=spec.min_clients,
             roles=(Role.EDGE,) if spec.hierarchy.enabled else (Role.CLIENT,),
-            downlink=downlink.for_spec(spec))
+            downlink=downlink.for_spec(spec),
+            model_signer=(ca.new_identity("aggregator", Role.AGGREGATOR)
+                          if spec.hierarchy.enabled else None))
         initial = get_weights(build_model(spec.task, seed=spec.dataset.seed))
         t0 = time.time()
         strategy.start(grid, ArrayRecord(list(initial)),

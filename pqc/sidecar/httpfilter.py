@@ -17,6 +17,11 @@ appear inside any line of the head, a chunk-size line or a trailer (RFC 9110 §5
 VCHAR, obs-text, SP, HTAB), the head and trailer sections have hard size limits, and what is
 forwarded is re-serialised from what was parsed (request line, `name: value` lines, bare
 chunk sizes without extensions, trailers dropped), never the peer's bytes as they came.
+
+With `peer` set, every forwarded request carries `X-Pqfed-Peer: <node id of the certificate
+that authenticated the channel>` and any such header the peer sent itself is dropped, so the
+upstream can bind what it hands out (Flower node ids) to certificates
+(services/flower_runtime.py, install_peer_binding).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pqfed.pqc.errors import PqcError
 UPSTREAM_HTTP_IMPLEMENTATION = "httptools"
 
 MAX_HEAD = 64 * 1024
+PEER_HEADER = b"X-Pqfed-Peer"  # set by the sidecar only: the channel's certified node id
 MAX_CHUNK_LINE = 1024
 MAX_TRAILER = 8 * 1024
 _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -55,9 +61,15 @@ class HttpRequestFilter:
     """Feed the client->server byte stream; get back the bytes that may be forwarded."""
 
     def __init__(self, allowed_prefixes: tuple[str, ...],
-                 methods: tuple[str, ...] = ("GET", "POST")) -> None:
+                 methods: tuple[str, ...] = ("GET", "POST"), peer: str | None = None) -> None:
         if not allowed_prefixes or not all(p.startswith("/") for p in allowed_prefixes):
             raise ValueError("allowed prefixes must be non-empty absolute paths")
+        self._peer: list[tuple[bytes, bytes]] = []
+        if peer is not None:
+            value = peer.encode("ascii", "replace")
+            if not value or not _FIELD_VALUE.fullmatch(value):
+                raise ValueError(f"peer {peer!r} is not a valid header value")
+            self._peer = [(PEER_HEADER, value)]
         self.prefixes = allowed_prefixes
         self.methods = methods
         self._buf = bytearray()
@@ -163,8 +175,10 @@ class HttpRequestFilter:
             if raw[:1] in (b" ", b"\t"):
                 raise RequestRejected("header", "obsolete line folding")
             name, val = _field(raw, "header")
-            fields.append((name, val))
             key = name.lower()
+            if key == PEER_HEADER.lower():
+                continue  # only the sidecar says who the peer is
+            fields.append((name, val))
             if key == b"content-length":
                 if not val.isdigit():
                     raise RequestRejected("content-length", f"{val[:20]!r} is not a number")
@@ -186,7 +200,7 @@ class HttpRequestFilter:
         elif lengths and (n := int(lengths.pop())) > 0:
             self._state, self._remaining = "length", n
         return (b"%s %s HTTP/1.1\r\n" % (method.encode(), target.encode())
-                + b"".join(b"%s: %s\r\n" % f for f in fields) + b"\r\n")
+                + b"".join(b"%s: %s\r\n" % f for f in [*fields, *self._peer]) + b"\r\n")
 
 
 def _field(raw: bytes, where: str) -> tuple[bytes, bytes]:

@@ -186,7 +186,7 @@ class Sidecar:
         if peer.role is Role.OPERATOR and c.operator_upstream is not None:
             return c.operator_upstream, HttpRequestFilter(OPERATOR_PATHS, methods=("GET",))
         assert c.upstream is not None
-        return c.upstream, (HttpRequestFilter(c.allow_path_prefixes)
+        return c.upstream, (HttpRequestFilter(c.allow_path_prefixes, peer=peer.node_id)
                             if c.allow_path_prefixes else None)
 
     async def _outbound(self, route: Route, app_r: asyncio.StreamReader,

@@ -145,3 +145,15 @@ def test_sidecar_blocks_control_api_and_answers_403(tmp_path: Path, ca: Certific
         app.close()
 
     asyncio.run(main())
+
+
+def test_the_sidecar_alone_names_the_peer() -> None:
+    """With `peer`, each forwarded request says which certificate sent it; a peer's own
+    X-Pqfed-Peer header (claiming another node) is dropped, in any case of its name."""
+    forged = req(extra=b"x-PQFED-peer: client-9\r\n") + req("/v1/fleet/register-node")
+    out = HttpRequestFilter(FLEET, peer="client-1").feed(forged)
+    assert out.count(b"X-Pqfed-Peer: client-1\r\n") == 2
+    assert b"client-9" not in out
+    assert HttpRequestFilter(FLEET).feed(req()) == req()  # off by default
+    with pytest.raises(ValueError, match="header value"):
+        HttpRequestFilter(FLEET, peer="bad\r\nX: y")

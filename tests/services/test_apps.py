@@ -1,6 +1,8 @@
 """The ClientApp/ServerApp logic on real Flower messages, real training and real ML-DSA:
 a signed, compressed update is accepted; tampered, replayed or foreign ones are rejected and
-audited; a round below minClients keeps the global model."""
+audited; a round below minClients keeps the global model; one certified node gets one vote per
+round whatever Flower node ids it uses; the weight is the signed one; nodes train only on a
+model the central aggregator signed."""
 
 from __future__ import annotations
 
@@ -14,9 +16,13 @@ from flwr.serverapp.strategy import FedAvg
 
 from pqfed.pqc.audit import AuditLog, verify_audit_log
 from pqfed.pqc.identity import CertificateAuthority, Identity, Role
+from pqfed.pqc.signing import ModelRejected, SignedUpdate, sign_model
 from pqfed.services import apps
+from pqfed.services.downlink import weights_digest
+from pqfed.services.edge import MODEL_SIGNER_KEY
 from pqfed.services.models import build_model, get_weights
 from pqfed.services.rounds import RoundRecorder
+from pqfed.services.simulation import InProcessGrid
 from pqfed.services.spec import parse_spec
 
 SPEC = parse_spec({"task": "breast-cancer", "clients": 3, "minClients": 2, "rounds": 2,
@@ -31,18 +37,41 @@ def _identity_dir(tmp: Path, ca: CertificateAuthority, ident: Identity) -> str:
     return str(d)
 
 
+_SIGNERS: dict[int, Identity] = {}
+EPOCH = b"\x07" * 8
+
+
+def _model_sig(ca: CertificateAuthority, weights: list[np.ndarray], rnd: int, job: str,
+               epoch: bytes = EPOCH) -> ConfigRecord:
+    """What the central aggregator attaches: its signature over the round's model."""
+    signer = _SIGNERS.setdefault(id(ca), ca.new_identity("aggregator", Role.AGGREGATOR))
+    signed = sign_model(signer, job, epoch, rnd, rnd, weights_digest(weights))
+    return ConfigRecord({"signed": signed.to_bytes()})
+
+
+def _train_msg(ca: CertificateAuthority, weights: list[np.ndarray], pid: int, rnd: int = 1,
+               job: str = "job-a") -> Message:
+    return Message(RecordDict({"arrays": ArrayRecord(weights),
+                               "config": ConfigRecord({"round": rnd}),
+                               apps.MODEL_SIG_KEY: _model_sig(ca, weights, rnd, job)}),
+                   dst_node_id=100 + pid, message_type=MessageType.TRAIN)
+
+
+def _context(tmp: Path, ca: CertificateAuthority, ident: Identity, pid: int,
+             job: str = "job-a") -> Context:
+    return Context(run_id=1, node_id=100 + pid,
+                   node_config={"partition-id": pid,
+                                "identity-dir": _identity_dir(tmp, ca, ident),
+                                MODEL_SIGNER_KEY: "aggregator"},
+                   state=RecordDict(),
+                   run_config={"spec": SPEC.model_dump_json(by_alias=True), "job": job})
+
+
 def _train_reply(tmp: Path, ca: CertificateAuthority, ident: Identity, pid: int,
                  rnd: int = 1, job: str = "job-a") -> tuple[Message, list[np.ndarray]]:
     weights = get_weights(build_model("breast-cancer", seed=0))
-    msg = Message(RecordDict({"arrays": ArrayRecord(weights),
-                              "config": ConfigRecord({"round": rnd})}),
-                  dst_node_id=100 + pid, message_type=MessageType.TRAIN)
-    ctx = Context(run_id=1, node_id=100 + pid,
-                  node_config={"partition-id": pid,
-                               "identity-dir": _identity_dir(tmp, ca, ident)},
-                  state=RecordDict(),
-                  run_config={"spec": SPEC.model_dump_json(by_alias=True), "job": job})
-    return apps.client_app(msg, ctx), weights
+    msg = _train_msg(ca, weights, pid, rnd, job)
+    return apps.client_app(msg, _context(tmp, ca, ident, pid, job)), weights
 
 
 @pytest.fixture(autouse=True)
@@ -150,3 +179,109 @@ def test_local_dp_splits_epsilon_and_delta_over_the_rounds() -> None:
     assert epsilon_after(spec, 10) == pytest.approx(8.0)
     with pytest.raises(ValueError, match="privacy.targetEpsilon"):  # no silent 1.0
         parse_spec({"clients": 3, "rounds": 10, "privacy": {"enabled": True, "mode": "local"}})
+
+
+# ---- one vote per certified node and round (Sybil SuperNodes) -------------------------------
+
+def test_a_node_gets_one_update_per_round_whatever_it_sends(
+        tmp_path: Path, ca: CertificateAuthority, strategy: apps.VerifiedStrategy) -> None:
+    """Client-0 replies three times in round 1 (the same update twice, and a different one as
+    if from a second SuperNode): only its first update counts, the others are rejected,
+    logged and audited; so client-0 alone cannot reach minClients=2."""
+    c0 = ca.new_identity("client-0", Role.CLIENT)
+    first, _ = _train_reply(tmp_path, ca, c0, 0)
+    weights = get_weights(build_model("breast-cancer", seed=0))
+    again = Message(first.content, reply_to=_train_msg(ca, weights, 0))  # the same bytes
+    other, _ = _train_reply(tmp_path, ca, c0, 1)  # other data, same certificate
+    arrays, _ = strategy.aggregate_train(1, [first, again, other])
+    assert arrays is None  # one vote < minClients=2: the global model is kept
+    rec = strategy.recorder._open[1]
+    assert rec.participants == ["client-0"] and rec.rejected_updates == 2
+    assert strategy.accepted_clients == 1
+    assert sum("second update" in n for n in rec.notes) == 2
+    events = verify_audit_log(tmp_path / "audit.jsonl", ca.trust).events
+    assert events == {"update-accepted": 1, "update-rejected": 2}
+
+
+def test_two_supernodes_of_one_client_count_once(tmp_path: Path,
+                                                 ca: CertificateAuthority) -> None:
+    """One enrolled client behind two Flower node ids (two SuperNodes on its route) next to
+    one honest client: minClients=3 is not met, and the round aggregates two updates."""
+    c0, c1 = ca.new_identity("client-0", Role.CLIENT), ca.new_identity("client-1", Role.CLIENT)
+    contexts = {100: _context(tmp_path, ca, c0, 0), 101: _context(tmp_path, ca, c0, 2),
+                102: _context(tmp_path, ca, c1, 1)}
+    s = apps.VerifiedStrategy(FedAvg(), trust=ca.trust, job="job-a",
+                              recorder=RoundRecorder(tmp_path / "state", "job-a", SPEC),
+                              audit=None, round_offset=0, min_clients=3,
+                              model_signer=ca.new_identity("aggregator", Role.AGGREGATOR))
+    start = ArrayRecord(get_weights(build_model("breast-cancer", seed=0)))
+    grid = InProcessGrid(contexts)
+    msgs = list(s.configure_train(1, start, ConfigRecord(), grid))
+    assert len(msgs) == 3  # Flower sees three nodes
+    arrays, _ = s.aggregate_train(1, list(grid.send_and_receive(msgs)))
+    assert arrays is None and s.accepted_clients == 2
+    rec = s.recorder._open[1]
+    assert sorted(rec.participants) == ["client-0", "client-1"]
+    assert "fewer than minClients=3" in " ".join(rec.notes)
+
+
+def test_the_weight_is_the_signed_one(tmp_path: Path, ca: CertificateAuthority,
+                                      strategy: apps.VerifiedStrategy) -> None:
+    """A reply whose unsigned num-examples metric was inflated aggregates exactly as the
+    untouched one: FedAvg weighs by the signed manifest's num_examples."""
+    replies = [_train_reply(tmp_path, ca, ca.new_identity(f"client-{i}", Role.CLIENT), i)[0]
+               for i in range(2)]
+    signed = [SignedUpdate.from_bytes(r.content[apps.UPDATE_KEY]["signed"]) for r in replies]
+    assert [s.manifest.num_examples for s in signed] == [
+        int(r.content["metrics"]["num-examples"]) for r in replies]
+    weights = get_weights(build_model("breast-cancer", seed=0))
+    honest, _ = strategy.aggregate_train(1, [Message(r.content, reply_to=_train_msg(ca, weights, i))
+                                             for i, r in enumerate(replies)])
+    strategy._voted.clear()
+    replies[0].content["metrics"]["num-examples"] = 10**9
+    inflated, _ = strategy.aggregate_train(1, replies)
+    assert honest is not None and inflated is not None
+    for a, b in zip(honest.to_numpy_ndarrays(), inflated.to_numpy_ndarrays(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---- the model a node trains on -------------------------------------------------------------
+
+def test_a_node_trains_only_on_the_aggregators_signed_model(
+        tmp_path: Path, ca: CertificateAuthority) -> None:
+    ident = ca.new_identity("client-0", Role.CLIENT)
+    ctx = _context(tmp_path, ca, ident, 0)
+    weights = get_weights(build_model("breast-cancer", seed=0))
+    altered = [w.copy() for w in weights]
+    altered[0][0] += 0.5
+    # the right signature, other weights (an edge changed the model)
+    msg = _train_msg(ca, weights, 0, rnd=1)
+    msg.content["arrays"] = ArrayRecord(altered)
+    with pytest.raises(ModelRejected, match="altered"):
+        apps.client_app(msg, ctx)
+    # signed by someone else than the pinned aggregator (an edge signing its own model)
+    edge = ca.new_identity("edge-0", Role.EDGE)
+    forged = sign_model(edge, "job-a", EPOCH, 1, 1, weights_digest(altered))
+    msg = _train_msg(ca, altered, 0, rnd=1)
+    msg.content[apps.MODEL_SIG_KEY] = ConfigRecord({"signed": forged.to_bytes()})
+    with pytest.raises(ModelRejected, match="certificate"):
+        apps.client_app(msg, ctx)
+    msg = _train_msg(ca, weights, 0, rnd=1)
+    del msg.content[apps.MODEL_SIG_KEY]
+    with pytest.raises(ModelRejected, match="no signature"):
+        apps.client_app(msg, ctx)
+    assert apps.MODEL_SEEN_KEY not in ctx.state  # nothing was accepted so far
+    # the genuine round-2 model trains; replaying it, or round 1's model, is refused
+    good = _train_msg(ca, weights, 0, rnd=2)
+    assert not apps.client_app(good, ctx).has_error()
+    for replay in (_train_msg(ca, weights, 0, rnd=2), _train_msg(ca, weights, 0, rnd=1)):
+        with pytest.raises(ModelRejected, match="replayed"):
+            apps.client_app(replay, ctx)
+    # a restarted aggregator (new epoch) may repeat the round, not go back
+    again = _train_msg(ca, weights, 0, rnd=2)
+    again.content[apps.MODEL_SIG_KEY] = _model_sig(ca, weights, 2, "job-a", epoch=b"\x08" * 8)
+    assert not apps.client_app(again, ctx).has_error()
+    older = _train_msg(ca, weights, 0, rnd=1)
+    older.content[apps.MODEL_SIG_KEY] = _model_sig(ca, weights, 1, "job-a", epoch=b"\x09" * 8)
+    with pytest.raises(ModelRejected, match="earlier epoch"):
+        apps.client_app(older, ctx)

@@ -179,7 +179,8 @@ def test_a_node_that_lost_its_model_gets_it_whole_next_round(tmp_path: Path) -> 
     b = Broadcaster(Method.TOPK_INT8, 0.1)
     strategy = apps.VerifiedStrategy(
         FedAvg(1.0, 0.0, 1, 0, 1), trust=ca.trust, job="job-dl", audit=None, round_offset=0,
-        min_clients=1, recorder=RoundRecorder(tmp_path / "state", "job-dl", spec), downlink=b)
+        min_clients=1, recorder=RoundRecorder(tmp_path / "state", "job-dl", spec), downlink=b,
+        model_signer=ca.new_identity("aggregator", Role.AGGREGATOR))
     arrays = ArrayRecord(get_weights(build_model("breast-cancer", seed=0)))
 
     def round_(rnd: int, arrays: ArrayRecord, lost: bool = False

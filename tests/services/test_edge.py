@@ -1,6 +1,7 @@
 """Hierarchical edge aggregation (services/edge.py) with real Flower messages, real training and
 real ML-DSA: edges verify their clients, the centre accepts only edges, the socket framing is
-strict, and a hierarchical job trains as well as a flat one while the centre receives less."""
+strict, an edge cannot alter or replay the model its clients train from, and a hierarchical
+job trains as well as a flat one while the centre receives less."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from pqfed.pqc.audit import AuditLog, verify_audit_log
 from pqfed.pqc.identity import CertificateAuthority, Identity, Role
+from pqfed.pqc.signing import ModelRejected, sign_model
 from pqfed.services import apps, edge, hierarchy
+from pqfed.services.downlink import weights_digest
 from pqfed.services.models import build_model, get_weights
 from pqfed.services.rounds import RoundRecorder, read_status
 from pqfed.services.simulation import InProcessGrid, simulate
@@ -45,14 +48,27 @@ def _identity_dir(tmp: Path, ca: CertificateAuthority, ident: Identity) -> str:
 def _context(tmp: Path, ca: CertificateAuthority, ident: Identity, pid: int) -> Context:
     return Context(run_id=1, node_id=100 + pid, state=RecordDict(),
                    node_config={"partition-id": pid,
-                                "identity-dir": _identity_dir(tmp, ca, ident)},
+                                "identity-dir": _identity_dir(tmp, ca, ident),
+                                edge.MODEL_SIGNER_KEY: "aggregator"},
                    run_config={"spec": SPEC.model_dump_json(by_alias=True), "job": "job-h"})
+
+
+_SIGNERS: dict[int, Identity] = {}
+
+
+def _model_sig(ca: CertificateAuthority, weights: list[np.ndarray], rnd: int,
+               epoch: bytes = b"\x05" * 8) -> bytes:
+    """The central aggregator's signature over the round's model."""
+    signer = _SIGNERS.setdefault(id(ca), ca.new_identity("aggregator", Role.AGGREGATOR))
+    return sign_model(signer, "job-h", epoch, rnd, rnd, weights_digest(weights)).to_bytes()
 
 
 def _signed_reply(tmp: Path, ca: CertificateAuthority, ident: Identity, pid: int) -> Message:
     weights = get_weights(build_model("breast-cancer", seed=0))
     msg = Message(RecordDict({"arrays": apps.ArrayRecord(weights),
-                              "config": ConfigRecord({"round": 1})}),
+                              "config": ConfigRecord({"round": 1}),
+                              apps.MODEL_SIG_KEY: ConfigRecord(
+                                  {"signed": _model_sig(ca, weights, 1)})}),
                   dst_node_id=100 + pid, message_type=MessageType.TRAIN)
     return apps.client_app(msg, _context(tmp, ca, ident, pid))
 
@@ -92,7 +108,8 @@ def test_socket_framing_round_trip_and_limits() -> None:
 
 def test_unreachable_edge_is_an_edge_round_error(tmp_path: Path) -> None:
     with pytest.raises(edge.EdgeRoundError, match="unreachable"):
-        edge.request_edge_round(tmp_path / "nope.sock", 1, [np.zeros(2, np.float32)], {}, 0.2)
+        edge.request_edge_round(tmp_path / "nope.sock", 1, [np.zeros(2, np.float32)], {}, 0.2,
+                                b"")
 
 
 def test_edge_accepts_only_its_ca_clients_and_counts_them(
@@ -102,8 +119,8 @@ def test_edge_accepts_only_its_ca_clients_and_counts_them(
         101: _context(tmp_path, ca, ca.new_identity("client-1", Role.CLIENT), 1),
         # an edge certificate may not sign client updates, nor may a foreign CA's client
         102: _context(tmp_path, ca, ca.new_identity("edge-9", Role.EDGE), 2),
-        103: _context(tmp_path / "x", other_ca, other_ca.new_identity("client-3", Role.CLIENT),
-                      3),
+        # (it trusts our CA's models, but its own certificate is another CA's)
+        103: _context(tmp_path / "x", ca, other_ca.new_identity("client-3", Role.CLIENT), 3),
     }
     ident = ca.new_identity("edge-0", Role.EDGE)
     audit = AuditLog(tmp_path / "edge-audit.jsonl", ident)
@@ -111,7 +128,7 @@ def test_edge_accepts_only_its_ca_clients_and_counts_them(
                               recorder=RoundRecorder(tmp_path / "edge", "job-h", SPEC),
                               audit=audit)
     start = get_weights(build_model("breast-cancer", seed=0))
-    weights, metrics = agg.run_round(5, start, {}, 60.0)
+    weights, metrics = agg.run_round(5, start, {}, 60.0, _model_sig(ca, start, 5))
     assert metrics["clients"] == 2 and metrics["rejected"] == 2
     assert metrics["num-examples"] > 0
     assert any(not np.array_equal(w, s) for w, s in zip(weights, start, strict=True))
@@ -126,7 +143,50 @@ def test_edge_accepts_only_its_ca_clients_and_counts_them(
                               trust=ca.trust, audit=None,
                               recorder=RoundRecorder(tmp_path / "edge2", "job-h", SPEC))
     with pytest.raises(edge.EdgeRoundError, match="fewer than minClients"):
-        bad.run_round(1, start, {}, 60.0)
+        bad.run_round(6, start, {}, 60.0, _model_sig(ca, start, 6))
+
+
+def test_clients_refuse_a_model_their_edge_altered_or_replayed(
+        tmp_path: Path, ca: CertificateAuthority) -> None:
+    """The edge forwards the central aggregator's signature; a model it changed, or an older
+    signed model it replays, is refused by the clients before training (the in-process grid
+    raises the client's error; Flower turns it into an error reply)."""
+    contexts = {100 + i: _context(tmp_path, ca, ca.new_identity(f"client-{i}", Role.CLIENT), i)
+                for i in range(2)}
+    agg = edge.EdgeAggregator(InProcessGrid(contexts), SPEC, "job-h", trust=ca.trust,
+                              recorder=RoundRecorder(tmp_path / "edge", "job-h", SPEC),
+                              audit=None)
+    start = get_weights(build_model("breast-cancer", seed=0))
+    altered = [w.copy() for w in start]
+    altered[-1] += 0.25  # e.g. a backdoored bias
+    with pytest.raises(ModelRejected, match="altered in transit"):
+        agg.run_round(1, altered, {}, 60.0, _model_sig(ca, start, 1))
+    # the genuine round-2 model: both clients train and count
+    _, metrics = agg.run_round(2, start, {}, 60.0, _model_sig(ca, start, 2))
+    assert metrics["clients"] == 2 and metrics["rejected"] == 0
+    with pytest.raises(ModelRejected, match="replayed"):  # round 1's model, relabelled
+        agg.run_round(3, start, {}, 60.0, _model_sig(ca, start, 1))
+    with pytest.raises(ModelRejected, match="replayed"):  # round 2's model again
+        agg.run_round(2, start, {}, 60.0, _model_sig(ca, start, 2))
+    # an edge signing the model itself is not the pinned central aggregator
+    own = sign_model(ca.new_identity("edge-0", Role.EDGE), "job-h", b"\x05" * 8, 3, 3,
+                     weights_digest(altered)).to_bytes()
+    with pytest.raises(ModelRejected, match="certificate"):
+        agg.run_round(3, altered, {}, 60.0, own)
+
+
+def test_an_edge_counts_each_client_certificate_once(tmp_path: Path,
+                                                     ca: CertificateAuthority) -> None:
+    """Client-0 behind two Flower node ids at its edge: one update of it is aggregated."""
+    c0 = ca.new_identity("client-0", Role.CLIENT)
+    contexts = {100: _context(tmp_path, ca, c0, 0), 101: _context(tmp_path, ca, c0, 2),
+                102: _context(tmp_path, ca, ca.new_identity("client-1", Role.CLIENT), 1)}
+    agg = edge.EdgeAggregator(InProcessGrid(contexts), SPEC, "job-h", trust=ca.trust,
+                              recorder=RoundRecorder(tmp_path / "edge", "job-h", SPEC),
+                              audit=None)
+    start = get_weights(build_model("breast-cancer", seed=0))
+    _, metrics = agg.run_round(1, start, {}, 60.0, _model_sig(ca, start, 1))
+    assert metrics["clients"] == 2 and metrics["rejected"] == 1
 
 
 @pytest.mark.parametrize(("roles", "signer", "accepted"), [

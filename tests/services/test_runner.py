@@ -17,9 +17,9 @@ import pytest
 
 from pqfed.cli import main
 from pqfed.pqc.audit import verify_audit_log
-from pqfed.pqc.identity import Certificate, TrustAnchor
+from pqfed.pqc.identity import Certificate, Identity, Role, TrustAnchor
 from pqfed.services.rounds import read_status
-from pqfed.services.runner import run_local
+from pqfed.services.runner import LocalFederation, run_local
 
 JOB = """apiVersion: pqfed.io/v1alpha1
 kind: FederationJob
@@ -81,6 +81,76 @@ def test_hierarchical_federation_through_edge_aggregators(tmp_path: Path) -> Non
         assert edge_audit.events["update-accepted"] == 4
     # clients -> edges, edges -> centre: 4 + 2 channels at least
     assert res["sidecars"]["handshakes"] >= 6
+
+
+HIER_JOB = (JOB.replace("metadata: {name: e2e}", "metadata: {name: hier}")
+            .replace("clients: 3", "clients: 4")
+            .replace("rounds: 2", "rounds: 2\n  hierarchy: {enabled: true, edges: 2}"))
+
+
+async def _fleet_request(port: int, ident: Identity, trust: TrustAnchor) -> bytes:
+    """A Fleet API request to the central aggregator's sidecar under `ident`; the bytes
+    that come back (b"" when the channel is refused)."""
+    import asyncio
+
+    from pqfed.pqc.channel import client_channel
+    from pqfed.pqc.errors import PqcError
+    from pqfed.pqc.handshake import HandshakeConfig
+
+    config = HandshakeConfig(ident, trust, peer_roles=(Role.AGGREGATOR,),
+                             peer_node_id="aggregator")
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:  # not listening yet
+        return b""
+    try:
+        channel = await client_channel(reader, writer, config)
+        await channel.send(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\n"
+                           b"Content-Length: 0\r\n\r\n")
+        return await asyncio.wait_for(channel.recv(), 20)
+    except (PqcError, OSError, TimeoutError):
+        return b""
+    finally:
+        writer.close()
+
+
+@pytest.mark.slow
+def test_hierarchical_centre_refuses_client_certificates(tmp_path: Path) -> None:
+    """The central aggregator's sidecar of a hierarchical job, as `pqfed run` starts it, lets
+    edges reach the Fleet API and refuses a client certificate at the handshake: no client
+    can bypass its edge (nor register SuperNodes at the centre)."""
+    import asyncio
+    import urllib.request
+
+    from pqfed.services.spec import load_job
+
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(HIER_JOB)
+    fed = LocalFederation(load_job(job_file), job_file, tmp_path / "run")
+    try:
+        fed.start()
+        argv = next(p for p in fed.procs if p.name == "sidecar-aggregator").popen.args
+        port = int(str(argv[argv.index("--listen") + 1]).rsplit(":", 1)[1])
+        ids = tmp_path / "run" / "identities"
+        trust = TrustAnchor(Certificate.from_pem((ids / "aggregator/ca.crt").read_text()))
+
+        def ask(node: str) -> bytes:
+            ident = Identity.load_files(ids / node / "tls.crt", ids / node / "tls.key")
+            return asyncio.run(_fleet_request(port, ident, trust))
+
+        deadline = time.monotonic() + 120
+        while not (answer := ask("edge-0")).startswith(b"HTTP/1.1") and \
+                time.monotonic() < deadline:  # the sidecar and SuperLink may be starting
+            time.sleep(1)
+        assert answer.startswith(b"HTTP/1.1")  # an edge reaches the Fleet API
+        assert ask("client-0") == b""
+        admin = fed.admin_ports["aggregator"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        assert ('pqfed_channel_failures_total{field="client_flight.certificate.role",'
+                'stage="handshake"} 1.0') in metrics
+    finally:
+        fed.stop()
 
 
 @pytest.mark.parametrize(
