@@ -42,6 +42,7 @@ from pqfed.pqc.audit import AuditLog
 from pqfed.pqc.errors import PqcError
 from pqfed.pqc.identity import Certificate, Identity, Role, TrustAnchor
 from pqfed.pqc.signing import SignedUpdate, sign_update, verify_update
+from pqfed.pqc.truststore import TrustStore
 from pqfed.services import compression, downlink
 from pqfed.services.downlink import Broadcast, Broadcaster, Held, apply
 from pqfed.services.edge import EDGE_SOCKET_KEY, EdgeRoundError, request_edge_round
@@ -300,7 +301,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 class VerifiedStrategy(Strategy):
     """Verifies, audits and decodes every training reply, then delegates to `inner`."""
 
-    def __init__(self, inner: Strategy, *, trust: TrustAnchor, job: str,
+    def __init__(self, inner: Strategy, *, trust: TrustAnchor | TrustStore, job: str,
                  recorder: RoundRecorder, audit: AuditLog | None, round_offset: int,
                  min_clients: int, roles: tuple[Role, ...] = (Role.CLIENT,),
                  downlink: Broadcaster | None = None) -> None:
@@ -369,7 +370,9 @@ class VerifiedStrategy(Strategy):
             signed = SignedUpdate.from_bytes(raw)
             blob = _record(reply.content, "arrays")[BLOB_KEY].numpy().tobytes()
             t0 = time.perf_counter()
-            manifest = verify_update(signed, blob, self.trust, job=self.job, round_number=rnd,
+            # The newest revocation list in force (a TrustStore re-reads it mid-job).
+            manifest = verify_update(signed, blob, self.trust.anchor, job=self.job,
+                                     round_number=rnd,
                                      roles=self.roles)
             self.recorder.add_crypto(rnd, time.perf_counter() - t0)
             delta = compression.decode(blob, self._global)
@@ -438,7 +441,7 @@ def main(grid: Grid, context: Context) -> None:
     spec = job_spec(context)
     job = str(context.run_config["job"])
     state_dir = Path(str(context.run_config["state-dir"]))
-    ident, trust = _identity(str(context.run_config["identity-dir"]))
+    ident, _ = _identity(str(context.run_config["identity-dir"]))
     recorder = RoundRecorder(state_dir, job, spec)
     done, checkpoint = recorder.resume()
     initial = checkpoint if checkpoint is not None else get_weights(
@@ -451,6 +454,7 @@ def main(grid: Grid, context: Context) -> None:
     audit.append("job-started" if done == 0 else "job-resumed", job=job, fromRound=done)
     # In hierarchical mode only edge aggregators may send updates here (services/edge.py).
     roles = (Role.EDGE,) if spec.hierarchy.enabled else (Role.CLIENT,)
+    trust = TrustStore.from_identity_dir(Path(str(context.run_config["identity-dir"])))
     strategy = VerifiedStrategy(build_strategy(spec), trust=trust, job=job, recorder=recorder,
                                 audit=audit, round_offset=done, min_clients=spec.min_clients,
                                 roles=roles, downlink=downlink.for_spec(spec))
