@@ -67,8 +67,16 @@ def _spec_from_json(text: str) -> FederationJobSpec:
     return parse_spec(json.loads(text), "run_config.spec")
 
 
-@functools.lru_cache(maxsize=4)
 def _identity(directory: str) -> tuple[Identity, TrustAnchor]:
+    """The node identity in `directory`, re-read when the operator renewed it (the kubelet
+    swaps tls.crt and tls.key together; the cache key is their modification times)."""
+    d = Path(directory)
+    stamp = tuple((d / f).stat().st_mtime_ns for f in ("tls.crt", "tls.key"))
+    return _load_identity(directory, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_identity(directory: str, _stamp: tuple[int, ...]) -> tuple[Identity, TrustAnchor]:
     d = Path(directory)
     ident = Identity.load_files(d / "tls.crt", d / "tls.key")
     trust = TrustAnchor(Certificate.from_pem((d / "ca.crt").read_text()))
