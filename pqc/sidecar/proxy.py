@@ -106,6 +106,7 @@ class Sidecar:
         self._channels: dict[SecureChannel, tuple[asyncio.Future[Any], ...]] = {}
         self._watcher: asyncio.Task[None] | None = None
         self.cut = 0  # channels cut because their peer was revoked
+        self._note_crl()
         self._executor = ThreadPoolExecutor(config.crypto_threads, "pqfed-handshake")
         self._key_shares = KeySharePool()
         self._servers: list[asyncio.Server] = []
@@ -122,12 +123,17 @@ class Sidecar:
         """Re-reads the revocation list and this node's certificate and key; cuts channels of
         peers the list now revokes. Called by the watcher every `reload_interval_s`."""
         if self.store.reload():
+            self._note_crl()
             self.enforce_revocation()
         elif self.store.last_error is not None:
             self.metrics.failures.labels("revocation_list",
                                          getattr(self.store.last_error, "field", "file")).inc()
             self.store.last_error = None
         self._reload_identity()
+
+    def _note_crl(self) -> None:
+        crl = self.trust.crl
+        self.metrics.crl_number.set(-1 if crl is None else crl.number)
 
     def channel_peers(self) -> list[Certificate]:
         """The certificates of the peers of every established channel."""

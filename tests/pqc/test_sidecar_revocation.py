@@ -98,6 +98,8 @@ def test_revocation_mid_stream_cuts_channel_and_refuses_reconnection(
         assert holder.config.crl is not None
         holder.config.crl.write_text(crl.to_pem())
         await _until(lambda: holder.cut == 1, "the channel to be cut")
+        assert holder.metrics.registry.get_sample_value(
+            "pqfed_revocation_list_number") == crl.number
         # The app sees an error, never a clean end it could take for a complete answer.
         with pytest.raises(ConnectionResetError):
             await asyncio.wait_for(r.read(), 10)
