@@ -15,6 +15,7 @@ from pqfed.pqc.identity import Certificate, CertificateAuthority, Identity, Role
 from pqfed.pqc.revocation import RevocationList, RevocationReason, RevokedCertificate
 
 CRL_KEY = "crl.pem"
+BACKDATE_S = 300  # CertificateAuthority.issue: not_before = now - 300 by default
 PREVIOUS_CERT_KEY = "previous.crt"  # the certificate a renewal replaced (maybe still valid)
 
 
@@ -35,8 +36,10 @@ def issue_identity(ca: CertificateAuthority, node_id: str, role: Role,
     """A node identity signed by `ca` as Secret data (`tls.crt`, `tls.key`, `ca.crt`), the
     layout `pqfed sidecar` and `pqfed fl` read from /etc/pqfed/identity. On renewal,
     `previous` is kept as `previous.crt` so that revoking the node revokes both."""
-    # Never past the CA (issue() refuses that); issue() backdates not_before by 300 s.
-    validity = min(validity_s, ca.root.not_after - int(time.time()) + 299)
+    # issue() backdates not_before by BACKDATE_S (clock skew): add it back, so the certificate
+    # is usable `validity_s` from now; never past the CA (issue() refuses that).
+    start = int(time.time()) - BACKDATE_S
+    validity = min(validity_s + BACKDATE_S, ca.root.not_after - start - 5)
     ident = ca.new_identity(node_id, role, algorithm=algorithm, validity_s=validity)
     data = {"tls.crt": ident.certificate.to_pem(), "tls.key": ident.private_key_pem(),
             "ca.crt": ca.root.to_pem()}

@@ -312,3 +312,53 @@ def test_revoked_client_is_cut_off_and_the_job_goes_on(testbed: Any) -> None:
     last = st["rounds"][-1]
     assert len(last["participants"]) == 2  # the two clients left
     assert "NodeRevoked" in [e.reason for e in _events(bed, name)]
+
+
+def _sidecar_serial(pod: Any) -> int | None:
+    """The serial of the certificate a pod's sidecar presents now (its admin /identity)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://{pod.status.pod_ip}:{m.ADMIN_PORT}/identity",
+                         timeout=5) as resp:
+            return int(json.loads(resp.read())["serial"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def test_short_lived_certificates_are_renewed_and_hot_reloaded(testbed: Any) -> None:
+    """certificateLifetimeSeconds 300: at 2/3 (200 s) the operator renews every identity in
+    its Secret; the aggregator's sidecar switches to the new certificate without a restart,
+    and rounds go on."""
+    from pqfed.operator.reconcile import CANCEL_ANNOTATION
+
+    bed = testbed
+    name = bed.unique_name("rn")
+    bed.create_job(name, {**SPEC, "rounds": 200, "crypto": {"certificateLifetimeSeconds": 300}})
+    bed.wait_phase(name, ("Running", *TERMINAL), 60)
+    bed.wait_for(lambda: _aggregator_round(bed, name), 240, "round 1 to complete", 0.3,
+                 lambda: bed.diagnose(name))
+    (agg,) = bed.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
+    first = _sidecar_serial(agg)
+    secret_name = m.identity_secret_name(name, m.AGGREGATOR_NODE_ID)
+
+    def renewed() -> Certificate | None:
+        data = bed.core.read_namespaced_secret(secret_name, bed.namespace).data
+        cert = Certificate.from_pem(base64.b64decode(data["tls.crt"]).decode())
+        return cert if cert.serial != first and "previous.crt" in data else None
+
+    cert = bed.wait_for(renewed, 330, "the operator to renew the aggregator", 5.0,
+                        lambda: bed.diagnose(name))
+    assert cert.not_after - cert.not_before == 300 + 300  # lifetime + backdated not_before
+    bed.wait_for(lambda: _sidecar_serial(agg) == cert.serial, 120,
+                 "the aggregator's sidecar to load the renewed identity", 2.0,
+                 lambda: bed.diagnose(name))
+    (same,) = bed.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
+    assert same.metadata.uid == agg.metadata.uid  # hot reload, no restart
+    at = _aggregator_round(bed, name)
+    bed.wait_for(lambda: _aggregator_round(bed, name) > at, 240,
+                 "a round after the renewal", 1.0, lambda: bed.diagnose(name))
+    assert "CertificateRenewed" in [e.reason for e in _events(bed, name)]
+    bed.custom.patch_namespaced_custom_object(
+        "pqfed.io", "v1alpha1", bed.namespace, "federationjobs", name,
+        {"metadata": {"annotations": {CANCEL_ANNOTATION: "true"}}})
+    assert bed.wait_phase(name, TERMINAL, 120)["phase"] == "Cancelled"

@@ -144,7 +144,7 @@ def test_secret_payloads_revoke_and_renew_with_the_real_ca() -> None:
     ca = identities.load_ca(identities.issue_ca("fed-a", "ML-DSA-44"))
     data = identities.issue_identity(ca, "client-0", Role.CLIENT, "ML-DSA-44", 600)
     cert = Certificate.from_pem(data["tls.crt"])
-    assert cert.not_after - cert.not_before == 600
+    assert cert.not_after - cert.not_before == 600 + identities.BACKDATE_S  # 600 s from now
     renewed = identities.issue_identity(ca, "client-0", Role.CLIENT, "ML-DSA-44", 600, cert)
     assert Certificate.from_pem(renewed[identities.PREVIOUS_CERT_KEY]) == cert
     now = int(time.time())
