@@ -25,7 +25,7 @@ from typing import Any
 
 from pqfed.pqc.backends import Backend, SigPrivateKey, get_backend
 from pqfed.pqc.channel import SecureChannel, client_channel, server_channel
-from pqfed.pqc.errors import CertificateError, ChannelClosed, DecodeError, PqcError, RecordError
+from pqfed.pqc.errors import CertificateError, ChannelClosed, PqcError, RecordError
 from pqfed.pqc.handshake import HandshakeConfig, KeySharePool
 from pqfed.pqc.identity import Certificate, Identity, Role, TrustAnchor
 from pqfed.pqc.sidecar.config import OPERATOR_PATHS, Endpoint, Route, SidecarConfig
@@ -166,20 +166,18 @@ class Sidecar:
             return  # mid-swap or gone: keep the identity in use
         if files == self._identity_files:
             return
+        self._identity_files = files  # these bytes are judged once
         try:
             new = Identity.load(files[0].decode(), files[1].decode())
             self.trust.verify(new.certificate)
         except (PqcError, UnicodeDecodeError) as exc:
-            # A certificate and key written one after the other may not match for a moment;
-            # the next pass sees both (Kubernetes swaps a Secret volume atomically anyway).
-            field = getattr(exc, "field", "identity")
+            # Kept: the identity in use. A certificate written before its key does not match
+            # for a moment; the next change of either file is judged again (a Kubernetes
+            # Secret volume swaps both at once).
             log.warning("new identity in %s not used: %s", c.cert, exc)
-            self.metrics.failures.labels("identity_reload", field).inc()
-            if not isinstance(exc, (CertificateError, DecodeError)):
-                return
-            self._identity_files = files
+            self.metrics.failures.labels("identity_reload",
+                                         getattr(exc, "field", "identity")).inc()
             return
-        self._identity_files = files
         self.identity = Identity(new.certificate, _TimedKey(new.key, self.metrics))
         log.info("identity renewed: serial %d valid until %d", new.certificate.serial,
                  new.certificate.not_after)
