@@ -14,8 +14,7 @@ from pqfed.pqc.errors import CertificateError
 from pqfed.pqc.handshake import Group
 from pqfed.pqc.identity import Certificate, CertificateAuthority, Identity, Role, TrustAnchor
 from pqfed.pqc.revocation import RevocationList, RevocationReason
-
-CRL_FILE = "crl.pem"
+from pqfed.pqc.truststore import CRL_FILE
 
 
 def _ca_init(args: argparse.Namespace) -> int:
@@ -37,6 +36,8 @@ def _ca_issue(args: argparse.Namespace) -> int:
                             validity_s=args.days * 86400)
     ident.save(out / "tls.crt", out / "tls.key")
     (out / "ca.crt").write_text(ca.root.to_pem())
+    if (ca_dir / CRL_FILE).exists():  # the sidecar's --crl; later lists replace it
+        (out / CRL_FILE).write_text((ca_dir / CRL_FILE).read_text())
     print(f"{args.role} {args.node_id!r}: {out}/tls.crt, {out}/tls.key, {out}/ca.crt")
     return 0
 

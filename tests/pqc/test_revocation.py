@@ -272,6 +272,9 @@ def test_cli_revoke_and_print(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         cert.serial: "key-compromise", 12345: "unspecified"}
     assert pqfed_main(["ca", "crl", "--ca", str(ca_dir), "--renew"]) == 0
     assert json.loads(capsys.readouterr().out)["number"] == 3
+    assert pqfed_main(["ca", "issue", "--ca", str(ca_dir), "--node-id", "client-2",
+                       "--role", "client", "--out", str(tmp_path / "n2")]) == 0
+    assert (tmp_path / "n2" / "crl.pem").read_text() == (ca_dir / "crl.pem").read_text()
     root = Certificate.from_pem((ca_dir / "ca.crt").read_text())
     trust = TrustAnchor(root, RevocationList.from_pem((ca_dir / "crl.pem").read_text()))
     with pytest.raises(CertificateError, match="revoked"):
