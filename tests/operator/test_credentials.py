@@ -188,3 +188,15 @@ def test_observed_credentials_read_back_what_was_issued() -> None:
     cert = Certificate.from_pem(ident["tls.crt"])
     assert certs == {"client-0": CertState(cert.serial, cert.not_before, cert.not_after)}
     assert state == CrlState(T0, T0, T0 + 600, frozenset({5}))
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--node", "Client_2"], "--node"),
+    (["--node", "client-2", "--reason", "bored"], "reason 'bored' is not one of"),
+])
+def test_revoke_cli_refuses_bad_input_before_any_request(
+        args: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from pqfed.cli import main
+
+    assert main(["revoke", "--job", "bc", "--kubeconfig", "/nonexistent", *args]) == 2
+    assert says in capsys.readouterr().err
