@@ -167,3 +167,35 @@ def test_renewed_identity_is_hot_reloaded(tmp_path: Path) -> None:
         assert side.identity.certificate == renewed.certificate
 
     _run(tmp_path, ca, agg, cli, body)
+
+
+def test_stale_list_refuses_new_handshakes_until_a_fresh_one_arrives(tmp_path: Path) -> None:
+    """Past its nextUpdate a list says nothing about revocations since: the sidecar refuses
+    peers (fail closed) until the CA publishes the next one."""
+    import time
+
+    ca = CertificateAuthority.generate("fed-stale")
+    agg = ca.new_identity("aggregator", Role.AGGREGATOR)
+    cli = ca.new_identity("client-1", Role.CLIENT)
+
+    async def body(server: Sidecar, side: Sidecar) -> None:
+        assert server.config.crl is not None
+        now = int(time.time())
+        server.config.crl.write_text(ca.sign_crl(1, this_update=now - 100,
+                                                 validity_s=50).to_pem())
+        await _until(lambda: server.trust.crl is not None, "the stale list to load")
+        r, w = await asyncio.open_connection("127.0.0.1", side.bound["route0"])
+        w.write(b"round 1")
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(r.read(), 10)
+        w.close()
+        assert server.metrics.registry.get_sample_value(
+            "pqfed_channel_failures_total",
+            {"stage": "handshake", "field": "client_flight.certificate.crl"}) == 1
+        server.config.crl.write_text(ca.sign_crl(2).to_pem())
+        await _until(lambda: server.metrics.registry.get_sample_value(
+            "pqfed_revocation_list_number") == 2, "the fresh list")
+        _, w = await _echo(side.bound["route0"])
+        w.close()
+
+    _run(tmp_path, ca, agg, cli, body)
