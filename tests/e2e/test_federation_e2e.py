@@ -276,7 +276,7 @@ def test_revoked_client_is_cut_off_and_the_job_goes_on(testbed: Any) -> None:
 
     bed = testbed
     name = bed.unique_name("rv")
-    spec = {**SPEC, "rounds": 4}
+    spec = {**SPEC, "rounds": 8}  # enough to outlast the kubelet volume resync (30-90 s)
     bed.create_job(name, spec)
     bed.wait_phase(name, ("Running", *TERMINAL), 60)
     bed.wait_for(lambda: _aggregator_round(bed, name), 240, "round 1 to complete", 0.3,
