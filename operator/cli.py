@@ -162,6 +162,27 @@ def _cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _revoke(args: argparse.Namespace) -> int:
+    """Adds `revoke.pqfed.io/<node>: <reason>` (a merge patch: concurrent revocations of other
+    nodes never overwrite each other). The operator signs the next revocation list with the
+    job's CA and every pod's sidecar cuts the node off once the list arrives."""
+    from pqfed.operator.kube import PLURAL
+    from pqfed.operator.reconcile import REVOKE_PREFIX
+    from pqfed.pqc.identity import check_name
+    from pqfed.pqc.revocation import RevocationReason
+
+    check_name("--node", args.node)
+    reason = RevocationReason.parse(args.reason)
+    c = _clients(args)
+    ns = args.namespace or "default"
+    c.custom.patch_namespaced_custom_object(
+        API_GROUP, API_VERSION, ns, PLURAL, args.job,
+        {"metadata": {"annotations": {f"{REVOKE_PREFIX}{args.node}": reason.label}}})
+    print(f"federationjob.pqfed.io/{args.job}: revocation of {args.node} ({reason.label}) "
+          "requested; see the NodesRevoked condition (pqfed status)")
+    return 0
+
+
 def _check(args: argparse.Namespace) -> int:
     from pqfed.operator.kube import list_jobs
 
@@ -222,3 +243,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cancel = kube(sub.add_parser("cancel", help="cancel a FederationJob (keeps its record)"))
     cancel.add_argument("name")
     cancel.set_defaults(func=_cancel)
+    revoke = kube(sub.add_parser("revoke", help="revoke a node of a running FederationJob: its "
+                                 "certificates go on the job CA's revocation list"))
+    revoke.add_argument("--job", required=True)
+    revoke.add_argument("--node", required=True, help="node id, e.g. client-2 or edge-0")
+    revoke.add_argument("--reason", default="unspecified",
+                        help="RFC 5280 reason: unspecified, key-compromise, "
+                             "affiliation-changed, superseded, cessation-of-operation, "
+                             "privilege-withdrawn")
+    revoke.set_defaults(func=_revoke)

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -38,6 +39,7 @@ from pqfed.operator.aggregator_api import (
     fetch_status,
 )
 from pqfed.operator.metrics import OperatorMetrics, serve_http
+from pqfed.pqc.errors import DecodeError
 from pqfed.pqc.handshake import Group
 from pqfed.pqc.identity import Certificate, Identity, TrustAnchor
 from pqfed.services.spec import API_GROUP, API_VERSION, FederationJobSpec
@@ -164,6 +166,45 @@ def aggregator_endpoint(ctx: OperatorContext, job: m.JobRef, spec: FederationJob
     return AggregatorEndpoint(ip, m.PQC_PORT, identity, trust, groups=groups)
 
 
+def _decoded(secret: dict[str, Any] | None, key: str) -> str | None:
+    value = ((secret or {}).get("data") or {}).get(key)
+    if not value:
+        return None
+    try:
+        return base64.b64decode(value).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def observe_credentials(job: m.JobRef, secrets: dict[str, dict[str, Any]]
+                        ) -> tuple[dict[str, reconcile.CertState], reconcile.CrlState | None]:
+    """The node certificates in the job's identity Secrets, and the published revocation list
+    if the job's CA signed it (anything else counts as missing and is republished)."""
+    certs: dict[str, reconcile.CertState] = {}
+    for name, sec in secrets.items():
+        node = ((sec.get("metadata") or {}).get("labels") or {}).get(m.NODE_LABEL)
+        pem = _decoded(sec, "tls.crt")
+        if not node or pem is None or name != m.identity_secret_name(job.name, node):
+            continue
+        try:
+            cert = Certificate.from_pem(pem)
+            prev_pem = _decoded(sec, identities.PREVIOUS_CERT_KEY)
+            prev = Certificate.from_pem(prev_pem).serial if prev_pem else None
+        except DecodeError as exc:
+            log.warning("job %s/%s: Secret %s: %s", job.namespace, job.name, name, exc)
+            continue
+        certs[node] = reconcile.CertState(cert.serial, cert.not_before, cert.not_after, prev)
+    crl_state = None
+    root_pem = _decoded(secrets.get(m.ca_secret_name(job.name)), "ca.crt")
+    crl_pem = _decoded(secrets.get(m.crl_secret_name(job.name)), identities.CRL_KEY)
+    if root_pem and crl_pem:
+        crl = identities.read_crl({identities.CRL_KEY: crl_pem}, Certificate.from_pem(root_pem))
+        if crl is not None:
+            crl_state = reconcile.CrlState(crl.number, crl.this_update, crl.next_update,
+                                           crl.serials)
+    return certs, crl_state
+
+
 def observe(ctx: OperatorContext, job: m.JobRef, spec: FederationJobSpec | None = None
             ) -> reconcile.Observed:
     """The job's children; with `spec`, also the aggregator's /status (if it answers)."""
@@ -181,7 +222,9 @@ def observe(ctx: OperatorContext, job: m.JobRef, spec: FederationJobSpec | None 
             log.debug("job %s/%s: aggregator status: %s", job.namespace, job.name, exc)
     secrets = {_name(s): s for s in children["secrets"]}
     checkpoint = secrets.get(m.checkpoint_secret_name(job.name))
+    certificates, crl = observe_credentials(job, secrets)
     return reconcile.Observed(
+        certificates=certificates, crl=crl,
         secrets=frozenset(secrets),
         configmaps={_name(c): c for c in children["configmaps"]},
         services=frozenset(_name(s) for s in children["services"]),
@@ -230,19 +273,57 @@ def issue_secrets(ctx: OperatorContext, job: m.JobRef, spec: FederationJobSpec,
     """Issues missing identity Secrets. The CA is created once and then always read back from
     its Secret, so identities issued by concurrent replicas all chain to the one stored CA."""
     algorithm = spec.crypto.signature
+    lifetime = spec.crypto.certificate_lifetime_seconds
     core = ctx.core
     for s in wanted:
-        if s.node_id is None:
+        if s.node_id is None and not s.crl:
             data = identities.issue_ca(job.name, algorithm)
             _create(ctx, m.secret(job, s.name, data, "ca"))
     ca = None
     for s in wanted:
-        if s.node_id is None or s.role is None:
+        if s.node_id is None and not s.crl:
             continue
         if ca is None:
             ca = identities.load_ca(_secret_data(core, job.namespace, m.ca_secret_name(job.name)))
-        data = identities.issue_identity(ca, s.node_id, s.role, algorithm)
+        if s.crl:  # the first list: nothing revoked yet
+            data = identities.next_crl(ca, None, (), int(time.time()), lifetime)
+            _create(ctx, m.secret(job, s.name, data, "crl"))
+            continue
+        assert s.node_id is not None and s.role is not None
+        data = identities.issue_identity(ca, s.node_id, s.role, algorithm, lifetime)
         _create(ctx, m.secret(job, s.name, data, "identity", s.node_id))
+
+
+def update_credentials(ctx: OperatorContext, job: m.JobRef, spec: FederationJobSpec,
+                       plan: reconcile.Plan) -> None:
+    """Publishes the next revocation list and renews identities (patching their Secrets; the
+    kubelet swaps the files in the pods, the sidecars and `fl` re-read them)."""
+    if plan.crl is None and not plan.renew:
+        return
+    core = ctx.core
+    ca = identities.load_ca(_secret_data(core, job.namespace, m.ca_secret_name(job.name)))
+    lifetime = spec.crypto.certificate_lifetime_seconds
+    if plan.crl is not None:
+        name = m.crl_secret_name(job.name)
+        try:
+            previous = identities.read_crl(_secret_data(core, job.namespace, name), ca.root)
+        except Exception:  # absent (404): a new list, numbered from the clock
+            previous = None
+        data = identities.next_crl(ca, previous, plan.crl.revoke, int(time.time()), lifetime)
+        body = m.secret(job, name, data, "crl")
+        if not _create(ctx, body):
+            core.patch_namespaced_secret(name, job.namespace, {"stringData": data})
+        log.info("job %s/%s: revocation list published (%s)", job.namespace, job.name,
+                 plan.crl.why)
+    for s in plan.renew:
+        assert s.node_id is not None and s.role is not None
+        old = _secret_data(core, job.namespace, s.name)
+        replaced = Certificate.from_pem(old["tls.crt"])
+        data = identities.issue_identity(ca, s.node_id, s.role, spec.crypto.signature,
+                                         lifetime, replaced)
+        core.patch_namespaced_secret(s.name, job.namespace, {"stringData": data})
+        if s.node_id == m.OPERATOR_NODE_ID:
+            ctx.identities.pop(job.uid, None)  # read the renewed one on next use
 
 
 def delete_pod(core: Any, namespace: str, name: str, grace: int | None = None) -> None:
@@ -423,7 +504,9 @@ def monitor_job(body: Any, patch: Any, memo: Any, logger: Any, **_: Any) -> None
     now = now_rfc3339()
     try:
         observed = observe(ctx, job, spec)
-        plan = reconcile.plan_tick(job, spec, status, observed, now, annotations=annotations)
+        plan = reconcile.plan_tick(job, spec, status, observed, now, annotations=annotations,
+                                   clock=int(time.time()))
+        update_credentials(ctx, job, spec, plan)
         apply_plan(ctx, body, job, spec, plan)
         changes = dict(plan.status)
         if plan.save_checkpoint:

@@ -7,9 +7,16 @@ and `pqfed ca issue` (pqc/cli.py), so a Secret can be inspected with the same to
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping
 
-from pqfed.pqc.identity import CertificateAuthority, Identity, Role
+from pqfed.pqc.errors import DecodeError, RevocationListError
+from pqfed.pqc.identity import Certificate, CertificateAuthority, Identity, Role, TrustAnchor
+from pqfed.pqc.revocation import RevocationList, RevocationReason, RevokedCertificate
+
+CRL_KEY = "crl.pem"
+BACKDATE_S = 300  # CertificateAuthority.issue: not_before = now - 300 by default
+PREVIOUS_CERT_KEY = "previous.crt"  # the certificate a renewal replaced (maybe still valid)
 
 
 def issue_ca(federation: str, algorithm: str) -> dict[str, str]:
@@ -24,9 +31,41 @@ def load_ca(data: Mapping[str, str]) -> CertificateAuthority:
 
 
 def issue_identity(ca: CertificateAuthority, node_id: str, role: Role,
-                   algorithm: str) -> dict[str, str]:
+                   algorithm: str, validity_s: int = 86400,
+                   previous: Certificate | None = None) -> dict[str, str]:
     """A node identity signed by `ca` as Secret data (`tls.crt`, `tls.key`, `ca.crt`), the
-    layout `pqfed sidecar` and `pqfed fl` read from /etc/pqfed/identity."""
-    ident = ca.new_identity(node_id, role, algorithm=algorithm)
-    return {"tls.crt": ident.certificate.to_pem(), "tls.key": ident.private_key_pem(),
+    layout `pqfed sidecar` and `pqfed fl` read from /etc/pqfed/identity. On renewal,
+    `previous` is kept as `previous.crt` so that revoking the node revokes both."""
+    # issue() backdates not_before by BACKDATE_S (clock skew): add it back, so the certificate
+    # is usable `validity_s` from now; never past the CA (issue() refuses that).
+    start = int(time.time()) - BACKDATE_S
+    validity = min(validity_s + BACKDATE_S, ca.root.not_after - start - 5)
+    ident = ca.new_identity(node_id, role, algorithm=algorithm, validity_s=validity)
+    data = {"tls.crt": ident.certificate.to_pem(), "tls.key": ident.private_key_pem(),
             "ca.crt": ca.root.to_pem()}
+    if previous is not None:
+        data[PREVIOUS_CERT_KEY] = previous.to_pem()
+    return data
+
+
+def read_crl(data: Mapping[str, str], root: Certificate) -> RevocationList | None:
+    """The list in a CRL Secret, if it is there and `root`'s CA signed it."""
+    try:
+        return TrustAnchor(root, RevocationList.from_pem(data[CRL_KEY])).crl
+    except (KeyError, DecodeError, RevocationListError):
+        return None
+
+
+def next_crl(ca: CertificateAuthority, previous: RevocationList | None,
+             revoke: Iterable[tuple[int, RevocationReason]], now: int,
+             validity_s: int) -> dict[str, str]:
+    """The next revocation list as Secret data: `previous`'s entries plus `revoke`, numbered
+    above both `previous` and any list ever published (the number is at least the time in
+    seconds, so a lost or tampered Secret cannot make the operator reuse a number a node saw).
+    """
+    entries = {e.serial: e for e in (previous.revoked if previous else ())}
+    for serial, reason in revoke:
+        entries.setdefault(serial, RevokedCertificate(serial, now, reason))
+    number = max(now, previous.number + 1 if previous else 0)
+    crl = ca.sign_crl(number, list(entries.values()), validity_s=validity_s, this_update=now)
+    return {CRL_KEY: crl.to_pem()}

@@ -32,6 +32,7 @@ MANAGED_BY: Final = "pqfed-operator"
 
 # In-pod paths and ports; the same as the `pqfed fl` / `pqfed sidecar` defaults.
 IDENTITY_DIR: Final = "/etc/pqfed/identity"
+CRL_FILE: Final = "crl.pem"  # pqc.truststore.CRL_FILE: the sidecar and `fl` re-read it
 JOB_DIR: Final = "/etc/pqfed/job"
 RESTORE_DIR: Final = "/etc/pqfed/restore"
 STATE_DIR: Final = "/var/lib/pqfed"
@@ -97,6 +98,11 @@ AGGREGATOR_NODE_ID: Final = "aggregator"
 
 def identity_secret_name(job: str, node_id: str) -> str:
     return f"{job}-{node_id}-identity"
+
+
+def crl_secret_name(job: str) -> str:
+    """The job CA's revocation list (`crl.pem`), projected into every pod's identity dir."""
+    return f"{job}-crl"
 
 
 def job_configmap_name(job: str) -> str:
@@ -270,7 +276,7 @@ def edge_service(job: JobRef, edge: int) -> Manifest:
 # ---- pods -----------------------------------------------------------------------------------
 def _identity_args() -> list[str]:
     return ["--cert", f"{IDENTITY_DIR}/tls.crt", "--key", f"{IDENTITY_DIR}/tls.key",
-            "--ca", f"{IDENTITY_DIR}/ca.crt"]
+            "--ca", f"{IDENTITY_DIR}/ca.crt", "--crl", f"{IDENTITY_DIR}/{CRL_FILE}"]
 
 
 def _groups(spec: FederationJobSpec) -> list[str]:
@@ -295,9 +301,16 @@ def _http_probe(path: str, port: int) -> Manifest:
 
 
 def _volumes(job: str, node_id: str, restore: bool) -> list[Manifest]:
+    # One directory, two Secrets: the node's identity (renewed by the operator) and the job's
+    # revocation list (re-signed on every revocation); the kubelet swaps both in place.
     vols: list[Manifest] = [
-        {"name": "identity", "secret": {"secretName": identity_secret_name(job, node_id),
-                                        "defaultMode": 0o440}},
+        {"name": "identity", "projected": {"defaultMode": 0o440, "sources": [
+            {"secret": {"name": identity_secret_name(job, node_id),
+                        "items": [{"key": k, "path": k}
+                                  for k in ("tls.crt", "tls.key", "ca.crt")]}},
+            {"secret": {"name": crl_secret_name(job),
+                        "items": [{"key": CRL_FILE, "path": CRL_FILE}]}},
+        ]}},
         {"name": "job", "configMap": {"name": job_configmap_name(job)}},
         {"name": "state", "emptyDir": {}},
     ]

@@ -19,12 +19,19 @@ from typing import Any, Final, Literal
 
 from pqfed.operator import pods as m
 from pqfed.pqc.identity import Role
+from pqfed.pqc.revocation import RevocationReason
 from pqfed.services.spec import OPERATOR_ONLY, FederationJobSpec, JobSpecError, parse_spec
 
 Manifest = dict[str, Any]
 
 TERMINAL: Final = frozenset({"Succeeded", "Failed", "Cancelled"})
 CANCEL_ANNOTATION: Final = "pqfed.io/cancel"
+# `revoke.pqfed.io/<node id>: <reason>`: one annotation per revoked node, so that `pqfed revoke`
+# adds one with a merge patch and never races another revocation (operator/cli.py).
+REVOKE_PREFIX: Final = "revoke.pqfed.io/"
+# Renew a node certificate (and re-sign the revocation list) once this much of its lifetime
+# has passed: the remaining third covers an operator outage and the kubelet's volume resync.
+RENEW_AT: Final = 2 / 3
 MAX_STATUS_ROUNDS: Final = 100  # the CRD's rounds[] has no maxItems; objects stay small
 # `fl` restarts (OnFailure, resuming from its state dir) before the job is declared Failed.
 AGGREGATOR_MAX_RESTARTS: Final = 3
@@ -47,6 +54,7 @@ ROUND_PROGRESS: Final = "RoundProgress"
 CHECKPOINTED: Final = "Checkpointed"
 PODS_RECREATED: Final = "PodsRecreated"
 COMPLETE: Final = "Complete"
+NODES_REVOKED: Final = "NodesRevoked"
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,35 @@ class SecretToIssue:
     name: str
     node_id: str | None = None
     role: Role | None = None
+    crl: bool = False  # the job CA's revocation list (node_id None too)
+
+
+@dataclass(frozen=True)
+class CertState:
+    """What the operator needs to know of one issued node certificate (identity Secret)."""
+
+    serial: int
+    not_before: int
+    not_after: int
+    previous_serial: int | None = None  # the certificate this one renewed (maybe still valid)
+
+
+@dataclass(frozen=True)
+class CrlState:
+    """The published revocation list (verified against the job's CA by the wiring)."""
+
+    number: int
+    this_update: int
+    next_update: int
+    serials: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class CrlUpdate:
+    """Publish the next revocation list: the current entries plus `revoke` (serial, reason)."""
+
+    revoke: tuple[tuple[int, RevocationReason], ...] = ()
+    why: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,6 +113,8 @@ class Observed:
     aggregator: Manifest | None = None
     network_policies: frozenset[str] = frozenset()
     checkpoint: Manifest | None = None  # the checkpoint Secret (its keys; values dropped)
+    certificates: Mapping[str, CertState] = field(default_factory=dict)  # by node id
+    crl: CrlState | None = None
 
 
 @dataclass
@@ -89,6 +128,8 @@ class Plan:
     permanent_error: str | None = None  # stop handling this job (kopf.PermanentError)
     new_rounds: int = 0
     recreated: list[str] = field(default_factory=list)  # roles of pods recreated
+    renew: list[SecretToIssue] = field(default_factory=list)  # identity Secrets to re-issue
+    crl: CrlUpdate | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +204,34 @@ def _operator_only(name: str) -> str:
 
 def cancel_requested(annotations: Mapping[str, str] | None) -> bool:
     return str((annotations or {}).get(CANCEL_ANNOTATION, "")).lower() in ("true", "1", "yes")
+
+
+def revocation_requests(annotations: Mapping[str, str] | None
+                        ) -> dict[str, RevocationReason | str]:
+    """{node id: reason} from `revoke.pqfed.io/<node>` annotations; a reason that does not
+    parse is kept as its text (reported, and the node revoked as `unspecified`)."""
+    out: dict[str, RevocationReason | str] = {}
+    for key, value in (annotations or {}).items():
+        if key.startswith(REVOKE_PREFIX):
+            try:
+                out[key[len(REVOKE_PREFIX):]] = RevocationReason.parse(str(value or
+                                                                           "unspecified"))
+            except ValueError:
+                out[key[len(REVOKE_PREFIX):]] = str(value)
+    return out
+
+
+def revocable_nodes(spec: FederationJobSpec) -> list[str]:
+    """Nodes an admin may cut off a running job: clients and edge aggregators. The aggregator
+    is the job (cancel it instead); the operator's identity is the operator's own."""
+    return ([m.client_node_id(i) for i in range(spec.clients)]
+            + [m.edge_node_id(e) for e in range(_edges(spec))])
+
+
+def revoked_nodes(spec: FederationJobSpec, annotations: Mapping[str, str] | None
+                  ) -> frozenset[str]:
+    allowed = set(revocable_nodes(spec))
+    return frozenset(n for n in revocation_requests(annotations) if n in allowed)
 
 
 # ---- status helpers -------------------------------------------------------------------------
@@ -294,6 +363,8 @@ def _edges(spec: FederationJobSpec) -> int:
 
 def _issue_plan(job: m.JobRef, spec: FederationJobSpec, observed: Observed) -> list[SecretToIssue]:
     wanted = [SecretToIssue(m.ca_secret_name(job.name)),
+              # The revocation list (node_id None, role None): signed by the CA above.
+              SecretToIssue(m.crl_secret_name(job.name), crl=True),
               SecretToIssue(m.identity_secret_name(job.name, m.AGGREGATOR_NODE_ID),
                             m.AGGREGATOR_NODE_ID, Role.AGGREGATOR),
               # The operator's own: it reads the aggregator's status through the sidecar.
@@ -316,9 +387,11 @@ def _append_recreated(status: Manifest, what: str, now: str) -> None:
 
 
 def ensure_children(job: m.JobRef, spec: FederationJobSpec, status: Manifest,
-                    observed: Observed, now: str, plan: Plan) -> None:
+                    observed: Observed, now: str, plan: Plan,
+                    revoked: frozenset[str] = frozenset()) -> None:
     """Adds to `plan` every missing child (creates nothing that exists), and, on a job that
-    already started, records recreated pods in status (mutated) and events."""
+    already started, records recreated pods in status (mutated) and events. Pods of
+    `revoked` nodes are never (re)created."""
     started = bool(status.get("startTime"))
     rnd = int(status.get("currentRound") or 0)
     plan.issue += _issue_plan(job, spec, observed)
@@ -343,7 +416,7 @@ def ensure_children(job: m.JobRef, spec: FederationJobSpec, status: Manifest,
         if m.edge_service_name(job.name, e) not in observed.services:
             plan.create.append(m.edge_service(job, e))
         name = m.edge_pod_name(job.name, e)
-        if name in observed.pods:
+        if name in observed.pods or m.edge_node_id(e) in revoked:
             continue
         plan.create.append(m.edge_pod(job, spec, e))
         if started:
@@ -354,7 +427,7 @@ def ensure_children(job: m.JobRef, spec: FederationJobSpec, status: Manifest,
             plan.recreated.append("edge")
     for i in range(spec.clients):
         name = m.client_pod_name(job.name, i)
-        if name in observed.pods:
+        if name in observed.pods or m.client_node_id(i) in revoked:
             continue
         plan.create.append(m.client_pod(job, spec, i))
         if started:
@@ -367,12 +440,108 @@ def ensure_children(job: m.JobRef, spec: FederationJobSpec, status: Manifest,
 
 def _describe(created: list[Manifest], issued: list[SecretToIssue]) -> list[Event]:
     events = [Event("Normal", "SecretIssued",
-                    f"Secret {s.name}: " + ("federation CA" if s.node_id is None else
+                    f"Secret {s.name}: " + ("revocation list" if s.crl else
+                                            "federation CA" if s.node_id is None else
                                             f"PQC identity of {s.node_id}"))
               for s in issued]
     events += [Event("Normal", "Created", f"{o['kind']} {o['metadata']['name']}")
                for o in created]
     return events
+
+
+# ---- credentials: revocation and renewal ----------------------------------------------------
+def _identity_secrets(job: m.JobRef, spec: FederationJobSpec) -> dict[str, SecretToIssue]:
+    """Every node identity Secret of the job, by node id."""
+    every = _issue_plan(job, spec, Observed())
+    return {s.node_id: s for s in every if s.node_id is not None}
+
+
+def renewal_due(cert: CertState, now: int) -> bool:
+    return now >= cert.not_before + RENEW_AT * (cert.not_after - cert.not_before)
+
+
+def plan_credentials(job: m.JobRef, spec: FederationJobSpec, observed: Observed,
+                     annotations: Mapping[str, str] | None, now: int, plan: Plan) -> None:
+    """Adds to `plan`: the revocation list to publish (new revocations, a list 2/3 through its
+    lifetime, or one that is missing or does not verify) and the node identities to renew
+    (2/3 through their lifetime, never a revoked node's). `now` is Unix seconds."""
+    requests = revocation_requests(annotations)
+    allowed = set(revocable_nodes(spec))
+    revoked = frozenset(n for n in requests if n in allowed)
+    crl = observed.crl
+    listed = crl.serials if crl is not None else frozenset()
+    new: list[tuple[int, RevocationReason]] = []
+    newly: list[str] = []
+    for node in sorted(revoked):
+        cert = observed.certificates.get(node)
+        if cert is None:
+            continue  # never issued: nothing to revoke (and no pod will be created)
+        reason = requests[node]
+        code = reason if isinstance(reason, RevocationReason) else RevocationReason.UNSPECIFIED
+        serials = [x for x in (cert.serial, cert.previous_serial)
+                   if x is not None and x not in listed]
+        if serials:
+            new += [(x, code) for x in serials]
+            newly.append(node)
+            plan.events.append(Event(
+                "Warning", "NodeRevoked",
+                f"{node}: certificate serial(s) {', '.join(map(str, serials))} revoked "
+                f"({code.label}); every pod's sidecar cuts its channels once the new list "
+                "arrives, and its pod is not recreated"))
+    if new:
+        plan.crl = CrlUpdate(tuple(new), f"revoked {', '.join(newly)}")
+    elif crl is None and m.crl_secret_name(job.name) in observed.secrets:
+        plan.crl = CrlUpdate(why="the published list is missing or does not verify")
+    elif crl is not None and renewal_due(CertState(0, crl.this_update, crl.next_update), now):
+        plan.crl = CrlUpdate(why=f"list {crl.number} is 2/3 through its lifetime")
+    secrets = _identity_secrets(job, spec)
+    for node, cert in sorted(observed.certificates.items()):
+        if node in revoked or node not in secrets or not renewal_due(cert, now):
+            continue
+        plan.renew.append(secrets[node])
+        plan.events.append(Event("Normal", "CertificateRenewed",
+                                 f"{node}: serial {cert.serial} expires at {cert.not_after}; "
+                                 "a new certificate and key replace it in its Secret"))
+
+
+def _revocation_status(job: m.JobRef, spec: FederationJobSpec, new: Manifest,
+                       observed: Observed, annotations: Mapping[str, str] | None,
+                       now: str, plan: Plan) -> str | None:
+    """Deletes revoked nodes' pods, records them in the NodesRevoked condition; returns why
+    the job cannot go on (too few clients left for minClients), or None."""
+    requests = revocation_requests(annotations)
+    if not requests:
+        return None
+    allowed = set(revocable_nodes(spec))
+    revoked = sorted(n for n in requests if n in allowed)
+    ignored = sorted(n for n in requests if n not in allowed)
+    names = {m.client_node_id(i): m.client_pod_name(job.name, i) for i in range(spec.clients)}
+    names.update({m.edge_node_id(e): m.edge_pod_name(job.name, e) for e in range(_edges(spec))})
+    for node in revoked:
+        pod = observed.pods.get(names[node])
+        if pod is not None and not (pod.get("metadata") or {}).get("deletionTimestamp"):
+            plan.delete_pods.append(names[node])
+    parts = []
+    if revoked:
+        parts.append("revoked: " + ", ".join(
+            f"{n} ({r.label if isinstance(r, RevocationReason) else 'unspecified'})"
+            for n, r in ((n, requests[n]) for n in revoked)))
+    bad = sorted(n for n in revoked if not isinstance(requests[n], RevocationReason))
+    if bad:
+        parts.append(f"unknown reason on {', '.join(bad)} (taken as unspecified; use "
+                     f"{', '.join(r.label for r in RevocationReason)})")
+    if ignored:
+        parts.append(f"ignored: {', '.join(ignored)} (only {', '.join(sorted(allowed))} can be "
+                     "revoked; cancel the job to stop its aggregator)")
+    new["conditions"] = set_condition(new.get("conditions") or [], NODES_REVOKED,
+                                      "True" if revoked else "False",
+                                      "Revoked" if revoked else "NothingRevoked",
+                                      "; ".join(parts), now)
+    left = spec.clients - sum(1 for n in revoked if n.startswith("client-"))
+    if left < spec.min_clients:
+        return (f"{left} of {spec.clients} clients left after revoking "
+                f"{', '.join(revoked)}: fewer than minClients={spec.min_clients}")
+    return None
 
 
 # ---- plans ----------------------------------------------------------------------------------
@@ -433,7 +602,7 @@ def plan_start(job: m.JobRef, raw_spec: Mapping[str, Any] | None, status: Mappin
         return plan_cancel(job, status, observed, now)
     new = copy.deepcopy(dict(status))
     plan = Plan()
-    ensure_children(job, spec, new, observed, now, plan)
+    ensure_children(job, spec, new, observed, now, plan, revoked_nodes(spec, annotations))
     plan.events = _describe(plan.create, plan.issue) + plan.events
     first = new.get("phase") in (None, "Pending")
     new["phase"] = "Running"
@@ -513,9 +682,10 @@ def _finish(job: m.JobRef, spec: FederationJobSpec, status: Mapping[str, Any], n
 
 def plan_tick(job: m.JobRef, spec: FederationJobSpec, status: Mapping[str, Any],
               observed: Observed, now: str, *,
-              annotations: Mapping[str, str] | None = None) -> Plan:
+              annotations: Mapping[str, str] | None = None, clock: int | None = None) -> Plan:
     """The periodic reconcile of a Running job: progress from the aggregator, checkpoints,
-    lost pods recreated, success/failure/cancel detected."""
+    lost pods recreated, revoked nodes cut off, success/failure/cancel detected. With `clock`
+    (Unix seconds), also certificate renewal and the revocation list (plan_credentials)."""
     if status.get("phase") != "Running":  # Pending: on.create is not done; terminal: idle
         return Plan()
     if cancel_requested(annotations):
@@ -545,13 +715,20 @@ def plan_tick(job: m.JobRef, spec: FederationJobSpec, status: Mapping[str, Any],
         return _finish(job, spec, status, new, observed, "Failed", "AggregatorFailed", text,
                        now, plan)
 
+    if clock is not None:
+        plan_credentials(job, spec, observed, annotations, clock, plan)
+    revoked = revoked_nodes(spec, annotations)
+    too_few = _revocation_status(job, spec, new, observed, annotations, now, plan)
+    if too_few is not None:
+        return _finish(job, spec, status, new, observed, "Failed", "MinClientsRevoked",
+                       too_few, now, plan)
     # Still running: recreate what is missing; lost pods are deleted first, recreated after.
     for name, pod in observed.pods.items():
         state = pod_state(pod, completes=name == agg_name)
-        if state.kind in ("lost", "failed", "succeeded"):
+        if state.kind in ("lost", "failed", "succeeded") and name not in plan.delete_pods:
             plan.delete_pods.append(name)
             plan.events.append(Event("Warning", "PodLost", f"pod {name}: {state.message}"))
-    ensure_children(job, spec, new, observed, now, plan)
+    ensure_children(job, spec, new, observed, now, plan, revoked)
     plan.events = _describe([o for o in plan.create if o["kind"] != "Pod"], plan.issue) + \
         plan.events
 
@@ -570,7 +747,8 @@ def plan_tick(job: m.JobRef, spec: FederationJobSpec, status: Mapping[str, Any],
     problems: list[str] = []
     unschedulable: list[str] = []
     ready = 0
-    for i in range(spec.clients):
+    active = [i for i in range(spec.clients) if m.client_node_id(i) not in revoked]
+    for i in active:
         state = pod_state(observed.pods.get(m.client_pod_name(job.name, i)))
         if state.kind == "ready":
             ready += 1
@@ -579,6 +757,8 @@ def plan_tick(job: m.JobRef, spec: FederationJobSpec, status: Mapping[str, Any],
         elif state.kind in ("missing", "terminating", "lost", "failed", "succeeded"):
             problems.append(f"{m.client_node_id(i)} {state.kind}")
     for e in range(_edges(spec)):  # a lost edge cuts its clients off: say so here
+        if m.edge_node_id(e) in revoked:
+            continue
         state = pod_state(observed.pods.get(m.edge_pod_name(job.name, e)))
         if state.kind == "unschedulable":
             unschedulable.append(f"{m.edge_node_id(e)}: {state.message}")
@@ -588,12 +768,12 @@ def plan_tick(job: m.JobRef, spec: FederationJobSpec, status: Mapping[str, Any],
         cli = ("False", "Unschedulable", "client pods cannot be scheduled: "
                + "; ".join(unschedulable) + "; " + _operator_only("client-nodes-exist"))
     elif problems:
-        cli = ("False", "ClientPodLost", f"{ready}/{spec.clients} client pods ready; "
+        cli = ("False", "ClientPodLost", f"{ready}/{len(active)} client pods ready; "
                + ", ".join(problems) + " (recreated)")
-    elif ready == spec.clients:
-        cli = ("True", "AllClientsReady", f"{ready}/{spec.clients} client pods ready")
+    elif ready == len(active):
+        cli = ("True", "AllClientsReady", f"{ready}/{len(active)} client pods ready")
     else:
-        cli = ("False", "ClientsStarting", f"{ready}/{spec.clients} client pods ready")
+        cli = ("False", "ClientsStarting", f"{ready}/{len(active)} client pods ready")
     new["conditions"] = set_condition(conds, CLIENTS_READY, *cli, now)
     plan.status = status_patch(status, new)
     return plan

@@ -3,7 +3,11 @@
 Each entry carries the hash of the previous entry (a hash chain, as in Certificate
 Transparency's append-only log idea and RFC 6962's leaf hashing), and the aggregator's ML-DSA
 signature over its own hash; the log can be verified offline with only the federation's CA
-certificate: `pqfed audit verify LOG --ca ca.pem`.
+certificate: `pqfed audit verify LOG --ca ca.pem [--crl crl.pem]`.
+
+With the federation's revocation list, every entry is checked against the signer's status at
+the entry's time: entries signed after the signer's revocation date fail, and all of them if
+the reason is keyCompromise (the key may have signed anything, under any claimed time).
 """
 
 from __future__ import annotations
@@ -118,6 +122,9 @@ class AuditSummary:
     head: str
     signer: str
     events: dict[str, int]
+    # The revocation list the log was checked against: number, and whether it was already
+    # past its nextUpdate at verification time (a newer list may revoke more).
+    crl: dict[str, Any] | None = None
 
 
 def verify_audit_log(path: Path, trust: TrustAnchor | None) -> AuditSummary:
@@ -139,14 +146,19 @@ def verify_audit_log(path: Path, trust: TrustAnchor | None) -> AuditSummary:
         if count == 0:
             try:
                 signer_cert = Certificate.from_pem(str(entry.get("signer", "")))
-                if trust is not None:
-                    trust.verify(signer_cert, roles=(Role.AGGREGATOR, Role.EDGE),
-                                 now=entry["time"])
-            except (DecodeError, CertificateError) as exc:
+            except DecodeError as exc:
                 raise AuditLogError(lineno, f"signer certificate: {exc}") from None
         elif signer_cert is None or entry.get("signer") != signer_cert.fingerprint:
             raise AuditLogError(lineno, "signer differs from the log's first entry")
         assert signer_cert is not None
+        if trust is not None:
+            # Every entry, not only the first: the signer may be revoked mid-log.
+            try:
+                trust.verify(signer_cert, roles=(Role.AGGREGATOR, Role.EDGE),
+                             signed_at=float(entry["time"]))
+            except (CertificateError, KeyError, TypeError, ValueError) as exc:
+                raise AuditLogError(lineno, f"signer certificate at the entry's time: {exc}"
+                                    ) from None
         try:
             get_backend().sig_verify(signer_cert.sig_algorithm, signer_cert.public_key,
                                      bytes.fromhex(entry["hash"]), bytes.fromhex(entry["sig"]),
@@ -156,4 +168,8 @@ def verify_audit_log(path: Path, trust: TrustAnchor | None) -> AuditSummary:
         prev = entry["hash"]
         events[entry["event"]] = events.get(entry["event"], 0) + 1
         count += 1
-    return AuditSummary(count, prev, signer_cert.node_id if signer_cert else "", events)
+    crl = None
+    if trust is not None and trust.crl is not None:
+        crl = {"number": trust.crl.number, "nextUpdate": trust.crl.next_update,
+               "stale": time.time() >= trust.crl.next_update}
+    return AuditSummary(count, prev, signer_cert.node_id if signer_cert else "", events, crl)

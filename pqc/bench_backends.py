@@ -140,7 +140,7 @@ def _ca_with_key(key: Any, alg: str) -> CertificateAuthority:
 
     now = int(time.time())
     public = key.public_bytes()
-    root = Certificate("bench", "ca", Role.CA, alg, public, now - 300, now + 86400, 1,
+    root = Certificate("bench", "ca", Role.CA, alg, public, now - 300, now + 365 * 86400, 1,
                        key_id(public))
     return CertificateAuthority(Identity(replace(root, signature=key.sign(root.tbs_bytes(),
                                                                           CERT_CONTEXT)), key))

@@ -10,8 +10,11 @@ import logging
 import os
 from pathlib import Path
 
+from pqfed.pqc.errors import CertificateError
 from pqfed.pqc.handshake import Group
 from pqfed.pqc.identity import Certificate, CertificateAuthority, Identity, Role, TrustAnchor
+from pqfed.pqc.revocation import RevocationList, RevocationReason
+from pqfed.pqc.truststore import CRL_FILE
 
 
 def _ca_init(args: argparse.Namespace) -> int:
@@ -33,7 +36,59 @@ def _ca_issue(args: argparse.Namespace) -> int:
                             validity_s=args.days * 86400)
     ident.save(out / "tls.crt", out / "tls.key")
     (out / "ca.crt").write_text(ca.root.to_pem())
+    if (ca_dir / CRL_FILE).exists():  # the sidecar's --crl; later lists replace it
+        (out / CRL_FILE).write_text((ca_dir / CRL_FILE).read_text())
     print(f"{args.role} {args.node_id!r}: {out}/tls.crt, {out}/tls.key, {out}/ca.crt")
+    return 0
+
+
+def _load_crl(path: Path, root: Certificate) -> RevocationList | None:
+    """The list at `path` verified against `root` (None if there is no file yet)."""
+    if not path.exists():
+        return None
+    return TrustAnchor(root, RevocationList.from_pem(path.read_text())).crl
+
+
+def crl_summary(crl: RevocationList | None) -> dict[str, object]:
+    if crl is None:
+        return {"number": None, "revoked": []}
+    return {"federation": crl.federation, "issuer": crl.issuer.hex(), "number": crl.number,
+            "thisUpdate": crl.this_update, "nextUpdate": crl.next_update,
+            "revoked": [{"serial": e.serial, "revokedAt": e.revoked_at,
+                         "reason": e.reason.label} for e in crl.revoked]}
+
+
+def _ca_revoke(args: argparse.Namespace) -> int:
+    ca_dir = Path(args.ca)
+    ca = CertificateAuthority(Identity.load_files(ca_dir / "ca.crt", ca_dir / "ca.key"))
+    if args.cert:
+        cert = Certificate.from_pem(Path(args.cert).read_text())
+        if cert.issuer != ca.root.key_id:
+            raise CertificateError("issuer", f"--cert {args.cert} was not issued by the CA in "
+                                   f"{ca_dir}")
+        serial = cert.serial
+    else:
+        serial = int(args.serial)
+    path = ca_dir / CRL_FILE
+    crl = ca.revoke(_load_crl(path, ca.root), serial, RevocationReason.parse(args.reason),
+                    validity_s=args.days * 86400)
+    path.write_text(crl.to_pem())
+    print(f"serial {serial} revoked ({args.reason}); revocation list {crl.number} written to "
+          f"{path} (next update due {crl.next_update}): distribute it to every node")
+    return 0
+
+
+def _ca_crl(args: argparse.Namespace) -> int:
+    ca_dir = Path(args.ca)
+    root = Certificate.from_pem((ca_dir / "ca.crt").read_text())
+    path = Path(args.file) if args.file else ca_dir / CRL_FILE
+    crl = _load_crl(path, root)
+    if args.renew:
+        ca = CertificateAuthority(Identity.load_files(ca_dir / "ca.crt", ca_dir / "ca.key"))
+        crl = ca.sign_crl(crl.number + 1 if crl else 1, crl.revoked if crl else (),
+                          validity_s=args.days * 86400)
+        path.write_text(crl.to_pem())
+    print(json.dumps(crl_summary(crl), indent=2))
     return 0
 
 
@@ -41,9 +96,12 @@ def _audit_verify(args: argparse.Namespace) -> int:
     from pqfed.pqc.audit import verify_audit_log
 
     trust = TrustAnchor(Certificate.from_pem(Path(args.ca).read_text()))
+    if args.crl:
+        trust = trust.with_crl(RevocationList.from_pem(Path(args.crl).read_text()))
     summary = verify_audit_log(Path(args.log), trust)
     print(json.dumps({"ok": True, "entries": summary.entries, "head": summary.head,
-                      "signer": summary.signer, "events": summary.events}, indent=2))
+                      "signer": summary.signer, "events": summary.events,
+                      "crl": summary.crl}, indent=2))
     return 0
 
 
@@ -78,6 +136,8 @@ def _sidecar(args: argparse.Namespace) -> int:
                                if args.operator_upstream else None),
             allowed_client_roles=(tuple(Role.parse(r) for r in args.peer_role)
                                   or (Role.CLIENT, Role.EDGE)),
+            crl=Path(args.crl) if args.crl else None,
+            reload_interval_s=args.reload_interval,
         )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(Sidecar(config)))
@@ -108,15 +168,37 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     issue.add_argument("--algorithm", default="ML-DSA-65")
     issue.add_argument("--days", type=int, default=30)
     issue.set_defaults(func=_ca_issue)
+    reasons = [r.label for r in RevocationReason]
+    revoke = ca_sub.add_parser("revoke", help="revoke a node certificate: writes the CA's next "
+                               "revocation list (DIR/crl.pem)")
+    revoke.add_argument("--ca", required=True, help="directory with ca.crt and ca.key")
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("--serial", type=int, help="serial of the certificate to revoke")
+    which.add_argument("--cert", help="the certificate (PEM) to revoke")
+    revoke.add_argument("--reason", default="unspecified", choices=reasons,
+                        help="RFC 5280 reason code; key-compromise also voids the "
+                             "signatures it made before (audit verify)")
+    revoke.add_argument("--days", type=int, default=7,
+                        help="the list's lifetime (nextUpdate); publish a new one before")
+    revoke.set_defaults(func=_ca_revoke)
+    crl = ca_sub.add_parser("crl", help="print the CA's revocation list (verified); --renew "
+                            "publishes the next number with a new nextUpdate")
+    crl.add_argument("--ca", required=True, help="directory with ca.crt (and ca.key to renew)")
+    crl.add_argument("--file", help="the list (default: DIR/crl.pem)")
+    crl.add_argument("--renew", action="store_true")
+    crl.add_argument("--days", type=int, default=7)
+    crl.set_defaults(func=_ca_crl)
     from pqfed.pqc.pki.cli import register as register_x509
 
-    register_x509(ca_sub)  # x509-init, csr, sign, crl (docs/pki.md)
+    register_x509(ca_sub)  # x509-init, csr, sign, x509-crl (docs/pki.md)
 
     audit = sub.add_parser("audit", help="verify a signed, hash-chained audit log offline")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_sub.add_parser("verify")
     verify.add_argument("log")
     verify.add_argument("--ca", required=True, help="the federation's ca.crt")
+    verify.add_argument("--crl", help="the federation's revocation list: entries signed by a "
+                        "revoked signer after its revocation (any, on key-compromise) fail")
     verify.set_defaults(func=_audit_verify)
 
     sc = sub.add_parser("sidecar", help="run the PQC sidecar proxy")
@@ -145,6 +227,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sc.add_argument("--operator-upstream",
                     help="inbound: channels from an operator identity reach only GET "
                          "/status and /checkpoint at this loopback HOST:PORT")
+    sc.add_argument("--crl", help="the CA's revocation list (PEM), re-read while running")
+    sc.add_argument("--reload-interval", type=float, default=2.0,
+                    help="seconds between checks of --crl, --cert and --key for updates")
     sc.add_argument("--log-level", default="info")
     sc.add_argument("--backend", choices=["auto", "pyca", "liboqs"],
                     help="crypto backend (default: $PQFED_CRYPTO_BACKEND, else auto)")

@@ -90,3 +90,13 @@ class AuditLogError(PqcError):
         super().__init__(f"audit log line {line}: {reason}")
         self.line = line
         self.reason = reason
+
+
+class RevocationListError(PqcError):
+    """A certificate revocation list is malformed, not signed by our CA, stale or older than
+    one already seen (rollback)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"revocation list rejected ({field}): {reason}")
+        self.field = field
+        self.reason = reason

@@ -3,6 +3,9 @@
 The certificate is deliberately tiny compared to X.509: the fields a federation needs
 (federation, node id, role, public key, validity, serial, issuer key id) in a strict binary
 encoding, signed by the CA with a domain-separated ML-DSA context string (FIPS 204 §5.2).
+The CA also signs revocation lists (revocation.py, context `pqfed/crl/v1`); a `TrustAnchor`
+holds the root and the newest verified list, and checks the root's own validity, path
+validity (RFC 5280 §6.1.3: no certificate outlives its issuer) and revocation on every use.
 """
 
 from __future__ import annotations
@@ -20,7 +23,18 @@ from pqfed.pqc.algorithms import DEFAULT_SIGNATURE, SIG_BY_CODE, SIG_CODES, SIG_
 from pqfed.pqc.armor import armor, unarmor
 from pqfed.pqc.backends import SigPrivateKey, get_backend
 from pqfed.pqc.encoding import Reader, Writer
-from pqfed.pqc.errors import CertificateError, DecodeError, InvalidSignature
+from pqfed.pqc.errors import (
+    CertificateError,
+    DecodeError,
+    InvalidSignature,
+    RevocationListError,
+)
+from pqfed.pqc.revocation import (
+    CRL_CONTEXT,
+    RevocationList,
+    RevocationReason,
+    RevokedCertificate,
+)
 
 CERT_VERSION = 1
 CERT_CONTEXT = b"pqfed/cert/v1"
@@ -156,10 +170,46 @@ def _ca_signed(algorithm: str, ca_public_key: bytes, tbs: bytes, signature: byte
 
 @dataclass(frozen=True, slots=True)
 class TrustAnchor:
-    """What a node trusts: its federation's CA root certificate, plus revoked serials."""
+    """What a node trusts: its federation's CA root certificate, plus the newest revocation
+    list it has verified (None: nothing revoked yet). The list's signature is checked when
+    the anchor is built, so an anchor never holds a list the root did not sign."""
 
     root: Certificate
-    revoked: frozenset[int] = frozenset()
+    crl: RevocationList | None = None
+
+    def __post_init__(self) -> None:
+        if self.crl is not None:
+            verify_crl_signature(self.root, self.crl)
+
+    @property
+    def anchor(self) -> TrustAnchor:
+        """Itself (a TrustStore's `anchor` is its newest one): code taking either asks this."""
+        return self
+
+    @property
+    def revoked(self) -> frozenset[int]:
+        return self.crl.serials if self.crl is not None else frozenset()
+
+    def with_crl(self, crl: RevocationList) -> TrustAnchor:
+        """The same root with `crl` (verified against the root, or RevocationListError)."""
+        return TrustAnchor(self.root, crl)
+
+    def revocation(self, cert: Certificate) -> RevokedCertificate | None:
+        """The list's entry for `cert`, if it is one of this CA's revoked certificates."""
+        if self.crl is None or cert.issuer != self.root.key_id:
+            return None
+        return self.crl.lookup(cert.serial)
+
+    def check_root(self, now: float | None = None) -> None:
+        """The root itself must be within its validity window (RFC 5280 §6.1.3 (a)(2) for
+        every certificate of the path, the trust anchor's included)."""
+        t = int(time.time() if now is None else now)
+        if t < self.root.not_before:
+            raise CertificateError("root.not_before", "the federation CA is not valid yet "
+                                   "(check clocks)")
+        if t >= self.root.not_after:
+            raise CertificateError("root.not_after", "the federation CA expired; create a new "
+                                   "CA and re-issue every node certificate")
 
     def verify(
         self,
@@ -168,12 +218,22 @@ class TrustAnchor:
         now: float | None = None,
         roles: tuple[Role, ...] | None = None,
         node_id: str | None = None,
+        signed_at: float | None = None,
     ) -> Certificate:
         """Checks `cert` was issued by this CA for this federation and is usable now.
 
+        With `signed_at` (checking a signature made in the past, e.g. an audit log entry) the
+        root and certificate validity are checked at that time, the revocation list need not
+        be current, and a revoked certificate still counts for signatures made before its
+        revocation date, unless the reason is keyCompromise (then the key may have signed
+        anything, at any claimed time). Without it, any listed serial is refused and the list
+        must be current (not past its nextUpdate).
+
         Raises CertificateError naming the failing field. Returns the certificate.
         """
-        t = int(time.time() if now is None else now)
+        live = signed_at is None
+        t = int(signed_at if signed_at is not None else time.time() if now is None else now)
+        self.check_root(t)
         if cert.federation != self.root.federation:
             raise CertificateError(
                 "federation", f"{cert.federation!r} is not {self.root.federation!r}"
@@ -187,16 +247,53 @@ class TrustAnchor:
             raise CertificateError("role", f"{cert.role.name.lower()} is not one of: {allowed}")
         if node_id is not None and cert.node_id != node_id:
             raise CertificateError("node_id", f"{cert.node_id!r} is not the expected {node_id!r}")
+        if cert.not_after > self.root.not_after:
+            raise CertificateError("not_after", "certificate outlives the CA that issued it; "
+                                   "issue a new one within the CA's validity")
         if t < cert.not_before:
             raise CertificateError("not_before", "certificate is not valid yet (check clocks)")
         if t >= cert.not_after:
             raise CertificateError("not_after", "certificate expired; issue a new one")
-        if cert.serial in self.revoked:
-            raise CertificateError("serial", f"serial {cert.serial} is revoked")
+        if self.crl is not None:
+            if live:
+                try:
+                    self.crl.check_current(t)
+                except RevocationListError as exc:
+                    raise CertificateError("crl", f"revocation status unknown: {exc}") from None
+            entry = self.crl.lookup(cert.serial)
+            if entry is not None and (live or entry.reason is RevocationReason.KEY_COMPROMISE
+                                      or t >= entry.revoked_at):
+                raise CertificateError("serial", f"{cert.node_id!r}: {entry.describe()}")
         if not _ca_signed(self.root.sig_algorithm, self.root.public_key, cert.tbs_bytes(),
                           cert.signature):
             raise CertificateError("signature", "CA signature does not verify")
         return cert
+
+
+@functools.lru_cache(maxsize=64)
+def _crl_signed(algorithm: str, ca_public_key: bytes, tbs: bytes, signature: bytes) -> bool:
+    try:
+        get_backend().sig_verify(algorithm, ca_public_key, tbs, signature, CRL_CONTEXT)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def verify_crl_signature(root: Certificate, crl: RevocationList) -> RevocationList:
+    """Checks that `root`'s CA issued `crl` (federation, issuer key id, algorithm, ML-DSA
+    signature under the CRL context). Freshness and rollback are the holder's business
+    (RevocationList.check_current, CrlVersionGuard). Raises RevocationListError."""
+    if crl.federation != root.federation:
+        raise RevocationListError("federation",
+                                  f"{crl.federation!r} is not {root.federation!r}")
+    if crl.issuer != root.key_id:
+        raise RevocationListError("issuer", "not issued by this federation's CA")
+    if crl.sig_algorithm != root.sig_algorithm:
+        raise RevocationListError("sig_algorithm",
+                                  f"{crl.sig_algorithm} is not the CA's {root.sig_algorithm}")
+    if not _crl_signed(root.sig_algorithm, root.public_key, crl.tbs_bytes(), crl.signature):
+        raise RevocationListError("signature", "CA signature does not verify")
+    return crl
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +353,35 @@ class CertificateAuthority:
     def trust(self) -> TrustAnchor:
         return TrustAnchor(self.root)
 
+    def sign_crl(
+        self, number: int, revoked: tuple[RevokedCertificate, ...] | list[RevokedCertificate]
+        = (), *, validity_s: int = 7 * 86400, this_update: int | None = None,
+    ) -> RevocationList:
+        """A revocation list numbered `number`, valid from now for `validity_s` (its
+        nextUpdate), never past the CA's own not_after."""
+        if number < 0:
+            raise RevocationListError("number", "must be >= 0")
+        start = int(time.time()) if this_update is None else this_update
+        end = min(start + validity_s, self.root.not_after)
+        entries = tuple(sorted(revoked, key=lambda e: e.serial))
+        crl = RevocationList(self.root.federation, self.root.key_id, self.root.sig_algorithm,
+                             number, start, end, entries)
+        return replace(crl, signature=self.identity.sign(crl.tbs_bytes(), CRL_CONTEXT))
+
+    def revoke(
+        self, previous: RevocationList | None, serial: int,
+        reason: RevocationReason = RevocationReason.UNSPECIFIED, *,
+        validity_s: int = 7 * 86400, now: int | None = None,
+    ) -> RevocationList:
+        """The next list: `previous`'s entries plus `serial`, numbered one higher. Revoking a
+        serial again keeps its first entry (its date and reason stay as first published)."""
+        t = int(time.time()) if now is None else now
+        entries = {e.serial: e for e in (previous.revoked if previous else ())}
+        entries.setdefault(serial, RevokedCertificate(serial, t, reason))
+        number = previous.number + 1 if previous else 1
+        return self.sign_crl(number, list(entries.values()), validity_s=validity_s,
+                             this_update=t)
+
     @classmethod
     def generate(
         cls, federation: str, *, algorithm: str = DEFAULT_SIGNATURE,
@@ -281,6 +407,10 @@ class CertificateAuthority:
         if len(public_key) != SIG_SIZES[algorithm].public_key:
             raise CertificateError("public_key", f"wrong length for {algorithm}")
         start = int(time.time()) - 300 if not_before is None else not_before
+        if start + validity_s > self.root.not_after:
+            raise CertificateError(
+                "not_after", f"a {validity_s} s certificate from {start} would outlive the CA "
+                f"(valid until {self.root.not_after}); shorten the validity or renew the CA")
         cert = Certificate(self.root.federation, node_id, role, algorithm, public_key, start,
                            start + validity_s, secrets.randbits(63), self.root.key_id)
         return replace(cert, signature=self.identity.sign(cert.tbs_bytes(), CERT_CONTEXT))

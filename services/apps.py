@@ -59,6 +59,7 @@ from pqfed.pqc.signing import (
     verify_model,
     verify_update,
 )
+from pqfed.pqc.truststore import TrustStore
 from pqfed.services import compression, downlink
 from pqfed.services.downlink import Broadcast, Broadcaster, Held, apply, weights_digest
 from pqfed.services.edge import (
@@ -92,8 +93,16 @@ def _spec_from_json(text: str) -> FederationJobSpec:
     return parse_spec(json.loads(text), "run_config.spec")
 
 
-@functools.lru_cache(maxsize=4)
 def _identity(directory: str) -> tuple[Identity, TrustAnchor]:
+    """The node identity in `directory`, re-read when the operator renewed it (the kubelet
+    swaps tls.crt and tls.key together; the cache key is their modification times)."""
+    d = Path(directory)
+    stamp = tuple((d / f).stat().st_mtime_ns for f in ("tls.crt", "tls.key"))
+    return _load_identity(directory, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_identity(directory: str, _stamp: tuple[int, ...]) -> tuple[Identity, TrustAnchor]:
     d = Path(directory)
     ident = Identity.load_files(d / "tls.crt", d / "tls.key")
     trust = TrustAnchor(Certificate.from_pem((d / "ca.crt").read_text()))
@@ -370,7 +379,7 @@ class VerifiedStrategy(Strategy):
     sends (pqc.signing.sign_model). An edge has none: it sets `relay_model_sig` each round to
     the central aggregator's signature of the model it forwards, unchanged."""
 
-    def __init__(self, inner: Strategy, *, trust: TrustAnchor, job: str,
+    def __init__(self, inner: Strategy, *, trust: TrustAnchor | TrustStore, job: str,
                  recorder: RoundRecorder, audit: AuditLog | None, round_offset: int,
                  min_clients: int, roles: tuple[Role, ...] = (Role.CLIENT,),
                  downlink: Broadcaster | None = None,
@@ -475,7 +484,9 @@ class VerifiedStrategy(Strategy):
             signed = SignedUpdate.from_bytes(raw)
             blob = _record(reply.content, "arrays")[BLOB_KEY].numpy().tobytes()
             t0 = time.perf_counter()
-            manifest = verify_update(signed, blob, self.trust, job=self.job, round_number=rnd,
+            # The newest revocation list in force (a TrustStore re-reads it mid-job).
+            manifest = verify_update(signed, blob, self.trust.anchor, job=self.job,
+                                     round_number=rnd,
                                      roles=self.roles)
             self.recorder.add_crypto(rnd, time.perf_counter() - t0)
             self._check_vote(rnd, manifest)
@@ -549,7 +560,7 @@ def main(grid: Grid, context: Context) -> None:
     spec = job_spec(context)
     job = str(context.run_config["job"])
     state_dir = Path(str(context.run_config["state-dir"]))
-    ident, trust = _identity(str(context.run_config["identity-dir"]))
+    ident, _ = _identity(str(context.run_config["identity-dir"]))
     recorder = RoundRecorder(state_dir, job, spec)
     done, checkpoint = recorder.resume()
     initial = checkpoint if checkpoint is not None else get_weights(
@@ -562,6 +573,7 @@ def main(grid: Grid, context: Context) -> None:
     audit.append("job-started" if done == 0 else "job-resumed", job=job, fromRound=done)
     # In hierarchical mode only edge aggregators may send updates here (services/edge.py).
     roles = (Role.EDGE,) if spec.hierarchy.enabled else (Role.CLIENT,)
+    trust = TrustStore.from_identity_dir(Path(str(context.run_config["identity-dir"])))
     strategy = VerifiedStrategy(build_strategy(spec), trust=trust, job=job, recorder=recorder,
                                 audit=audit, round_offset=done, min_clients=spec.min_clients,
                                 roles=roles, downlink=downlink.for_spec(spec),

@@ -202,6 +202,11 @@ class CryptoSpec(_Spec):
         "pyca/cryptography) or liboqs (Open Quantum Safe; fails if absent)")
     parallel_workers: int = Field(0, ge=0, le=256, description="0 = one per CPU")
     pool: Literal["auto", "sequential", "threads", "processes"] = "auto"
+    certificate_lifetime_seconds: int = Field(
+        86400, ge=300, le=30 * 86400,
+        description="Lifetime of the node certificates the operator issues (and of its "
+        "revocation lists); it renews each at 2/3 of its lifetime, and the sidecars reload "
+        "them. Short lifetimes bound how long a key that leaked stays usable even unrevoked")
 
 
 class TimeoutSpec(_Spec):

@@ -4,7 +4,7 @@
     (the site)  pqfed ca csr --federation F --role client --node-id hosp-a --out id/
                 # id/tls.key stays on the site; id/tls.csr goes to the CA admin
     (CA admin)  pqfed ca sign --ca ca/ --csr tls.csr --role client --node-id hosp-a --out tls.crt
-    (CA admin)  pqfed ca crl --ca ca/ --number 2 --revoke 0x1f... --out ca.crl
+    (CA admin)  pqfed ca x509-crl --ca ca/ --number 2 --revoke 0x1f... --out ca.crl
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def register(ca_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     sign.add_argument("--out", required=True, help="certificate file (PEM)")
     sign.set_defaults(func=_sign)
 
-    crl = ca_sub.add_parser("crl", help="CA admin: publish an X.509 CRL (ML-DSA-65 signed)")
+    crl = ca_sub.add_parser("x509-crl",
+                             help="CA admin: publish an X.509 CRL (ML-DSA-65 signed)")
     crl.add_argument("--ca", required=True)
     crl.add_argument("--number", type=int, required=True,
                      help="CRL number; larger than every CRL published before")

@@ -89,6 +89,11 @@ class SidecarConfig:
     # Inbound only: channels from an operator identity go here instead (the aggregator's
     # status API on loopback), limited to GET of OPERATOR_PATHS. None: operators are refused.
     operator_upstream: Endpoint | None = None
+    # The federation CA's revocation list (revocation.py), re-read every reload_interval_s
+    # together with cert and key; None: no list (nothing revoked). A missing file counts as
+    # "not published yet" until it appears.
+    crl: Path | None = None
+    reload_interval_s: float = 2.0
 
     def __post_init__(self) -> None:
         if (self.listen is None) != (self.upstream is None):
@@ -97,6 +102,8 @@ class SidecarConfig:
             raise ConfigError("routes", "nothing to do: give listen+upstream and/or routes")
         if self.handshake_timeout_s <= 0:
             raise ConfigError("handshake_timeout_s", "must be > 0 seconds")
+        if self.reload_interval_s <= 0:
+            raise ConfigError("reloadIntervalSeconds", "must be > 0 seconds")
         if self.crypto_threads < 1:
             raise ConfigError("crypto_threads", "must be >= 1")
         if self.max_pending_handshakes < 1:
@@ -131,7 +138,8 @@ class SidecarConfig:
     def from_mapping(cls, data: dict[str, Any], base: Path = Path()) -> SidecarConfig:
         known = {"cert", "key", "ca", "listen", "upstream", "routes", "admin", "groups",
                  "suites", "handshakeTimeoutSeconds", "cryptoThreads", "allowPathPrefixes",
-                 "operatorUpstream", "maxPendingHandshakes", "probes"}
+                 "operatorUpstream", "maxPendingHandshakes", "probes", "crl",
+                 "reloadIntervalSeconds"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(sorted(unknown)[0],
@@ -165,6 +173,8 @@ class SidecarConfig:
             operator_upstream=(Endpoint.parse(data["operatorUpstream"], "operatorUpstream")
                                if data.get("operatorUpstream") else None),
             max_pending_handshakes=int(data.get("maxPendingHandshakes", 64)),
+            crl=base / data["crl"] if data.get("crl") else None,
+            reload_interval_s=float(data.get("reloadIntervalSeconds", 2.0)),
         )
 
     @classmethod

@@ -28,6 +28,10 @@ class SidecarMetrics:
         self.connections = Counter("pqfed_connections", "Connections accepted or opened",
                                    ["direction"], registry=r)
         self.active = Gauge("pqfed_connections_active", "Open secure channels", registry=r)
+        self.crl_number = Gauge("pqfed_revocation_list_number",
+                                "Number of the CA revocation list in force (-1: none)",
+                                registry=r)
+        self.crl_number.set(-1)
         # Export every series from the start, so dashboards and alerts see zeros, not gaps.
         for side in ("server", "client"):
             self.handshake_seconds.labels(side)

@@ -4,6 +4,10 @@ Inbound (aggregator side): remote sidecar --SecureChannel--> listen --plaintext-
 Outbound (client side): app --plaintext--> route.listen --SecureChannel--> remote sidecar.
 
 Plaintext only ever crosses loopback inside the pod; the config refuses anything else.
+
+Identity and revocation are reloaded while running (`_watch`): a newer CA-signed revocation
+list (truststore.py) cuts every established channel whose peer it revokes and refuses their
+new handshakes; a renewed certificate and key (same CA) are used for the next handshakes.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ from typing import Any
 
 from pqfed.pqc.backends import Backend, SigPrivateKey, get_backend
 from pqfed.pqc.channel import SecureChannel, client_channel, server_channel
-from pqfed.pqc.errors import ChannelClosed, PqcError, RecordError
+from pqfed.pqc.errors import CertificateError, ChannelClosed, PqcError, RecordError
 from pqfed.pqc.handshake import HandshakeConfig, KeySharePool
 from pqfed.pqc.identity import Certificate, Identity, Role, TrustAnchor
 from pqfed.pqc.sidecar.config import OPERATOR_PATHS, Endpoint, Route, SidecarConfig
 from pqfed.pqc.sidecar.httpfilter import HttpRequestFilter, RequestRejected, forbidden_response
 from pqfed.pqc.sidecar.metrics import SidecarMetrics
+from pqfed.pqc.truststore import TrustStore
 
 log = logging.getLogger("pqfed.sidecar")
 PUMP_CHUNK = 1 << 16
@@ -94,14 +99,96 @@ class Sidecar:
         self.metrics = metrics or SidecarMetrics()
         identity = Identity.load_files(config.cert, config.key)
         self.identity = Identity(identity.certificate, _TimedKey(identity.key, self.metrics))
-        self.trust = TrustAnchor(Certificate.from_pem(config.ca.read_text()))
+        self.store = TrustStore(config.ca, config.crl, min_interval_s=float("inf"))
         self.trust.verify(identity.certificate)  # refuse to start with a foreign/expired cert
+        self._identity_files = (config.cert.read_bytes(), config.key.read_bytes())
+        # Established channels and their two pump tasks: what a revocation cuts.
+        self._channels: dict[SecureChannel, tuple[asyncio.Future[Any], ...]] = {}
+        self._watcher: asyncio.Task[None] | None = None
+        self.cut = 0  # channels cut because their peer was revoked
+        self._note_crl()
         self._executor = ThreadPoolExecutor(config.crypto_threads, "pqfed-handshake")
         self._key_shares = KeySharePool()
         self._servers: list[asyncio.Server] = []
         self._pending = 0  # inbound handshakes in progress (not yet authenticated)
         self.ready = False
         self.bound: dict[str, int] = {}
+
+    @property
+    def trust(self) -> TrustAnchor:
+        """The root and the newest revocation list in force."""
+        return self.store.current
+
+    def reload(self) -> None:
+        """Re-reads the revocation list and this node's certificate and key; cuts channels of
+        peers the list now revokes. Called by the watcher every `reload_interval_s`."""
+        if self.store.reload():
+            self._note_crl()
+            self.enforce_revocation()
+        elif self.store.last_error is not None:
+            self.metrics.failures.labels("revocation_list",
+                                         getattr(self.store.last_error, "field", "file")).inc()
+            self.store.last_error = None
+        self._reload_identity()
+
+    def _note_crl(self) -> None:
+        crl = self.trust.crl
+        self.metrics.crl_number.set(-1 if crl is None else crl.number)
+
+    def channel_peers(self) -> list[Certificate]:
+        """The certificates of the peers of every established channel."""
+        return [channel.peer for channel in self._channels]
+
+    def enforce_revocation(self) -> int:
+        """Cuts (aborts, no authenticated close) every channel whose peer certificate the
+        current list revokes, or that no longer verifies; returns how many."""
+        doomed = []
+        for channel in self._channels:
+            try:
+                self.trust.verify(channel.peer)
+            except CertificateError as exc:
+                doomed.append((channel, exc))
+        for channel, err in doomed:
+            log.warning("cutting channel to %s (%s): %s", channel.peer.node_id,
+                        channel.peername, err)
+            self.metrics.failures.labels("revoked", err.field).inc()
+            channel.abort()
+            for task in self._channels.pop(channel, ()):
+                task.cancel()
+            self.cut += 1
+        return len(doomed)
+
+    def _reload_identity(self) -> None:
+        c = self.config
+        try:
+            files = (c.cert.read_bytes(), c.key.read_bytes())
+        except OSError:
+            return  # mid-swap or gone: keep the identity in use
+        if files == self._identity_files:
+            return
+        self._identity_files = files  # these bytes are judged once
+        try:
+            new = Identity.load(files[0].decode(), files[1].decode())
+            self.trust.verify(new.certificate)
+        except (PqcError, UnicodeDecodeError) as exc:
+            # Kept: the identity in use. A certificate written before its key does not match
+            # for a moment; the next change of either file is judged again (a Kubernetes
+            # Secret volume swaps both at once).
+            log.warning("new identity in %s not used: %s", c.cert, exc)
+            self.metrics.failures.labels("identity_reload",
+                                         getattr(exc, "field", "identity")).inc()
+            return
+        self.identity = Identity(new.certificate, _TimedKey(new.key, self.metrics))
+        log.info("identity renewed: serial %d valid until %d", new.certificate.serial,
+                 new.certificate.not_after)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reload_interval_s)
+            try:
+                self.reload()
+            except Exception:  # never let the watcher die: it is what enforces revocation
+                log.exception("reload failed")
 
     def _handshake_config(self, route: Route | None) -> HandshakeConfig:
         base = HandshakeConfig(
@@ -126,11 +213,14 @@ class Sidecar:
                 functools.partial(self._outbound, route), route.listen.host, route.listen.port)
             self._servers.append(srv)
             self.bound[f"route{i}"] = srv.sockets[0].getsockname()[1]
+        self._watcher = asyncio.ensure_future(self._watch())
         self.ready = True
         log.info("sidecar %s ready: %s", self.identity.certificate.node_id, self.bound)
 
     async def stop(self) -> None:
         self.ready = False
+        if self._watcher is not None:
+            self._watcher.cancel()
         for srv in self._servers:
             srv.close()
         for srv in self._servers:
@@ -148,6 +238,13 @@ class Sidecar:
         except (ConnectionError, OSError) as exc:
             log.warning("%s connection failed: %s", side, exc)
             self.metrics.failures.labels("handshake", "connect").inc()
+            return None
+        try:
+            # The list may have changed while the handshake ran on the old anchor.
+            self.trust.verify(channel.peer)
+        except CertificateError as exc:
+            self.metrics.failures.labels("handshake", f"certificate.{exc.field}").inc()
+            channel.abort()
             return None
         self.metrics.handshake_seconds.labels(side).observe(channel.handshake.seconds)
         log.info("%s channel with %s (%s) up in %.1f ms", side, channel.peer.node_id,
@@ -215,6 +312,7 @@ class Sidecar:
         self.metrics.active.inc()
         up = asyncio.ensure_future(self._app_to_channel(app_r, channel))
         down = asyncio.ensure_future(self._channel_to_app(channel, app_w, http))
+        self._channels[channel] = (up, down)
         clean = False
         try:
             await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
@@ -224,6 +322,7 @@ class Sidecar:
             clean = (_finished(down) and bool(down.result())) or (
                 _finished(up) and not down.done())
         finally:
+            self._channels.pop(channel, None)
             for task in (up, down):
                 task.cancel()
             await asyncio.gather(up, down, return_exceptions=True)

@@ -87,7 +87,7 @@ def test_job_survives_a_lost_client_and_an_operator_restart(testbed: Any) -> Non
     job = bed.job(name)
     assert "pqfed.io/cleanup" in job["metadata"]["finalizers"]
     secrets = _uids(bed, name)
-    assert set(secrets) == {f"{name}-ca", f"{name}-aggregator-identity",
+    assert set(secrets) == {f"{name}-ca", f"{name}-crl", f"{name}-aggregator-identity",
                             f"{name}-operator-identity",
                             *(f"{name}-client-{i}-identity" for i in range(3))}
     (agg,) = bed.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
@@ -250,3 +250,115 @@ def test_hierarchical_job_trains_through_edge_aggregator_pods(testbed: Any) -> N
     # Edges stop with the job, like clients.
     bed.wait_for(lambda: not bed.pods(f"pqfed.io/job={name},pqfed.io/role in (edge,client)"),
                  60, "edge and client pods deleted after success")
+
+
+def _sidecar_crl_number(pod: Any) -> float | None:
+    """The revocation list number a pod's sidecar has in force (its admin /metrics)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://{pod.status.pod_ip}:{m.ADMIN_PORT}/metrics",
+                         timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("pqfed_revocation_list_number "):
+            return float(line.split()[1])
+    return None
+
+
+def test_revoked_client_is_cut_off_and_the_job_goes_on(testbed: Any) -> None:
+    """`pqfed revoke` mid-job: the operator signs a new list with the job's CA, the kubelet
+    swaps it into every pod, the aggregator's sidecar loads it (and would cut the client);
+    the client's pod is not recreated and the job completes with the two others."""
+    from pqfed.operator.reconcile import REVOKE_PREFIX
+    from pqfed.pqc.revocation import RevocationList
+
+    bed = testbed
+    name = bed.unique_name("rv")
+    spec = {**SPEC, "rounds": 8}  # enough to outlast the kubelet volume resync (30-90 s)
+    bed.create_job(name, spec)
+    bed.wait_phase(name, ("Running", *TERMINAL), 60)
+    bed.wait_for(lambda: _aggregator_round(bed, name), 240, "round 1 to complete", 0.3,
+                 lambda: bed.diagnose(name))
+    (agg,) = bed.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
+    first = _sidecar_crl_number(agg)
+    assert first is not None and first > 0  # the list issued at start is in force
+    cert = Certificate.from_pem(base64.b64decode(bed.core.read_namespaced_secret(
+        m.identity_secret_name(name, "client-1"), bed.namespace).data["tls.crt"]).decode())
+    # What `pqfed revoke --job NAME --node client-1 --reason key-compromise` patches.
+    bed.custom.patch_namespaced_custom_object(
+        "pqfed.io", "v1alpha1", bed.namespace, "federationjobs", name,
+        {"metadata": {"annotations": {f"{REVOKE_PREFIX}client-1": "key-compromise"}}})
+
+    def published() -> RevocationList | None:
+        sec = bed.core.read_namespaced_secret(m.crl_secret_name(name), bed.namespace)
+        crl = RevocationList.from_pem(base64.b64decode(sec.data["crl.pem"]).decode())
+        return crl if crl.lookup(cert.serial) is not None else None
+
+    crl = bed.wait_for(published, 60, "the operator to publish the list", 1.0,
+                       bed.operator_log)
+    assert crl.number > first
+    bed.wait_for(lambda: _sidecar_crl_number(agg) == crl.number, 120,
+                 "the aggregator's sidecar to load the new list", 2.0,
+                 lambda: bed.diagnose(name))
+    st = bed.wait_phase(name, TERMINAL, 420)
+    assert st["phase"] == "Succeeded", bed.diagnose(name)
+    assert "client-1 (key-compromise)" in _condition(st, "NodesRevoked")["message"]
+    recreated = [c for c in st["conditions"] if c["type"] == "PodsRecreated"]
+    assert not recreated or "client-1" not in recreated[0]["message"]
+    assert not [p for p in bed.pods(f"pqfed.io/job={name},pqfed.io/role=client")
+                if p.metadata.name == f"{name}-client-1"]
+    last = st["rounds"][-1]
+    assert len(last["participants"]) == 2  # the two clients left
+    assert "NodeRevoked" in [e.reason for e in _events(bed, name)]
+
+
+def _sidecar_serial(pod: Any) -> int | None:
+    """The serial of the certificate a pod's sidecar presents now (its admin /identity)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://{pod.status.pod_ip}:{m.ADMIN_PORT}/identity",
+                         timeout=5) as resp:
+            return int(json.loads(resp.read())["serial"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def test_short_lived_certificates_are_renewed_and_hot_reloaded(testbed: Any) -> None:
+    """certificateLifetimeSeconds 300: at 2/3 (200 s) the operator renews every identity in
+    its Secret; the aggregator's sidecar switches to the new certificate without a restart,
+    and rounds go on."""
+    from pqfed.operator.reconcile import CANCEL_ANNOTATION
+
+    bed = testbed
+    name = bed.unique_name("rn")
+    bed.create_job(name, {**SPEC, "rounds": 200, "crypto": {"certificateLifetimeSeconds": 300}})
+    bed.wait_phase(name, ("Running", *TERMINAL), 60)
+    bed.wait_for(lambda: _aggregator_round(bed, name), 240, "round 1 to complete", 0.3,
+                 lambda: bed.diagnose(name))
+    (agg,) = bed.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
+    first = _sidecar_serial(agg)
+    secret_name = m.identity_secret_name(name, m.AGGREGATOR_NODE_ID)
+
+    def renewed() -> Certificate | None:
+        data = bed.core.read_namespaced_secret(secret_name, bed.namespace).data
+        cert = Certificate.from_pem(base64.b64decode(data["tls.crt"]).decode())
+        return cert if cert.serial != first and "previous.crt" in data else None
+
+    cert = bed.wait_for(renewed, 330, "the operator to renew the aggregator", 5.0,
+                        lambda: bed.diagnose(name))
+    assert cert.not_after - cert.not_before == 300 + 300  # lifetime + backdated not_before
+    bed.wait_for(lambda: _sidecar_serial(agg) == cert.serial, 120,
+                 "the aggregator's sidecar to load the renewed identity", 2.0,
+                 lambda: bed.diagnose(name))
+    (same,) = bed.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
+    assert same.metadata.uid == agg.metadata.uid  # hot reload, no restart
+    at = _aggregator_round(bed, name)
+    bed.wait_for(lambda: _aggregator_round(bed, name) > at, 240,
+                 "a round after the renewal", 1.0, lambda: bed.diagnose(name))
+    assert "CertificateRenewed" in [e.reason for e in _events(bed, name)]
+    bed.custom.patch_namespaced_custom_object(
+        "pqfed.io", "v1alpha1", bed.namespace, "federationjobs", name,
+        {"metadata": {"annotations": {CANCEL_ANNOTATION: "true"}}})
+    assert bed.wait_phase(name, TERMINAL, 120)["phase"] == "Cancelled"

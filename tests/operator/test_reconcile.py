@@ -118,7 +118,8 @@ def test_aggregator_pod_matches_the_local_runner_topology() -> None:
     assert sidecar["command"] == [
         "pqfed", "sidecar", "--cert", "/etc/pqfed/identity/tls.crt",
         "--key", "/etc/pqfed/identity/tls.key", "--ca", "/etc/pqfed/identity/ca.crt",
-        "--listen", "0.0.0.0:7443", "--upstream", "127.0.0.1:9092",
+        "--crl", "/etc/pqfed/identity/crl.pem", "--listen", "0.0.0.0:7443",
+        "--upstream", "127.0.0.1:9092",
         "--allow-path-prefix", "/v1/fleet/",
         "--operator-upstream", "127.0.0.1:8080", "--admin", "127.0.0.1:9901",
         "--probes", "0.0.0.0:9902"]
@@ -134,7 +135,11 @@ def test_aggregator_pod_matches_the_local_runner_topology() -> None:
     assert ps["securityContext"]["runAsNonRoot"] is True
     assert fl["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     volumes = {v["name"]: v for v in ps["volumes"]}
-    assert volumes["identity"]["secret"]["secretName"] == "fed-a-aggregator-identity"
+    # The identity dir holds the node's Secret and the job's revocation list, both re-read.
+    sources = volumes["identity"]["projected"]["sources"]
+    assert [src["secret"]["name"] for src in sources] == ["fed-a-aggregator-identity",
+                                                          "fed-a-crl"]
+    assert sources[1]["secret"]["items"] == [{"key": "crl.pem", "path": "crl.pem"}]
     assert volumes["job"]["configMap"]["name"] == "fed-a-job"
     assert "emptyDir" in volumes["state"]
     assert "restore" not in volumes
@@ -184,7 +189,9 @@ def test_client_pod_routes_to_the_aggregator_service_and_spreads() -> None:
     assert tsc["labelSelector"]["matchLabels"] == {"pqfed.io/job": "fed-a",
                                                    "pqfed.io/role": "client"}
     vols = {v["name"]: v for v in ps["volumes"]}
-    assert vols["identity"]["secret"]["secretName"] == "fed-a-client-2-identity"
+    assert vols["identity"]["projected"]["sources"][0]["secret"]["name"] == \
+        "fed-a-client-2-identity"
+    assert cmd[cmd.index("--crl") + 1] == "/etc/pqfed/identity/crl.pem"
     no_spread = m.client_pod(JOB, spec_of(placement={"spread": False}), 0)
     assert "topologySpreadConstraints" not in no_spread["spec"]
     assert "nodeSelector" not in no_spread["spec"]
@@ -241,11 +248,12 @@ def test_start_creates_every_child_once() -> None:
     plan = reconcile.plan_start(JOB, spec, {}, Observed(), NOW, generation=1)
     assert plan.permanent_error is None
     assert [s.name for s in plan.issue] == [
-        "fed-a-ca", "fed-a-aggregator-identity", "fed-a-operator-identity",
+        "fed-a-ca", "fed-a-crl", "fed-a-aggregator-identity", "fed-a-operator-identity",
         "fed-a-client-0-identity", "fed-a-client-1-identity", "fed-a-client-2-identity"]
     (operator,) = [s for s in plan.issue if s.node_id == "operator"]
     assert operator.role is Role.OPERATOR
-    assert plan.issue[0].node_id is None and plan.issue[1].role == Role.AGGREGATOR
+    assert plan.issue[0].node_id is None and plan.issue[1].crl
+    assert plan.issue[2].role == Role.AGGREGATOR
     kinds = [(o["kind"], o["metadata"]["name"]) for o in plan.create]
     assert kinds == [("ConfigMap", "fed-a-job"), ("NetworkPolicy", "fed-a-pqc-only"),
                      ("Service", "fed-a-aggregator"),
@@ -257,7 +265,7 @@ def test_start_creates_every_child_once() -> None:
     assert cond(st, "Valid")["status"] == "True"
     assert not plan.recreated
     assert any(e.reason == "Started" for e in plan.events)
-    assert sum(e.reason == "SecretIssued" for e in plan.events) == 6  # CA, aggregator, operator, 3 clients
+    assert sum(e.reason == "SecretIssued" for e in plan.events) == 7  # CA, CRL, agg, op, 3 clients
 
 
 def test_start_again_creates_nothing_and_keeps_the_status() -> None:
@@ -286,7 +294,7 @@ def test_resume_recreates_only_the_missing_pod_and_records_it() -> None:
 
 
 def test_existing_ca_is_never_reissued() -> None:
-    observed = Observed(secrets=frozenset({"fed-a-ca", "fed-a-aggregator-identity",
+    observed = Observed(secrets=frozenset({"fed-a-ca", "fed-a-crl", "fed-a-aggregator-identity",
                                            "fed-a-operator-identity"}))
     plan = reconcile.plan_start(JOB, raw_spec(clients=2), {}, observed, NOW)
     assert [s.name for s in plan.issue] == ["fed-a-client-0-identity", "fed-a-client-1-identity"]

@@ -35,7 +35,8 @@ def test_key_not_matching_certificate_is_refused(client: Identity, aggregator: I
         ({"node_id": "client-2"}, "signature"),
         ({"role": Role.AGGREGATOR}, "signature"),
         ({"serial": 1}, "signature"),
-        ({"not_after": 2**40}, "signature"),
+        ({"not_before": 1}, "signature"),
+        ({"not_after": 2**40}, "not_after"),  # past the CA's own not_after: outlives it
         ({"issuer": bytes(16)}, "issuer"),
         ({"role": Role.CA}, "role"),
     ],
@@ -63,7 +64,7 @@ def test_validity_window_and_revocation(ca: CertificateAuthority, client: Identi
     with pytest.raises(CertificateError, match="not valid yet"):
         ca.trust.verify(cert, now=cert.not_before - 1)
     with pytest.raises(CertificateError, match="revoked"):
-        TrustAnchor(ca.root, frozenset({cert.serial})).verify(cert)
+        TrustAnchor(ca.root, ca.revoke(None, cert.serial)).verify(cert)
 
 
 def test_wrong_role_and_node_id(ca: CertificateAuthority, client: Identity) -> None:

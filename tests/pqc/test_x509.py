@@ -383,7 +383,7 @@ def test_cli_csr_sign_and_crl(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert cert.public_key() == key.public_key()  # type: ignore[union-attr]
     assert ca.trust.verify(cert, node_id="hosp-a").role is Role.CLIENT
     crl_path = tmp_path / "ca.crl"
-    assert cli_main(["ca", "crl", "--ca", str(ca_dir), "--number", "1", "--revoke",
+    assert cli_main(["ca", "x509-crl", "--ca", str(ca_dir), "--number", "1", "--revoke",
                      hex(cert.serial_number), "--out", str(crl_path)]) == 0
     crl = x509.load_pem_x509_crl(crl_path.read_bytes())
     with pytest.raises(CertificateError, match="revoked"):
