@@ -11,6 +11,7 @@ within one invocation. Results: JSON, Markdown and PNGs under --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -377,9 +378,15 @@ def main(args: argparse.Namespace) -> int:
             elif s == "privacy":
                 results[s] = study_privacy(3 if quick else 10)
             elif s == "mia":
-                from pqfed.services.mia import MiaConfig, quick_config, study
+                from pqfed.services.mia import MiaConfig, parse_modes, quick_config, study
 
-                results[s] = study(quick_config() if quick else MiaConfig())
+                def partial(res: dict[str, Any]) -> None:
+                    (out / "mia-partial.json").write_text(json.dumps(res, indent=1,
+                                                                     default=str))
+
+                cfg = quick_config() if quick else MiaConfig()
+                modes = parse_modes(str(getattr(args, "mia_dp", "central")))
+                results[s] = study(dataclasses.replace(cfg, modes=modes), partial)
             elif s == "poisoning":
                 results[s] = study_poisoning(3 if quick else 10)
             elif s == "hierarchy":

@@ -32,7 +32,7 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -69,8 +69,8 @@ class MiaConfig:
     task: str = "hapt"
     per_split: int = 60  # samples in each of target in/out, shadow in/out
     clients: int = 2
-    rounds: int = 5
-    local_epochs: int = 40
+    rounds: int = 4
+    local_epochs: int = 30
     batch_size: int = 10
     learning_rate: float = 1e-3
     epsilons: tuple[float, ...] = (8.0, 2.0, 1.0)
@@ -91,6 +91,21 @@ class MiaConfig:
                 raise MiaConfigError("modes", f"unknown DP mode {mode!r}; use central, local")
         if any(e <= 0 for e in self.epsilons):
             raise MiaConfigError("epsilons", "every epsilon must be > 0")
+
+
+_DP_MODES: dict[str, Mode] = {"central": "central", "local": "local"}
+
+
+def parse_modes(text: str) -> tuple[Mode, ...]:
+    """`central`, `local` or `central,local` (the CLI's --mia-dp)."""
+    modes: list[Mode] = []
+    for part in text.split(","):
+        if part in _DP_MODES:
+            modes.append(_DP_MODES[part])
+        elif part:
+            raise MiaConfigError("modes", f"unknown DP mode {part!r}; use central, local or "
+                                          "central,local")
+    return tuple(modes)
 
 
 @dataclass(frozen=True)
@@ -380,20 +395,26 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def study(cfg: MiaConfig) -> dict[str, Any]:
-    """Every setting x seed; settings alternate within a seed so host drift hits all."""
+def study(cfg: MiaConfig, progress: Callable[[dict[str, Any]], None] | None = None
+          ) -> dict[str, Any]:
+    """Every setting x seed; settings alternate within a seed so host drift hits all.
+    `progress` gets the partial result after every run (the bench writes it to disk)."""
     x, y = load_pool(cfg.task)
     per: dict[str, list[dict[str, Any]]] = {s.name: [] for s in settings(cfg)}
     t0 = time.perf_counter()
+
+    def result() -> dict[str, Any]:
+        return {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+                "pool": len(y), "seconds": time.perf_counter() - t0,
+                "settings": {name: {"runs": runs, "summary": summarise(runs)}
+                             for name, runs in per.items() if runs}}
+
     for seed in cfg.seeds:
         for s in settings(cfg):
             per[s.name].append(run_one(cfg, s, seed, x, y))
-    return {
-        "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
-        "pool": len(y), "seconds": time.perf_counter() - t0,
-        "settings": {name: {"runs": runs, "summary": summarise(runs)}
-                     for name, runs in per.items()},
-    }
+            if progress is not None:
+                progress(result())
+    return result()
 
 
 def report_lines(r: dict[str, Any]) -> list[str]:

@@ -214,3 +214,7 @@ def test_config_errors_name_the_field() -> None:
     with pytest.raises(mia.MiaConfigError) as err:
         mia.load_pool("mnist")
     assert err.value.field == "task"
+    assert mia.parse_modes("central,local") == ("central", "local")
+    with pytest.raises(mia.MiaConfigError) as err:
+        mia.parse_modes("central,sideways")  # the CLI's --mia-dp
+    assert err.value.field == "modes"
