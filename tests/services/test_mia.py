@@ -71,6 +71,27 @@ def test_threshold_comes_from_the_shadow_split_only() -> None:
     assert res.auc == 1.0  # the threshold-free metric still sees the target separation
 
 
+def _outputs(margins: dict[str, float], n: int = 20) -> mia.SplitOutputs:
+    """A model whose logit margin (true class minus the other) on each part is fixed."""
+    return mia.SplitOutputs(
+        {k: np.tile([[m, 0.0]], (n, 1)) for k, m in margins.items()},
+        {k: np.zeros(n, dtype=np.int64) for k in margins})
+
+
+def test_both_attacks_fit_on_the_shadow_model_and_split_only() -> None:
+    # Injected models: the target separates its members perfectly (margin 5 vs -5), while
+    # on the shadow split the shadow model ranks members *below* non-members. Fitted where
+    # they must be (shadow model, shadow split), both attacks learn nothing usable and
+    # score exactly 0.5 on the target; wired to the target split, they would score 1.0.
+    target = _outputs({"target_in": 5.0, "target_out": -5.0,
+                       "shadow_in": 0.0, "shadow_out": 0.0})
+    shadow = _outputs({"target_in": 0.0, "target_out": 0.0,
+                       "shadow_in": -5.0, "shadow_out": 5.0})
+    for name, res in mia.attacks(target, shadow, fpr=0.05).items():
+        assert res.accuracy == 0.5, name
+        assert res.auc == 1.0, name  # the target split itself is separable
+
+
 def test_fit_threshold_maximises_balanced_accuracy() -> None:
     rng = np.random.default_rng(3)
     m, n = rng.normal(1.0, 1.0, 200), rng.normal(0.0, 1.0, 300)
