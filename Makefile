@@ -5,8 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.pqfed-installed
 export PQFED_CACHE ?= $(HOME)/.cache/pqfed
 
-.PHONY: all venv demo test test-fast lint typecheck fuzz bench-pqc bench-fl bench-testbed \
-        cluster-binaries cluster-up cluster-down clean liboqs liboqs-arm64 vectors images \
+.PHONY: all venv demo test test-fast lint typecheck fuzz bench-pqc bench-fl bench-mia \
+        bench-testbed cluster-binaries cluster-up cluster-down clean liboqs liboqs-arm64 \
+        vectors images \
         images-prereqs images-push
 
 all: test
@@ -51,6 +52,9 @@ bench-pqc: $(STAMP) liboqs
 
 bench-fl: $(STAMP)
 	$(BIN)/pqfed bench-fl --out results/bench-fl
+
+bench-mia: $(STAMP)
+	$(BIN)/pqfed bench-fl --only mia --out results/bench-mia
 
 bench-testbed: $(STAMP)
 	$(BIN)/pqfed bench --out results/bench-testbed

@@ -8,9 +8,9 @@ one does not); then an X-Wing vector (keys from a seed, decapsulation through ou
 the test suite checks the same code against the draft's own vectors), the pqfed1 secrets of a
 fixed shared secret and transcript, and one protected record per AEAD. A build whose PQC code
 or OpenSSL is wrong for its architecture (e.g. an arm64 image run on a Raspberry Pi or under
-qemu) fails here before it carries any traffic. One source of truth: every entry but X-Wing's is a record of a vector file under
-tests/pqc/vectors/ (its ``_source``), copied by tests/pqc/vectors/generate.py, and
-tests/pqc/test_vectors.py fails when the two disagree.
+qemu) fails here before it carries any traffic. One source of truth: every entry but X-Wing's
+is a record of a vector file under tests/pqc/vectors/ (its ``_source``), copied by
+tests/pqc/vectors/generate.py, and tests/pqc/test_vectors.py fails when the two disagree.
 """
 
 from __future__ import annotations

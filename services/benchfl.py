@@ -1,6 +1,7 @@
 """`make bench-fl`: accuracy, communication, privacy, robustness and transport benchmarks.
 
-Study runs (accuracy vs centralized, compression, DP, poisoning, membership inference) use the
+Study runs (accuracy vs centralized, compression, DP, poisoning, membership inference:
+services/mia.py) use the
 in-process federation (services/simulation.py: real strategies, real ClientApp, real
 signatures; no transport). Transport runs (PQC sidecars vs plaintext; Flower's stock polling
 vs ours) run whole federations as processes with `pqfed run`. Each comparison is made
@@ -10,6 +11,7 @@ within one invocation. Results: JSON, Markdown and PNGs under --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pqfed.services.spec import FederationJobSpec, parse_spec
+from pqfed.services.spec import parse_spec
 
 
 def _quiet() -> None:
@@ -80,55 +82,11 @@ def study_hapt(rounds: int) -> dict[str, Any]:
     return out
 
 
-def _noise_for(spec: FederationJobSpec, target_eps: float) -> float:
-    from pqfed.services.rounds import epsilon_after
-
-    lo, hi = 0.05, 200.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        p = spec.privacy.model_copy(update={"noise_multiplier": mid, "enabled": True})
-        eps = epsilon_after(spec.model_copy(update={"privacy": p}), spec.rounds)
-        if eps is not None and eps > target_eps:
-            lo = mid
-        else:
-            hi = mid
-    return hi
-
-
-def membership_inference(task: str, weights: list[Any], clients: int) -> float:
-    """Loss-threshold attack (Yeom et al., CSF 2018): members = clients' training samples,
-    non-members = held-out samples; best balanced accuracy over thresholds (0.5 = chance)."""
-    import torch
-
-    from pqfed.services.data import load_task
-    from pqfed.services.models import build_model, set_weights
-
-    data = load_task(task, clients, "iid", 0)
-    model = build_model(task, seed=0)
-    set_weights(model, weights)
-    model.eval()
-
-    def losses(x: Any, y: Any) -> np.ndarray[Any, Any]:
-        with torch.no_grad():
-            logits = model(torch.tensor(np.asarray(x), dtype=torch.float32))
-            return torch.nn.functional.cross_entropy(
-                logits, torch.tensor(np.asarray(y), dtype=torch.long), reduction="none").numpy()
-
-    member = np.concatenate([losses(data.x_train[i], data.y_train[i]) for i in range(clients)])
-    non = np.concatenate([losses(data.x_test_global, data.y_test_global),
-                          *[losses(data.x_test[i], data.y_test[i]) for i in range(clients)]])
-    n = min(len(member), len(non))
-    rng = np.random.default_rng(0)
-    member, non = rng.choice(member, n, replace=False), rng.choice(non, n, replace=False)
-    best = 0.5
-    for t in np.unique(np.concatenate([member, non])):
-        acc = ((member <= t).mean() + (non > t).mean()) / 2
-        best = max(best, float(acc))
-    return best
-
-
 def study_privacy(rounds: int) -> dict[str, Any]:
-    """Central DP (Flower's server-side fixed clipping, RDP accounting) at epsilon 1, 2, 8."""
+    """Central DP (Flower's server-side fixed clipping, RDP accounting) at epsilon 1, 2, 8
+    (utility only; what DP does against membership inference: study "mia")."""
+    from pqfed.services.mia import noise_multiplier_for
+
     clients = 20
     base: dict[str, Any] = {"task": "breast-cancer", "clients": clients, "minClients": clients,
                             "rounds": rounds,
@@ -136,20 +94,17 @@ def study_privacy(rounds: int) -> dict[str, Any]:
                                          "learningRate": 0.005}}
     out: dict[str, Any] = {"clients": clients, "rounds": rounds, "runs": {}}
     st = _sim(base)
-    out["runs"]["no-dp"] = {"accuracy": st["rounds"][-1]["accuracy"], "epsilon": None,
-                            "mia": membership_inference("breast-cancer", st["weights"], clients)}
+    out["runs"]["no-dp"] = {"accuracy": st["rounds"][-1]["accuracy"], "epsilon": None}
     for eps in (1.0, 2.0, 8.0):
         spec = parse_spec({**base, "privacy": {"enabled": True, "clippingNorm": 1.0,
                                                "targetEpsilon": eps}})
-        z = _noise_for(spec, eps)
+        z = noise_multiplier_for(spec, eps)
         st = _sim({**base, "privacy": {"enabled": True, "clippingNorm": 1.0,
                                        "noiseMultiplier": z, "targetEpsilon": eps}})
         out["runs"][f"eps-{eps:g}"] = {
             "accuracy": st["rounds"][-1]["accuracy"] if st["rounds"] else None,
             "rounds_run": len(st["rounds"]), "noise_multiplier": z,
-            "epsilon": st.get("epsilonSpent"),
-            "mia": membership_inference("breast-cancer", st["weights"], clients)
-            if "weights" in st else None}
+            "epsilon": st.get("epsilonSpent")}
     return out
 
 
@@ -353,15 +308,18 @@ def _report(r: dict[str, Any]) -> str:
     if "privacy" in r:
         p = r["privacy"]
         lines += [f"### Central DP, breast-cancer, {p['clients']} hospitals, {p['rounds']} rounds",
-                  "", "| run | accuracy | epsilon spent (delta 1e-5) | noise multiplier "
-                  "| MIA accuracy |",
-                  "|---|---|---|---|---|"]
+                  "", "| run | accuracy | epsilon spent (delta 1e-5) | noise multiplier |",
+                  "|---|---|---|---|"]
         for name, run in p["runs"].items():
             eps = run.get("epsilon")
             lines.append(f"| {name} | {run['accuracy']:.4f} | "
                          f"{'-' if eps is None else f'{eps:.2f}'} | "
-                         f"{run.get('noise_multiplier', 0):.2f} | {run['mia']:.3f} |")
+                         f"{run.get('noise_multiplier', 0):.2f} |")
         lines.append("")
+    if "mia" in r:
+        from pqfed.services.mia import report_lines as mia_lines
+
+        lines += mia_lines(r["mia"])
     if "poisoning" in r:
         q = r["poisoning"]
         lines += [f"### 20% label-flipping clients ({len(q['attackers'])} of {q['clients']}), "
@@ -405,7 +363,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     quick = bool(args.quick)
-    studies = args.only.split(",") if args.only else ["hapt", "privacy", "poisoning",
+    studies = args.only.split(",") if args.only else ["hapt", "privacy", "mia", "poisoning",
                                                        "hierarchy", "transport"]
     results: dict[str, Any] = {"quick": quick}
     t0 = time.time()
@@ -419,6 +377,16 @@ def main(args: argparse.Namespace) -> int:
                 results[s] = study_hapt(4 if quick else 30)
             elif s == "privacy":
                 results[s] = study_privacy(3 if quick else 10)
+            elif s == "mia":
+                from pqfed.services.mia import MiaConfig, parse_modes, quick_config, study
+
+                def partial(res: dict[str, Any]) -> None:
+                    (out / "mia-partial.json").write_text(json.dumps(res, indent=1,
+                                                                     default=str))
+
+                cfg = quick_config() if quick else MiaConfig()
+                modes = parse_modes(str(getattr(args, "mia_dp", "central")))
+                results[s] = study(dataclasses.replace(cfg, modes=modes), partial)
             elif s == "poisoning":
                 results[s] = study_poisoning(3 if quick else 10)
             elif s == "hierarchy":

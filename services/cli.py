@@ -49,5 +49,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench.add_argument("--out", default="results/bench-fl")
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--only", default="",
-                       help="comma list: hapt,privacy,poisoning,hierarchy,transport")
+                       help="comma list: hapt,privacy,mia,poisoning,hierarchy,transport")
+    bench.add_argument("--mia-dp", default="central",
+                       help="DP modes of the mia study besides no DP: central, local or both "
+                            "(central,local)")
     bench.set_defaults(func=_bench)

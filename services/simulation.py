@@ -107,8 +107,12 @@ def _edge_grid(spec: FederationJobSpec, job: str, ca: CertificateAuthority, root
 
 def simulate(spec: FederationJobSpec, *, attackers: frozenset[int] = frozenset(),
              attack: str = "label-flip", job: str = "bench",
-             workdir: Path | None = None) -> dict[str, Any]:
-    """Runs the job in process; returns the status document (rounds, accuracy, bytes...)."""
+             workdir: Path | None = None,
+             client_app: ClientApp | None = None) -> dict[str, Any]:
+    """Runs the job in process; returns the status document (rounds, accuracy, bytes...).
+
+    `client_app` replaces pqfed's ClientApp on every client node (a study that decides
+    which samples each client holds, e.g. services/mia.py; it keeps `apps.pqfed_mod`)."""
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
@@ -129,7 +133,8 @@ def simulate(spec: FederationJobSpec, *, attackers: frozenset[int] = frozenset()
                 node_config["attack"] = attack
             contexts[100 + i] = Context(run_id=1, node_id=100 + i, node_config=node_config,
                                         state=RecordDict(), run_config=run_config)
-        grid = InProcessGrid(contexts)
+        grid = InProcessGrid(contexts, None if client_app is None
+                             else dict.fromkeys(contexts, client_app))
         if spec.hierarchy.enabled:
             grid = _edge_grid(spec, job, ca, root, contexts)
         recorder = RoundRecorder(root / "state", job, spec)
