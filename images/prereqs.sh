@@ -21,8 +21,8 @@ need ip iproute2
 need docker-registry docker-registry
 if [ -n "$missing" ]; then
     echo "images/prereqs.sh: apt-get install$missing"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    $SUDO apt-get -o DPkg::Lock::Timeout=900 update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
 # arm64 binaries under qemu: the F flag makes the kernel open the emulator now, so it also

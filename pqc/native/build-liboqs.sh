@@ -14,7 +14,8 @@
 #
 # Idempotent: nothing is rebuilt when the .so and its stamp (the build options) are present.
 # Missing tools (cmake, ninja-build, gcc, cargo; gcc-aarch64-linux-gnu for arm64) are
-# apt-get installed when running as root, since CI starts from a bare machine.
+# apt-get installed when running as root, since CI starts from a bare machine (waiting for the
+# dpkg lock: other prerequisite scripts may be installing at the same time).
 #
 # Usage: build-liboqs.sh [--arch amd64|arm64] [--force] [--check] [--print-dir]
 #   --arch       target architecture (default: the host's); arm64 cross-compiles
@@ -78,8 +79,8 @@ apt_install() {
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
         log "installing $* with apt-get"
         export DEBIAN_FRONTEND=noninteractive
-        apt-get install -y -q "$@" >/dev/null 2>&1 \
-            || { apt-get update -q >/dev/null && apt-get install -y -q "$@" >/dev/null; } \
+        apt-get -o DPkg::Lock::Timeout=900 install -y -q "$@" >/dev/null 2>&1 \
+            || { apt-get -o DPkg::Lock::Timeout=900 update -q >/dev/null && apt-get -o DPkg::Lock::Timeout=900 install -y -q "$@" >/dev/null; } \
             || die "apt-get install $* failed"
     else
         die "missing tools: $*; install them (apt-get install $*) and rerun"

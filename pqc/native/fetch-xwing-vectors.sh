@@ -28,8 +28,8 @@ if [[ "${1:-}" == "--print-path" ]]; then echo "$OUT"; exit 0; fi
 
 if ! command -v cargo >/dev/null; then
     [[ $(id -u) -eq 0 ]] || die "cargo is missing; install it (apt-get install cargo) and rerun"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cargo >/dev/null \
-        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cargo >/dev/null; }
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y -qq cargo >/dev/null \
+        || { apt-get -o DPkg::Lock::Timeout=900 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y -qq cargo >/dev/null; }
 fi
 
 mkdir -p "$DIR"

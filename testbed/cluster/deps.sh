@@ -35,8 +35,8 @@ fi
 log "installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 # A bare machine may never have fetched the package lists.
-apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
-    apt-get update -q >/dev/null
-    apt-get install -y -q --no-install-recommends "${missing[@]}"
+apt-get -o DPkg::Lock::Timeout=900 install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
+    apt-get -o DPkg::Lock::Timeout=900 update -q >/dev/null
+    apt-get -o DPkg::Lock::Timeout=900 install -y -q --no-install-recommends "${missing[@]}"
 }
 log "installed ${missing[*]}"
