@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from typing import Any
@@ -252,15 +254,28 @@ def test_hierarchical_job_trains_through_edge_aggregator_pods(testbed: Any) -> N
                  60, "edge and client pods deleted after success")
 
 
+_ADMIN_GET = """
+import sys, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+with opener.open(sys.argv[1], timeout=5) as resp:
+    sys.stdout.write(resp.read().decode())
+"""
+
+
+def _sidecar_admin(pod: Any, path: str) -> str | None:
+    """GET `path` from a pod's sidecar admin API, which listens on the pod's loopback only:
+    from inside the pod's network namespace (the emulated node names it
+    pqfed-<node>-<uid[:8]>, testbed/nodeagent/pod.py)."""
+    netns = f"pqfed-{pod.spec.node_name}-{pod.metadata.uid[:8]}"
+    proc = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", _ADMIN_GET,
+                           f"http://127.0.0.1:{m.ADMIN_PORT}{path}"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    return proc.stdout if proc.returncode == 0 else None
+
+
 def _sidecar_crl_number(pod: Any) -> float | None:
     """The revocation list number a pod's sidecar has in force (its admin /metrics)."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(f"http://{pod.status.pod_ip}:{m.ADMIN_PORT}/metrics",
-                         timeout=5) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return None
+    text = _sidecar_admin(pod, "/metrics") or ""
     for line in text.splitlines():
         if line.startswith("pqfed_revocation_list_number "):
             return float(line.split()[1])
@@ -316,12 +331,9 @@ def test_revoked_client_is_cut_off_and_the_job_goes_on(testbed: Any) -> None:
 
 def _sidecar_serial(pod: Any) -> int | None:
     """The serial of the certificate a pod's sidecar presents now (its admin /identity)."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(f"http://{pod.status.pod_ip}:{m.ADMIN_PORT}/identity",
-                         timeout=5) as resp:
-            return int(json.loads(resp.read())["serial"])
-    except (OSError, ValueError, KeyError):
+        return int(json.loads(_sidecar_admin(pod, "/identity") or "")["serial"])
+    except (ValueError, KeyError, TypeError):
         return None
 
 
