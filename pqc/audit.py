@@ -23,6 +23,7 @@ the revocation list at the time of each entry it signs (the new one also at the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -181,10 +182,8 @@ class AuditLog:
             path.rename(archive)
             log.warning("audit log %s not continued, kept as %s: %s", path, archive, exc)
             fields: dict[str, Any] = {"previousLog": archive.name, "reason": str(exc)}
-            try:
+            with contextlib.suppress(AuditLogError):  # a broken chain has no head
                 fields["previousHead"] = verify_audit_log(archive, None).head
-            except AuditLogError:
-                pass
             new = cls(path, identity, renewed=renewed)
             new.append("log-continued", **fields)
             return new

@@ -20,14 +20,16 @@ What pqfed adds, as composition:
   keys of the setup stage are thus bound to the client's certified identity. The setup reply
   carries the certificate; later stages of the round carry only manifest + signature.
 * `SignedReplyGrid` (server): wraps the Flower Grid and verifies every reply (certificate
-  against the federation CA and its newest revocation list, job, round, stage, node binding, digest) BEFORE the SecAgg+
-  workflow sees it; one certificate may answer for only one Flower node per round (no Sybil
-  nodes behind one identity). A failing reply is dropped, noted in the round record and
-  appended to the signed audit log; to SecAgg+ it is a dropout, tolerated up to its threshold. The
-  setup-stage signatures are forwarded with the public keys in the share-keys stage, and
-  `signing_mod` verifies every neighbour's signature before `secaggplus_mod` uses a key, so the
-  aggregator cannot substitute the Diffie-Hellman keys (the signed-key "active adversary" setting
-  of Bonawitz et al. CCS 2017 section 6, with ML-DSA in place of the PKI signature scheme).
+  against the federation CA and its newest revocation list, job, round, stage, node binding,
+  digest) BEFORE the SecAgg+ workflow sees it; one certificate may answer for only one
+  Flower node per round (no Sybil nodes behind one identity). A failing reply is dropped,
+  noted in the round record and appended to the signed audit log; to SecAgg+ it is a
+  dropout, tolerated up to its threshold. The setup-stage signatures are forwarded with the
+  public keys in the share-keys stage, and `signing_mod` verifies every neighbour's signature
+  (its certificate against the CA and the node's newest revocation list) before
+  `secaggplus_mod` uses a key, so the aggregator cannot substitute the Diffie-Hellman keys
+  (the signed-key "active adversary" setting of Bonawitz et al. CCS 2017 section 6, with
+  ML-DSA in place of the PKI signature scheme).
   Not covered: their ConsistencyCheck round (Flower's SecAgg+ has none), so a malicious server
   could still equivocate about which clients dropped; the threat model is a semi-honest
   aggregator plus an active network / impersonation adversary.
