@@ -11,14 +11,14 @@ the reason is keyCompromise (the key may have signed anything, under any claimed
 
 Signer hand-over. Node certificates are short-lived and renewed (new key) mid-job, so a log may
 outlive the certificate of its first entry. A `signer-renewed` entry carries the new
-certificate (`newSigner`, PEM) and is signed like every entry by the OLD key (the current
-signer vouches for its successor, as in a key-rollover statement signed by the outgoing key,
-e.g. RFC 4210 §5.3.13's old-with-new certificate), and countersigned by the NEW key (`newSig`,
-context `pqfed/audit-handover/v1`, over the entry without `hash`, `sig` and `newSig`: proof of
-possession, as a PKCS#10 request's self-signature). Every later entry must name and be signed by
-the new certificate. The new certificate must be for the same federation, CA, node id and
-role as the log's first signer; with a trust anchor each signer is checked against the CA and
-the revocation list at the time of each entry it signs (the new one also at the hand-over).
+certificate (`newSigner`, PEM) and is signed like every entry by the OLD key (the outgoing key
+vouches for its successor, like the old-with-new certificate of RFC 4210 §4.4's CA key
+update), and countersigned by the NEW key (`newSig`, context `pqfed/audit-handover/v1`, over
+the entry without `hash`, `sig` and `newSig`: proof of possession, as a PKCS#10 request's
+self-signature). Every later entry must name and be signed by the new certificate. The new
+certificate must be for the same federation, CA, role and node id as the log's signer; with a
+trust anchor each signer is checked against the CA and the revocation list at the time of each
+entry it signs (the new one also at the hand-over).
 """
 
 from __future__ import annotations
@@ -211,10 +211,15 @@ class AuditLog:
         return entry
 
     def _follow_renewal(self) -> None:
-        if self._renewed is None or self._seq == 0:
+        if self._renewed is None:
             return
         try:
             new = self._renewed()
+            if self._seq == 0:  # nothing signed yet: the first entry names the new signer
+                if new.certificate.fingerprint != self._identity.certificate.fingerprint:
+                    check_successor(self._identity.certificate, new.certificate)
+                    self._identity = new
+                return
             self.hand_over(new)
         except (PqcError, OSError) as exc:
             # A renewal that is not one (another node, a key that does not match): the

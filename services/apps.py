@@ -115,10 +115,16 @@ def _load_identity(directory: str, _stamp: tuple[int, ...]) -> tuple[Identity, T
     return ident, trust
 
 
-@functools.lru_cache(maxsize=8)
 def trust_store(directory: str) -> TrustStore:
-    """The node's CA root and the newest revocation list in `directory` (ca.crt, crl.pem),
-    one store per directory and process: its `anchor` re-reads the list when it changes."""
+    """The node's CA root and the newest revocation list in `directory` (ca.crt, crl.pem):
+    one store per directory and CA file (a replaced ca.crt is another federation: a new store)
+    and process; its `anchor` re-reads the list when it changes."""
+    ca = (Path(directory) / "ca.crt").stat()
+    return _trust_store(directory, (ca.st_ino, ca.st_mtime_ns, ca.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _trust_store(directory: str, _stamp: tuple[int, ...]) -> TrustStore:
     return TrustStore.from_identity_dir(Path(directory))
 
 
