@@ -142,12 +142,16 @@ def _spanning_log(tmp_path: Path, idents: list[Identity], per_signer: int = 2) -
     return path
 
 
-def test_log_spans_three_certificates(tmp_path: Path, ca: CertificateAuthority) -> None:
+def test_log_spans_three_certificates(tmp_path: Path, ca: CertificateAuthority,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
     idents = _renewals(ca, 3)
     path = _spanning_log(tmp_path, idents)
     summary = verify_audit_log(path, ca.trust)
     assert summary.signers == tuple(i.certificate.serial for i in idents)
     assert summary.events == {"update-accepted": 6, "signer-renewed": 2}
+    (tmp_path / "ca.crt").write_text(ca.root.to_pem())
+    assert main(["audit", "verify", str(path), "--ca", str(tmp_path / "ca.crt")]) == 0
+    assert json.loads(capsys.readouterr().out)["signers"] == list(summary.signers)
     # reopened by the newest identity, the chain continues under it
     AuditLog(path, idents[2]).append("job-finished")
     assert verify_audit_log(path, ca.trust).entries == 9
