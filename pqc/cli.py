@@ -100,7 +100,8 @@ def _audit_verify(args: argparse.Namespace) -> int:
         trust = trust.with_crl(RevocationList.from_pem(Path(args.crl).read_text()))
     summary = verify_audit_log(Path(args.log), trust)
     print(json.dumps({"ok": True, "entries": summary.entries, "head": summary.head,
-                      "signer": summary.signer, "events": summary.events,
+                      "signer": summary.signer, "signers": list(summary.signers),
+                      "events": summary.events,
                       "crl": summary.crl}, indent=2))
     return 0
 

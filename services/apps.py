@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,12 @@ def _spec_from_json(text: str) -> FederationJobSpec:
     return parse_spec(json.loads(text), "run_config.spec")
 
 
+def identity_source(directory: str) -> Callable[[], Identity]:
+    """The current (possibly renewed) identity of `directory`, read on each call; what an
+    audit log follows to hand over to a renewed certificate (pqc/audit.py)."""
+    return lambda: _identity(directory)[0]
+
+
 def _identity(directory: str) -> tuple[Identity, TrustAnchor]:
     """The node identity in `directory`, re-read when the operator renewed it (the kubelet
     swaps tls.crt and tls.key together; the cache key is their modification times)."""
@@ -107,6 +113,19 @@ def _load_identity(directory: str, _stamp: tuple[int, ...]) -> tuple[Identity, T
     ident = Identity.load_files(d / "tls.crt", d / "tls.key")
     trust = TrustAnchor(Certificate.from_pem((d / "ca.crt").read_text()))
     return ident, trust
+
+
+def trust_store(directory: str) -> TrustStore:
+    """The node's CA root and the newest revocation list in `directory` (ca.crt, crl.pem):
+    one store per directory and CA file (a replaced ca.crt is another federation: a new store)
+    and process; its `anchor` re-reads the list when it changes."""
+    ca = (Path(directory) / "ca.crt").stat()
+    return _trust_store(directory, (ca.st_ino, ca.st_mtime_ns, ca.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _trust_store(directory: str, _stamp: tuple[int, ...]) -> TrustStore:
+    return TrustStore.from_identity_dir(Path(directory))
 
 
 def arrays_digest_bytes(record: ArrayRecord) -> bytes:
@@ -377,16 +396,20 @@ class VerifiedStrategy(Strategy):
 
     `model_signer`: the central aggregator's identity, which signs each model version it
     sends (pqc.signing.sign_model). An edge has none: it sets `relay_model_sig` each round to
-    the central aggregator's signature of the model it forwards, unchanged."""
+    the central aggregator's signature of the model it forwards, unchanged; `renewed` gives
+    the model signer's current identity after a certificate renewal."""
 
     def __init__(self, inner: Strategy, *, trust: TrustAnchor | TrustStore, job: str,
                  recorder: RoundRecorder, audit: AuditLog | None, round_offset: int,
                  min_clients: int, roles: tuple[Role, ...] = (Role.CLIENT,),
                  downlink: Broadcaster | None = None,
-                 model_signer: Identity | None = None) -> None:
+                 model_signer: Identity | None = None,
+                 renewed: Callable[[], Identity] | None = None) -> None:
         self.inner = inner
         self.downlink = downlink
         self.model_signer = model_signer
+        # Where a renewed model-signer identity comes from (the identity directory).
+        self.renewed = renewed
         self.relay_model_sig: bytes | None = None
         # Model versions are (epoch, version): the broadcaster's, or this strategy's own
         # epoch with the round as version when broadcasts stay dense.
@@ -444,6 +467,11 @@ class VerifiedStrategy(Strategy):
         aggregator), or the relayed one (edge)."""
         if self.model_signer is None:
             return self.relay_model_sig
+        if self.renewed is not None:
+            try:
+                self.model_signer = self.renewed()
+            except (PqcError, OSError) as exc:
+                log.warning("renewed identity not used for model signatures: %s", exc)
         version = self.downlink.version if self.downlink is not None else rnd
         t0 = time.perf_counter()
         signed = sign_model(self.model_signer, self.job, self._epoch, rnd, version,
@@ -569,16 +597,19 @@ def main(grid: Grid, context: Context) -> None:
     if rounds <= 0:
         recorder.finish()
         return
-    audit = AuditLog(state_dir / "audit.jsonl", ident)
+    # The log follows certificate renewals (a signed hand-over to each renewed identity).
+    renewed = identity_source(str(context.run_config["identity-dir"]))
+    audit = AuditLog.resume(state_dir / "audit.jsonl", ident, renewed=renewed)
     audit.append("job-started" if done == 0 else "job-resumed", job=job, fromRound=done)
     # In hierarchical mode only edge aggregators may send updates here (services/edge.py).
     roles = (Role.EDGE,) if spec.hierarchy.enabled else (Role.CLIENT,)
-    trust = TrustStore.from_identity_dir(Path(str(context.run_config["identity-dir"])))
+    trust = trust_store(str(context.run_config["identity-dir"]))
     strategy = VerifiedStrategy(build_strategy(spec), trust=trust, job=job, recorder=recorder,
                                 audit=audit, round_offset=done, min_clients=spec.min_clients,
                                 roles=roles, downlink=downlink.for_spec(spec),
                                 # edges forward the model: sign it for their clients
-                                model_signer=ident if spec.hierarchy.enabled else None)
+                                model_signer=ident if spec.hierarchy.enabled else None,
+                                renewed=renewed)
     train_config = ConfigRecord()  # FedProx adds "proximal-mu" itself
     strategy.start(grid, ArrayRecord(list(initial)), num_rounds=rounds,
                    timeout=spec.timeouts.round_seconds, train_config=train_config,

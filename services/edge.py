@@ -21,7 +21,8 @@ compressed (with the edge's own error feedback) and ML-DSA-signed by the edge's 
 an edge accepts only client-signed ones, so no client can bypass its edge and no edge can pose
 as a client.
 
-Per edge round the edge verifies every client update (signature, job, round), audits rejects in
+Per edge round the edge verifies every client update (signature, certificate against the CA and
+the newest revocation list in force, job, round), audits rejects in
 its own signed log, aggregates with the job's Flower strategy (robust strategies therefore see
 individual client updates at the edge; at most one update per client certificate and round),
 and records the round in its own status.json. The central aggregator runs FedAvg over the
@@ -52,7 +53,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from pqfed.pqc.audit import AuditLog
-from pqfed.pqc.identity import Role
+from pqfed.pqc.identity import Role, TrustAnchor
+from pqfed.pqc.truststore import TrustStore
 from pqfed.services.rounds import RoundRecorder
 from pqfed.services.spec import FederationJobSpec
 
@@ -178,8 +180,9 @@ class EdgeAggregator:
     aggregates its clients' signed updates with the job's Flower strategy; `run_round` is an
     `EdgeRunner`."""
 
-    def __init__(self, grid: Grid, spec: FederationJobSpec, job: str, *, trust: Any,
-                 recorder: RoundRecorder, audit: AuditLog | None) -> None:
+    def __init__(self, grid: Grid, spec: FederationJobSpec, job: str, *,
+                 trust: TrustAnchor | TrustStore, recorder: RoundRecorder,
+                 audit: AuditLog | None) -> None:
         from pqfed.services.apps import VerifiedStrategy
         from pqfed.services.strategies import build_strategy
 
@@ -220,27 +223,41 @@ class EdgeAggregator:
         return [np.asarray(a, dtype=np.float32) for a in arrays.to_numpy_ndarrays()], metrics
 
 
-@edge_server_app.main()
-def edge_main(grid: Grid, context: Context) -> None:
-    """Serves edge rounds over the unix socket until the edge's run is stopped."""
-    from pqfed.services.apps import _identity, job_spec
+def open_edge(grid: Grid, context: Context) -> tuple[EdgeAggregator, AuditLog]:
+    """The edge ServerApp's aggregator for `context`: client updates checked against the CA
+    and the newest revocation list of the identity directory (re-read mid-job), rejects
+    audited in the edge's own log, which follows the edge's certificate renewals."""
+    from pqfed.services.apps import _identity, identity_source, job_spec, trust_store
 
     spec = job_spec(context)
     job = str(context.run_config["job"])
     state_dir = Path(str(context.run_config["state-dir"]))
-    ident, trust = _identity(str(context.run_config["identity-dir"]))
-    path = Path(str(context.run_config[EDGE_SOCKET_KEY]))
-    audit = AuditLog(state_dir / "audit.jsonl", ident)
+    identity_dir = str(context.run_config["identity-dir"])
+    ident, _ = _identity(identity_dir)
+    recorder = RoundRecorder(state_dir, job, spec)  # (creates state_dir)
+    audit = AuditLog.resume(state_dir / "audit.jsonl", ident,
+                            renewed=identity_source(identity_dir))
     audit.append("edge-started", job=job, edge=ident.certificate.node_id)
-    aggregator = EdgeAggregator(grid, spec, job, trust=trust,
-                                recorder=RoundRecorder(state_dir, job, spec), audit=audit)
+    aggregator = EdgeAggregator(grid, spec, job, trust=trust_store(identity_dir),
+                                recorder=recorder, audit=audit)
+    return aggregator, audit
+
+
+@edge_server_app.main()
+def edge_main(grid: Grid, context: Context) -> None:
+    """Serves edge rounds over the unix socket until the edge's run is stopped."""
+    from pqfed.services.apps import job_spec
+
+    spec = job_spec(context)
+    aggregator, audit = open_edge(grid, context)
+    path = Path(str(context.run_config[EDGE_SOCKET_KEY]))
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(str(path))
     path.chmod(0o600)
     srv.listen(8)
-    log.info("edge %s serving rounds on %s", ident.certificate.node_id, path)
+    log.info("edge %s serving rounds on %s", audit.identity.certificate.node_id, path)
     while True:
         conn, _ = srv.accept()
         with conn:

@@ -20,14 +20,16 @@ What pqfed adds, as composition:
   keys of the setup stage are thus bound to the client's certified identity. The setup reply
   carries the certificate; later stages of the round carry only manifest + signature.
 * `SignedReplyGrid` (server): wraps the Flower Grid and verifies every reply (certificate
-  against the federation CA, job, round, stage, node binding, digest) BEFORE the SecAgg+
-  workflow sees it; one certificate may answer for only one Flower node per round (no Sybil
-  nodes behind one identity). A failing reply is dropped, noted in the round record and
-  appended to the signed audit log; to SecAgg+ it is a dropout, tolerated up to its threshold. The
-  setup-stage signatures are forwarded with the public keys in the share-keys stage, and
-  `signing_mod` verifies every neighbour's signature before `secaggplus_mod` uses a key, so the
-  aggregator cannot substitute the Diffie-Hellman keys (the signed-key "active adversary" setting
-  of Bonawitz et al. CCS 2017 section 6, with ML-DSA in place of the PKI signature scheme).
+  against the federation CA and its newest revocation list, job, round, stage, node binding,
+  digest) BEFORE the SecAgg+ workflow sees it; one certificate may answer for only one
+  Flower node per round (no Sybil nodes behind one identity). A failing reply is dropped,
+  noted in the round record and appended to the signed audit log; to SecAgg+ it is a
+  dropout, tolerated up to its threshold. The setup-stage signatures are forwarded with the
+  public keys in the share-keys stage, and `signing_mod` verifies every neighbour's signature
+  (its certificate against the CA and the node's newest revocation list) before
+  `secaggplus_mod` uses a key, so the aggregator cannot substitute the Diffie-Hellman keys
+  (the signed-key "active adversary" setting of Bonawitz et al. CCS 2017 section 6, with
+  ML-DSA in place of the PKI signature scheme).
   Not covered: their ConsistencyCheck round (Flower's SecAgg+ has none), so a malicious server
   could still equivocate about which clients dropped; the threat model is a semi-honest
   aggregator plus an active network / impersonation adversary.
@@ -98,6 +100,7 @@ from pqfed.pqc.audit import AuditLog
 from pqfed.pqc.errors import PqcError
 from pqfed.pqc.identity import Certificate, Role, TrustAnchor
 from pqfed.pqc.signing import SignedUpdate, UpdateManifest, sign_update, verify_update
+from pqfed.pqc.truststore import TrustStore
 from pqfed.services import apps
 from pqfed.services.rounds import RoundRecorder
 from pqfed.services.simulation import InProcessGrid
@@ -225,9 +228,10 @@ def _setup_digest(node_id: int, keys: list[bytes]) -> bytes:
 
 # ---------------------------------------------------------------- client side ---------------
 
-def _verify_peer_keys(msg: Message, peers: ConfigRecord, trust: TrustAnchor, job: str,
-                      rnd: int) -> None:
-    """Share-keys stage: every forwarded public key pair must carry its owner's signature."""
+def _verify_peer_keys(msg: Message, peers: ConfigRecord, trust: TrustAnchor | TrustStore,
+                      job: str, rnd: int) -> None:
+    """Share-keys stage: every forwarded public key pair must carry its owner's signature,
+    by a certificate not revoked by the newest list in force (`trust.anchor`)."""
     keys = msg.content[RECORD_KEY_CONFIGS]
     assert isinstance(keys, ConfigRecord)
     me = msg.metadata.dst_node_id
@@ -240,7 +244,7 @@ def _verify_peer_keys(msg: Message, peers: ConfigRecord, trust: TrustAnchor, job
             raise ValueError(f"public keys of node {nid_text} come without their signature")
         signed = SignedUpdate.from_bytes(raw)
         manifest = verify_update(signed, _setup_digest(int(nid_text), cast(list[bytes], pair)),
-                                 trust, job=job, round_number=rnd, roles=SIGNER_ROLES)
+                                 trust.anchor, job=job, round_number=rnd, roles=SIGNER_ROLES)
         if manifest.node_id in owners.values():
             raise ValueError(f"identity {manifest.node_id} signed for two nodes")
         owners[nid_text] = manifest.node_id
@@ -254,7 +258,8 @@ def signing_mod(msg: Message, context: Context, call_next: Any) -> Message:
     stage = _stage(msg)  # read now: secaggplus_mod pops the stage key
     rnd = _group_round(msg)
     job = str(context.run_config["job"])
-    ident, trust = apps._identity(str(context.node_config["identity-dir"]))
+    ident, _ = apps._identity(str(context.node_config["identity-dir"]))
+    trust = apps.trust_store(str(context.node_config["identity-dir"]))
     peers = msg.content.get(PEER_KEYS_KEY) if msg.has_content() else None
     if peers is not None:
         del msg.content[PEER_KEYS_KEY]
@@ -350,7 +355,8 @@ class SignedReplyGrid(Grid):
     resume): the clients sign that round, so replies cannot be replayed across rounds or runs.
     """
 
-    def __init__(self, inner: Grid, *, trust: TrustAnchor, job: str, recorder: SecAggRecorder,
+    def __init__(self, inner: Grid, *, trust: TrustAnchor | TrustStore, job: str,
+                 recorder: SecAggRecorder,
                  audit: AuditLog | None, round_offset: int = 0) -> None:
         self.inner = inner
         self.trust = trust
@@ -441,8 +447,9 @@ class SignedReplyGrid(Grid):
                 nsig = len(raw)
             t0 = time.perf_counter()
             digest = reply_digest(reply.content, stage=stage, node_id=node)
+            # The newest revocation list in force (a TrustStore re-reads it mid-job).
             manifest: UpdateManifest = verify_update(
-                signed, digest, self.trust, job=self.job, round_number=rnd,
+                signed, digest, self.trust.anchor, job=self.job, round_number=rnd,
                 roles=SIGNER_ROLES, node_id=bound)
             if stage == Stage.SETUP:
                 others = {v: k for k, v in self._bound.items() if k != node}
@@ -625,7 +632,8 @@ def secagg_main(grid: Grid, context: Context) -> None:
     check_secagg_spec(spec, "run_config.spec")
     job = str(context.run_config["job"])
     state_dir = Path(str(context.run_config["state-dir"]))
-    ident, trust = apps._identity(str(context.run_config["identity-dir"]))
+    ident, _ = apps._identity(str(context.run_config["identity-dir"]))
+    trust = apps.trust_store(str(context.run_config["identity-dir"]))
     recorder = SecAggRecorder(state_dir, job, spec)
     done, checkpoint = recorder.resume()
     initial = [np.asarray(w) for w in (checkpoint if checkpoint is not None else get_weights(
@@ -634,7 +642,8 @@ def secagg_main(grid: Grid, context: Context) -> None:
     if rounds <= 0:
         recorder.finish()
         return
-    audit = AuditLog(state_dir / "audit.jsonl", ident)
+    audit = AuditLog.resume(state_dir / "audit.jsonl", ident, renewed=apps.identity_source(
+        str(context.run_config["identity-dir"])))
     audit.append("job-started" if done == 0 else "job-resumed", job=job, fromRound=done,
                  aggregation="SecAgg+")
 
@@ -705,9 +714,12 @@ class LoopbackGrid(InProcessGrid):
 
 def simulate(spec: FederationJobSpec, *, job: str = "bench", workdir: Path | None = None,
              app: ClientApp | None = None, intercept: Intercept | None = None,
-             attackers: frozenset[int] = frozenset()) -> dict[str, Any]:
+             attackers: frozenset[int] = frozenset(),
+             revoked: frozenset[int] = frozenset()) -> dict[str, Any]:
     """Runs the SecAgg+ job in process (real apps, Flower's SecAgg+, ML-DSA, protobuf wire);
-    returns the status document plus "weights" (last checkpoint) and "workdir"."""
+    returns the status document plus "weights" (last checkpoint) and "workdir". The CA
+    revokes the certificates of the clients in `revoked` (partition ids) before the job
+    starts: its list is in every identity directory (crl.pem)."""
     from flwr.supercore.task_identity import TaskIdentity
 
     from pqfed.pqc.identity import CertificateAuthority
@@ -738,6 +750,15 @@ def simulate(spec: FederationJobSpec, *, job: str = "bench", workdir: Path | Non
         server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={
             "spec": spec_json, "job": job, "state-dir": str(root / "state"),
             "identity-dir": str(identity_dir("aggregator", Role.AGGREGATOR))})
+        if revoked:
+            crl = None
+            for i in sorted(revoked):
+                cert = Certificate.from_pem(
+                    (root / "identities" / f"client-{i}" / "tls.crt").read_text())
+                crl = ca.revoke(crl, cert.serial)
+            assert crl is not None
+            for d in (root / "identities").iterdir():
+                (d / "crl.pem").write_text(crl.to_pem())
         t0 = time.time()
         secagg_server_app(LoopbackGrid(contexts, app, intercept), server)
         status: dict[str, Any] = json.loads((root / "state" / "status.json").read_text())

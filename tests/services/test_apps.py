@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from pqfed.pqc.audit import AuditLog, verify_audit_log
 from pqfed.pqc.identity import CertificateAuthority, Identity, Role
-from pqfed.pqc.signing import ModelRejected, SignedUpdate, sign_model
+from pqfed.pqc.signing import ModelRejected, SignedModel, SignedUpdate, sign_model
 from pqfed.services import apps
 from pqfed.services.downlink import weights_digest
 from pqfed.services.edge import MODEL_SIGNER_KEY
@@ -285,3 +285,68 @@ def test_a_node_trains_only_on_the_aggregators_signed_model(
     older.content[apps.MODEL_SIG_KEY] = _model_sig(ca, weights, 1, "job-a", epoch=b"\x09" * 8)
     with pytest.raises(ModelRejected, match="earlier epoch"):
         apps.client_app(older, ctx)
+
+
+class _RenewingGrid(InProcessGrid):
+    """Before the train messages of each round in `renew_at` go out, the operator's renewal
+    lands in the aggregator's identity directory: a new key and certificate (tls.crt, tls.key),
+    as the kubelet swaps them into the pod."""
+
+    def __init__(self, contexts: dict[int, Context], ca: CertificateAuthority, directory: Path,
+                 renew_at: set[int]) -> None:
+        super().__init__(contexts)
+        self.ca, self.directory, self.renew_at = ca, directory, renew_at
+        self.train_rounds = 0
+        self.issued: list[Identity] = []
+
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+        msgs = list(messages)
+        if msgs and msgs[0].metadata.message_type == MessageType.TRAIN:
+            self.train_rounds += 1
+            if self.train_rounds in self.renew_at:
+                new = self.ca.new_identity("aggregator", Role.AGGREGATOR)
+                new.save(self.directory / "tls.crt", self.directory / "tls.key")
+                self.issued.append(new)
+        return super().push_messages(msgs)
+
+
+def test_aggregator_hands_its_audit_log_over_to_renewed_certificates(
+        tmp_path: Path, ca: CertificateAuthority) -> None:
+    """The ServerApp's audit log follows the identity directory: renewed twice mid-job, the log
+    spans three certificates, each taking over through a signed hand-over, and verifies."""
+    spec = SPEC.model_copy(update={"rounds": 3})
+    first = ca.new_identity("aggregator", Role.AGGREGATOR)
+    agg_dir = Path(_identity_dir(tmp_path / "agg", ca, first))
+    contexts = {100 + i: _context(tmp_path, ca, ca.new_identity(f"client-{i}", Role.CLIENT), i)
+                for i in range(3)}
+    for c in contexts.values():  # a flat job: nodes talk to the aggregator, no model signature
+        c.run_config["spec"] = spec.model_dump_json(by_alias=True)
+        del c.node_config[MODEL_SIGNER_KEY]
+    grid = _RenewingGrid(contexts, ca, agg_dir, renew_at={2, 3})
+    server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={
+        "spec": spec.model_dump_json(by_alias=True), "job": "job-a",
+        "state-dir": str(tmp_path / "state"), "identity-dir": str(agg_dir)})
+    apps.server_app(grid, server)
+    summary = verify_audit_log(tmp_path / "state" / "audit.jsonl", ca.trust)
+    assert summary.signers == tuple(i.certificate.serial for i in [first, *grid.issued])
+    assert summary.events["signer-renewed"] == 2
+    assert summary.events["update-accepted"] == 9
+    status = json.loads((tmp_path / "state" / "status.json").read_text())
+    assert status["currentRound"] == 3 and status["auditHead"] == summary.head
+
+
+def test_model_signatures_follow_the_renewed_identity(tmp_path: Path,
+                                                      ca: CertificateAuthority) -> None:
+    old = ca.new_identity("aggregator", Role.AGGREGATOR)
+    d = Path(_identity_dir(tmp_path / "agg", ca, old))
+    s = apps.VerifiedStrategy(FedAvg(), trust=ca.trust, job="job-a",
+                              recorder=RoundRecorder(tmp_path / "state", "job-a", SPEC),
+                              audit=None, round_offset=0, min_clients=1, model_signer=old,
+                              renewed=apps.identity_source(str(d)))
+    s._global = [np.asarray(w) for w in get_weights(build_model("breast-cancer", seed=0))]
+    signed = s._model_signature(1)
+    assert signed is not None and SignedModel.from_bytes(signed).certificate == old.certificate
+    new = ca.new_identity("aggregator", Role.AGGREGATOR)
+    new.save(d / "tls.crt", d / "tls.key")
+    signed = s._model_signature(2)
+    assert signed is not None and SignedModel.from_bytes(signed).certificate == new.certificate

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +223,29 @@ def test_hierarchical_federation_matches_flat_with_less_central_traffic() -> Non
     # the centre receives one update per edge instead of one per client
     assert hier["rounds"][-1]["bytesReceived"] * 2 < flat["rounds"][-1]["bytesReceived"]
     assert hier["accuracy"] > 0.9 and hier["accuracy"] > flat["accuracy"] - 0.05
+
+
+def test_an_edge_refuses_a_revoked_clients_update(tmp_path: Path,
+                                                  ca: CertificateAuthority) -> None:
+    """The edge ServerApp's aggregator (open_edge) checks client updates against the newest
+    revocation list in its identity directory: once the CA revokes client-1 mid-job, the
+    edge rejects client-1's update and audits why."""
+    c0, c1 = ca.new_identity("client-0", Role.CLIENT), ca.new_identity("client-1", Role.CLIENT)
+    contexts = {100: _context(tmp_path, ca, c0, 0), 101: _context(tmp_path, ca, c1, 1)}
+    edge_dir = Path(_identity_dir(tmp_path, ca, ca.new_identity("edge-0", Role.EDGE)))
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={
+        "spec": SPEC.model_dump_json(by_alias=True), "job": "job-h",
+        "state-dir": str(tmp_path / "edge"), "identity-dir": str(edge_dir),
+        edge.EDGE_SOCKET_KEY: str(tmp_path / "edge.sock")})
+    agg, audit = edge.open_edge(InProcessGrid(contexts), context)
+    start = get_weights(build_model("breast-cancer", seed=0))
+    _, metrics = agg.run_round(1, start, {}, 60.0, _model_sig(ca, start, 1))
+    assert metrics["clients"] == 2 and metrics["rejected"] == 0
+    (edge_dir / "crl.pem").write_text(ca.revoke(None, c1.certificate.serial).to_pem())
+    time.sleep(1.1)  # the trust store re-reads the list at most once a second
+    _, metrics = agg.run_round(2, start, {}, 60.0, _model_sig(ca, start, 2))
+    assert metrics["clients"] == 1 and metrics["rejected"] == 1
+    entries = [json.loads(x) for x in audit.path.read_text().splitlines()]
+    (rejected,) = [e for e in entries if e["event"] == "update-rejected"]
+    assert rejected["round"] == 2 and "revoked" in rejected["reason"]
+    assert verify_audit_log(audit.path, ca.trust).events["update-accepted"] == 3

@@ -90,10 +90,11 @@ class Harness:
         self.seen.append((rnd, node, stage, reply))
         return reply
 
-    def run(self, spec: Any, workdir: Path) -> dict[str, Any]:
+    def run(self, spec: Any, workdir: Path, revoked: frozenset[int] = frozenset()
+            ) -> dict[str, Any]:
         self.workdir = workdir
         return secagg.simulate(spec, job="job-sa", workdir=workdir, app=self.app,
-                               intercept=self.intercept)
+                               intercept=self.intercept, revoked=revoked)
 
     def fedavg(self, rnd: int, nodes: list[int]) -> list[np.ndarray]:
         ups = [self.plain[(rnd, n)] for n in nodes]
@@ -206,21 +207,25 @@ def test_resumed_job_signs_and_records_global_round_numbers(tmp_path: Path) -> N
 
 
 def _share_keys_message(ca: CertificateAuthority, tmp: Path, *, substitute: bool = False,
-                        drop_signature: bool = False, same_signer: bool = False
-                        ) -> tuple[Message, Context]:
+                        drop_signature: bool = False, same_signer: bool = False,
+                        revoke: str | None = None) -> tuple[Message, Context]:
     keys: dict[str, list[bytes]] = {str(n): [os.urandom(32), os.urandom(32)]
                                     for n in (100, 101, 102)}
     signed: dict[str, bytes] = {}
     for n, pair in keys.items():
         who = "client-1" if same_signer and n == "102" else f"client-{int(n) - 100}"
         ident = ca.new_identity(who, Role.CLIENT)
+        if who == revoke:  # the CA revoked this neighbour; client-0 holds the list
+            (tmp / "client-0").mkdir(parents=True, exist_ok=True)
+            (tmp / "client-0" / "crl.pem").write_text(
+                ca.revoke(None, ident.certificate.serial).to_pem())
         signed[n] = sign_update(ident, "job-k", 4, secagg._setup_digest(int(n), pair)).to_bytes()
     if substitute:  # the aggregator swaps in its own key for node 101
         keys["101"] = [os.urandom(32), keys["101"][1]]
     if drop_signature:
         del signed["102"]
     d = tmp / "client-0"
-    d.mkdir(exist_ok=True)
+    d.mkdir(parents=True, exist_ok=True)
     ca.new_identity("client-0", Role.CLIENT).save(d / "tls.crt", d / "tls.key")
     (d / "ca.crt").write_text(ca.root.to_pem())
     rec = ConfigRecord({**keys, Key.STAGE: Stage.SHARE_KEYS})  # type: ignore[dict-item]
@@ -247,6 +252,29 @@ def test_clients_refuse_public_keys_not_signed_by_their_owner(
         secagg.signing_mod(*_share_keys_message(ca, tmp_path, drop_signature=True), inner)
     with pytest.raises(ValueError, match="signed for two nodes"):
         secagg.signing_mod(*_share_keys_message(ca, tmp_path, same_signer=True), inner)
+
+
+def test_clients_refuse_public_keys_of_a_revoked_neighbour(
+        tmp_path: Path, ca: CertificateAuthority) -> None:
+    """Client-0 holds a list revoking client-1: client-1's (validly signed) SecAgg+ keys are
+    refused before secaggplus_mod could encrypt a share to them."""
+    def inner(m: Message, _c: Context) -> Message:
+        raise AssertionError("secaggplus_mod must not see the keys")
+
+    with pytest.raises(PqcError, match="revoked"):
+        secagg.signing_mod(*_share_keys_message(ca, tmp_path / "r", revoke="client-1"), inner)
+
+
+def test_a_revoked_clients_stage_replies_are_refused(tmp_path: Path) -> None:
+    """The CA revoked client-1 (its list is in the aggregator's identity directory): its
+    signed setup reply is refused and audited, SecAgg+ runs with the two others."""
+    st = Harness().run(SPEC, tmp_path, revoked=frozenset({1}))
+    assert st["phase"] == "Succeeded" and st["currentRound"] == 2
+    for r in st["rounds"]:
+        assert r["aggregated"] and sorted(r["participants"]) == ["client-0", "client-2"]
+        assert r["rejectedUpdates"] == 1
+        assert "revoked" in " ".join(r["notes"]) and Stage.SETUP in " ".join(r["notes"])
+    assert _audit(tmp_path).events["update-rejected"] == 2
 
 
 def test_reply_digest_survives_the_wire_and_binds_stage_and_node() -> None:
