@@ -192,9 +192,10 @@ def _watch_until(here: Here, env: dict[str, str], done: str, timeout: float) -> 
                 f"{seen[-3000:].decode(errors='replace')}")
             if sel.select(timeout=2):
                 chunk = os.read(proc.stdout.fileno(), 65536)
-                assert chunk or proc.poll() is None, (
-                    f"`{here.command.text}` exited ({proc.wait()}) before showing {done!r}:\n"
-                    f"{seen[-3000:].decode(errors='replace')}")
+                if not chunk:  # end of output: it exited
+                    raise AssertionError(
+                        f"`{here.command.text}` exited ({proc.wait(timeout=30)}) before "
+                        f"showing {done!r}:\n{seen[-3000:].decode(errors='replace')}")
                 seen += chunk
         assert proc.poll() is None, f"`{here.command.text}` stopped watching by itself"
     finally:

@@ -564,7 +564,7 @@ def test_job_survives_a_lost_client_a_restarted_operator_and_a_lost_aggregator(
     jobs = _Jobs(api, namespace)
     name, rounds = "faults", FAULT_SPEC["rounds"]
     created = jobs.create(name, FAULT_SPEC)
-    jobs.wait_phase(name, ("Running", "Succeeded", "Failed"), 120)
+    jobs.wait_phase(name, ("Running", "Succeeded", "Failed"), 300)
     identities = jobs.identities(name)
     assert set(identities) == {f"{name}-ca", f"{name}-aggregator-identity",
                                f"{name}-operator-identity",
@@ -581,7 +581,7 @@ def test_job_survives_a_lost_client_a_restarted_operator_and_a_lost_aggregator(
     jobs.core.delete_namespaced_pod(f"{name}-client-1", namespace, grace_period_seconds=0)
     jobs.core.delete_namespaced_pod(old_operator.metadata.name, "pqfed-system")
     new_operator = wait_for(lambda: jobs.ready_operator(exclude=old_operator.metadata.name),
-                            180, "a new operator pod Ready", 1.0, lambda: jobs.diagnose(name))
+                            300, "a new operator pod Ready", 1.0, lambda: jobs.diagnose(name))
     assert new_operator.metadata.uid != old_operator.metadata.uid
     assert new_operator.spec.node_name == NODE
 
@@ -613,7 +613,7 @@ def test_job_survives_a_lost_client_a_restarted_operator_and_a_lost_aggregator(
                 return int(found.group(1)) if found else None
         return None
 
-    restored = wait_for(resumed, 240, "the new aggregator to restore the checkpoint", 1.0,
+    restored = wait_for(resumed, 300, "the new aggregator to restore the checkpoint", 1.0,
                         lambda: jobs.diagnose(name))
     assert kept <= restored < rounds, (kept, restored)
 
