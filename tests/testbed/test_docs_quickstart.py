@@ -157,7 +157,9 @@ def _tools(cluster: dict[str, str], home: Path) -> dict[str, str]:
         pytest.skip("no helm binary: run `make cluster-binaries` (make test does)")
     venv_bin = Path(sys.executable).parent
     path = os.pathsep.join([str(venv_bin), str(helm.parent), os.environ.get("PATH", "")])
-    env = {**cluster, "PATH": path, "HOME": str(home), "VENV": str(venv_bin.parent)}
+    # HOME is the test's own (helm's config and cache); the project's caches stay shared.
+    env = {**cluster, "PATH": path, "HOME": str(home), "VENV": str(venv_bin.parent),
+           "PQFED_CACHE": str(cache)}
     kubectl = subprocess.run(["bash", "-c", "command -v kubectl"], env=env,
                              capture_output=True, text=True, check=False).stdout.strip()
     if not kubectl:
@@ -222,14 +224,21 @@ def doc_env(real_cluster: dict[str, str], real_api: Any,
     from kubernetes import client
 
     custom = client.CustomObjectsApi(real_api)
-    jobs = custom.list_namespaced_custom_object("pqfed.io", "v1alpha1", "default",
-                                                "federationjobs")["items"]
-    for job in jobs:
+
+    def jobs() -> list[dict[str, Any]]:
+        try:
+            return list(custom.list_namespaced_custom_object(
+                "pqfed.io", "v1alpha1", "default", "federationjobs")["items"])
+        except client.exceptions.ApiException as exc:
+            if exc.status == 404:  # the CRD was never installed
+                return []
+            raise
+
+    for job in jobs():
         custom.delete_namespaced_custom_object("pqfed.io", "v1alpha1", "default",
                                                "federationjobs", job["metadata"]["name"])
-    wait_for(lambda: not custom.list_namespaced_custom_object(
-        "pqfed.io", "v1alpha1", "default", "federationjobs")["items"], 120,
-        "the docs' jobs to be deleted (the operator removes its finalizer)")
+    wait_for(lambda: not jobs(), 120,
+             "the docs' jobs to be deleted (the operator removes its finalizer)")
     gone = subprocess.run(["helm", "uninstall", "pqfed", "-n", "pqfed-system", "--wait",
                            "--timeout", "120s", "--ignore-not-found"], env=env,
                           capture_output=True, text=True, timeout=180, check=False)
