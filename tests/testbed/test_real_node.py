@@ -372,8 +372,10 @@ def _import_built_images(cluster: dict[str, str]) -> None:
     for name in ("operator", "sidecar", "fl"):
         archive = _built(name)
         if f"localhost/pqfed/{name}:0.1.0" not in present:
-            subprocess.run(["bash", str(SCRIPTS / "node.sh"), "import", str(archive)],
-                           env=cluster, check=True, capture_output=True, timeout=600)
+            done = subprocess.run(["bash", str(SCRIPTS / "node.sh"), "import", str(archive)],
+                                  env=cluster, capture_output=True, text=True, timeout=600,
+                                  check=False)
+            assert done.returncode == 0, f"node.sh import {archive} failed:\n{done.stderr}"
 
 
 @pytest.fixture(scope="module")
