@@ -21,8 +21,11 @@ need ip iproute2
 need docker-registry docker-registry
 if [ -n "$missing" ]; then
     echo "images/prereqs.sh: apt-get install$missing"
-    $SUDO apt-get -o DPkg::Lock::Timeout=900 update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends $missing >/dev/null
+    # `make -j2 cluster-binaries images` runs testbed/cluster/deps.sh beside this: wait for
+    # its apt-get to release dpkg's lock instead of failing on it.
+    lock="-o DPkg::Lock::Timeout=600"
+    $SUDO apt-get $lock update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get $lock install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
 # arm64 binaries under qemu: the F flag makes the kernel open the emulator now, so it also

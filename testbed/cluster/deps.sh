@@ -35,8 +35,10 @@ fi
 log "installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 # A bare machine may never have fetched the package lists.
-apt-get -o DPkg::Lock::Timeout=900 install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
-    apt-get -o DPkg::Lock::Timeout=900 update -q >/dev/null
-    apt-get -o DPkg::Lock::Timeout=900 install -y -q --no-install-recommends "${missing[@]}"
+# Waits for dpkg's lock: `make -j2 cluster-binaries images` runs images/prereqs.sh beside this.
+lock=(-o DPkg::Lock::Timeout=600)
+apt-get "${lock[@]}" install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
+    apt-get "${lock[@]}" update -q >/dev/null
+    apt-get "${lock[@]}" install -y -q --no-install-recommends "${missing[@]}"
 }
 log "installed ${missing[*]}"

@@ -17,36 +17,21 @@ from typing import Any
 import pytest
 
 from pqfed.operator import pods as m
-from pqfed.operator.aggregator_api import AggregatorEndpoint, AggregatorUnreachable, fetch_status
-from pqfed.pqc.identity import Certificate, Identity, TrustAnchor
+from pqfed.pqc.identity import Certificate
+from pqfed.testbed.testing import (
+    aggregator_round,
+    assert_every_round_once,
+    assert_resumed_from_checkpoint,
+    checkpointed_rounds,
+    condition,
+    job_leftovers,
+    stored_checkpoint,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 SPEC: dict[str, Any] = {"task": "breast-cancer", "clients": 3, "minClients": 2, "rounds": 3}
 TERMINAL = ("Succeeded", "Failed", "Cancelled")
-
-
-def _operator_endpoint(bed: Any, job: str, pod_ip: str) -> AggregatorEndpoint:
-    """The aggregator as the operator reaches it: its sidecar, with the job's operator
-    identity (the only way in: the status API listens on the pod's loopback)."""
-    sec = bed.core.read_namespaced_secret(m.identity_secret_name(job, m.OPERATOR_NODE_ID),
-                                          bed.namespace)
-    data = {k: base64.b64decode(v).decode() for k, v in sec.data.items()}
-    return AggregatorEndpoint(pod_ip, m.PQC_PORT, Identity.load(data["tls.crt"], data["tls.key"]),
-                              TrustAnchor(Certificate.from_pem(data["ca.crt"])))
-
-
-def _aggregator_round(bed: Any, job: str) -> int:
-    """Completed rounds, straight from the aggregator's status API through its sidecar
-    (faster than the job status, which the operator refreshes every few seconds)."""
-    for pod in bed.pods(f"pqfed.io/job={job},pqfed.io/role=aggregator"):
-        if pod.status.pod_ip and pod.status.phase == "Running":
-            try:
-                return int(fetch_status(_operator_endpoint(bed, job, pod.status.pod_ip), job)
-                           .get("currentRound") or 0)
-            except AggregatorUnreachable:
-                return 0
-    return 0
 
 
 def _plain_http_refused(ip: str, port: int) -> bool:
@@ -61,12 +46,6 @@ def _uids(bed: Any, job: str) -> dict[str, str]:
     items = bed.core.list_namespaced_secret(bed.namespace,
                                             label_selector=f"pqfed.io/job={job}").items
     return {s.metadata.name: s.metadata.uid for s in items}
-
-
-def _condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
-    found = next((c for c in status.get("conditions") or [] if c["type"] == type_), None)
-    assert found is not None, f"no {type_} condition in {status.get('conditions')}"
-    return found
 
 
 def _events(bed: Any, job: str) -> list[Any]:
@@ -94,8 +73,8 @@ def test_job_survives_a_lost_client_and_an_operator_restart(testbed: Any) -> Non
                             *(f"{name}-client-{i}-identity" for i in range(3))}
     (agg,) = bed.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
 
-    at = bed.wait_for(lambda: _aggregator_round(bed, name), 240, "round 1 to complete", 0.3,
-                  lambda: bed.diagnose(name))
+    at = bed.wait_for(lambda: aggregator_round(bed.core, bed.namespace, name), 240,
+                      "round 1 to complete", 0.3, lambda: bed.diagnose(name))
     bed.timings["bc: first round"] = time.monotonic() - t0
     assert at < SPEC["rounds"], "the job finished before it could be disrupted"
     # A client crashes (no grace: its SuperNode cannot say goodbye) and, at the same time,
@@ -119,16 +98,15 @@ def test_job_survives_a_lost_client_and_an_operator_restart(testbed: Any) -> Non
     st = bed.wait_phase(name, TERMINAL, 420)
     bed.timings["bc: succeeded"] = time.monotonic() - t0
     assert st["phase"] == "Succeeded", bed.diagnose(name)
-    assert [r["round"] for r in st["rounds"]] == [1, 2, 3]  # no round counted twice
-    assert st["currentRound"] == st["totalRounds"] == 3
+    assert_every_round_once(st, 3)
     assert st["accuracy"] > 0.9
     assert all(r["bytesReceived"] > 0 and r["participants"] for r in st["rounds"])
     assert st["auditHead"] and st["completionTime"] and st["startTime"]
     assert st["observedGeneration"] == job["metadata"]["generation"]
-    assert "client-1" in _condition(st, "PodsRecreated")["message"]
-    assert "aggregator" not in _condition(st, "PodsRecreated")["message"]
-    assert _condition(st, "Complete")["reason"] == "Succeeded"
-    assert _condition(st, "Checkpointed")["status"] == "True"
+    assert "client-1" in condition(st, "PodsRecreated")["message"]
+    assert "aggregator" not in condition(st, "PodsRecreated")["message"]
+    assert condition(st, "Complete")["reason"] == "Succeeded"
+    assert condition(st, "Checkpointed")["status"] == "True"
     # Nothing duplicated by the second operator: same CA and identities, one aggregator.
     identities = {k: v for k, v in _uids(bed, name).items()
                   if k != m.checkpoint_secret_name(name)}
@@ -156,20 +134,12 @@ def test_lost_aggregator_resumes_from_the_stored_checkpoint(testbed: Any) -> Non
     rounds = 6
     t0 = time.monotonic()
     bed.create_job(name, {**SPEC, "rounds": rounds})
-    ckpt_name = m.checkpoint_secret_name(name)
-
-    def stored() -> dict[str, Any] | None:
-        secrets = bed.core.list_namespaced_secret(
-            bed.namespace, field_selector=f"metadata.name={ckpt_name}").items
-        sec = bed.api.sanitize_for_serialization(secrets[0]) if secrets else None
-        return sec if m.checkpoint_round(sec) else None
-
-    cm = bed.wait_for(stored, 240, "a checkpoint in the Secret", 0.5,
-                      lambda: bed.diagnose(name))
+    cm = bed.wait_for(lambda: stored_checkpoint(bed.api, bed.core, bed.namespace, name), 240,
+                      "a checkpoint in the Secret", 0.5, lambda: bed.diagnose(name))
     kept = m.checkpoint_round(cm)
     # The model is never in a ConfigMap, and never served in plain HTTP on the pod network.
     assert not bed.core.list_namespaced_config_map(
-        bed.namespace, field_selector=f"metadata.name={ckpt_name}").items
+        bed.namespace, field_selector=f"metadata.name={m.checkpoint_secret_name(name)}").items
     (agg_pod,) = bed.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
     assert _plain_http_refused(agg_pod.status.pod_ip, m.STATUS_PORT)
     service = bed.core.read_namespaced_service(m.aggregator_service_name(name), bed.namespace)
@@ -179,8 +149,7 @@ def test_lost_aggregator_resumes_from_the_stored_checkpoint(testbed: Any) -> Non
                                                       bed.namespace))
     assert policy["spec"]["ingress"] == [{"ports": [{"port": m.PQC_PORT, "protocol": "TCP"}]}]
     # What the operator stored is what a new aggregator resumes from.
-    status_json = base64.b64decode(cm["data"]["status.json"])
-    before = {r["round"]: r for r in json.loads(status_json)["rounds"]}
+    before = checkpointed_rounds(cm)
     assert sorted(before) == list(range(1, kept + 1))
     assert kept < rounds, "the job finished before it could be disrupted"
     bed.core.delete_namespaced_pod(m.aggregator_pod_name(name), bed.namespace)
@@ -188,11 +157,8 @@ def test_lost_aggregator_resumes_from_the_stored_checkpoint(testbed: Any) -> Non
     st = bed.wait_phase(name, TERMINAL, 420)
     bed.timings["resume: succeeded"] = time.monotonic() - t0
     assert st["phase"] == "Succeeded", bed.diagnose(name)
-    assert [r["round"] for r in st["rounds"]] == list(range(1, rounds + 1))
-    for rnd in range(1, kept + 1):  # restored, not trained again
-        assert st["rounds"][rnd - 1]["completedAt"] == before[rnd]["completedAt"]
-    recreated = _condition(st, "PodsRecreated")["message"]
-    assert "aggregator" in recreated and "resumes from checkpoint round" in recreated
+    assert_every_round_once(st, rounds)
+    assert_resumed_from_checkpoint(st, before, kept)  # restored, not trained again
     (agg,) = bed.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
     assert agg.spec.containers[0].command[-2:] == ["--restore", m.RESTORE_DIR]
     assert st["accuracy"] > 0.9
@@ -211,22 +177,7 @@ def test_deleting_jobs_removes_every_child(testbed: Any) -> None:
         bed.delete_job(job["metadata"]["name"])
 
     def leftovers() -> list[str]:
-        sel = "pqfed.io/job"
-        ns = bed.namespace
-        found = [f"pod/{o.metadata.name}" for o in bed.core.list_namespaced_pod(
-            ns, label_selector=sel).items]
-        found += [f"secret/{o.metadata.name}" for o in bed.core.list_namespaced_secret(
-            ns, label_selector=sel).items]
-        found += [f"configmap/{o.metadata.name}" for o in bed.core.list_namespaced_config_map(
-            ns, label_selector=sel).items]
-        found += [f"service/{o.metadata.name}" for o in bed.core.list_namespaced_service(
-            ns, label_selector=sel).items]
-        found += [f"networkpolicy/{o.metadata.name}" for o in
-                  bed.networking.list_namespaced_network_policy(ns, label_selector=sel).items]
-        found += [f"federationjob/{j['metadata']['name']}" for j in
-                  bed.custom.list_namespaced_custom_object(
-                      "pqfed.io", "v1alpha1", ns, "federationjobs")["items"]]
-        return found
+        return job_leftovers(bed.core, bed.networking, bed.custom, bed.namespace)
 
     bed.wait_for(lambda: not leftovers(), 90, "every child and job to be gone", 1.0,
              lambda: f"left: {leftovers()}\n{bed.operator_log()}")
@@ -294,7 +245,7 @@ def test_revoked_client_is_cut_off_and_the_job_goes_on(testbed: Any) -> None:
     spec = {**SPEC, "rounds": 8}  # enough to outlast the kubelet volume resync (30-90 s)
     bed.create_job(name, spec)
     bed.wait_phase(name, ("Running", *TERMINAL), 60)
-    bed.wait_for(lambda: _aggregator_round(bed, name), 240, "round 1 to complete", 0.3,
+    bed.wait_for(lambda: aggregator_round(bed.core, bed.namespace, name), 240, "round 1 to complete", 0.3,
                  lambda: bed.diagnose(name))
     (agg,) = bed.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
     first = _sidecar_crl_number(agg)
@@ -319,7 +270,7 @@ def test_revoked_client_is_cut_off_and_the_job_goes_on(testbed: Any) -> None:
                  lambda: bed.diagnose(name))
     st = bed.wait_phase(name, TERMINAL, 420)
     assert st["phase"] == "Succeeded", bed.diagnose(name)
-    assert "client-1 (key-compromise)" in _condition(st, "NodesRevoked")["message"]
+    assert "client-1 (key-compromise)" in condition(st, "NodesRevoked")["message"]
     recreated = [c for c in st["conditions"] if c["type"] == "PodsRecreated"]
     assert not recreated or "client-1" not in recreated[0]["message"]
     assert not [p for p in bed.pods(f"pqfed.io/job={name},pqfed.io/role=client")
@@ -347,7 +298,7 @@ def test_short_lived_certificates_are_renewed_and_hot_reloaded(testbed: Any) -> 
     name = bed.unique_name("rn")
     bed.create_job(name, {**SPEC, "rounds": 200, "crypto": {"certificateLifetimeSeconds": 300}})
     bed.wait_phase(name, ("Running", *TERMINAL), 60)
-    bed.wait_for(lambda: _aggregator_round(bed, name), 240, "round 1 to complete", 0.3,
+    bed.wait_for(lambda: aggregator_round(bed.core, bed.namespace, name), 240, "round 1 to complete", 0.3,
                  lambda: bed.diagnose(name))
     (agg,) = bed.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
     first = _sidecar_serial(agg)
@@ -366,8 +317,8 @@ def test_short_lived_certificates_are_renewed_and_hot_reloaded(testbed: Any) -> 
                  lambda: bed.diagnose(name))
     (same,) = bed.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
     assert same.metadata.uid == agg.metadata.uid  # hot reload, no restart
-    at = _aggregator_round(bed, name)
-    bed.wait_for(lambda: _aggregator_round(bed, name) > at, 240,
+    at = aggregator_round(bed.core, bed.namespace, name)
+    bed.wait_for(lambda: aggregator_round(bed.core, bed.namespace, name) > at, 240,
                  "a round after the renewal", 1.0, lambda: bed.diagnose(name))
     assert "CertificateRenewed" in [e.reason for e in _events(bed, name)]
     bed.custom.patch_namespaced_custom_object(

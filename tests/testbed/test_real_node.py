@@ -1,17 +1,21 @@
 """The real node of the test cluster (testbed/cluster/node.sh): kubelet + containerd + runc +
 CNI bridge + kube-proxy + CoreDNS, all real, beside the real control plane of up.sh.
 
-One private cluster for the module (own state dir, free ports, own bridges and subnets, no
-emulated node agents), started with PQFED_REAL_NODE=1. Pods run from images that reach the
-node only by import, the k3s air-gap way: the node's busybox test image, an archive dropped
-into the air-gap directory before start, and one imported with `node.sh import` afterwards.
+One private cluster for the session (tests/testbed/conftest.py: own state dir, free ports, own
+bridges and subnets, no emulated node agents), started with PQFED_REAL_NODE=1. Pods run from
+images that reach the node only by import, the k3s air-gap way: the node's busybox test image,
+an archive dropped into the air-gap directory before start, and one imported with
+`node.sh import` afterwards. The built images run the operator (installed by `helm install`)
+and FederationJobs, also through a lost client, a restarted operator and a lost aggregator.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -21,7 +25,19 @@ from typing import Any
 
 import pytest
 
-from pqfed.testbed.testing import cluster_env, free_subnet, wait_for
+from pqfed.operator import pods as m
+from pqfed.testbed.testing import (
+    aggregator_round,
+    assert_every_round_once,
+    assert_resumed_from_checkpoint,
+    busybox_image_archive,
+    checkpointed_rounds,
+    condition,
+    job_leftovers,
+    real_node_run_id,
+    stored_checkpoint,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -32,80 +48,21 @@ ApiException = kubernetes.client.rest.ApiException
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "testbed" / "cluster"
-RUN_ID = uuid.uuid4().hex[:4]
+RUN_ID = real_node_run_id()  # the session cluster's (conftest.py)
 NODE = f"pqfed-real-{RUN_ID}"
-BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet",
-            "kube-proxy", "containerd", "ctr", "containerd-shim-runc-v2", "coredns", "pause", "probe")
 AIRGAP_IMAGE = f"localhost/pqfed/airgap-probe:{RUN_ID}"
 IMPORTED_IMAGE = f"localhost/pqfed/import-probe:{RUN_ID}"
 
 
-def _prerequisites() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("a real node needs root (containers, cgroups, iptables)")
-    built = subprocess.run(["bash", str(SCRIPTS / "build.sh"), "--check", *BINARIES],
-                           capture_output=True, text=True, check=False)
-    if built.returncode != 0:
-        pytest.skip("the cluster binaries are not built; run `make cluster-binaries`:\n"
-                    + built.stdout)
-    missing = subprocess.run(["bash", str(SCRIPTS / "node.sh"), "prereqs"],
-                             capture_output=True, text=True, check=False).stdout.strip()
-    if missing:
-        pytest.skip(f"the real node cannot start here (run `make cluster-binaries`):\n{missing}")
-    owner = Path("/run/pqfed/real-node.owner")
-    if owner.is_file():
-        cluster_dir, _, pid = owner.read_text().strip().partition(" ")
-        if pid.isdigit() and Path(f"/proc/{pid}").exists():
-            pytest.skip(f"another cluster's real node ({cluster_dir}) runs on this host and owns "
-                        "kube-proxy's iptables chains; stop it to run these tests")
-
-
-def _image_archive(path: Path, name: str) -> Path:
-    """A one-binary image of busybox under `name`, written by the project's OCI writer."""
-    busybox = shutil.which("busybox") or "/bin/busybox"
-    subprocess.run([sys.executable, str(REPO / "testbed" / "ociimage.py"), "--name", name,
-                    "--out", str(path), "--file", f"{busybox}:/bin/busybox:0755",
-                    "--symlink", "/bin/sh:busybox", "--entrypoint", '["/bin/sh"]'],
-                   check=True, capture_output=True)
-    return path
+@pytest.fixture(scope="module")
+def cluster(real_cluster: dict[str, str]) -> dict[str, str]:
+    """The session's real-node cluster (tests/testbed/conftest.py)."""
+    return real_cluster
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    _prerequisites()
-    first = free_subnet(60 + int(RUN_ID, 16) % 20, 100)
-    if first is None:
-        pytest.skip("no free 10.X.0.0/16 for the control plane's pod bridge")
-    x = int(first.split(".")[1])
-    node_subnet = free_subnet(x + 1, 100)
-    if node_subnet is None:
-        pytest.skip("no free 10.X.0.0/16 for the real node's pods")
-    cluster_dir = tmp_path_factory.mktemp("realnode")
-    env = cluster_env(cluster_dir, [], bridge=f"pqr{RUN_ID}", pod_subnet=first,
-                      real_node=NODE, node_bridge=f"pqn{RUN_ID}", node_subnet=node_subnet)
-    airgap = cluster_dir / "node" / "agent" / "images"
-    airgap.mkdir(parents=True)
-    _image_archive(airgap / "airgap-probe.tar", AIRGAP_IMAGE)
-    try:
-        up = subprocess.run(["bash", str(SCRIPTS / "up.sh")], env=env, capture_output=True,
-                            text=True, timeout=600, check=False)
-        assert up.returncode == 0, f"up.sh failed ({up.returncode}):\n{up.stderr[-6000:]}"
-        node_env = dict(line.split("=", 1) for line in
-                        (cluster_dir / "node" / "env").read_text().splitlines() if "=" in line)
-        yield {**env, **node_env, "KUBECONFIG": str(cluster_dir / "kubeconfig")}
-    finally:
-        down = subprocess.run(["bash", str(SCRIPTS / "down.sh"), "--wipe"], env=env,
-                              capture_output=True, text=True, timeout=300, check=False)
-        assert down.returncode == 0, f"down.sh failed:\n{down.stderr[-4000:]}"
-        assert not cluster_dir.exists(), "down.sh --wipe left the cluster dir"
-        links = subprocess.run(["ip", "-o", "link", "show", f"pqn{RUN_ID}"],
-                               capture_output=True, text=True, check=False)
-        assert links.returncode != 0, "the node bridge survived down.sh --wipe"
-
-
-@pytest.fixture(scope="module")
-def api(cluster: dict[str, str]) -> Any:
-    return kubernetes.config.new_client_from_config(config_file=cluster["KUBECONFIG"])
+def api(real_api: Any) -> Any:
+    return real_api
 
 
 @pytest.fixture(scope="module")
@@ -330,7 +287,7 @@ def test_images_reach_the_node_by_import(core: Any, namespace: str, cluster: dic
     # Dropped into the air-gap directory before the node started.
     core.create_namespaced_pod(namespace, _pod("airgap", AIRGAP_IMAGE, "echo from-airgap"))
     # Imported into the running node, as `k3s ctr images import` would.
-    archive = _image_archive(tmp_path / "probe.tar", IMPORTED_IMAGE)
+    archive = busybox_image_archive(tmp_path / "probe.tar", IMPORTED_IMAGE)
     subprocess.run(["bash", str(SCRIPTS / "node.sh"), "import", str(archive)], env=cluster,
                    check=True, capture_output=True, timeout=120)
     assert IMPORTED_IMAGE in _node_ctr(cluster, "images", "ls", "-q")
@@ -408,15 +365,27 @@ def _helm() -> Path:
     return helm
 
 
+def _import_built_images(cluster: dict[str, str]) -> None:
+    """Imports the built operator, sidecar and fl archives the node does not have yet (another
+    module of the session may have imported them already: the fl archive is 2.5 GB)."""
+    present = _node_ctr(cluster, "images", "ls", "-q").split()
+    for name in ("operator", "sidecar", "fl"):
+        archive = _built(name)
+        if f"localhost/pqfed/{name}:0.1.0" not in present:
+            done = subprocess.run(["bash", str(SCRIPTS / "node.sh"), "import", str(archive)],
+                                  env=cluster, capture_output=True, text=True, timeout=600,
+                                  check=False)
+            assert done.returncode == 0, f"node.sh import {archive} failed:\n{done.stderr}"
+
+
 @pytest.fixture(scope="module")
 def operator(cluster: dict[str, str], api: Any,
-             tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """The chart installed with its default values on a node that has only the imported
-    images (operator, sidecar, fl), as docs/helm.md's air-gapped install does."""
+    images (operator, sidecar, fl), as docs/helm.md's air-gapped install does; uninstalled
+    at the end of the module (the docs' quickstart installs it again under the same name)."""
     helm = _helm()
-    for name in ("operator", "sidecar", "fl"):
-        subprocess.run(["bash", str(SCRIPTS / "node.sh"), "import", str(_built(name))],
-                       env=cluster, check=True, capture_output=True, timeout=600)
+    _import_built_images(cluster)
     helm_env = {**cluster, "HOME": str(tmp_path_factory.mktemp("helm"))}
     install = subprocess.run(
         [str(helm), "install", "pqfed", str(REPO / "charts" / "pqfed"), "-n", "pqfed-system",
@@ -427,7 +396,12 @@ def operator(cluster: dict[str, str], api: Any,
         pods = client.CoreV1Api(api).list_namespaced_pod("pqfed-system").items
         raise AssertionError(f"helm install failed: {install.stderr}\n"
                              + "\n".join(str(p.status) for p in pods))
-    return {**helm_env, "HELM": str(helm)}
+    yield {**helm_env, "HELM": str(helm)}
+    uninstall = subprocess.run(
+        [str(helm), "uninstall", "pqfed", "-n", "pqfed-system", "--kubeconfig",
+         cluster["KUBECONFIG"], "--wait", "--timeout", "120s"],
+        env=helm_env, capture_output=True, text=True, timeout=180, check=False)
+    assert uninstall.returncode == 0, f"helm uninstall failed:\n{uninstall.stderr}"
 
 
 def test_helm_install_runs_the_built_operator_image(operator: dict[str, str], api: Any) -> None:
@@ -487,3 +461,242 @@ def test_federation_job_succeeds_in_real_containers(operator: dict[str, str], ap
     assert agg.spec.node_name == NODE
     assert {c.image for c in agg.spec.containers} == {"localhost/pqfed/fl:0.1.0"}
     assert {c.image for c in agg.spec.init_containers} == {"localhost/pqfed/sidecar:0.1.0"}
+
+
+# ---- faults, in real containers ----
+
+# Once the fl containers are up a breast-cancer round takes ~2 s on the real node, while a
+# new operator or aggregator pod takes tens of seconds to start: enough rounds that the job is
+# still running when each fault is handled.
+FAULT_SPEC: dict[str, Any] = {"task": "breast-cancer", "clients": 3, "minClients": 2,
+                              "rounds": 30}
+OPERATOR_SELECTOR = "app.kubernetes.io/component=operator"
+
+
+class _Jobs:
+    """FederationJobs in one namespace of the real-node cluster."""
+
+    def __init__(self, api: Any, namespace: str) -> None:
+        self.api, self.ns = api, namespace
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self.networking = client.NetworkingV1Api(api)
+
+    def create(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        body = {"apiVersion": "pqfed.io/v1alpha1", "kind": "FederationJob",
+                "metadata": {"name": name}, "spec": spec}
+        return dict(self.custom.create_namespaced_custom_object(
+            "pqfed.io", "v1alpha1", self.ns, "federationjobs", body,
+            field_validation="Strict"))
+
+    def get(self, name: str) -> dict[str, Any]:
+        return dict(self.custom.get_namespaced_custom_object("pqfed.io", "v1alpha1", self.ns,
+                                                             "federationjobs", name))
+
+    def status(self, name: str) -> dict[str, Any]:
+        return dict(self.get(name).get("status") or {})
+
+    def pods(self, selector: str, namespace: str | None = None) -> list[Any]:
+        return list(self.core.list_namespaced_pod(namespace or self.ns,
+                                                  label_selector=selector).items)
+
+    def ready_operator(self, exclude: str = "") -> Any:
+        for pod in self.pods(OPERATOR_SELECTOR, "pqfed-system"):
+            if pod.metadata.name == exclude or pod.metadata.deletion_timestamp:
+                continue
+            if any(c.type == "Ready" and c.status == "True"
+                   for c in pod.status.conditions or []):
+                return pod
+        return None
+
+    def log(self, pod: str, container: str, namespace: str | None = None,
+            tail: int | None = None) -> str:
+        try:
+            return str(self.core.read_namespaced_pod_log(pod, namespace or self.ns,
+                                                         container=container,
+                                                         tail_lines=tail))
+        except ApiException as exc:
+            return f"(no log of {pod}/{container}: {exc.reason})"
+
+    def diagnose(self, name: str) -> str:
+        out = []
+        try:
+            st = self.status(name)
+            out.append(json.dumps({k: v for k, v in st.items() if k != "rounds"}, indent=1))
+        except ApiException as exc:
+            out.append(f"job {name}: {exc.status}")
+        for pod in self.pods(f"pqfed.io/job={name}"):
+            out.append(f"pod {pod.metadata.name}: {pod.status.phase}")
+            for c in ("fl", "sidecar"):
+                out.append(f"--- {pod.metadata.name}/{c}\n"
+                           + self.log(pod.metadata.name, c, tail=20))
+        for pod in self.pods(OPERATOR_SELECTOR, "pqfed-system"):
+            out.append(f"--- operator {pod.metadata.name}\n"
+                       + self.log(pod.metadata.name, "operator", "pqfed-system", tail=60))
+        return "\n".join(out)
+
+    def wait_phase(self, name: str, phases: tuple[str, ...], timeout: float
+                   ) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            st = self.status(name)
+            return st if st.get("phase") in phases else None
+
+        return dict(wait_for(reached, timeout, f"job {name} to reach {phases}", 1.0,
+                             lambda: self.diagnose(name)))
+
+    def identities(self, name: str) -> dict[str, str]:
+        """The job's CA and identity Secrets (name: uid), not its checkpoint."""
+        items = self.core.list_namespaced_secret(self.ns,
+                                                 label_selector=f"pqfed.io/job={name}").items
+        return {s.metadata.name: s.metadata.uid for s in items
+                if s.metadata.name != m.checkpoint_secret_name(name)}
+
+
+def test_job_survives_a_lost_client_a_restarted_operator_and_a_lost_aggregator(
+        operator: dict[str, str], api: Any, namespace: str) -> None:
+    """One breast-cancer job in real containers through three faults, then deleted:
+
+    1. after round 1 a client pod is killed (no grace) and the operator's pod deleted at the
+       same moment; the Deployment starts a new operator, which recreates the client and
+       nothing else (same aggregator, same CA and identities);
+    2. the aggregator pod is deleted once a checkpoint is stored in `<job>-checkpoint`; the
+       operator recreates it with `--restore`, and the new aggregator resumes from the stored
+       round (its log says so; the stored rounds keep their completion times), not round 0;
+    3. the job reaches Succeeded with every round counted once;
+    4. deleting the job removes every child (pods, Services, Secrets, ConfigMaps,
+       NetworkPolicies) and the job itself.
+    """
+    jobs = _Jobs(api, namespace)
+    name, rounds = "faults", FAULT_SPEC["rounds"]
+    created = jobs.create(name, FAULT_SPEC)
+    jobs.wait_phase(name, ("Running", "Succeeded", "Failed"), 300)
+    identities = jobs.identities(name)
+    assert set(identities) == {f"{name}-ca", f"{name}-aggregator-identity",
+                               f"{name}-operator-identity",
+                               *(f"{name}-client-{i}-identity" for i in range(3))}
+    (agg,) = jobs.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
+    assert agg.spec.node_name == NODE
+
+    # 1. A client crashes and, at the same time, the operator's pod goes away.
+    at = wait_for(lambda: aggregator_round(jobs.core, namespace, name), 300,
+                  "round 1 to complete", 0.3, lambda: jobs.diagnose(name))
+    assert at < rounds, "the job finished before it could be disrupted"
+    old_operator = jobs.ready_operator()
+    assert old_operator is not None
+    jobs.core.delete_namespaced_pod(f"{name}-client-1", namespace, grace_period_seconds=0)
+    jobs.core.delete_namespaced_pod(old_operator.metadata.name, "pqfed-system")
+    new_operator = wait_for(lambda: jobs.ready_operator(exclude=old_operator.metadata.name),
+                            300, "a new operator pod Ready", 1.0, lambda: jobs.diagnose(name))
+    assert new_operator.metadata.uid != old_operator.metadata.uid
+    assert new_operator.spec.node_name == NODE
+
+    def client_recreated() -> str | None:
+        st = jobs.status(name)
+        found = [c for c in st.get("conditions") or [] if c["type"] == "PodsRecreated"]
+        return found[0]["message"] if found and "client-1" in found[0]["message"] else None
+
+    message = wait_for(client_recreated, 180, "the new operator to recreate client-1", 1.0,
+                       lambda: jobs.diagnose(name))
+    assert "aggregator" not in message, message
+    assert [p.metadata.uid for p in jobs.pods(
+        f"pqfed.io/job={name},pqfed.io/role=aggregator")] == [agg.metadata.uid]
+    assert jobs.identities(name) == identities  # nothing issued twice by the new operator
+
+    # 2. The aggregator is lost once the operator stored a checkpoint.
+    ckpt = wait_for(lambda: stored_checkpoint(api, jobs.core, namespace, name), 300,
+                    "a checkpoint in the Secret", 0.5, lambda: jobs.diagnose(name))
+    kept, before = m.checkpoint_round(ckpt), checkpointed_rounds(ckpt)
+    assert kept < rounds, "the job finished before the aggregator could be lost"
+    jobs.core.delete_namespaced_pod(m.aggregator_pod_name(name), namespace)
+
+    def resumed() -> int | None:
+        for pod in jobs.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator"):
+            if pod.metadata.uid != agg.metadata.uid and pod.status.phase in (
+                    "Running", "Succeeded"):
+                found = re.search(rf"restored job {name} at round (\d+)",
+                                  jobs.log(pod.metadata.name, "fl"))
+                return int(found.group(1)) if found else None
+        return None
+
+    restored = wait_for(resumed, 300, "the new aggregator to restore the checkpoint", 1.0,
+                        lambda: jobs.diagnose(name))
+    assert kept <= restored < rounds, (kept, restored)
+
+    # 3. Succeeded, every round once, the stored rounds restored rather than trained again.
+    st = jobs.wait_phase(name, ("Succeeded", "Failed", "Cancelled"), 600)
+    assert st["phase"] == "Succeeded", jobs.diagnose(name)
+    assert_every_round_once(st, rounds)
+    assert_resumed_from_checkpoint(st, before, kept)
+    recreated = condition(st, "PodsRecreated")["message"]
+    assert "client-1" in recreated and f"resumes from checkpoint round {restored}" in recreated
+    assert st["accuracy"] > 0.9
+    assert st["observedGeneration"] == created["metadata"]["generation"]
+    (new_agg,) = jobs.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
+    assert new_agg.metadata.uid != agg.metadata.uid
+    assert new_agg.spec.containers[0].command[-2:] == ["--restore", m.RESTORE_DIR]
+    assert jobs.identities(name) == identities
+
+    # 4. Deleting the job removes everything it created.
+    jobs.custom.delete_namespaced_custom_object("pqfed.io", "v1alpha1", namespace,
+                                                "federationjobs", name)
+    wait_for(lambda: not job_leftovers(jobs.core, jobs.networking, jobs.custom, namespace),
+             120, "every child and the job to be gone", 1.0,
+             lambda: f"left: {job_leftovers(jobs.core, jobs.networking, jobs.custom, namespace)}"
+                     f"\n{jobs.diagnose(name)}")
+
+
+# ---- a registry instead of imports ----
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_node_pulls_the_pushed_images_from_a_registry(core: Any, namespace: str,
+                                                      cluster: dict[str, str],
+                                                      tmp_path: Path) -> None:
+    """docs/helm.md's registry route: `make images-push` into Debian's docker-registry on
+    loopback, then the node's containerd pulls the sidecar image from it (plain HTTP: a
+    loopback registry, as containerd allows for localhost) and it runs under that name."""
+    if shutil.which("docker-registry") is None or shutil.which("skopeo") is None:
+        pytest.skip("docker-registry and skopeo are not installed (images/prereqs.sh)")
+    _built("sidecar")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "config.yml").write_text(
+        f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
+        f"    rootdirectory: {tmp_path / 'data'}\nhttp:\n  addr: 127.0.0.1:{port}\n")
+    registry = subprocess.Popen(["docker-registry", "serve", str(tmp_path / "config.yml")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _listening(port), 30, "the registry to listen")
+        target = f"127.0.0.1:{port}/pqfed"
+        push = subprocess.run(["make", "-C", str(REPO), "images-push", f"REGISTRY={target}",
+                               "PUSH_FLAGS=--dest-tls-verify=false",
+                               f"VENV={Path(sys.executable).parent.parent}"],
+                              capture_output=True, text=True, timeout=1800, check=False)
+        assert push.returncode == 0, push.stdout[-2000:] + push.stderr[-3000:]
+        image = f"{target}/sidecar:0.1.0"
+        assert image not in _node_ctr(cluster, "images", "ls", "-q").split()
+        pod = client.V1Pod(
+            metadata=client.V1ObjectMeta(name="pulled"),
+            spec=client.V1PodSpec(
+                node_name=NODE, restart_policy="Never", termination_grace_period_seconds=2,
+                containers=[client.V1Container(
+                    name="main", image=image, image_pull_policy="Always",
+                    command=["pqfed", "--help"],
+                    security_context=client.V1SecurityContext(run_as_user=10001))]))
+        core.create_namespaced_pod(namespace, pod)
+        _wait_phase(core, namespace, "pulled", ("Succeeded", "Failed"), timeout=300)
+        assert _phase(core, namespace, "pulled") == "Succeeded", _diagnose(core, namespace,
+                                                                           "pulled")
+        assert "sidecar" in _logs(core, namespace, "pulled")
+        status = core.read_namespaced_pod("pulled", namespace).status.container_statuses[0]
+        built = json.loads((REPO / "dist" / "images" / "images.json").read_text())
+        assert status.image_id.endswith(built["images"]["sidecar"]["index_digest"]), status
+        assert image in _node_ctr(cluster, "images", "ls", "-q").split()
+    finally:
+        registry.terminate()
+        registry.wait(timeout=30)
