@@ -6,8 +6,8 @@ STAMP  := $(VENV)/.pqfed-installed
 export PQFED_CACHE ?= $(HOME)/.cache/pqfed
 
 .PHONY: all venv demo test test-fast lint typecheck fuzz bench-pqc bench-fl bench-mia \
-        bench-testbed cluster-binaries cluster-up cluster-down clean liboqs liboqs-arm64 \
-        vectors images \
+        bench-testbed bench-install cluster-binaries cluster-up cluster-down clean liboqs \
+        liboqs-arm64 vectors images \
         images-prereqs images-push
 
 all: test
@@ -58,6 +58,11 @@ bench-mia: $(STAMP)
 
 bench-testbed: $(STAMP)
 	$(BIN)/pqfed bench --out results/bench-testbed
+
+# helm install -> Succeeded on the real node, step by step, over 5 runs (needs root, the
+# cluster binaries and the images).
+bench-install: $(STAMP) cluster-binaries images
+	PQFED_TIME_INSTALL=$${PQFED_TIME_INSTALL:-5} $(BIN)/python -m pytest -q -s tests/testbed/test_real_node_timing.py
 
 # Real kube-apiserver/etcd/controller-manager/scheduler, kubelet/kube-proxy/containerd/CoreDNS
 # built from the Go module proxy,
