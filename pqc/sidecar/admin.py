@@ -122,6 +122,11 @@ async def serve(sidecar: Sidecar) -> None:
             # uvicorn's signal handlers are per process: the last server started holds them.
             for s in servers:
                 s.should_exit = True
-            await asyncio.gather(*tasks, return_exceptions=True)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        # A listener that could not start (its HTTP implementation missing, its port taken)
+        # must end the sidecar with an error, never a clean exit the kubelet takes as done.
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
     finally:
         await sidecar.stop()

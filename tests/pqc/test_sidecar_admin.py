@@ -64,3 +64,24 @@ def test_probe_listener_returns_no_data(tmp_path: Path, ca: CertificateAuthority
     assert (api.get("/readyz").status_code, api.get("/readyz").text) == (200, "ready\n")
     for path in ("/identity", "/metrics", "/openapi.json", "/docs"):
         assert api.get(path).status_code == 404, path
+
+
+def test_a_listener_that_cannot_start_fails_the_sidecar(tmp_path: Path,
+                                                        ca: CertificateAuthority,
+                                                        client: Identity,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image without the pinned HTTP parser made both listeners fail at start, and the
+    sidecar then exited 0 with nothing logged: the kubelet restarted it as "Completed" in a
+    loop. Now the listener's error ends `serve` (and the process) with that error."""
+    import asyncio
+
+    from uvicorn.importer import ImportFromStringError
+
+    from pqfed.pqc.sidecar import admin
+
+    # What a missing httptools looks like to uvicorn: a protocol module it cannot import.
+    monkeypatch.setattr(admin, "UPSTREAM_HTTP_IMPLEMENTATION", "no_such_parser:Protocol")
+    sidecar = Sidecar(_config(tmp_path, client, ca, admin=Endpoint("127.0.0.1", 0),
+                              probes=Endpoint("127.0.0.1", 0)))
+    with pytest.raises(ImportFromStringError, match="no_such_parser"):
+        asyncio.run(admin.serve(sidecar))
