@@ -101,6 +101,20 @@ class UpdateManifest:
         return out
 
 
+def _envelope(manifest: bytes, signature: bytes, certificate: Certificate) -> bytes:
+    """A signed manifest on the wire: manifest, signature, signer's certificate (vec16 each)."""
+    return Writer().vec16(manifest).vec16(signature).vec16(certificate.to_bytes()).getvalue()
+
+
+def _open_envelope(data: bytes, what: str) -> tuple[bytes, bytes, Certificate]:
+    r = Reader(data, what)
+    manifest = r.vec16("manifest", 1, 1024)
+    signature = r.vec16("signature", 1, 8192)
+    cert = Certificate.from_bytes(r.vec16("certificate", 1, 16384))
+    r.finish()
+    return manifest, signature, cert
+
+
 @dataclass(frozen=True, slots=True)
 class SignedUpdate:
     """Manifest + signature + the signer's certificate (so the receiver needs only the CA)."""
@@ -110,19 +124,12 @@ class SignedUpdate:
     certificate: Certificate
 
     def to_bytes(self) -> bytes:
-        return (
-            Writer().vec16(self.manifest.to_bytes()).vec16(self.signature)
-            .vec16(self.certificate.to_bytes()).getvalue()
-        )
+        return _envelope(self.manifest.to_bytes(), self.signature, self.certificate)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SignedUpdate:
-        r = Reader(data, "signed_update")
-        manifest = UpdateManifest.from_bytes(r.vec16("manifest", 1, 1024))
-        signature = r.vec16("signature", 1, 8192)
-        cert = Certificate.from_bytes(r.vec16("certificate", 1, 16384))
-        r.finish()
-        return cls(manifest, signature, cert)
+        manifest, signature, cert = _open_envelope(data, "signed_update")
+        return cls(UpdateManifest.from_bytes(manifest), signature, cert)
 
     def to_text(self) -> str:
         return armor("PQFED SIGNED UPDATE", self.to_bytes())
@@ -221,19 +228,12 @@ class SignedModel:
     certificate: Certificate
 
     def to_bytes(self) -> bytes:
-        return (
-            Writer().vec16(self.manifest.to_bytes()).vec16(self.signature)
-            .vec16(self.certificate.to_bytes()).getvalue()
-        )
+        return _envelope(self.manifest.to_bytes(), self.signature, self.certificate)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SignedModel:
-        r = Reader(data, "signed_model")
-        manifest = ModelManifest.from_bytes(r.vec16("manifest", 1, 1024))
-        signature = r.vec16("signature", 1, 8192)
-        cert = Certificate.from_bytes(r.vec16("certificate", 1, 16384))
-        r.finish()
-        return cls(manifest, signature, cert)
+        manifest, signature, cert = _open_envelope(data, "signed_model")
+        return cls(ModelManifest.from_bytes(manifest), signature, cert)
 
 
 def sign_model(identity: Identity, job: str, epoch: bytes, round_number: int, version: int,
