@@ -117,8 +117,9 @@ def on_this_host(cmd: DocCommand, pi_root: Path, airgap: str) -> Here:
         assert words[1] == PI and len(words) == 3, f"ssh to an unknown host or form: {text}"
         remote = words[2].replace("sudo ", "")
         remote = re.sub(r"\bcp /tmp/", "cp -l /tmp/", remote)
-        remote = remote.replace(K3S_AIRGAP, airgap)
+        # The Pi's /tmp first: the air-gap directory on this host may itself be under /tmp.
         remote = remote.replace("/tmp/", f"{pi_root}/tmp/")
+        remote = remote.replace(K3S_AIRGAP, airgap)
         uses_k3s = "k3s " in remote
         remote = remote.replace("k3s ctr ", f"bash {REPO}/testbed/cluster/node.sh ctr ")
         reason = NO_PI + ("; " + K3S if uses_k3s else "")
@@ -145,6 +146,15 @@ def test_every_quickstart_block_is_marked_and_each_command_has_a_way_to_run(
                                                      WATCH}
     for p in plans:
         assert "k3s" not in p.run and "ssh" not in p.run and "sudo" not in p.run, p
+
+
+def test_the_air_gap_directory_is_not_moved_under_the_pis_tmp(tmp_path: Path) -> None:
+    """The test cluster's air-gap directory is under /tmp (pytest's basetemp); rewriting the
+    Pi's /tmp must not rewrite it too (CI copied the archives into pi-0/tmp/tmp/...)."""
+    pi_root, airgap = tmp_path / "pi-0", "/tmp/pytest-of-root/realnode0/node/agent/images"
+    runs = " ".join(on_this_host(c, pi_root, airgap).run for c in all_commands())
+    assert f"{pi_root}/tmp/pqfed-*-0.1.0.oci.tar {airgap}/" in runs, runs
+    assert f"{pi_root}{airgap}" not in runs and f"{pi_root}/tmp{airgap}" not in runs, runs
 
 
 # ---- running them on the real node ----

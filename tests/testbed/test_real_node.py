@@ -545,7 +545,7 @@ class _Jobs:
                              lambda: self.diagnose(name)))
 
     def identities(self, name: str) -> dict[str, str]:
-        """The job's CA and identity Secrets (name: uid), not its checkpoint."""
+        """The job's CA, revocation list and identity Secrets (name: uid), not its checkpoint."""
         items = self.core.list_namespaced_secret(self.ns,
                                                  label_selector=f"pqfed.io/job={name}").items
         return {s.metadata.name: s.metadata.uid for s in items
@@ -571,8 +571,8 @@ def test_job_survives_a_lost_client_a_restarted_operator_and_a_lost_aggregator(
     created = jobs.create(name, FAULT_SPEC)
     jobs.wait_phase(name, ("Running", "Succeeded", "Failed"), 300)
     identities = jobs.identities(name)
-    assert set(identities) == {f"{name}-ca", f"{name}-aggregator-identity",
-                               f"{name}-operator-identity",
+    assert set(identities) == {f"{name}-ca", m.crl_secret_name(name),
+                               f"{name}-aggregator-identity", f"{name}-operator-identity",
                                *(f"{name}-client-{i}-identity" for i in range(3))}
     (agg,) = jobs.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
     assert agg.spec.node_name == NODE
