@@ -345,18 +345,20 @@ def _wait_port(port: int, timeout: float = 20) -> None:
     raise TimeoutError(f"port {port} did not open")
 
 
-def _wait_ready(admin_port: int, timeout: float = 30) -> None:
+def _wait_live(admin_port: int, timeout: float = 30) -> None:
+    """Wait for the sidecar's /healthz: its listeners are up. (/readyz also needs the upstream,
+    and the sink starts only with the measurement.)"""
     import urllib.error
     import urllib.request
 
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=1):
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/healthz", timeout=1):
                 return
         except (urllib.error.URLError, ConnectionError):
             time.sleep(0.1)
-    raise TimeoutError(f"sidecar admin port {admin_port} never became ready")
+    raise TimeoutError(f"sidecar admin port {admin_port} never answered /healthz")
 
 
 def bench_throughput(total: int) -> dict[str, Any]:
@@ -393,8 +395,8 @@ def bench_throughput(total: int) -> dict[str, Any]:
                                    f"127.0.0.1:{entry}=127.0.0.1:{secure}@aggregator",
                                    "--admin", f"127.0.0.1:{admin_c}"])
         try:
-            _wait_ready(admin_s)
-            _wait_ready(admin_c)
+            _wait_live(admin_s)
+            _wait_live(admin_c)
             res["secure_Bps"] = asyncio.run(_sink_and_source(entry, sink, total))
             import psutil
 
