@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.pqfed-installed
 export PQFED_CACHE ?= $(HOME)/.cache/pqfed
 
 .PHONY: all venv demo test test-fast lint typecheck fuzz bench-pqc bench-fl bench-mia \
-        bench-testbed bench-install cluster-binaries cluster-up cluster-down clean liboqs \
+        bench-testbed bench-install bench-regress cluster-binaries cluster-up cluster-down clean liboqs \
         liboqs-arm64 vectors images \
         images-prereqs images-push
 
@@ -58,6 +58,12 @@ bench-mia: $(STAMP)
 
 bench-testbed: $(STAMP)
 	$(BIN)/pqfed bench --out results/bench-testbed
+
+# This checkout vs BASE (a commit) in one run, alternating: bench-pqc steps and whole-federation
+# round times (testbed/regress.py). E.g. make bench-regress BASE=258dc25 RUNS=3
+bench-regress: $(STAMP) liboqs
+	$(BIN)/python -m pqfed.testbed.regress --base $(or $(BASE),HEAD~1) --runs $(or $(RUNS),3) \
+	  --harness pqc/bench.py --out results/regress $(or $(STEPS),pqc transport)
 
 # helm install -> Succeeded on the real node, step by step, over 5 runs (needs root, the
 # cluster binaries and the images).
