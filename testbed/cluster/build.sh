@@ -158,7 +158,11 @@ todo() {
 GO_OK=0
 ensure_go() {
     [[ $GO_OK -eq 1 ]] && return 0
-    command -v go >/dev/null 2>&1 || die "go is not on PATH (need Go >= 1.26)"
+    # The official tarball's place, when a login shell's profile did not put it on PATH.
+    if ! command -v go >/dev/null 2>&1 && [[ -x /usr/local/go/bin/go ]]; then
+        PATH=$PATH:/usr/local/go/bin
+    fi
+    command -v go >/dev/null 2>&1 || die "go is not on PATH (need Go >= 1.26; e.g. the official tarball in /usr/local/go)"
     log "go $(go env GOVERSION), GOFLAGS='$GOFLAGS', CGO_ENABLED=$CGO_ENABLED, GOCACHE=$(go env GOCACHE)"
     GO_OK=1
 }
