@@ -425,3 +425,29 @@ def test_go_x509_refuses_a_foreign_signature_and_a_tampered_request(peer: Peer, 
     got = _x509(peer.patched, d / "ca.pem", d / "foreign-cli.pem", tmp_path / "bad-req.pem")
     assert [(r["type"], r["ok"], r["signature_valid"]) for r in got] == [
         ("CERTIFICATE", False, False), ("CERTIFICATE REQUEST", False, False)], got
+
+
+# --- the build script ---------------------------------------------------------------------------
+
+def _build(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BUILD), *args], capture_output=True, text=True, check=False,
+                          timeout=60, env=dict(os.environ, PQFED_CACHE=str(cache)))
+
+
+def test_build_check_names_the_make_target_and_sees_a_stale_stamp(tmp_path: Path) -> None:
+    out = _build("--print-dir", cache=tmp_path)
+    assert out.returncode == 0 and Path(out.stdout.strip()) == tmp_path / "interop" / "bin"
+    out = _build("--check", cache=tmp_path)
+    assert out.returncode == 1 and "run `make interop`" in out.stderr
+    bin_dir = tmp_path / "interop" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name in ("pqfed-interop", "pqfed-interop-stock"):
+        (bin_dir / name).write_bytes(b"")
+        (bin_dir / name).chmod(0o755)
+    (bin_dir / ".stamp").write_text("go=1.0 arch=amd64 src=old\n")
+    assert _build("--check", cache=tmp_path).returncode == 1
+
+
+def test_build_names_a_bad_argument(tmp_path: Path) -> None:
+    out = _build("--frobnicate", cache=tmp_path)
+    assert out.returncode == 1 and "unknown argument: --frobnicate" in out.stderr
