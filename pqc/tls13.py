@@ -30,7 +30,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.bindings.openssl.binding import Binding
@@ -83,13 +83,25 @@ def set_signature_algorithms(ctx: SSL.Context, sigalgs: str) -> None:
         raise HandshakeError("signature_algorithms", f"OpenSSL refused {sigalgs!r}")
 
 
+class LeafPolicy(Protocol):
+    """What judges the peer's leaf certificate: `X509TrustAnchor`, or a holder of one that
+    adds to it (`pqfed.pqc.truststore.X509Trust`: CRL freshness)."""
+
+    @property
+    def root(self) -> x509.Certificate: ...
+
+    def verify(self, cert: x509.Certificate, *, now: float | None = None,
+               roles: tuple[Role, ...] | None = None, node_id: str | None = None,
+               usage: Usage | None = None) -> NodeCertificate: ...
+
+
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
     """One side's identity, what it trusts and what it expects of its peer."""
 
     certificate: x509.Certificate
     key: mldsa.MLDSA65PrivateKey = field(repr=False)
-    trust: X509TrustAnchor
+    trust: X509TrustAnchor | LeafPolicy
     peer_roles: tuple[Role, ...] | None = None
     peer_node_id: str | None = None
     groups: tuple[str, ...] = DEFAULT_GROUPS
@@ -155,7 +167,7 @@ class TlsContext:
     def __init__(self, config: TlsConfig, side: Usage) -> None:
         self.config = config
         self.side = side
-        self.trust = config.trust
+        self.trust: X509TrustAnchor | LeafPolicy = config.trust
         ctx = SSL.Context(SSL.TLS_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
         ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
