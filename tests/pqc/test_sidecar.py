@@ -17,6 +17,7 @@ from pqfed.pqc.identity import Role
 from pqfed.pqc.sidecar import Endpoint, Route, Sidecar, SidecarConfig
 from pqfed.pqc.sidecar.admin import build_admin_app
 from pqfed.pqc.sidecar.config import ConfigError
+
 from .sidecar_pki import Node, Pki, dial, make_pki
 
 
@@ -357,5 +358,107 @@ def test_edge_only_sidecar_refuses_a_client(tmp_path: Path, pki: Pki, client: No
         assert _failures(server, "handshake", pki.handshake_field("server", "role")) == 1
         await side.stop()
         await server.stop()
+
+    asyncio.run(main())
+
+
+def _request(method: str, path: str, body: bytes = b"") -> bytes:
+    return (f"{method} {path} HTTP/1.1\r\nHost: x\r\n".encode()
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+async def _recording_app(seen: list[bytes], answer: bytes) -> asyncio.Server:
+    async def app_fn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(65536):
+            seen.append(data)
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+            await w.drain()
+        w.close()
+
+    return await asyncio.start_server(app_fn, "127.0.0.1", 0)
+
+
+async def _ask(port: int, request: bytes) -> bytes:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(request)
+    await w.drain()
+    try:
+        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        return head + await asyncio.wait_for(r.readexactly(length), 10)
+    except (ConnectionResetError, asyncio.IncompleteReadError):
+        return b"reset"
+    finally:
+        w.close()
+
+
+def test_http_allow_list_refuses_other_paths(tmp_path: Path, pki: Pki, client: Node,
+                                             aggregator: Node) -> None:
+    """Inbound, a peer may send HTTP/1.1 requests under the allowed prefixes only: anything
+    else gets a 403 from the sidecar and never reaches the app."""
+    async def main() -> None:
+        seen: list[bytes] = []
+        app = await _recording_app(seen, b"fleet")
+        server = _inbound(tmp_path, pki, aggregator, app.sockets[0].getsockname()[1],
+                          allow_path_prefixes=("/v1/fleet/",))
+        await server.start()
+        side = _outbound(tmp_path, pki, client, server.bound["listen"])
+        await side.start()
+        r, w = await asyncio.open_connection("127.0.0.1", side.bound["route0"])
+        w.write(_request("POST", "/v1/fleet/pull-messages", b"abc"))
+        assert (await r.readuntil(b"fleet")).startswith(b"HTTP/1.1 200 OK")
+        w.write(_request("POST", "/v1/control/start-run", b"evil"))
+        answer = await asyncio.wait_for(r.read(), 10)
+        assert answer.startswith(b"HTTP/1.1 403 Forbidden") and b"outside" in answer
+        w.close()
+        assert len(seen) == 1 and b"evil" not in b"".join(seen)
+        assert b"X-Pqfed-Peer: client-1" in seen[0]  # the sidecar names the peer
+        assert _failures(server, "http", "path") == 1
+        await side.stop()
+        await server.stop()
+        app.close()
+
+    asyncio.run(main())
+
+
+def test_operator_reaches_only_get_status_and_checkpoint(tmp_path: Path, pki: Pki,
+                                                         aggregator: Node) -> None:
+    """An operator identity is routed to the status API, GET /status and /checkpoint only;
+    an aggregator sidecar without an operator upstream refuses it at the handshake."""
+    operator = pki.node("operator", Role.OPERATOR)
+
+    async def main() -> None:
+        fleet: list[bytes] = []
+        status: list[bytes] = []
+        fleet_app = await _recording_app(fleet, b"fleet")
+        status_app = await _recording_app(status, b"status")
+        server = _inbound(
+            tmp_path, pki, aggregator, fleet_app.sockets[0].getsockname()[1],
+            allow_path_prefixes=("/v1/fleet/",),
+            operator_upstream=Endpoint("127.0.0.1", status_app.sockets[0].getsockname()[1]))
+        await server.start()
+        side = _outbound(tmp_path, pki, operator, server.bound["listen"], name="op")
+        await side.start()
+        port = side.bound["route0"]
+        assert (await _ask(port, _request("GET", "/status"))).endswith(b"status")
+        assert (await _ask(port, _request("GET", "/checkpoint"))).endswith(b"status")
+        for refused in (_request("POST", "/status", b"x"), _request("GET", "/v1/fleet/x"),
+                        _request("GET", "/metrics")):
+            assert (await _ask(port, refused)).startswith(b"HTTP/1.1 403"), refused
+        assert len(status) == 2 and fleet == []
+        await server.stop()
+        # Without an operator upstream the operator role is not admitted at all.
+        closed = _inbound(tmp_path, pki, aggregator, fleet_app.sockets[0].getsockname()[1])
+        await closed.start()
+        side2 = _outbound(tmp_path, pki, operator, closed.bound["listen"], name="op2")
+        await side2.start()
+        assert await _ask(side2.bound["route0"], _request("GET", "/status")) == b"reset"
+        await asyncio.sleep(0.1)
+        assert _failures(closed, "handshake", pki.handshake_field("server", "role")) == 1
+        assert fleet == [] and len(status) == 2
+        for sc in (side, side2, closed):
+            await sc.stop()
+        fleet_app.close()
+        status_app.close()
 
     asyncio.run(main())
