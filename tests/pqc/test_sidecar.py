@@ -126,7 +126,7 @@ def test_wrong_aggregator_identity_never_reaches_app(
         r, w = await asyncio.open_connection("127.0.0.1", side.bound["route0"])
         w.write(b"secret update")
         with pytest.raises(ConnectionResetError):  # an error, not an empty answer
-            await r.read()
+            await asyncio.wait_for(r.read(), 10)
         await asyncio.sleep(0.1)
         assert reached == []
         assert _failures(side, "handshake", pki.handshake_field("client", "node_id")) == 1
@@ -353,7 +353,7 @@ def test_edge_only_sidecar_refuses_a_client(tmp_path: Path, pki: Pki, client: No
         r, w = await asyncio.open_connection("127.0.0.1", side.bound["route0"])
         w.write(b"POST /v1/fleet/push-messages HTTP/1.1\r\n\r\n")
         with pytest.raises(ConnectionResetError):
-            await r.read()
+            await asyncio.wait_for(r.read(), 10)
         await asyncio.sleep(0.1)
         assert _failures(server, "handshake", pki.handshake_field("server", "role")) == 1
         await side.stop()
