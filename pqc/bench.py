@@ -404,7 +404,8 @@ def _sidecar_pair(d: Path, protocol: str) -> tuple[int, int, list[subprocess.Pop
     return entry, sink, procs
 
 
-THROUGHPUT_VARIANTS = ("plaintext", "pqfed1", "tls13")
+THROUGHPUT_VARIANTS = ("direct", "plaintext", "pqfed1", "tls13")
+SIDECAR_VARIANTS = ("pqfed1", "tls13")
 
 
 def _cpu_s(proc: Any) -> float:
@@ -420,7 +421,8 @@ def _spread(samples: list[float]) -> dict[str, Any]:
 def bench_throughput(total: int, runs: int = 5) -> dict[str, Any]:
     """A plaintext relay pair (the baseline: two asyncio relays, the sidecar's data path
     without crypto) vs a sidecar pair per protocol, all started once and measured in turns,
-    each run starting with the next variant; ratios are taken within a run."""
+    each run starting with the next variant; ratios are taken within a run. Direct TCP
+    (source straight to sink) is measured in the same turns as the ceiling."""
     res: dict[str, Any] = {"bytes": total, "runs": runs}
     ctx = get_context("spawn")
     entries: dict[str, tuple[int, int]] = {}
@@ -437,20 +439,24 @@ def bench_throughput(total: int, runs: int = 5) -> dict[str, Any]:
             _wait_port(a)
             _wait_port(b)
             entries["plaintext"] = (a, sink)
+            direct = _free_port()
+            entries["direct"] = (direct, direct)
             # sidecar pairs: source -> client sidecar -> channel -> aggregator sidecar -> sink
             pids: dict[str, tuple[int, int]] = {
                 "plaintext": (int(relays[0].pid or 0), int(relays[1].pid or 0))}
-            for protocol in THROUGHPUT_VARIANTS[1:]:
+            for protocol in SIDECAR_VARIANTS:
                 entry, sink, procs = _sidecar_pair(Path(tmp) / protocol, protocol)
                 sidecars += procs
                 entries[protocol] = (entry, sink)
                 pids[protocol] = (procs[0].pid, procs[1].pid)
             import psutil
 
-            middle = {v: [psutil.Process(pid) for pid in pids[v]] for v in THROUGHPUT_VARIANTS}
+            middle = {v: [psutil.Process(pid) for pid in pids.get(v, ())]
+                      for v in THROUGHPUT_VARIANTS}
             samples: dict[str, list[float]] = {v: [] for v in THROUGHPUT_VARIANTS}
             cpu: dict[str, list[float]] = {v: [] for v in THROUGHPUT_VARIANTS}
-            ratios: dict[str, list[float]] = {v: [] for v in THROUGHPUT_VARIANTS[1:]}
+            ratios: dict[str, list[float]] = {v: [] for v in SIDECAR_VARIANTS}
+            of_direct: dict[str, list[float]] = {v: [] for v in THROUGHPUT_VARIANTS[1:]}
             for run in range(runs):
                 k = run % len(THROUGHPUT_VARIANTS)
                 order = THROUGHPUT_VARIANTS[k:] + THROUGHPUT_VARIANTS[:k]
@@ -464,11 +470,13 @@ def bench_throughput(total: int, runs: int = 5) -> dict[str, Any]:
                     samples[v].append(bps)
                 for v, per_run in ratios.items():
                     per_run.append(got[v] / got["plaintext"])
+                for v, per_run in of_direct.items():
+                    per_run.append(got[v] / got["direct"])
 
             res["sidecar_rss_mib"] = {
                 v: {"aggregator": procs[0].memory_info().rss / 2**20,
                     "client": procs[1].memory_info().rss / 2**20}
-                for v, procs in middle.items()}
+                for v, procs in middle.items() if procs}
         finally:
             for proc in sidecars:
                 proc.terminate()
@@ -480,6 +488,7 @@ def bench_throughput(total: int, runs: int = 5) -> dict[str, Any]:
     # wall-clock rates on a shared host.
     res["cpu_ms_per_mib"] = {v: _spread(x) for v, x in cpu.items()}
     res["ratio"] = {v: _spread(x) for v, x in ratios.items()}
+    res["ratio_of_direct"] = {v: _spread(x) for v, x in of_direct.items()}
     # The figures earlier reports had (pqfed1 as "secure").
     res["plaintext_Bps"] = res["Bps"]["plaintext"]["median"]
     res["secure_Bps"] = res["Bps"]["pqfed1"]["median"]
@@ -487,21 +496,28 @@ def bench_throughput(total: int, runs: int = 5) -> dict[str, Any]:
 
 
 def throughput_report(t: dict[str, Any]) -> str:
-    names = {"plaintext": "plaintext relay pair (baseline)",
+    names = {"direct": "direct TCP, no relay (ceiling)",
+             "plaintext": "plaintext relay pair (baseline)",
              "pqfed1": "sidecar pair, pqfed1 (X25519+ML-KEM-768, AES-256-GCM)",
              "tls13": "sidecar pair, TLS 1.3 (X25519MLKEM768, AES-256-GCM)"}
     lines = [f"{t['runs']} runs of {t['bytes'] >> 20} MiB each, variants in turn; cells: "
-             "median (min-max)", "", "| channel | MB/s | / plaintext, same run | CPU of the "
-             "two relays or sidecars, ms per MiB |", "|---|---|---|---|"]
+             "median (min-max)", "", "| channel | MB/s | / plaintext relays, same run | "
+             "/ direct TCP, same run | CPU of the two relays or sidecars, ms per MiB |",
+             "|---|---|---|---|---|"]
+
+    def pct(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "—"
+        return f"{r['median'] * 100:.0f}% ({r['min'] * 100:.0f}-{r['max'] * 100:.0f}%)"
+
     for v in THROUGHPUT_VARIANTS:
         b = t["Bps"][v]
-        r = t["ratio"].get(v)
         c = t["cpu_ms_per_mib"][v]
-        rel = (f"{r['median'] * 100:.0f}% ({r['min'] * 100:.0f}-{r['max'] * 100:.0f}%)"
-               if r else "100%")
+        cost = (f"{c['median']:.1f} ({c['min']:.1f}-{c['max']:.1f})" if v != "direct"
+                else "—")
         lines.append(f"| {names[v]} | {b['median'] / 1e6:.0f} ({b['min'] / 1e6:.0f}-"
-                     f"{b['max'] / 1e6:.0f}) | {rel} | {c['median']:.1f} ({c['min']:.1f}-"
-                     f"{c['max']:.1f}) |")
+                     f"{b['max'] / 1e6:.0f}) | {pct(t['ratio'].get(v))} | "
+                     f"{pct(t['ratio_of_direct'].get(v))} | {cost} |")
     rss = t["sidecar_rss_mib"]
     lines += ["", "RSS (MiB): " + "; ".join(
         f"{p}: {v['aggregator']:.0f} + {v['client']:.0f}" for p, v in rss.items())]
