@@ -128,3 +128,55 @@ def test_x509_store_refuses_foreign_garbage_and_old_crls(tmp_path: Path,
     with pytest.raises(CertificateError) as err:
         store.verify(load_certificate_pem(node.cert_pem))
     assert err.value.field == "crl" and "stale" in str(err.value)
+
+
+def test_records_are_read_together_and_close_notify_after_the_data(x509_pki: X509Pki) -> None:
+    """The TLS channel's bulk path: several records that arrive together come back from one
+    `recv`, and a close_notify behind them ends the channel only after their data."""
+    import asyncio
+
+    from pqfed.pqc.errors import ChannelClosed
+    from pqfed.pqc.pki import Usage, X509TrustAnchor
+    from pqfed.pqc.pki.profile import load_certificate_pem, load_private_key_pem
+    from pqfed.pqc.tls13 import (
+        RECORD_PLAINTEXT,
+        TlsChannel,
+        TlsConfig,
+        TlsContext,
+        tls_connect,
+        tls_server_channel,
+    )
+
+    trust = X509TrustAnchor(load_certificate_pem(x509_pki.ca_pem()))
+
+    def ctx(role: Role, usage: Usage, peer: Role) -> TlsContext:
+        node = x509_pki.node(role.name.lower(), role)
+        return TlsContext(TlsConfig(load_certificate_pem(node.cert_pem),
+                                    load_private_key_pem(node.key_pem), trust,
+                                    peer_roles=(peer,)), usage)
+
+    server_ctx = ctx(Role.AGGREGATOR, Usage.SERVER, Role.CLIENT)
+    client_ctx = ctx(Role.CLIENT, Usage.CLIENT, Role.AGGREGATOR)
+    payload = bytes(range(250)) * (3 * RECORD_PLAINTEXT // 250 + 4)  # 4 records, < 64 KiB
+
+    async def main() -> None:
+        sent = asyncio.Event()
+
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            channel = await tls_server_channel(r, w, server_ctx)
+            await channel.send(payload)
+            await channel.close()  # close_notify right behind the data
+            sent.set()
+
+        srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+        channel: TlsChannel = await tls_connect("127.0.0.1", srv.sockets[0].getsockname()[1],
+                                                client_ctx)
+        await sent.wait()
+        await asyncio.sleep(0.1)  # every record is in the client's socket buffer now
+        got = await channel.recv()
+        assert got == payload  # all four records in one read
+        with pytest.raises(ChannelClosed):
+            await channel.recv()
+        srv.close()
+
+    asyncio.run(main())
