@@ -361,55 +361,167 @@ def _wait_live(admin_port: int, timeout: float = 30) -> None:
     raise TimeoutError(f"sidecar admin port {admin_port} never answered /healthz")
 
 
-def bench_throughput(total: int) -> dict[str, Any]:
-    res: dict[str, Any] = {"bytes": total}
-    ctx = get_context("spawn")
-    # plaintext relay pair: source -> relayA -> relayB -> sink
-    sink, a, b = _free_port(), _free_port(), _free_port()
-    procs = [ctx.Process(target=_run_plain_relay, args=(b, sink), daemon=True),
-             ctx.Process(target=_run_plain_relay, args=(a, b), daemon=True)]
-    for p in procs:
-        p.start()
-    _wait_port(a)
-    _wait_port(b)
-    res["plaintext_Bps"] = asyncio.run(_sink_and_source(a, sink, total))
-    for p in procs:
-        p.terminate()
-    # sidecar pair: source -> client sidecar -> (SecureChannel) -> aggregator sidecar -> sink
-    with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)
+def _sidecar_pair(d: Path, protocol: str) -> tuple[int, int, list[subprocess.Popen[bytes]]]:
+    """A client and an aggregator sidecar (`pqfed sidecar`, each its own process) speaking
+    `protocol`; returns the client's plaintext entry port, the sink port the aggregator
+    forwards to, and the processes."""
+    d.mkdir()
+    if protocol == "tls13":
+        from pqfed.pqc.pki import NodeURI, X509CertificateAuthority
+        from pqfed.pqc.pki.profile import certificate_pem, write_private_key
+
+        xca = X509CertificateAuthority.generate("bench")
+        (d / "ca.crt").write_bytes(certificate_pem(xca.certificate))
+        for name, role, node_id in (("agg", Role.AGGREGATOR, "aggregator"),
+                                    ("cli", Role.CLIENT, "client-0")):
+            cert, key = xca.new_node(NodeURI("bench", role, node_id))
+            (d / f"{name}.crt").write_bytes(certificate_pem(cert))
+            write_private_key(d / f"{name}.key", key)
+    else:
         ca, agg, cli = _identities("ML-DSA-65")
         (d / "ca.crt").write_text(ca.root.to_pem())
         agg.save(d / "agg.crt", d / "agg.key")
         cli.save(d / "cli.crt", d / "cli.key")
-        sink, secure, entry = _free_port(), _free_port(), _free_port()
-        admin_s, admin_c = _free_port(), _free_port()
-        base = [sys.executable, "-m", "pqfed.cli", "sidecar", "--ca", str(d / "ca.crt"),
-                "--log-level", "warning"]
-        server = subprocess.Popen([*base, "--cert", str(d / "agg.crt"), "--key",
-                                   str(d / "agg.key"), "--listen", f"127.0.0.1:{secure}",
-                                   "--upstream", f"127.0.0.1:{sink}", "--admin",
-                                   f"127.0.0.1:{admin_s}"])
-        client = subprocess.Popen([*base, "--cert", str(d / "cli.crt"), "--key",
-                                   str(d / "cli.key"), "--route",
-                                   f"127.0.0.1:{entry}=127.0.0.1:{secure}@aggregator",
-                                   "--admin", f"127.0.0.1:{admin_c}"])
+    sink, secure, entry = _free_port(), _free_port(), _free_port()
+    admin_s, admin_c = _free_port(), _free_port()
+    base = [sys.executable, "-m", "pqfed.cli", "sidecar", "--ca", str(d / "ca.crt"),
+            "--log-level", "warning", "--protocol", protocol]
+    procs = [
+        subprocess.Popen([*base, "--cert", str(d / "agg.crt"), "--key", str(d / "agg.key"),
+                          "--listen", f"127.0.0.1:{secure}", "--upstream",
+                          f"127.0.0.1:{sink}", "--admin", f"127.0.0.1:{admin_s}"]),
+        subprocess.Popen([*base, "--cert", str(d / "cli.crt"), "--key", str(d / "cli.key"),
+                          "--route", f"127.0.0.1:{entry}=127.0.0.1:{secure}@aggregator",
+                          "--admin", f"127.0.0.1:{admin_c}"]),
+    ]
+    try:
+        _wait_live(admin_s)
+        _wait_live(admin_c)
+    except TimeoutError:
+        for proc in procs:
+            proc.terminate()
+        raise
+    return entry, sink, procs
+
+
+THROUGHPUT_VARIANTS = ("direct", "plaintext", "pqfed1", "tls13")
+SIDECAR_VARIANTS = ("pqfed1", "tls13")
+
+
+def _cpu_s(proc: Any) -> float:
+    t = proc.cpu_times()
+    return float(t.user + t.system)
+
+
+def _spread(samples: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
+            "runs": samples}
+
+
+def bench_throughput(total: int, runs: int = 5) -> dict[str, Any]:
+    """A plaintext relay pair (the baseline: two asyncio relays, the sidecar's data path
+    without crypto) vs a sidecar pair per protocol, all started once and measured in turns,
+    each run starting with the next variant; ratios are taken within a run. Direct TCP
+    (source straight to sink) is measured in the same turns as the ceiling."""
+    res: dict[str, Any] = {"bytes": total, "runs": runs}
+    ctx = get_context("spawn")
+    entries: dict[str, tuple[int, int]] = {}
+    relays: list[Any] = []
+    sidecars: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory() as tmp:
         try:
-            _wait_live(admin_s)
-            _wait_live(admin_c)
-            res["secure_Bps"] = asyncio.run(_sink_and_source(entry, sink, total))
+            # plaintext relay pair: source -> relayA -> relayB -> sink
+            sink, a, b = _free_port(), _free_port(), _free_port()
+            relays = [ctx.Process(target=_run_plain_relay, args=(b, sink), daemon=True),
+                      ctx.Process(target=_run_plain_relay, args=(a, b), daemon=True)]
+            for p in relays:
+                p.start()
+            _wait_port(a)
+            _wait_port(b)
+            entries["plaintext"] = (a, sink)
+            direct = _free_port()
+            entries["direct"] = (direct, direct)
+            # sidecar pairs: source -> client sidecar -> channel -> aggregator sidecar -> sink
+            pids: dict[str, tuple[int, int]] = {
+                "plaintext": (int(relays[0].pid or 0), int(relays[1].pid or 0))}
+            for protocol in SIDECAR_VARIANTS:
+                entry, sink, procs = _sidecar_pair(Path(tmp) / protocol, protocol)
+                sidecars += procs
+                entries[protocol] = (entry, sink)
+                pids[protocol] = (procs[0].pid, procs[1].pid)
             import psutil
 
+            middle = {v: [psutil.Process(pid) for pid in pids.get(v, ())]
+                      for v in THROUGHPUT_VARIANTS}
+            samples: dict[str, list[float]] = {v: [] for v in THROUGHPUT_VARIANTS}
+            cpu: dict[str, list[float]] = {v: [] for v in THROUGHPUT_VARIANTS}
+            ratios: dict[str, list[float]] = {v: [] for v in SIDECAR_VARIANTS}
+            of_direct: dict[str, list[float]] = {v: [] for v in THROUGHPUT_VARIANTS[1:]}
+            for run in range(runs):
+                k = run % len(THROUGHPUT_VARIANTS)
+                order = THROUGHPUT_VARIANTS[k:] + THROUGHPUT_VARIANTS[:k]
+                got = {}
+                for v in order:
+                    before = sum(_cpu_s(p) for p in middle[v])
+                    got[v] = asyncio.run(_sink_and_source(*entries[v], total))
+                    cpu[v].append((sum(_cpu_s(p) for p in middle[v]) - before)
+                                  / (total / 2**20) * 1e3)
+                for v, bps in got.items():
+                    samples[v].append(bps)
+                for v, per_run in ratios.items():
+                    per_run.append(got[v] / got["plaintext"])
+                for v, per_run in of_direct.items():
+                    per_run.append(got[v] / got["direct"])
+
             res["sidecar_rss_mib"] = {
-                "aggregator": psutil.Process(server.pid).memory_info().rss / 2**20,
-                "client": psutil.Process(client.pid).memory_info().rss / 2**20,
-            }
+                v: {"aggregator": procs[0].memory_info().rss / 2**20,
+                    "client": procs[1].memory_info().rss / 2**20}
+                for v, procs in middle.items() if procs}
         finally:
-            for proc in (server, client):
+            for proc in sidecars:
                 proc.terminate()
                 proc.wait(10)
-    res["ratio"] = res["secure_Bps"] / res["plaintext_Bps"]
+            for p in relays:
+                p.terminate()
+    res["Bps"] = {v: _spread(x) for v, x in samples.items()}
+    # CPU of the two middle processes (relays or sidecars) per MiB carried: steadier than
+    # wall-clock rates on a shared host.
+    res["cpu_ms_per_mib"] = {v: _spread(x) for v, x in cpu.items()}
+    res["ratio"] = {v: _spread(x) for v, x in ratios.items()}
+    res["ratio_of_direct"] = {v: _spread(x) for v, x in of_direct.items()}
+    # The figures earlier reports had (pqfed1 as "secure").
+    res["plaintext_Bps"] = res["Bps"]["plaintext"]["median"]
+    res["secure_Bps"] = res["Bps"]["pqfed1"]["median"]
     return res
+
+
+def throughput_report(t: dict[str, Any]) -> str:
+    names = {"direct": "direct TCP, no relay (ceiling)",
+             "plaintext": "plaintext relay pair (baseline)",
+             "pqfed1": "sidecar pair, pqfed1 (X25519+ML-KEM-768, AES-256-GCM)",
+             "tls13": "sidecar pair, TLS 1.3 (X25519MLKEM768, AES-256-GCM)"}
+    lines = [f"{t['runs']} runs of {t['bytes'] >> 20} MiB each, variants in turn; cells: "
+             "median (min-max)", "", "| channel | MB/s | / plaintext relays, same run | "
+             "/ direct TCP, same run | CPU of the two relays or sidecars, ms per MiB |",
+             "|---|---|---|---|---|"]
+
+    def pct(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "—"
+        return f"{r['median'] * 100:.0f}% ({r['min'] * 100:.0f}-{r['max'] * 100:.0f}%)"
+
+    for v in THROUGHPUT_VARIANTS:
+        b = t["Bps"][v]
+        c = t["cpu_ms_per_mib"][v]
+        cost = (f"{c['median']:.1f} ({c['min']:.1f}-{c['max']:.1f})" if v != "direct"
+                else "—")
+        lines.append(f"| {names[v]} | {b['median'] / 1e6:.0f} ({b['min'] / 1e6:.0f}-"
+                     f"{b['max'] / 1e6:.0f}) | {pct(t['ratio'].get(v))} | "
+                     f"{pct(t['ratio_of_direct'].get(v))} | {cost} |")
+    rss = t["sidecar_rss_mib"]
+    lines += ["", "RSS (MiB): " + "; ".join(
+        f"{p}: {v['aggregator']:.0f} + {v['client']:.0f}" for p, v in rss.items())]
+    return "\n".join(lines) + "\n"
 
 
 def _plot(results: dict[str, Any], out: Path) -> list[str]:
@@ -468,13 +580,7 @@ def _report(r: dict[str, Any]) -> str:
                  f"| {h['ratio_loopback_sequential']:.2f}x |")
     lines.append(f"| PQ / classical, medians (best of each) | {h['ratio_in_memory_p50']:.2f}x "
                  f"| {h['ratio_loopback_p50']:.2f}x |")
-    t = r["throughput"]
-    lines += ["", "| channel | MB/s |", "|---|---|",
-              f"| plaintext relay pair | {t['plaintext_Bps'] / 1e6:.0f} |",
-              f"| sidecar pair (ML-KEM-768+X25519, AES-256-GCM) | {t['secure_Bps'] / 1e6:.0f} |",
-              f"| ratio | {t['ratio'] * 100:.0f}% |",
-              "", f"Sidecar RSS: aggregator {t['sidecar_rss_mib']['aggregator']:.0f} MiB, "
-              f"client {t['sidecar_rss_mib']['client']:.0f} MiB", "",
+    lines += ["", throughput_report(r["throughput"]),
               f"| peers | sequential ms | threads ms | processes ms | speedup threads | "
               f"speedup processes ({r['parallel']['cpus']} CPUs) |", "|---|---|---|---|---|---|"]
     for peers, v in r["parallel"]["peers"].items():
@@ -496,7 +602,8 @@ def main(args: argparse.Namespace) -> int:
         ("handshake", lambda: bench_handshake(10 if quick else 200)),
         ("parallel", lambda: bench_parallel([1, 4] if quick else [1, 4, 16, 64],
                                             1 if quick else 5)),
-        ("throughput", lambda: bench_throughput((8 if quick else 256) << 20)),
+        ("throughput", lambda: bench_throughput((8 if quick else 128) << 20,
+                                                3 if quick else 5)),
         ("backends", lambda: bench_backends(quick)),
     ]
     only = [x for x in (getattr(args, "only", "") or "").split(",") if x]
@@ -518,6 +625,8 @@ def main(args: argparse.Namespace) -> int:
     full = all(k in results for k in ("primitives", "handshake", "parallel", "throughput"))
     results["plots"] = _plot(results, out) if full else []
     report = _report(results) if full else ""
+    if "throughput" in results and not full:
+        report += throughput_report(results["throughput"])
     if "backends" in results:
         report += "\n" + backends_report(results["backends"])
     (out / "report.md").write_text(report)

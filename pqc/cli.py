@@ -9,12 +9,16 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pqfed.pqc.errors import CertificateError
 from pqfed.pqc.handshake import Group
 from pqfed.pqc.identity import Certificate, CertificateAuthority, Identity, Role, TrustAnchor
 from pqfed.pqc.revocation import RevocationList, RevocationReason
 from pqfed.pqc.truststore import CRL_FILE
+
+if TYPE_CHECKING:
+    from pqfed.pqc.sidecar.config import SidecarConfig
 
 
 def _ca_init(args: argparse.Namespace) -> int:
@@ -106,9 +110,39 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def sidecar_config(args: argparse.Namespace) -> SidecarConfig:
+    """The sidecar's config from `pqfed sidecar` flags, or from --config YAML."""
+    from pqfed.pqc.sidecar.config import (
+        ChannelProtocolName,
+        Endpoint,
+        Route,
+        SidecarConfig,
+    )
+
+    if args.config:
+        return SidecarConfig.from_yaml(Path(args.config))
+    return SidecarConfig(
+        cert=Path(args.cert), key=Path(args.key), ca=Path(args.ca),
+        listen=Endpoint.parse(args.listen, "--listen") if args.listen else None,
+        upstream=Endpoint.parse(args.upstream, "--upstream") if args.upstream else None,
+        routes=tuple(Route.parse(r) for r in args.route),
+        admin=Endpoint.parse(args.admin, "--admin") if args.admin else None,
+        probes=Endpoint.parse(args.probes, "--probes") if args.probes else None,
+        handshake_timeout_s=args.handshake_timeout,
+        groups=tuple(Group[g] for g in args.group) or (Group.X25519_MLKEM768,),
+        allow_path_prefixes=tuple(args.allow_path_prefix),
+        operator_upstream=(Endpoint.parse(args.operator_upstream, "--operator-upstream")
+                           if args.operator_upstream else None),
+        allowed_client_roles=(tuple(Role.parse(r) for r in args.peer_role)
+                              or (Role.CLIENT, Role.EDGE)),
+        crl=Path(args.crl) if args.crl else None,
+        reload_interval_s=args.reload_interval,
+        protocol=ChannelProtocolName.parse(args.protocol, "--protocol"),
+    )
+
+
 def _sidecar(args: argparse.Namespace) -> int:
     from pqfed.pqc.sidecar.admin import serve
-    from pqfed.pqc.sidecar.config import Endpoint, Route, SidecarConfig
     from pqfed.pqc.sidecar.proxy import Sidecar
 
     logging.basicConfig(level=args.log_level.upper(),
@@ -120,26 +154,7 @@ def _sidecar(args: argparse.Namespace) -> int:
 
     logging.getLogger("pqfed.sidecar").info("crypto backend: %s",
                                             backend_report()["description"])
-    if args.config:
-        config = SidecarConfig.from_yaml(Path(args.config))
-    else:
-        config = SidecarConfig(
-            cert=Path(args.cert), key=Path(args.key), ca=Path(args.ca),
-            listen=Endpoint.parse(args.listen, "--listen") if args.listen else None,
-            upstream=Endpoint.parse(args.upstream, "--upstream") if args.upstream else None,
-            routes=tuple(Route.parse(r) for r in args.route),
-            admin=Endpoint.parse(args.admin, "--admin") if args.admin else None,
-            probes=Endpoint.parse(args.probes, "--probes") if args.probes else None,
-            handshake_timeout_s=args.handshake_timeout,
-            groups=tuple(Group[g] for g in args.group) or (Group.X25519_MLKEM768,),
-            allow_path_prefixes=tuple(args.allow_path_prefix),
-            operator_upstream=(Endpoint.parse(args.operator_upstream, "--operator-upstream")
-                               if args.operator_upstream else None),
-            allowed_client_roles=(tuple(Role.parse(r) for r in args.peer_role)
-                                  or (Role.CLIENT, Role.EDGE)),
-            crl=Path(args.crl) if args.crl else None,
-            reload_interval_s=args.reload_interval,
-        )
+    config = sidecar_config(args)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(Sidecar(config)))
     return 0
@@ -231,6 +246,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sc.add_argument("--crl", help="the CA's revocation list (PEM), re-read while running")
     sc.add_argument("--reload-interval", type=float, default=2.0,
                     help="seconds between checks of --crl, --cert and --key for updates")
+    sc.add_argument("--protocol", default="pqfed1", choices=["pqfed1", "tls13"],
+                    help="channel between sidecars: pqfed1 (pqfed certificates) or tls13 "
+                         "(TLS 1.3; --cert/--key/--ca/--crl are then X.509 PEM: ML-DSA-65 "
+                         "certificate, PKCS#8 key, X.509 CA, X.509 CRL)")
     sc.add_argument("--log-level", default="info")
     sc.add_argument("--backend", choices=["auto", "pyca", "liboqs"],
                     help="crypto backend (default: $PQFED_CRYPTO_BACKEND, else auto)")

@@ -30,7 +30,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.bindings.openssl.binding import Binding
@@ -60,8 +60,12 @@ PQ_GROUPS = ("X25519MLKEM768", "SecP384r1MLKEM1024")
 DEFAULT_GROUPS = ("X25519MLKEM768",)
 SIGNATURE_ALGORITHMS = "mldsa65"
 CIPHERSUITES = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
-READ_CHUNK = 1 << 18
-WRITE_CHUNK = 1 << 18
+READ_CHUNK = 1 << 16
+WRITE_CHUNK = 1 << 16
+# RFC 8446 §5.2: a TLS 1.3 record carries at most 2^14 bytes of plaintext and adds a 5-byte
+# header, the inner content type (1 byte) and the AEAD tag (16 bytes for both our suites).
+RECORD_PLAINTEXT = 1 << 14
+RECORD_OVERHEAD = 5 + 1 + 16
 
 _lib = Binding.lib
 _ffi = Binding.ffi
@@ -83,13 +87,25 @@ def set_signature_algorithms(ctx: SSL.Context, sigalgs: str) -> None:
         raise HandshakeError("signature_algorithms", f"OpenSSL refused {sigalgs!r}")
 
 
+class LeafPolicy(Protocol):
+    """What judges the peer's leaf certificate: `X509TrustAnchor`, or a holder of one that
+    adds to it (`pqfed.pqc.truststore.X509Trust`: CRL freshness)."""
+
+    @property
+    def root(self) -> x509.Certificate: ...
+
+    def verify(self, cert: x509.Certificate, *, now: float | None = None,
+               roles: tuple[Role, ...] | None = None, node_id: str | None = None,
+               usage: Usage | None = None) -> NodeCertificate: ...
+
+
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
     """One side's identity, what it trusts and what it expects of its peer."""
 
     certificate: x509.Certificate
     key: mldsa.MLDSA65PrivateKey = field(repr=False)
-    trust: X509TrustAnchor
+    trust: X509TrustAnchor | LeafPolicy
     peer_roles: tuple[Role, ...] | None = None
     peer_node_id: str | None = None
     groups: tuple[str, ...] = DEFAULT_GROUPS
@@ -155,7 +171,7 @@ class TlsContext:
     def __init__(self, config: TlsConfig, side: Usage) -> None:
         self.config = config
         self.side = side
-        self.trust = config.trust
+        self.trust: X509TrustAnchor | LeafPolicy = config.trust
         ctx = SSL.Context(SSL.TLS_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
         ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
@@ -259,34 +275,45 @@ class TlsChannel:
         self.version = conn.get_protocol_version_name()
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._plaintext = _PlaintextReader()
 
     @property
     def peername(self) -> str:
         return _peername(self._writer)
 
-    def _flush(self) -> int:
-        out = _drain_bio(self._conn)
+    def _flush(self, plaintext: int = 0) -> int:
+        """Sends what OpenSSL wrote into the outgoing memory BIO; `plaintext` (what was just
+        given to SSL_write) sizes the read so that one BIO_read takes it all."""
+        records = -(-plaintext // RECORD_PLAINTEXT)
+        out = _drain_bio(self._conn, plaintext + records * RECORD_OVERHEAD + 512)
         if out:
             self._writer.write(out)
         return len(out)
 
     async def send(self, data: bytes) -> None:
+        """Encrypts `data` (OpenSSL splits it into records of 16 KiB) and sends the records
+        in one write: no copy of `data` first, one BIO read per WRITE_CHUNK."""
         if self._closed:
             raise ChannelClosed("channel is closed")
-        view = memoryview(data)
-        for off in range(0, len(data), WRITE_CHUNK):
-            self._conn.sendall(bytes(view[off : off + WRITE_CHUNK]))
-            self.bytes_sent += self._flush()
-            await self._writer.drain()
+        if len(data) <= WRITE_CHUNK:
+            self._conn.sendall(data)
+            self.bytes_sent += self._flush(len(data))
+        else:
+            view = memoryview(data)
+            for off in range(0, len(data), WRITE_CHUNK):
+                piece = view[off : off + WRITE_CHUNK]
+                self._conn.sendall(piece)
+                self.bytes_sent += self._flush(len(piece))
+                await self._writer.drain()
+        await self._writer.drain()
 
     async def recv(self) -> bytes:
-        """Next chunk of application data; ChannelClosed after the peer's close_notify,
-        RecordError (after closing) on a bad record or a truncated stream."""
+        """The application data of every record received so far (at least one byte; up to
+        READ_CHUNK); ChannelClosed after the peer's close_notify, RecordError (after closing)
+        on a bad record or a truncated stream."""
         while True:
             try:
-                data = self._conn.recv(READ_CHUNK)
-            except SSL.WantReadError:
-                pass
+                data = self._plaintext.read(self._conn)
             except SSL.ZeroReturnError:
                 self._closed = True
                 self._writer.close()
@@ -296,9 +323,8 @@ class TlsChannel:
                 if exc.field != "peer_alert":
                     await self._fail(RecordError("tls", exc.reason))
                 await self._fail(exc)
-            else:
-                if data:
-                    return data
+            if data:
+                return data
             if self._flush():  # e.g. a KeyUpdate answer
                 await self._writer.drain()
             chunk = await self._reader.read(READ_CHUNK)
@@ -331,13 +357,58 @@ class TlsChannel:
         raise exc
 
 
-def _drain_bio(conn: SSL.Connection) -> bytes:
+def _drain_bio(conn: SSL.Connection, size: int = READ_CHUNK) -> bytes:
+    """Everything in the outgoing memory BIO; one BIO_read when `size` covers it."""
     parts = []
     while True:
         try:
-            parts.append(conn.bio_read(READ_CHUNK))
+            part = conn.bio_read(size)
         except SSL.WantReadError:
-            return b"".join(parts)
+            break
+        parts.append(part)
+        if len(part) < size:
+            break  # a memory BIO gives all it holds, up to size: it is empty now
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class _PlaintextReader:
+    """Decrypts every complete record in the incoming memory BIO into one buffer.
+
+    pyOpenSSL's `Connection.recv` allocates a buffer per call, returns one record (SSL_read
+    gives at most one record's plaintext) and copies it out; a bulk transfer then pays a
+    Python round trip, an allocation, a copy and (at the end) an exception per 16 KiB. Here
+    SSL_read writes straight into one buffer, record after record, and the caller gets one
+    `bytes` copy. Its error handling stays pyOpenSSL's (`_raise_ssl_error`): this class and
+    `set_groups`/`set_signature_algorithms` are the only places reaching past pyOpenSSL's
+    public API (pinned: pyOpenSSL 26.4)."""
+
+    def __init__(self, size: int = READ_CHUNK) -> None:
+        self._buf = bytearray(size)
+        self._ptr = _ffi.from_buffer(self._buf)
+        self._error: SSL.Error | None = None
+
+    def read(self, conn: SSL.Connection) -> bytes:
+        """The plaintext available now (b"" if none); raises SSL.Error (ZeroReturnError for
+        close_notify) once the data before it has been returned."""
+        if self._error is not None:
+            raise self._error
+        ssl = conn._ssl  # pyOpenSSL internal: see the class docstring
+        got, size = 0, len(self._buf)
+        while got < size:
+            n = _lib.SSL_read(ssl, self._ptr + got, size - got)
+            if n > 0:
+                got += n
+                continue
+            if _lib.SSL_get_error(ssl, n) == _lib.SSL_ERROR_WANT_READ:
+                break
+            try:
+                conn._raise_ssl_error(ssl, n)
+            except SSL.Error as err:
+                if not got:
+                    raise
+                self._error = err  # after the data that came before it
+            break
+        return bytes(memoryview(self._buf)[:got]) if got else b""
 
 
 async def _run_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

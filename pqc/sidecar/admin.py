@@ -26,11 +26,11 @@ from pqfed.pqc.sidecar.proxy import Sidecar
 
 def readiness_problems(sidecar: Sidecar) -> list[str]:
     """Why the sidecar cannot carry a channel now; empty when it can."""
-    cert = sidecar.identity.certificate
+    node = sidecar.protocol.identity
     problems = []
     if not sidecar.ready:
         problems.append("listeners not started")
-    if time.time() >= cert.not_after:
+    if time.time() >= node.not_after:
         problems.append("certificate expired")
     # Ready means able to carry a channel: the app behind an inbound sidecar must listen.
     upstream = sidecar.config.upstream
@@ -58,14 +58,14 @@ def build_admin_app(sidecar: Sidecar) -> FastAPI:
 
     @app.get("/identity")
     def identity() -> dict[str, Any]:
-        cert = sidecar.identity.certificate
+        node = sidecar.protocol.identity
         return {
-            "federation": cert.federation, "nodeId": cert.node_id,
-            "role": cert.role.name.lower(), "signatureAlgorithm": cert.sig_algorithm,
-            "serial": cert.serial, "notBefore": cert.not_before, "notAfter": cert.not_after,
-            "fingerprint": cert.fingerprint, "caFingerprint": sidecar.trust.root.fingerprint,
-            "groups": [g.name for g in sidecar.config.groups],
-            "suites": [s.name for s in sidecar.config.suites],
+            "protocol": sidecar.protocol.name.value,
+            "federation": node.federation, "nodeId": node.node_id,
+            "role": node.role.name.lower(), "signatureAlgorithm": node.signature_algorithm,
+            "serial": node.serial, "notBefore": node.not_before, "notAfter": node.not_after,
+            "fingerprint": node.fingerprint, "caFingerprint": node.ca_fingerprint,
+            "groups": list(node.groups), "suites": list(node.suites),
             "backends": available_backends(), "backend": backend_report(),
             "ports": sidecar.bound,
         }

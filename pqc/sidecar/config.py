@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,24 @@ class Route:
                    node or None)
 
 
+class ChannelProtocolName(enum.Enum):
+    """The wire protocol between sidecars. Both ends of a route must speak the same one."""
+
+    PQFED1 = "pqfed1"  # pqfed's own channel and certificate format (docs/protocol.md)
+    TLS13 = "tls13"  # TLS 1.3 with X.509 ML-DSA-65 certificates (docs/pki.md)
+
+    @classmethod
+    def parse(cls, text: str, field_name: str = "protocol") -> ChannelProtocolName:
+        try:
+            return cls(text)
+        except ValueError:
+            raise ConfigError(field_name, f"{text!r} is not one of: "
+                              f"{', '.join(p.value for p in cls)}") from None
+
+
+# The TLS 1.3 name of each group the tls13 protocol offers (draft-ietf-tls-ecdhe-mlkem).
+TLS_GROUP_NAMES: dict[Group, str] = {Group.X25519_MLKEM768: "X25519MLKEM768"}
+
 # What an operator may read through an aggregator's sidecar: progress and the checkpoint.
 OPERATOR_PATHS: tuple[str, ...] = ("/status", "/checkpoint")
 LOOPBACK_HOSTS: tuple[str, ...] = ("127.0.0.1", "::1", "localhost")
@@ -63,6 +82,9 @@ LOOPBACK_HOSTS: tuple[str, ...] = ("127.0.0.1", "::1", "localhost")
 
 @dataclass(frozen=True, slots=True)
 class SidecarConfig:
+    # pqfed1: pqfed certificate, key, CA and revocation list (`pqfed ca init|issue|crl`).
+    # tls13: X.509 PEM: the ML-DSA-65 node certificate, its PKCS#8 key, the X.509 CA
+    # certificate and the CA's X.509 CRL (`pqfed ca x509-init|csr|sign|x509-crl`).
     cert: Path
     key: Path
     ca: Path
@@ -94,8 +116,14 @@ class SidecarConfig:
     # "not published yet" until it appears.
     crl: Path | None = None
     reload_interval_s: float = 2.0
+    protocol: ChannelProtocolName = ChannelProtocolName.PQFED1
 
     def __post_init__(self) -> None:
+        if self.protocol is ChannelProtocolName.TLS13:
+            bad = [g.name for g in self.groups if g not in TLS_GROUP_NAMES]
+            if bad:
+                raise ConfigError("groups", f"{', '.join(bad)} not available with protocol "
+                                  f"tls13; use {', '.join(g.name for g in TLS_GROUP_NAMES)}")
         if (self.listen is None) != (self.upstream is None):
             raise ConfigError("listen", "set both listen and upstream, or neither")
         if self.listen is None and not self.routes:
@@ -134,12 +162,19 @@ class SidecarConfig:
             raise ConfigError("allowed_client_roles", "an operator never reaches the Fleet "
                               "API: give operatorUpstream instead")
 
+    @property
+    def inbound_peer_roles(self) -> tuple[Role, ...]:
+        """Who may open a channel to `listen`: the allowed client roles, and the operator
+        when `operator_upstream` is set (its channels go there, limited to GET)."""
+        operator = (Role.OPERATOR,) if self.operator_upstream is not None else ()
+        return (*self.allowed_client_roles, *operator)
+
     @classmethod
     def from_mapping(cls, data: dict[str, Any], base: Path = Path()) -> SidecarConfig:
         known = {"cert", "key", "ca", "listen", "upstream", "routes", "admin", "groups",
                  "suites", "handshakeTimeoutSeconds", "cryptoThreads", "allowPathPrefixes",
                  "operatorUpstream", "maxPendingHandshakes", "probes", "crl",
-                 "reloadIntervalSeconds"}
+                 "reloadIntervalSeconds", "protocol"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(sorted(unknown)[0],
@@ -147,6 +182,8 @@ class SidecarConfig:
         for required in ("cert", "key", "ca"):
             if required not in data:
                 raise ConfigError(required, "required (path to a PEM file)")
+        if "groups" in data and not isinstance(data["groups"], list):
+            raise ConfigError("groups", "must be a list of group names")
         try:
             groups = tuple(Group[g] for g in data.get("groups", ["X25519_MLKEM768"]))
         except KeyError as exc:
@@ -175,6 +212,7 @@ class SidecarConfig:
             max_pending_handshakes=int(data.get("maxPendingHandshakes", 64)),
             crl=base / data["crl"] if data.get("crl") else None,
             reload_interval_s=float(data.get("reloadIntervalSeconds", 2.0)),
+            protocol=ChannelProtocolName.parse(str(data.get("protocol", "pqfed1"))),
         )
 
     @classmethod

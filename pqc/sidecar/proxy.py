@@ -1,9 +1,13 @@
 """The sidecar's data plane.
 
-Inbound (aggregator side): remote sidecar --SecureChannel--> listen --plaintext--> upstream.
-Outbound (client side): app --plaintext--> route.listen --SecureChannel--> remote sidecar.
+Inbound (aggregator side): remote sidecar --channel--> listen --plaintext--> upstream.
+Outbound (client side): app --plaintext--> route.listen --channel--> remote sidecar.
 
 Plaintext only ever crosses loopback inside the pod; the config refuses anything else.
+
+The channel is pqfed1 or TLS 1.3 (`SidecarConfig.protocol`); what differs between them (file
+formats, trust store, handshakes) is a `ChannelProtocol` (protocols.py), everything else is
+this module's, for both.
 
 Identity and revocation are reloaded while running (`_watch`): a newer CA-signed revocation
 list (truststore.py) cuts every established channel whose peer it revokes and refuses their
@@ -18,65 +22,17 @@ import functools
 import logging
 import socket
 import struct
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
 from typing import Any
 
-from pqfed.pqc.backends import Backend, SigPrivateKey, get_backend
-from pqfed.pqc.channel import SecureChannel, client_channel, server_channel
 from pqfed.pqc.errors import CertificateError, ChannelClosed, PqcError, RecordError
-from pqfed.pqc.handshake import HandshakeConfig, KeySharePool
-from pqfed.pqc.identity import Certificate, Identity, Role, TrustAnchor
-from pqfed.pqc.sidecar.config import OPERATOR_PATHS, Endpoint, Route, SidecarConfig
+from pqfed.pqc.identity import Role
+from pqfed.pqc.sidecar.config import OPERATOR_PATHS, ConfigError, Endpoint, Route, SidecarConfig
 from pqfed.pqc.sidecar.httpfilter import HttpRequestFilter, RequestRejected, forbidden_response
 from pqfed.pqc.sidecar.metrics import SidecarMetrics
-from pqfed.pqc.truststore import TrustStore
+from pqfed.pqc.sidecar.protocols import Channel, ChannelProtocol, Peer, make_protocol
 
 log = logging.getLogger("pqfed.sidecar")
 PUMP_CHUNK = 1 << 16
-
-
-@dataclass(frozen=True, slots=True)
-class _TimedKey:
-    """Observes ML-DSA signing latency (the long-tailed operation) into the metrics."""
-
-    inner: SigPrivateKey
-    metrics: SidecarMetrics
-
-    @property
-    def algorithm(self) -> str:
-        return self.inner.algorithm
-
-    def public_bytes(self) -> bytes:
-        return self.inner.public_bytes()
-
-    def private_bytes(self) -> bytes:
-        return self.inner.private_bytes()
-
-    def sign(self, message: bytes, context: bytes = b"") -> bytes:
-        start = time.perf_counter()
-        try:
-            return self.inner.sign(message, context)
-        finally:
-            self.metrics.sign_seconds.observe(time.perf_counter() - start)
-
-
-class _TimedBackend:
-    def __init__(self, inner: Backend, metrics: SidecarMetrics) -> None:
-        self._inner = inner
-        self._metrics = metrics
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def sig_verify(self, algorithm: str, public_key: bytes, message: bytes, signature: bytes,
-                   context: bytes = b"") -> None:
-        start = time.perf_counter()
-        try:
-            self._inner.sig_verify(algorithm, public_key, message, signature, context)
-        finally:
-            self._metrics.verify_seconds.observe(time.perf_counter() - start)
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -97,46 +53,35 @@ class Sidecar:
     def __init__(self, config: SidecarConfig, metrics: SidecarMetrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or SidecarMetrics()
-        identity = Identity.load_files(config.cert, config.key)
-        self.identity = Identity(identity.certificate, _TimedKey(identity.key, self.metrics))
-        self.store = TrustStore(config.ca, config.crl, min_interval_s=float("inf"))
-        self.trust.verify(identity.certificate)  # refuse to start with a foreign/expired cert
-        self._identity_files = (config.cert.read_bytes(), config.key.read_bytes())
+        self.protocol: ChannelProtocol = make_protocol(config, self.metrics)
         # Established channels and their two pump tasks: what a revocation cuts.
-        self._channels: dict[SecureChannel, tuple[asyncio.Future[Any], ...]] = {}
+        self._channels: dict[Channel, tuple[asyncio.Future[Any], ...]] = {}
         self._watcher: asyncio.Task[None] | None = None
         self.cut = 0  # channels cut because their peer was revoked
         self._note_crl()
-        self._executor = ThreadPoolExecutor(config.crypto_threads, "pqfed-handshake")
-        self._key_shares = KeySharePool()
         self._servers: list[asyncio.Server] = []
         self._pending = 0  # inbound handshakes in progress (not yet authenticated)
         self.ready = False
         self.bound: dict[str, int] = {}
 
     @property
-    def trust(self) -> TrustAnchor:
-        """The root and the newest revocation list in force."""
-        return self.store.current
+    def crl_number(self) -> int | None:
+        """The number of the revocation list in force (None: none yet)."""
+        return self.protocol.crl_number
 
     def reload(self) -> None:
         """Re-reads the revocation list and this node's certificate and key; cuts channels of
         peers the list now revokes. Called by the watcher every `reload_interval_s`."""
-        if self.store.reload():
+        if self.protocol.reload():
             self._note_crl()
             self.enforce_revocation()
-        elif self.store.last_error is not None:
-            self.metrics.failures.labels("revocation_list",
-                                         getattr(self.store.last_error, "field", "file")).inc()
-            self.store.last_error = None
-        self._reload_identity()
 
     def _note_crl(self) -> None:
-        crl = self.trust.crl
-        self.metrics.crl_number.set(-1 if crl is None else crl.number)
+        number = self.crl_number
+        self.metrics.crl_number.set(-1 if number is None else number)
 
-    def channel_peers(self) -> list[Certificate]:
-        """The certificates of the peers of every established channel."""
+    def channel_peers(self) -> list[Peer]:
+        """The authenticated peers of every established channel."""
         return [channel.peer for channel in self._channels]
 
     def enforce_revocation(self) -> int:
@@ -145,7 +90,7 @@ class Sidecar:
         doomed = []
         for channel in self._channels:
             try:
-                self.trust.verify(channel.peer)
+                self.protocol.verify(channel.peer)
             except CertificateError as exc:
                 doomed.append((channel, exc))
         for channel, err in doomed:
@@ -158,30 +103,6 @@ class Sidecar:
             self.cut += 1
         return len(doomed)
 
-    def _reload_identity(self) -> None:
-        c = self.config
-        try:
-            files = (c.cert.read_bytes(), c.key.read_bytes())
-        except OSError:
-            return  # mid-swap or gone: keep the identity in use
-        if files == self._identity_files:
-            return
-        self._identity_files = files  # these bytes are judged once
-        try:
-            new = Identity.load(files[0].decode(), files[1].decode())
-            self.trust.verify(new.certificate)
-        except (PqcError, UnicodeDecodeError) as exc:
-            # Kept: the identity in use. A certificate written before its key does not match
-            # for a moment; the next change of either file is judged again (a Kubernetes
-            # Secret volume swaps both at once).
-            log.warning("new identity in %s not used: %s", c.cert, exc)
-            self.metrics.failures.labels("identity_reload",
-                                         getattr(exc, "field", "identity")).inc()
-            return
-        self.identity = Identity(new.certificate, _TimedKey(new.key, self.metrics))
-        log.info("identity renewed: serial %d valid until %d", new.certificate.serial,
-                 new.certificate.not_after)
-
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.config.reload_interval_s)
@@ -189,18 +110,6 @@ class Sidecar:
                 self.reload()
             except Exception:  # never let the watcher die: it is what enforces revocation
                 log.exception("reload failed")
-
-    def _handshake_config(self, route: Route | None) -> HandshakeConfig:
-        base = HandshakeConfig(
-            self.identity, self.trust, suites=self.config.suites, groups=self.config.groups,
-            timeout_s=self.config.handshake_timeout_s,
-            backend=_TimedBackend(get_backend(), self.metrics),
-        )
-        if route is None:
-            operator = (Role.OPERATOR,) if self.config.operator_upstream is not None else ()
-            return replace(base, peer_roles=(*self.config.allowed_client_roles, *operator))
-        return replace(base, peer_roles=route.peer_roles, peer_node_id=route.peer_node_id,
-                       key_shares=self._key_shares)
 
     async def start(self) -> None:
         c = self.config
@@ -215,7 +124,8 @@ class Sidecar:
             self.bound[f"route{i}"] = srv.sockets[0].getsockname()[1]
         self._watcher = asyncio.ensure_future(self._watch())
         self.ready = True
-        log.info("sidecar %s ready: %s", self.identity.certificate.node_id, self.bound)
+        log.info("sidecar %s (%s) ready: %s", self.protocol.identity.node_id,
+                 self.protocol.name.value, self.bound)
 
     async def stop(self) -> None:
         self.ready = False
@@ -226,12 +136,15 @@ class Sidecar:
         for srv in self._servers:
             with contextlib.suppress(Exception):
                 await srv.wait_closed()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.protocol.close()
 
-    async def _secure(self, side: str, coro: Any) -> SecureChannel | None:
+    async def _secure(self, side: str, coro: Any) -> Channel | None:
         try:
-            channel: SecureChannel = await coro
-        except PqcError as exc:  # a HandshakeError, or a malformed frame (RecordError, ...)
+            channel: Channel = await coro
+        except CertificateError as exc:  # TLS 1.3: the verification callback's finding
+            self.metrics.failures.labels("handshake", f"certificate.{exc.field}").inc()
+            return None
+        except (PqcError, ConfigError) as exc:  # a HandshakeError, a malformed frame, ...
             self.metrics.failures.labels("handshake",
                                          getattr(exc, "field", type(exc).__name__)).inc()
             return None
@@ -241,7 +154,7 @@ class Sidecar:
             return None
         try:
             # The list may have changed while the handshake ran on the old anchor.
-            self.trust.verify(channel.peer)
+            self.protocol.verify(channel.peer)
         except CertificateError as exc:
             self.metrics.failures.labels("handshake", f"certificate.{exc.field}").inc()
             channel.abort()
@@ -260,9 +173,7 @@ class Sidecar:
             return
         self._pending += 1
         try:
-            channel = await self._secure(
-                "server", server_channel(reader, writer, self._handshake_config(None),
-                                         self._executor))
+            channel = await self._secure("server", self.protocol.server(reader, writer))
         finally:
             self._pending -= 1
         if channel is None:
@@ -276,7 +187,7 @@ class Sidecar:
             return
         await self._splice(channel, app_r, app_w, http)
 
-    def _inbound_target(self, peer: Certificate) -> tuple[Endpoint, HttpRequestFilter | None]:
+    def _inbound_target(self, peer: Peer) -> tuple[Endpoint, HttpRequestFilter | None]:
         """Where an authenticated peer's requests go, and what it may ask there: an operator
         reads the status API (GET only), everyone else the upstream under its allow-list."""
         c = self.config
@@ -298,15 +209,13 @@ class Sidecar:
             self.metrics.failures.labels("connect", "peer").inc()
             _reset(app_w)  # the app sees an error, never an empty answer
             return
-        channel = await self._secure(
-            "client", client_channel(reader, writer, self._handshake_config(route),
-                                     self._executor))
+        channel = await self._secure("client", self.protocol.client(reader, writer, route))
         if channel is None:
             _reset(app_w)
             return
         await self._splice(channel, app_r, app_w)
 
-    async def _splice(self, channel: SecureChannel, app_r: asyncio.StreamReader,
+    async def _splice(self, channel: Channel, app_r: asyncio.StreamReader,
                       app_w: asyncio.StreamWriter, http: HttpRequestFilter | None = None
                       ) -> None:
         self.metrics.active.inc()
@@ -335,11 +244,11 @@ class Sidecar:
             self.metrics.bytes.labels("rx").inc(channel.bytes_received)
             self.metrics.active.dec()
 
-    async def _app_to_channel(self, app_r: asyncio.StreamReader, channel: SecureChannel) -> None:
+    async def _app_to_channel(self, app_r: asyncio.StreamReader, channel: Channel) -> None:
         while data := await app_r.read(PUMP_CHUNK):
             await channel.send(data)
 
-    async def _channel_to_app(self, channel: SecureChannel, app_w: asyncio.StreamWriter,
+    async def _channel_to_app(self, channel: Channel, app_w: asyncio.StreamWriter,
                               http: HttpRequestFilter | None = None) -> bool:
         """Pumps channel -> app; True only when the peer closed the channel cleanly."""
         try:
