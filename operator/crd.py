@@ -52,7 +52,6 @@ def rule_validation(rule: SpecRule) -> dict[str, Any]:
 # a CRD restrict metadata.name (and generateName), nothing else in metadata.
 _METADATA: Final = {
     "type": "object",
-    "description": "Standard object metadata; the name is restricted",
     "properties": {"name": {
         "type": "string", "maxLength": NAME_MAX, "pattern": NAME_PATTERN,
         "description": f"Lowercase letters, digits and '-', at most {NAME_MAX} characters "

@@ -43,6 +43,7 @@ from pqfed.testbed.nodeagent.podspec import (
     pod_path,
 )
 from pqfed.testbed.nodeagent.podstatus import (
+    OWNED,
     Action,
     Backoff,
     ContainerSnapshot,
@@ -205,6 +206,9 @@ class PodWorker:
         self.terminal = False
         self.final_reason: str | None = None
         self.final_message: str | None = None
+        # The node's conditions as last reported: their transition times survive a stale
+        # copy of the pod (the API's copy serves after an agent restart).
+        self.reported_conditions: dict[str, Obj] = {}
         self.last_status: str | None = None
         self.last_status_error: str | None = None
         self.hosts_lock = threading.Lock()
@@ -276,7 +280,7 @@ class PodWorker:
             grace_s=grace_period(pod),
             readiness_gates=tuple(str(g["conditionType"])
                                   for g in spec.get("readinessGates") or []),
-            conditions=tuple((pod.get("status") or {}).get("conditions") or ()),
+            conditions=self._conditions(pod),
             sandbox_ready=self.sandbox is not None,
             volume_error=self.volume_error or "",
             terminal=self.terminal,
@@ -287,6 +291,10 @@ class PodWorker:
             now=time.monotonic(),
             wall=now_rfc3339(),
         )
+
+    def _conditions(self, pod: Obj) -> tuple[Obj, ...]:
+        api = {str(c.get("type")): c for c in (pod.get("status") or {}).get("conditions") or []}
+        return tuple({**api, **self.reported_conditions}.values())
 
     def _sync(self, pod: Obj) -> bool:
         """One reconciliation; True when the worker is finished."""
@@ -799,6 +807,8 @@ class PodWorker:
 
     def _push_status(self, pod: Obj, decision: Decision) -> None:
         status = self._status(decision)
+        self.reported_conditions = {c["type"]: c for c in decision.conditions
+                                    if c["type"] in OWNED}
         body: Obj = {"status": status}
         annotations = pod["metadata"].get("annotations") or {}
         wanted = {LOG_DIR_ANNOTATION: str(self.dir)}
