@@ -14,11 +14,14 @@ the kuberuntime back-off), in this emulation's terms:
 - CrashLoopBackOff: the first restart is immediate, then 10 s doubling up to 300 s (the
   agent's `--restart-backoff`/max); a run of 10 minutes resets the count.
 - Readiness: a running container is ready once its startup and readiness probes (if any)
-  succeeded; a failing liveness or startup probe kills it (then its restart policy applies).
+  succeeded; the pod is ready when every regular container and every native sidecar is
+  and its readiness gates' conditions are True. A failing liveness or startup probe kills
+  the container (then its restart policy applies).
 - Phase: Pending until the pod initialised and every container has run; Running while one
   runs or restarts; Succeeded / Failed once every regular container is terminated for good;
-  Failed at once when an init container fails under `restartPolicy: Never`. A terminal
-  phase is final.
+  Failed at once when an init container fails under `restartPolicy: Never`; native
+  sidecars do not keep a finished pod Running (the kubelet stops them). A terminal phase
+  is final.
 
 About half of the module is the typed snapshot, states and actions; the rules fit in one
 file, as h11 keeps its whole state machine in one.
