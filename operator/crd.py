@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
+from pqfed.operator.reconcile import MAX_STATUS_ROUNDS
 from pqfed.services.spec import (
     API_GROUP,
     API_VERSION,
@@ -193,14 +194,22 @@ def _condition_schema() -> dict[str, Any]:
         "required": ["type", "status", "lastTransitionTime", "reason", "message"],
         "properties": {
             "type": {"type": "string", "maxLength": 316,
+                     "description": "Condition type in CamelCase (Valid, AggregatorReady, "
+                                    "ClientsReady, RoundProgress, Complete, ...)",
                      "pattern": r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*"
                                 r"[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"},
-            "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+            "status": {"type": "string", "enum": ["True", "False", "Unknown"],
+                       "description": "True, False or Unknown"},
             "reason": {"type": "string", "minLength": 1, "maxLength": 1024,
+                       "description": "Why the condition last changed, in CamelCase",
                        "pattern": r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"},
-            "message": {"type": "string", "maxLength": 32768},
-            "lastTransitionTime": {"type": "string", "format": "date-time"},
-            "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0},
+            "message": {"type": "string", "maxLength": 32768,
+                        "description": "Human-readable details of the change"},
+            "lastTransitionTime": {"type": "string", "format": "date-time",
+                                   "description": "When the status last changed"},
+            "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0,
+                                   "description": "metadata.generation the condition was "
+                                                  "set for"},
         },
     }
 
@@ -214,7 +223,8 @@ def _round_schema() -> dict[str, Any]:
         "description": "One finished round (a RoundRecord).",
         "required": ["round"],
         "properties": {
-            "round": {"type": "integer", "minimum": 1},
+            "round": {"type": "integer", "minimum": 1,
+                      "description": "Round number, from 1"},
             "accuracy": num("Global model accuracy on the held-out data after the round"),
             "loss": num("Global model loss after the round"),
             "bytesSent": {"type": "integer", "minimum": 0,
@@ -228,7 +238,8 @@ def _round_schema() -> dict[str, Any]:
             "rejectedUpdates": {"type": "integer", "minimum": 0,
                                 "description": "Updates refused (bad signature, late, "
                                                "filtered by a robust strategy)"},
-            "completedAt": {"type": "string", "format": "date-time"},
+            "completedAt": {"type": "string", "format": "date-time",
+                            "description": "When the aggregator finished the round"},
         },
     }
 
@@ -238,20 +249,32 @@ def status_schema() -> dict[str, Any]:
         "type": "object",
         "description": "Observed state, written by the operator only.",
         "properties": {
-            "phase": {"type": "string", "enum": list(PHASES)},
-            "currentRound": {"type": "integer", "minimum": 0},
-            "totalRounds": {"type": "integer", "minimum": 0},
+            "phase": {"type": "string", "enum": list(PHASES),
+                      "description": "Pending, Running, then Succeeded, Failed or Cancelled "
+                                     "(final)"},
+            "currentRound": {"type": "integer", "minimum": 0,
+                             "description": "Latest round the aggregator reported (0 before "
+                                            "the first)"},
+            "totalRounds": {"type": "integer", "minimum": 0,
+                            "description": "Rounds the job runs (spec.rounds)"},
             "accuracy": {"type": "number", "description": "Accuracy after the latest round"},
-            "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0},
-            "startTime": {"type": "string", "format": "date-time"},
-            "completionTime": {"type": "string", "format": "date-time"},
+            "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0,
+                                   "description": "metadata.generation the status was "
+                                                  "written for"},
+            "startTime": {"type": "string", "format": "date-time",
+                          "description": "When the operator started the job"},
+            "completionTime": {"type": "string", "format": "date-time",
+                               "description": "When the job reached a final phase"},
             "message": {"type": "string", "description": "Human-readable state or error"},
             "auditHead": {"type": "string",
                           "description": "Hash at the head of the signed audit log"},
             "rounds": {"type": "array", "x-kubernetes-list-type": "atomic",
+                       "description": "Finished rounds, oldest first (at most the latest "
+                                      f"{MAX_STATUS_ROUNDS})",
                        "items": _round_schema()},
             "conditions": {"type": "array", "x-kubernetes-list-type": "map",
                            "x-kubernetes-list-map-keys": ["type"],
+                           "description": "The job's conditions, one per type",
                            "items": _condition_schema()},
         },
     }
@@ -287,8 +310,9 @@ def build_crd() -> dict[str, Any]:
                     "type": "object",
                     "description": "A federated-learning job run by the pqfed operator.",
                     "properties": {
-                        "apiVersion": {"type": "string"},
-                        "kind": {"type": "string"},
+                        "apiVersion": {"type": "string",
+                                       "description": f"{API_GROUP}/{API_VERSION}"},
+                        "kind": {"type": "string", "description": KIND},
                         "metadata": copy.deepcopy(_METADATA),
                         "spec": spec_schema(),
                         "status": status_schema(),

@@ -132,76 +132,132 @@ class DatasetSpec(_Spec):
     """Which data each client holds. `natural` is HAPT's per-subject split (non-IID)."""
 
     partition: Annotated[str, Field(pattern=_PARTITION, max_length=32)] = Field(
-        "iid", description="iid, natural (HAPT: one subject per client) or dirichlet:<alpha>")
+        "iid", description="How the data is split over the clients: iid (uniformly at random), "
+        "natural (HAPT only: one subject per client) or "
+        "dirichlet:<alpha> (label skew; smaller alpha, more skew)")
     seed: int = Field(0, ge=0, le=2**32 - 1,
-                      description="Seed for partitioning and training (NumPy: below 2^32)")
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="Per-client held-out fraction")
+                      description="Seed for partitioning, model initialisation and training "
+                                  "(NumPy: below 2^32)")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Reserved: accepted and validated but not applied yet; "
+        "every task holds out a fixed 15% per client and 15% as the global test set")
 
 
 class TrainingSpec(_Spec):
-    local_epochs: int = Field(1, ge=1, le=100)
-    batch_size: int = Field(32, ge=1, le=4096)
-    learning_rate: float = Field(0.01, gt=0, le=10)
+    """Local training on each client, every round."""
+
+    local_epochs: int = Field(1, ge=1, le=100,
+                              description="Passes over the client's training data per round")
+    batch_size: int = Field(32, ge=1, le=4096, description="Examples per SGD mini-batch")
+    learning_rate: float = Field(0.01, gt=0, le=10, description="SGD learning rate")
 
 
 class StrategySpec(_Spec):
     """Flower strategies. Robust ones (FedTrimmedAvg, Krum, MultiKrum) defend against
     poisoned updates; FedProx adds a proximal term for non-IID clients."""
 
-    name: StrategyName = "FedAvg"
-    proximal_mu: float = Field(0.0, ge=0, le=100, description="FedProx proximal term (mu)")
-    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="FedTrimmedAvg beta")
+    name: StrategyName = Field("FedAvg", description="The Flower aggregation strategy")
+    proximal_mu: float = Field(0.0, ge=0, le=100,
+                               description="FedProx only: weight (mu) of the proximal term "
+                                           "that keeps local models near the global one")
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5,
+                                 description="FedTrimmedAvg only: fraction (beta) of the "
+                                             "largest and of the smallest values dropped per "
+                                             "coordinate before averaging")
     byzantine_clients: int = Field(0, ge=0, le=1000,
-                                   description="Krum/MultiKrum: assumed attackers")
+                                   description="Krum/MultiKrum only: how many attackers to "
+                                               "tolerate per round (needs clients per round "
+                                               ">= 2*byzantineClients+3)")
 
 
 class PrivacySpec(_Spec):
     """Differential privacy with Flower's wrappers: central (server adds noise to the clipped
     aggregate) or local (LocalDpMod on each client)."""
 
-    enabled: bool = False
-    mode: Literal["central", "local"] = "central"
-    clipping_norm: float = Field(1.0, gt=0, le=1e6)
-    noise_multiplier: float = Field(1.0, ge=0, le=1000)
-    target_epsilon: float | None = Field(None, gt=0, le=1e6,
-                                         description="Stop before exceeding it")
-    delta: float = Field(1e-5, gt=0, lt=1)
+    enabled: bool = Field(False, description="Apply differential privacy")
+    mode: Literal["central", "local"] = Field(
+        "central", description="central: the aggregator clips each update and adds Gaussian "
+        "noise to the aggregate; local: each client clips and noises its own update")
+    clipping_norm: float = Field(1.0, gt=0, le=1e6,
+                                 description="L2 norm each model update is clipped to")
+    noise_multiplier: float = Field(
+        1.0, ge=0, le=1000, description="Central DP: noise standard deviation as a multiple "
+        "of clippingNorm (0 adds no noise and spends an unbounded epsilon)")
+    target_epsilon: float | None = Field(
+        None, gt=0, le=1e6, description="Privacy budget (epsilon) of the whole job. Central "
+        "DP runs fewer rounds rather than exceed it; local DP needs it and spends it evenly "
+        "over the rounds. Default: no budget")
+    delta: float = Field(1e-5, gt=0, lt=1,
+                         description="DP delta of the whole job (the (epsilon, delta) budget)")
 
 
 class SecureAggregationSpec(_Spec):
     """Flower SecAgg+: the aggregator only learns the sum of the updates."""
 
-    enabled: bool = False
-    num_shares: int = Field(3, ge=2, le=1000)
-    reconstruction_threshold: int = Field(2, ge=1, le=1000)
-    clipping_range: float = Field(8.0, gt=0, le=1e6)
-    quantization_range: int = Field(4194304, ge=2, le=2**31 - 1)
+    enabled: bool = Field(False, description="Run every round as a SecAgg+ round "
+                                             "(not with compression, DP or hierarchy)")
+    num_shares: int = Field(3, ge=2, le=1000,
+                            description="Shares each client's secrets are split into, one per "
+                                        "peer (at least 3 and at most the clients per round)")
+    reconstruction_threshold: int = Field(
+        2, ge=1, le=1000, description="Shares needed to reconstruct a dropped client's secret "
+        "(at least 2 and below numShares)")
+    clipping_range: float = Field(8.0, gt=0, le=1e6,
+                                  description="Model values are clipped to "
+                                              "[-clippingRange, clippingRange] before "
+                                              "quantization")
+    quantization_range: int = Field(4194304, ge=2, le=2**31 - 1,
+                                    description="Number of integer levels the clipped values "
+                                                "are quantized to")
 
 
 class CompressionSpec(_Spec):
-    method: Literal["none", "topk", "int8", "topk+int8"] = "none"
-    topk_fraction: float = Field(0.1, gt=0, le=1, description="Share of weights kept by top-k")
-    downlink: bool = Field(True, description="Also compress the global-model broadcast (signed "
-                                             "deltas against the model each node holds)")
+    """Compression of client updates and, optionally, of the global-model broadcast, with
+    error feedback on both sides (docs/federation.md)."""
+
+    method: Literal["none", "topk", "int8", "topk+int8"] = Field(
+        "none", description="Client update encoding: none (fp32), topk (largest magnitudes "
+        "only), int8 (symmetric 8-bit quantization) or both")
+    topk_fraction: float = Field(0.1, gt=0, le=1,
+                                 description="Share of each tensor's weights top-k keeps")
+    downlink: bool = Field(True, description="When a method is set, also compress the "
+                                             "global-model broadcast (steps against the model "
+                                             "each node holds)")
 
 
 class HierarchySpec(_Spec):
     """Edge aggregators pre-aggregate their clients before the central aggregator."""
 
-    enabled: bool = False
-    edges: int = Field(2, ge=1, le=100)
+    enabled: bool = Field(False, description="Put edge aggregators between the clients and "
+                                             "the central aggregator")
+    edges: int = Field(2, ge=1, le=100,
+                       description="Number of edge aggregators; client i joins edge i mod "
+                                   "edges (at most clients)")
 
 
 class CryptoSpec(_Spec):
-    kem: Literal["ML-KEM-768", "ML-KEM-1024"] = "ML-KEM-768"
-    signature: Literal["ML-DSA-44", "ML-DSA-65", "ML-DSA-87"] = "ML-DSA-65"
-    aead: Literal["auto", "AES-256-GCM", "CHACHA20-POLY1305"] = "auto"
+    """Post-quantum settings of the job's channels, certificates and signatures."""
+
+    kem: Literal["ML-KEM-768", "ML-KEM-1024"] = Field(
+        "ML-KEM-768", description="Key establishment of the PQC channels: hybrid X25519 + "
+        "this ML-KEM parameter set (FIPS 203)")
+    signature: Literal["ML-DSA-44", "ML-DSA-65", "ML-DSA-87"] = Field(
+        "ML-DSA-65", description="Signature of the node certificates, handshakes, updates and "
+        "models: this ML-DSA parameter set (FIPS 204)")
+    aead: Literal["auto", "AES-256-GCM", "CHACHA20-POLY1305"] = Field(
+        "auto", description="Reserved: accepted and validated but not applied yet; the "
+        "sidecars negotiate AES-256-GCM first where the CPU has AES instructions, else "
+        "ChaCha20-Poly1305")
     backend: Literal["auto", "pyca", "liboqs"] = Field(
         "auto", description="PQC implementation: auto (liboqs when its library is present, "
         "else pyca; liboqs measured faster, docs/BENCHMARKS.md), pyca (OpenSSL via "
         "pyca/cryptography) or liboqs (Open Quantum Safe; fails if absent)")
-    parallel_workers: int = Field(0, ge=0, le=256, description="0 = one per CPU")
-    pool: Literal["auto", "sequential", "threads", "processes"] = "auto"
+    parallel_workers: int = Field(
+        0, ge=0, le=256, description="Reserved: accepted and validated but not applied yet "
+        "(0 = one per CPU); the sidecars size their crypto thread pool themselves")
+    pool: Literal["auto", "sequential", "threads", "processes"] = Field(
+        "auto", description="Reserved: accepted and validated but not applied yet; how crypto "
+        "for many peers would run in parallel (pqfed.pqc.pool, measured by make bench-pqc)")
     certificate_lifetime_seconds: int = Field(
         86400, ge=300, le=30 * 86400,
         description="Lifetime of the node certificates the operator issues (and of its "
@@ -210,8 +266,14 @@ class CryptoSpec(_Spec):
 
 
 class TimeoutSpec(_Spec):
-    round_seconds: int = Field(600, ge=5, le=7 * 86400)
-    handshake_seconds: float = Field(10.0, gt=0, le=300)
+    """Time limits, in seconds."""
+
+    round_seconds: int = Field(600, ge=5, le=7 * 86400,
+                               description="Seconds the aggregator waits for a round's "
+                                           "replies; late updates miss the round")
+    handshake_seconds: float = Field(
+        10.0, gt=0, le=300, description="Reserved: accepted and validated but not applied "
+        "yet; the sidecars give a PQC handshake 10 seconds")
 
 
 class PlacementSpec(_Spec):
@@ -222,18 +284,26 @@ class PlacementSpec(_Spec):
         "Labels a node must carry to run client pods (Kubernetes label syntax)")
     aggregator_node_selector: dict[LabelKey, LabelValue] = _selector(
         "Labels a node must carry to run the aggregator pod (Kubernetes label syntax)")
-    spread: bool = Field(True, description="Spread client pods across nodes")
+    spread: bool = Field(True, description="Spread client pods evenly across nodes (a "
+                                           "topology spread constraint on the hostname)")
 
 
 class FederationJobSpec(_Spec):
-    task: TaskName = "breast-cancer"
+    task: TaskName = Field(
+        "breast-cancer", description="What to learn: breast-cancer (Wisconsin diagnostic, "
+        "tabular), hapt (smartphone activity recognition, 30 subjects) or ecg-sim "
+        "(simulated single-lead ECG rhythms, not patient data)")
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
-    rounds: int = Field(3, ge=1, le=10000)
-    clients: int = Field(3, ge=1, le=1000, description="Client nodes taking part")
+    rounds: int = Field(3, ge=1, le=10000, description="Federated rounds to run")
+    clients: int = Field(3, ge=1, le=1000,
+                         description="Client nodes taking part (one pod each under the "
+                                     "operator)")
     clients_per_round: int | None = Field(None, ge=1, le=1000,
-                                          description="Default: all clients")
+                                          description="Clients sampled each round. Default: "
+                                                      "all clients")
     min_clients: int = Field(2, ge=1, le=1000,
-                             description="A round fails below this many updates")
+                             description="A round with fewer valid updates keeps the global "
+                                         "model (at most clients)")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     strategy: StrategySpec = Field(default_factory=StrategySpec)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)

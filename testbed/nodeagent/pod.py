@@ -8,6 +8,12 @@ adopts), ``<c>.pgid`` (for down.sh), ``<c>.exit`` (written by the shim),
 ``<c>.previous.log``), ``hosts`` (bind-mounted on /etc/hosts) and
 ``volumes/``. The directory is recorded in the pod annotation
 ``pqfed.io/log-dir``.
+
+What to do (start, kill, restart after a back-off, finish, stop) and what to report (phase,
+conditions, container statuses) is decided in podstatus.py from a snapshot; this module only
+observes and applies. It stays one module past ~500 lines because it is the I/O of one
+pod's lifecycle around one mutable record (sandbox, processes, probes' I/O, termination,
+status patches) that the worker thread owns.
 """
 
 from __future__ import annotations
@@ -36,6 +42,32 @@ from pqfed.testbed.nodeagent.podspec import (
     container_env,
     pod_path,
 )
+from pqfed.testbed.nodeagent.podstatus import (
+    OWNED,
+    Action,
+    Backoff,
+    ContainerSnapshot,
+    ContainerState,
+    Decision,
+    FinishPod,
+    KillContainer,
+    MarkTerminated,
+    Phase,
+    PodSnapshot,
+    RestartContainer,
+    Role,
+    Running,
+    StartContainer,
+    StopPod,
+    Terminated,
+    Waiting,
+    decide,
+    decide_exit,
+    grace_period,
+    probe_order,
+    restart_policy,
+    state_from_api,
+)
 from pqfed.testbed.nodeagent.probes import Prober, run_handler
 from pqfed.testbed.nodeagent.runtime import (
     LOG_DIR_ANNOTATION,
@@ -52,7 +84,6 @@ from pqfed.testbed.nodeagent.volumes import VolumeManager
 log = logging.getLogger(__name__)
 
 TICK_S = 0.5
-BACKOFF_RESET_S = 600.0
 NO_COMMAND = (
     "the pqfed node agent runs containers as local processes and ignores `image`: "
     "set `command` and/or `args`"
@@ -82,11 +113,10 @@ class Sandbox:
 
 @dataclass
 class Container:
-    """Runtime record of one (init) container."""
+    """Runtime record of one (init) container: its process and what the decisions need."""
 
     spec: Obj
-    init: bool = False
-    sidecar: bool = False
+    role: Role = "regular"
     restart_count: int = 0
     ever_started: bool = False
     proc: subprocess.Popen[bytes] | None = None
@@ -95,18 +125,26 @@ class Container:
     main_pid: int | None = None  # the container's process (pid file written by the shim)
     started_at: str | None = None
     started_mono: float = 0.0
-    state: Obj = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
-    last_state: Obj = field(default_factory=dict)
+    state: ContainerState = field(default_factory=Waiting)
+    last_state: Terminated | None = None
     env: dict[str, str] = field(default_factory=dict)
     next_start: float = 0.0
     failures: int = 0  # consecutive, for the back-off
-    done: bool = False  # terminated and not going to be restarted
     probes: dict[str, Prober] = field(default_factory=dict)
     kill_reason: str | None = None
 
     @property
     def name(self) -> str:
         return str(self.spec["name"])
+
+    @property
+    def sidecar(self) -> bool:
+        return self.role == "sidecar"
+
+    @property
+    def done(self) -> bool:
+        """Terminated and not going to be restarted."""
+        return isinstance(self.state, Terminated)
 
     @property
     def alive(self) -> bool:
@@ -118,26 +156,21 @@ class Container:
 
     @property
     def running(self) -> bool:
-        return "running" in self.state
+        return isinstance(self.state, Running)
 
-    @property
-    def terminated(self) -> bool:
-        return "terminated" in self.state
+    def probe_result(self, kind: str) -> bool | None:
+        """True also when the container has no such probe."""
+        prober = self.probes.get(kind)
+        return True if prober is None else prober.result
 
-    @property
-    def exit_code(self) -> int | None:
-        term = self.state.get("terminated")
-        return None if term is None else int(term.get("exitCode", 0))
-
-    @property
-    def ready(self) -> bool:
-        if not self.running:
-            return False
-        startup = self.probes.get("startup")
-        if startup is not None and startup.result is not True:
-            return False
-        readiness = self.probes.get("readiness")
-        return readiness is None or readiness.result is True
+    def snapshot(self) -> ContainerSnapshot:
+        return ContainerSnapshot(
+            name=self.name, role=self.role, image=str(self.spec.get("image") or ""),
+            state=self.state, last_state=self.last_state, restart_count=self.restart_count,
+            has_process=self.pid is not None,
+            container_id=f"pqfed://{self.pid}" if self.pid is not None else "",
+            not_before=self.next_start, startup=self.probe_result("startup"),
+            readiness=self.probe_result("readiness"), liveness=self.probe_result("liveness"))
 
 
 class PodWorker:
@@ -162,16 +195,20 @@ class PodWorker:
         self.volume_error: str | None = None
         self.containers: dict[str, Container] = {}
         for spec in pod["spec"].get("initContainers") or []:
-            sidecar = spec.get("restartPolicy") == "Always"
-            self.containers[spec["name"]] = Container(spec, init=True, sidecar=sidecar)
+            role: Role = "sidecar" if spec.get("restartPolicy") == "Always" else "init"
+            self.containers[spec["name"]] = Container(spec, role=role)
         for spec in pod["spec"]["containers"]:
             self.containers[spec["name"]] = Container(spec)
+        self.backoff = Backoff(initial_s=ctx.config.restart_backoff_s,
+                               max_s=ctx.config.max_backoff_s)
         self.start_time: str | None = None
-        self.phase = "Pending"
+        self.phase: Phase = "Pending"
         self.terminal = False
         self.final_reason: str | None = None
         self.final_message: str | None = None
-        self.cond_times: dict[str, tuple[str, str]] = {}
+        # The node's conditions as last reported: their transition times survive a stale
+        # copy of the pod (the API's copy serves after an agent restart).
+        self.reported_conditions: dict[str, Obj] = {}
         self.last_status: str | None = None
         self.last_status_error: str | None = None
         self.hosts_lock = threading.Lock()
@@ -179,7 +216,7 @@ class PodWorker:
         if api_phase in ("Succeeded", "Failed"):
             # Already final (possibly reported by an earlier agent run): never run it again.
             self.terminal = True
-            self.phase = str(api_phase)
+            self.phase = "Succeeded" if api_phase == "Succeeded" else "Failed"
 
     # -- interface for the agent -------------------------------------------------
     def start(self) -> None:
@@ -234,35 +271,78 @@ class PodWorker:
         finally:
             self.ctx.on_worker_done(self.uid)
 
+    def _snapshot(self, pod: Obj) -> PodSnapshot:
+        meta, spec = pod["metadata"], pod["spec"]
+        return PodSnapshot(
+            containers=tuple(c.snapshot() for c in self.containers.values()),
+            restart_policy=restart_policy(spec.get("restartPolicy")),
+            ref=f"{meta['name']}_{meta['namespace']}",
+            grace_s=grace_period(pod),
+            readiness_gates=tuple(str(g["conditionType"])
+                                  for g in spec.get("readinessGates") or []),
+            conditions=self._conditions(pod),
+            sandbox_ready=self.sandbox is not None,
+            volume_error=self.volume_error or "",
+            terminal=self.terminal,
+            phase=self.phase,
+            deletion_requested=bool(meta.get("deletionTimestamp")),
+            removed=self.removed,
+            shutdown_grace_s=self.shutdown_grace,
+            now=time.monotonic(),
+            wall=now_rfc3339(),
+        )
+
+    def _conditions(self, pod: Obj) -> tuple[Obj, ...]:
+        api = {str(c.get("type")): c for c in (pod.get("status") or {}).get("conditions") or []}
+        return tuple({**api, **self.reported_conditions}.values())
+
     def _sync(self, pod: Obj) -> bool:
         """One reconciliation; True when the worker is finished."""
-        if self.shutdown_grace is not None:
-            self._shutdown(pod, self.shutdown_grace)
-            return True
-        if self.removed:
-            self._terminate_all(pod, min(self._grace(pod), 2.0), "the pod object was deleted")
-            self._teardown(remove_dir=True)
-            return True
-        if pod["metadata"].get("deletionTimestamp"):
-            self._delete_pod(pod)
+        stop = decide(self._snapshot(pod)).stop
+        if stop is not None:
+            self._stop(pod, stop)
             return True
         if self.terminal:
             return False
-        if not self._ensure_sandbox(pod):
-            self._push_status(pod)
-            return False
-        self._ensure_volumes(pod)
-        now = time.monotonic()
-        for c in self.containers.values():
-            self._poll(pod, c)
-        if self._run_init_containers(pod, now):
+        if self._ensure_sandbox(pod):
+            self._ensure_volumes(pod)
             for c in self.containers.values():
-                if not c.init:
-                    self._maybe_start(pod, c, now)
-        self._probe(pod)
-        self._update_phase(pod)
-        self._push_status(pod)
+                self._poll(pod, c)
+            self._probe(pod)
+        decision = decide(self._snapshot(pod))
+        if decision.actions:
+            for action in decision.actions:
+                self._apply(pod, action)
+            # Report the state the actions left (what they lead to next is decided next tick).
+            decision = decide(self._snapshot(pod))
+        self.phase = decision.phase
+        self._push_status(pod, decision)
         return False
+
+    def _apply(self, pod: Obj, action: Action) -> None:
+        if isinstance(action, StartContainer):
+            self._start(pod, self.containers[action.name])
+        elif isinstance(action, KillContainer):
+            c = self.containers[action.name]
+            c.kill_reason = action.reason
+            self.ctx.event(pod, "Killing", action.reason, container=c.name)
+            self._terminate(pod, [c], grace_period(pod))
+        elif isinstance(action, FinishPod):
+            self.phase = action.phase
+            self.terminal = True
+            log.info("pod %s: %s", self.ref, action.phase)
+            sidecars = [c for c in self.containers.values() if c.sidecar and c.pid is not None]
+            self._terminate(pod, sidecars, 2.0)
+            self._teardown()
+
+    def _stop(self, pod: Obj, stop: StopPod) -> None:
+        if stop.mode == "forget":
+            self._terminate_all(pod, stop.grace_s, stop.why)
+            self._teardown(remove_dir=True)
+        elif stop.mode == "delete":
+            self._delete_pod(pod, stop)
+        else:
+            self._shutdown(pod, stop)
 
     # -- adoption -----------------------------------------------------------------
     def _adopt(self) -> None:
@@ -283,19 +363,20 @@ class PodWorker:
             c.ever_started = True
             c.pid, c.pid_start = rec.get("pid"), rec.get("pidStart")
             c.started_at = rec.get("startedAt")
-            c.last_state = rec.get("lastState") or {}
+            last = state_from_api(rec.get("lastState"))
+            c.last_state = last if isinstance(last, Terminated) else None
             c.env = rec.get("env") or {}
             c.started_mono = time.monotonic()
-            if rec.get("done"):
-                c.done = True
-                c.state = rec.get("state") or {}
+            final = state_from_api(rec.get("state")) if rec.get("done") else None
+            if isinstance(final, Terminated):
+                c.state = final
             elif c.pid is not None:
                 # A live one is "running"; a dead one is polled into "terminated".
                 info = read_json(self._cfile(c, ".pid"))
                 if isinstance(info, dict):
                     c.main_pid = int(info["pid"])
                     c.started_at = c.started_at or info.get("startedAt")
-                c.state = {"running": {"startedAt": c.started_at or now_rfc3339()}}
+                c.state = Running(c.started_at or now_rfc3339())
                 self._init_probes(c)
             if c.pid is not None:
                 log.info("pod %s: adopted container %s (pid %d)", self.ref, c.name, c.pid)
@@ -393,40 +474,6 @@ class PodWorker:
             self.volumes.last_sync = time.monotonic() - self.volumes.RESYNC_S + 3  # retry in 3 s
 
     # -- containers -----------------------------------------------------------------
-    def _restart_policy(self, pod: Obj, c: Container) -> str:
-        if c.sidecar:
-            return "Always"
-        policy = str(pod["spec"].get("restartPolicy") or "Always")
-        if c.init:
-            return "Never" if policy == "Never" else "OnFailure"
-        return policy
-
-    def _run_init_containers(self, pod: Obj, now: float) -> bool:
-        """Start init containers in order; True once all have completed (sidecars: started)."""
-        for c in self.containers.values():
-            if not c.init:
-                continue
-            if c.sidecar:
-                self._maybe_start(pod, c, now)
-                if not c.running:
-                    return False
-                continue
-            if c.done and c.exit_code == 0:
-                continue
-            if c.done:  # failed and not restarted: the pod fails
-                return False
-            self._maybe_start(pod, c, now)
-            return False
-        return True
-
-    def _maybe_start(self, pod: Obj, c: Container, now: float) -> None:
-        if c.done or c.alive or c.pid is not None or now < c.next_start:
-            return
-        if self.volume_error:
-            c.state = {"waiting": {"reason": "ContainerCreating", "message": self.volume_error}}
-            return
-        self._start(pod, c)
-
     def _base_env(self, pod: Obj) -> dict[str, str]:
         cfg = self.ctx.config
         host, port = self.ctx.api_host, self.ctx.api_port
@@ -461,7 +508,7 @@ class PodWorker:
             argv = container_argv(c.spec, env)
             mounts = self.volumes.mounts(c.spec, env) if self.ctx.mount_namespaces else []
         except ConfigError as exc:
-            c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}
+            c.state = Waiting("CreateContainerConfigError", str(exc))
             c.next_start = time.monotonic() + 5
             self.ctx.event(pod, "Failed", f"Error: {exc}", warning=True, container=c.name)
             return
@@ -483,7 +530,7 @@ class PodWorker:
         for suffix in (".exit", ".pid"):
             self._cfile(c, suffix).unlink(missing_ok=True)
         log_file = self._cfile(c, ".log")
-        if log_file.exists() and (c.restart_count or c.last_state):
+        if log_file.exists() and (c.restart_count or c.last_state is not None):
             log_file.replace(self._cfile(c, ".previous.log"))
         spec_file = self._cfile(c, ".spec.json")
         fd = os.open(spec_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -523,7 +570,7 @@ class PodWorker:
         c.started_at = None
         c.started_mono = time.monotonic()
         c.kill_reason = None
-        c.state = {"waiting": {"reason": "ContainerCreating"}}
+        c.state = Waiting("ContainerCreating")
         (self._cfile(c, ".pgid")).write_text(str(proc.pid))
         self._save(c)
         log.info("pod %s: started container %s (pid %d): %s", self.ref, c.name, proc.pid, argv)
@@ -531,8 +578,9 @@ class PodWorker:
     def _save(self, c: Container) -> None:
         write_json(self._cfile(c, ".json"), {
             "pid": c.pid, "pidStart": c.pid_start, "startedAt": c.started_at,
-            "restartCount": c.restart_count, "lastState": c.last_state, "done": c.done,
-            "state": c.state if c.done else None, "env": {},
+            "restartCount": c.restart_count,
+            "lastState": c.last_state.to_api() if c.last_state is not None else {},
+            "done": c.done, "state": c.state.to_api() if c.done else None, "env": {},
         })
 
     def _init_probes(self, c: Container) -> None:
@@ -551,13 +599,13 @@ class PodWorker:
                 c.main_pid = int(info["pid"])
                 c.started_at = str(info.get("startedAt") or now_rfc3339())
                 if not self.terminal:
-                    c.state = {"running": {"startedAt": c.started_at}}
+                    c.state = Running(c.started_at)
                     self._init_probes(c)
                     self._save(c)
                     self.ctx.event(pod, "Started", f"Started container {c.name}",
                                    container=c.name)
-        elif c.running and c.started_at is None:
-            c.started_at = c.state["running"].get("startedAt")
+        elif isinstance(c.state, Running) and c.started_at is None:
+            c.started_at = c.state.started_at
         if c.alive:
             return
         result = read_json(self._cfile(c, ".exit"))
@@ -577,73 +625,62 @@ class PodWorker:
 
     def _record_exit(self, pod: Obj, c: Container, result: Obj) -> None:
         code = int(result.get("exitCode", 0))
-        term: Obj = {
-            "exitCode": code,
-            "reason": result.get("reason") or ("Completed" if code == 0 else "Error"),
-            "startedAt": c.started_at or result.get("startedAt") or now_rfc3339(),
-            "finishedAt": result.get("finishedAt") or now_rfc3339(),
-        }
-        if result.get("signal"):
-            term["signal"] = int(result["signal"])
         message = result.get("message") or c.kill_reason
-        if message:
-            term["message"] = str(message)[:1000]
-        if c.pid:
-            term["containerID"] = f"pqfed://{c.pid}"
+        exit_ = Terminated(
+            exit_code=code,
+            reason=str(result.get("reason") or ("Completed" if code == 0 else "Error")),
+            started_at=c.started_at or result.get("startedAt") or now_rfc3339(),
+            finished_at=result.get("finishedAt") or now_rfc3339(),
+            message=str(message)[:1000] if message else "",
+            signal=int(result["signal"]) if result.get("signal") else None,
+            container_id=f"pqfed://{c.pid}" if c.pid else "",
+        )
         ran_for = time.monotonic() - c.started_mono if c.started_mono else 0.0
+        snapshot = c.snapshot()
         c.proc, c.pid, c.pid_start, c.main_pid = None, None, None, None
         c.probes = {}
         self._cfile(c, ".pgid").unlink(missing_ok=True)
-        policy = self._restart_policy(pod, c)
-        restart = not self.terminal and (
-            policy == "Always" or (policy == "OnFailure" and code != 0))
-        log.info("pod %s: container %s exited %d (%s)%s", self.ref, c.name, code,
-                 term["reason"], ", restarting" if restart else "")
-        if not restart:
-            c.state = {"terminated": term}
-            c.done = True
+        meta = pod["metadata"]
+        decision = decide_exit(
+            snapshot, exit_, pod_policy=restart_policy(pod["spec"].get("restartPolicy")),
+            terminal=self.terminal, failures=c.failures, ran_for_s=ran_for,
+            backoff=self.backoff, ref=f"{meta['name']}_{meta['namespace']}")
+        log.info("pod %s: container %s exited %d (%s)%s", self.ref, c.name, code, exit_.reason,
+                 ", restarting" if isinstance(decision, RestartContainer) else "")
+        self._apply_exit(pod, c, decision)
+
+    def _apply_exit(self, pod: Obj, c: Container,
+                    decision: RestartContainer | MarkTerminated) -> None:
+        if isinstance(decision, MarkTerminated):
+            c.state = decision.exit
             self._save(c)
             return
-        c.last_state = {"terminated": term}
-        c.failures = 1 if ran_for >= BACKOFF_RESET_S else c.failures + 1
-        cfg = self.ctx.config
-        # Like the kubelet: the first restart is immediate, then 10 s, 20 s, ... up to 5 min.
-        delay = 0.0 if c.failures == 1 else min(
-            cfg.restart_backoff_s * 2 ** (c.failures - 2), cfg.max_backoff_s)
-        c.next_start = time.monotonic() + delay
-        if delay == 0:
-            c.state = {"waiting": {"reason": "ContainerCreating"}}
-            self._save(c)
-            return
-        c.state = {"waiting": {
-            "reason": "CrashLoopBackOff",
-            "message": f"back-off {delay:g}s restarting failed container={c.name} "
-                       f"pod={pod['metadata']['name']}_{pod['metadata']['namespace']}",
-        }}
+        c.last_state = decision.exit
+        c.failures = decision.failures
+        c.next_start = time.monotonic() + decision.delay_s
+        c.state = decision.state
         self._save(c)
-        self.ctx.event(pod, "BackOff", f"Back-off restarting failed container {c.name}",
-                       warning=True, container=c.name)
+        if decision.delay_s > 0:
+            self.ctx.event(pod, "BackOff", f"Back-off restarting failed container {c.name}",
+                           warning=True, container=c.name)
 
     # -- probes -----------------------------------------------------------------------
     def _probe(self, pod: Obj) -> None:
+        """Run the probes that are due; a failing liveness or startup probe's kill is decided
+        with the rest (podstatus.decide)."""
         assert self.sandbox is not None
         now = time.monotonic()
         for c in self.containers.values():
             if not c.running or c.pid is None:
                 continue
-            order = ["startup"]
-            if "startup" not in c.probes or c.probes["startup"].result is True:
-                order += ["readiness", "liveness"]
             if c.probes and not c.env:  # adopted: env is not persisted (secrets)
                 with contextlib.suppress(ConfigError, ApiError, OSError):
                     refs = RefResolver(self.ctx.kube, pod["metadata"]["namespace"])
                     c.env = container_env(self._pod_with_ips(pod), c.spec, self._base_env(pod),
                                           refs, self.ctx.node_alloc)
-            for kind in order:
+            for kind in probe_order("startup" in c.probes, c.probe_result("startup")):
                 prober = c.probes.get(kind)
                 if prober is None or not prober.due(now):
-                    continue
-                if kind == "startup" and prober.result is True:
                     continue
                 before = prober.result
                 result = prober.run(host=self.sandbox.ip, container=c.spec,
@@ -651,20 +688,8 @@ class PodWorker:
                 if result is False and before is not False:
                     self.ctx.event(pod, "Unhealthy", f"{kind.capitalize()} probe failed: "
                                    f"{prober.message}", warning=True, container=c.name)
-                if result is False and kind in ("liveness", "startup"):
-                    c.kill_reason = f"Container {c.name} failed {kind} probe, will be restarted"
-                    self.ctx.event(pod, "Killing", c.kill_reason, container=c.name)
-                    self._terminate(pod, [c], self._grace(pod))
-                    break
 
     # -- termination ---------------------------------------------------------------------
-    def _grace(self, pod: Obj) -> float:
-        meta_grace = pod["metadata"].get("deletionGracePeriodSeconds")
-        if meta_grace is not None:
-            return float(meta_grace)
-        spec_grace = pod["spec"].get("terminationGracePeriodSeconds")
-        return float(30 if spec_grace is None else spec_grace)
-
     def _terminate(self, pod: Obj, containers: list[Container], grace: float) -> None:
         """preStop, SIGTERM, wait up to ``grace`` s, SIGKILL; then record the exits."""
         deadline = time.monotonic() + grace
@@ -702,8 +727,8 @@ class PodWorker:
         self._terminate(pod, [c for c in live if not c.sidecar], grace)
         self._terminate(pod, [c for c in live if c.sidecar], min(grace, 2.0))
         for c in self.containers.values():
-            if not c.done and c.pid is None and "terminated" in c.last_state:
-                c.state, c.last_state, c.done = c.last_state, {}, True  # no restart after back-off
+            if not c.done and c.pid is None and c.last_state is not None:
+                c.state, c.last_state = c.last_state, None  # no restart after back-off
 
     def _teardown(self, remove_dir: bool = False) -> None:
         """Release the sandbox: network namespace, IP, cgroups (and volumes)."""
@@ -734,9 +759,9 @@ class PodWorker:
                 else:
                     entry.unlink(missing_ok=True)
 
-    def _delete_pod(self, pod: Obj) -> None:
+    def _delete_pod(self, pod: Obj, stop: StopPod) -> None:
         """Graceful deletion: stop everything, then remove the object (grace 0) like the kubelet."""
-        self._terminate_all(pod, self._grace(pod), "the pod is being deleted")
+        self._terminate_all(pod, stop.grace_s, stop.why)
         self._teardown(remove_dir=True)
         meta = pod["metadata"]
         try:
@@ -748,123 +773,42 @@ class PodWorker:
                 log.warning("pod %s: final delete: %s", self.ref, exc)
         log.info("pod %s: deleted", self.ref)
 
-    def _shutdown(self, pod: Obj, grace: float) -> None:
+    def _shutdown(self, pod: Obj, stop: StopPod) -> None:
         """The node goes away: stop the pod and report it Failed, like graceful node shutdown."""
         if self.ctx.config.keep_pods_on_exit:
             return
         was_terminal = self.terminal
-        self._terminate_all(pod, min(self._grace(pod), grace), "the node agent is stopping")
+        self._terminate_all(pod, stop.grace_s, stop.why)
         self._teardown(remove_dir=False)
         if not was_terminal and self.sandbox is not None:
             self.phase = "Failed"
             self.final_reason = "Terminated"
             self.final_message = "Pod was terminated in response to imminent node shutdown."
-            self._push_status(pod)
+            self._push_status(pod, decide(self._snapshot(pod)))
 
     # -- status ---------------------------------------------------------------------
-    def _update_phase(self, pod: Obj) -> None:
-        if self.terminal:
-            return
-        regular = [c for c in self.containers.values() if not c.init]
-        inits = [c for c in self.containers.values() if c.init and not c.sidecar]
-        failed_init = any(c.done and c.exit_code != 0 for c in inits)
-        if failed_init:
-            phase = "Failed"
-        elif all(c.done for c in regular):
-            phase = "Succeeded" if all(c.exit_code == 0 for c in regular) else "Failed"
-        elif any(c.running or c.terminated or c.restart_count for c in regular):
-            phase = "Running"
-        else:
-            phase = "Pending"
-        self.phase = phase
-        if phase in ("Succeeded", "Failed"):
-            self.terminal = True
-            log.info("pod %s: %s", self.ref, phase)
-            sidecars = [c for c in self.containers.values() if c.sidecar and c.pid is not None]
-            self._terminate(pod, sidecars, 2.0)
-            self._teardown()
-
-    def _condition(self, kind: str, ok: bool, reason: str = "", message: str = "") -> Obj:
-        status = "True" if ok else "False"
-        prev = self.cond_times.get(kind)
-        if prev is None or prev[0] != status:
-            self.cond_times[kind] = (status, now_rfc3339())
-        cond: Obj = {"type": kind, "status": status,
-                     "lastTransitionTime": self.cond_times[kind][1], "lastProbeTime": None}
-        if reason:
-            cond["reason"] = reason
-        if message:
-            cond["message"] = message
-        return cond
-
-    def _container_status(self, c: Container) -> Obj:
-        state = c.state
-        if "waiting" in state and not state["waiting"].get("message"):
-            state = {"waiting": {"reason": state["waiting"].get("reason", "ContainerCreating")}}
+    def _status(self, decision: Decision) -> Obj:
         status: Obj = {
-            "name": c.name,
-            "image": c.spec.get("image") or "",
-            "imageID": "",
-            "ready": c.ready,
-            "started": c.running,
-            "restartCount": c.restart_count,
-            "state": state,
-            "lastState": c.last_state,
-        }
-        if c.pid is not None:
-            status["containerID"] = f"pqfed://{c.pid}"
-        elif "terminated" in state and state["terminated"].get("containerID"):
-            status["containerID"] = state["terminated"]["containerID"]
-        return status
-
-    def _status(self, pod: Obj) -> Obj:
-        inits = [c for c in self.containers.values() if c.init]
-        regular = [c for c in self.containers.values() if not c.init]
-        init_done = all((c.done and c.exit_code == 0) or (c.sidecar and c.running)
-                        for c in inits)
-        unready = [c.name for c in regular if not c.ready]
-        gates = [g["conditionType"] for g in pod["spec"].get("readinessGates") or []]
-        existing = {c["type"]: c for c in (pod.get("status") or {}).get("conditions") or []}
-        gates_ok = all(existing.get(g, {}).get("status") == "True" for g in gates)
-        if self.terminal:
-            ready_reason, ready_msg = "PodCompleted", ""
-        elif unready:
-            ready_reason = "ContainersNotReady"
-            ready_msg = f"containers with unready status: [{' '.join(unready)}]"
-        else:
-            ready_reason, ready_msg = "", ""
-        containers_ready = not unready and not self.terminal
-        ours = [
-            self._condition("PodReadyToStartContainers", self.sandbox is not None and not
-                            (self.terminal and self.phase != "Running")),
-            self._condition("Initialized", init_done or self.terminal,
-                            "" if init_done else "ContainersNotInitialized"),
-            self._condition("ContainersReady", containers_ready, ready_reason, ready_msg),
-            self._condition("Ready", containers_ready and gates_ok,
-                            ready_reason or ("" if gates_ok else "ReadinessGatesNotReady"),
-                            ready_msg),
-        ]
-        managed = {c["type"] for c in ours}
-        conditions = [c for t, c in existing.items() if t not in managed] + ours
-        status: Obj = {
-            "phase": self.phase,
-            "conditions": conditions,
+            "phase": decision.phase,
+            "conditions": decision.conditions,
             "hostIP": self.ctx.host_ip,
             "hostIPs": [{"ip": self.ctx.host_ip}],
             "startTime": self.start_time or now_rfc3339(),
-            "containerStatuses": [self._container_status(c) for c in regular],
+            "containerStatuses": decision.container_statuses,
             "reason": self.final_reason,
             "message": self.final_message or self.sandbox_error,
         }
-        if inits:
-            status["initContainerStatuses"] = [self._container_status(c) for c in inits]
+        if decision.init_container_statuses:
+            status["initContainerStatuses"] = decision.init_container_statuses
         if self.sandbox is not None:
             status["podIP"] = self.sandbox.ip
             status["podIPs"] = [{"ip": self.sandbox.ip}]
         return status
 
-    def _push_status(self, pod: Obj) -> None:
-        status = self._status(pod)
+    def _push_status(self, pod: Obj, decision: Decision) -> None:
+        status = self._status(decision)
+        self.reported_conditions = {c["type"]: c for c in decision.conditions
+                                    if c["type"] in OWNED}
         body: Obj = {"status": status}
         annotations = pod["metadata"].get("annotations") or {}
         wanted = {LOG_DIR_ANNOTATION: str(self.dir)}
