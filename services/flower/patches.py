@@ -90,7 +90,9 @@ class OnOtherVersion(StrEnum):
     REFUSE = "refuse"  # raise UnsupportedFlowerVersion
 
 
+@functools.cache
 def installed_flwr_version() -> str:
+    """The flwr distribution's version (read once per process)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
