@@ -26,9 +26,9 @@ longer than our ~500-line habit: every reach into Flower's internals is in this 
 an upgrade is reviewed here and nowhere else.
 
 Upstream notes were checked against flwr 1.42.0, the newest release on PyPI at the time of
-writing (the stored snapshot of Flower's main branch, flwrlabs/flower 1.30.0-dev, predates
-it). One earlier candidate is already unnecessary upstream and so is not patched: the
-SuperExec's task-poll interval is a setting (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``,
+writing (the main-branch snapshot of flwrlabs/flower at hand, 1.30.0-dev of April 2026,
+predates it). Where flwr already has a setting, it is used instead of a patch: the
+SuperExec's task-poll interval (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``,
 `FlowerTuning.superexec_poll_interval`).
 """
 
