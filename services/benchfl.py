@@ -161,7 +161,8 @@ def sidecar_ping_pong(requests: int = 400, blocks: int = 8) -> dict[str, Any]:
     import httpx
 
     from pqfed.pqc.identity import CertificateAuthority, Role
-    from pqfed.services.flower_runtime import free_ports, terminate_process_tree
+    from pqfed.services.ports import free_ports
+    from pqfed.services.procs import terminate_process_tree
 
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pqfed.services import flower_runtime as fr
+from pqfed.services import flower as fr
 from pqfed.services.rounds import STATUS_FILE, read_status
 from pqfed.services.spec import FederationJobSpec, check_runnable, load_job, parse_spec
 
@@ -52,6 +52,11 @@ PRELOAD = ("torch", "pqfed.services.apps", "pqfed.services.models", "pqfed.servi
 
 def _stock() -> bool:
     return os.environ.get("PQFED_FLOWER_STOCK", "") == "1"
+
+
+def _tuning(preload: tuple[str, ...]) -> fr.FlowerTuning:
+    """A SuperNode's tuning: capped polls and warm ClientApps, or stock Flower."""
+    return fr.FlowerTuning() if _stock() else fr.FlowerTuning.fast(FAST_POLL_S, preload)
 
 
 def load_spec(path: Path) -> tuple[str, FederationJobSpec]:
@@ -100,14 +105,15 @@ def _serve_status(state_dir: Path, port: int) -> None:
 def _superlink(run_dir: Path, state: Path, args: argparse.Namespace, executor_name: str
                ) -> tuple[fr.SuperLinkProcess, fr.SuperExecProcess]:
     """The server side of an aggregator or an edge: SuperLink + the ServerApp launcher."""
-    fast = None if _stock() else FAST_POLL_S
+    tuning = fr.FlowerTuning() if _stock() else fr.FlowerTuning(poll_cap=FAST_POLL_S)
     link = fr.SuperLinkProcess(run_dir=run_dir, port=args.fleet_port, host=args.host,
                                isolation="process", database=_superlink_db(state),
-                               fast_poll=fast)
+                               tuning=tuning)
+    if not tuning.stock:
+        tuning = tuning.replace(superexec_poll_interval=SERVERAPP_LAUNCH_POLL_S)
     executor = fr.SuperExecProcess(run_dir=run_dir, name=executor_name,
                                    runtime_api_address=link.address,
-                                   flwr_home=run_dir / "homes" / "serverapp", fast_poll=fast,
-                                   poll_interval=None if fast is None else SERVERAPP_LAUNCH_POLL_S)
+                                   flwr_home=run_dir / "homes" / "serverapp", tuning=tuning)
     return link, executor
 
 
@@ -195,13 +201,10 @@ def run_client(args: argparse.Namespace) -> int:
         node_config[MODEL_SIGNER_KEY] = AGGREGATOR_NODE_ID
     if args.attack:
         node_config["attack"] = args.attack
-    stock = _stock()
     node = fr.SuperNodeProcess(run_dir=state / "flower", index=args.index,
                                superlink_address=args.superlink, runtime_port=args.runtime_port,
                                node_config=node_config, isolation="process",
-                               fast_poll=None if stock else FAST_POLL_S,
-                               superexec_poll_interval=None if stock else FAST_POLL_S,
-                               warm_clientapp=not stock, preload=() if stock else PRELOAD,
+                               tuning=_tuning(PRELOAD),
                                env_overrides={"PQFED_WARM_SPEC": str(Path(args.spec).resolve()),
                                               "PQFED_WARM_PARTITION": str(args.index)})
     _stop_on_signal([node])
@@ -232,15 +235,12 @@ def run_edge(args: argparse.Namespace) -> int:
     identity_dir = str(Path(args.identity_dir).resolve())
     sock = edge.socket_path(state)
     members = hierarchy.edge_members(spec, args.index)
-    stock = _stock()
-    fast = None if stock else FAST_POLL_S
     run_dir = state / "flower"
     link, executor = _superlink(run_dir, state, args, "edge-serverapp-superexec")
     upstream = fr.SuperNodeProcess(
         run_dir=state / "upstream", index=args.index, superlink_address=args.superlink,
-        runtime_port=args.runtime_port, isolation="process", fast_poll=fast,
-        superexec_poll_interval=fast, warm_clientapp=not stock,
-        preload=() if stock else ("pqfed.services.apps",),
+        runtime_port=args.runtime_port, isolation="process",
+        tuning=_tuning(("pqfed.services.apps",)),
         node_config={"partition-id": args.index, "num-partitions": spec.hierarchy.edges,
                      "identity-dir": identity_dir, edge.EDGE_SOCKET_KEY: str(sock)})
     procs: list[Any] = [link, executor, upstream]

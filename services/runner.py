@@ -26,8 +26,9 @@ from types import FrameType
 from typing import IO, Any
 
 from pqfed.pqc.identity import CertificateAuthority, Identity, Role
-from pqfed.services.flower_runtime import free_ports, terminate_process_tree
 from pqfed.services.hierarchy import edge_members, edge_node_id
+from pqfed.services.ports import free_ports
+from pqfed.services.procs import terminate_process_tree
 from pqfed.services.rounds import read_status
 from pqfed.services.spec import FederationJobFile, check_runnable, load_job
 

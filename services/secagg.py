@@ -148,8 +148,8 @@ def check_secagg_spec(spec: FederationJobSpec, source: str = "spec") -> None:
 
 
 def stage_secagg_app(dest: Path) -> Path:
-    """The Flower App dir with the SecAgg+ components (for `flower_runtime.submit_run`)."""
-    from pqfed.services import flower_runtime as fr
+    """The Flower App dir with the SecAgg+ components (for `flower.submit_run`)."""
+    from pqfed.services import flower as fr
 
     return fr.stage_app_dir(dest, serverapp=SERVERAPP, clientapp=CLIENTAPP)
 

@@ -70,7 +70,7 @@ def cluster_env(cluster_dir: Path, nodes: Sequence[str], *, bridge: str | None =
     `real_node` names it; it then needs `node_bridge` and `node_subnet` of its own and gets
     free ports for the kubelet, kube-proxy and CoreDNS. Otherwise PQFED_REAL_NODE=0, whatever
     the caller's environment says."""
-    from pqfed.services.flower_runtime import free_ports
+    from pqfed.services.ports import free_ports
 
     etcd_client, etcd_peer, api, kcm, sched = free_ports(5)
     env = {

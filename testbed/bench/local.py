@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from pqfed.services.flower_runtime import free_ports
+from pqfed.services.ports import free_ports
 from pqfed.testbed.bench.common import (
     AggregatorPorts,
     make_material,
@@ -53,7 +53,7 @@ class LocalProc:
         return "ok" if rc == 0 else f"exit code {rc}"
 
     def stop(self) -> None:
-        from pqfed.services.flower_runtime import terminate_process_tree
+        from pqfed.services.procs import terminate_process_tree
 
         if self.popen is not None and self.popen.poll() is None:
             terminate_process_tree(self.popen.pid, timeout=10)

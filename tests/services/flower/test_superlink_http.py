@@ -15,14 +15,17 @@ from pathlib import Path
 import pytest
 
 from pqfed.pqc.sidecar.httpfilter import UPSTREAM_HTTP_IMPLEMENTATION
-from pqfed.services import flower_runtime as fr
+from pqfed.services import flower as fr
+from pqfed.services.flower.patches import pin_uvicorn_http
+from pqfed.services.ports import LOCALHOST, free_port
+from pqfed.services.procs import ManagedProcess, wait_http_ok
 
 BARE_LF = b"GET /health HTTP/1.1\nHost: superlink\n\n"
 CRLF = b"GET /health HTTP/1.1\r\nHost: superlink\r\nConnection: close\r\n\r\n"
 
 
 def _status(port: int, request: bytes) -> int:
-    with socket.create_connection((fr.LOCALHOST, port), timeout=10) as conn:
+    with socket.create_connection((LOCALHOST, port), timeout=10) as conn:
         conn.sendall(request)
         head = conn.recv(64)
     return int(head.split(b" ", 2)[1])
@@ -33,11 +36,11 @@ def test_the_validated_implementation_is_httptools() -> None:
     assert fr.superlink_http_implementation() == UPSTREAM_HTTP_IMPLEMENTATION
 
 
-@pytest.mark.parametrize("fast_poll", [None, 0.2])
+@pytest.mark.parametrize("poll_cap", [None, 0.2])
 def test_superlink_command_pins_the_http_implementation(tmp_path: Path,
-                                                         fast_poll: float | None) -> None:
-    cmd = fr.SuperLinkProcess(tmp_path, 9999, fast_poll=fast_poll).command()
-    assert cmd[1:4] == ["-m", "pqfed.services.flower_runtime", "exec"]
+                                                         poll_cap: float | None) -> None:
+    cmd = fr.SuperLinkProcess(tmp_path, 9999, tuning=fr.FlowerTuning(poll_cap=poll_cap)).command()
+    assert cmd[1:4] == ["-m", "pqfed.services.flower", "exec"]
     assert cmd[cmd.index("--http") + 1] == UPSTREAM_HTTP_IMPLEMENTATION
     assert "flower-superlink" in cmd
 
@@ -47,12 +50,12 @@ def test_pin_overrides_uvicorns_default() -> None:
 
     original = uvicorn.Config.__init__
     try:
-        fr.pin_uvicorn_http("h11")
+        pin_uvicorn_http("h11")
         assert uvicorn.Config(app=None).http == "h11"  # type: ignore[arg-type]
-        fr.pin_uvicorn_http("httptools")  # re-pinning wraps the original, not the wrapper
+        pin_uvicorn_http("httptools")  # re-pinning wraps the original, not the wrapper
         assert uvicorn.Config(app=None, http="h11").http == "httptools"  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="--http"):
-            fr.pin_uvicorn_http("auto")
+            pin_uvicorn_http("auto")
     finally:
         uvicorn.Config.__init__ = original  # type: ignore[method-assign]
 
@@ -61,17 +64,17 @@ def test_pin_overrides_uvicorns_default() -> None:
 def test_real_superlink_runs_the_pinned_parser(tmp_path: Path) -> None:
     """The SuperLink as the aggregator pod starts it refuses a bare-LF request (httptools);
     the same SuperLink pinned to h11 answers it, so the probe tells the two apart."""
-    link = fr.SuperLinkProcess(tmp_path / "pinned", fr.free_port())
-    other = fr.SuperLinkProcess(tmp_path / "h11", fr.free_port())
+    link = fr.SuperLinkProcess(tmp_path / "pinned", free_port())
+    other = fr.SuperLinkProcess(tmp_path / "h11", free_port())
     argv = other.command()
     argv[argv.index("--http") + 1] = "h11"  # the same command, pinned the other way
-    h11 = fr.ManagedProcess("superlink-h11", argv, tmp_path / "h11" / "superlink.log",
+    h11 = ManagedProcess("superlink-h11", argv, tmp_path / "h11" / "superlink.log",
                             other.env(), other.flwr_home)
     try:
         link.start()
         h11.start()
         link.wait_ready(90)
-        fr.wait_http_ok(f"http://{other.address}/health", 90, h11)
+        wait_http_ok(f"http://{other.address}/health", 90, h11)
         assert _status(link.port, CRLF) == 200
         assert _status(link.port, BARE_LF) == 400  # httptools
         assert _status(other.port, CRLF) == 200

@@ -1,7 +1,7 @@
 """One Flower node per certificate: an enrolled client that registers two SuperNodes through
 its own PQC route holds one live node at the SuperLink, so it cannot count twice in sampling,
 `min_available_nodes` or Krum's f. Real SuperLink, real SuperNodes, real PQC sidecars (the
-aggregator's injects the channel's certified node id, services/flower_runtime.py binds)."""
+aggregator's injects the channel's certified node id, services/flower/patches.py binds)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from pqfed.pqc.identity import CertificateAuthority, Role
-from pqfed.services import flower_runtime as fr
+from pqfed.services import flower as fr
+from pqfed.services.ports import free_port
 
 
 def _sidecar(tmp: Path, ca: CertificateAuthority, node: str, role: Role,
@@ -26,7 +27,7 @@ def _sidecar(tmp: Path, ca: CertificateAuthority, node: str, role: Role,
     return subprocess.Popen(
         [sys.executable, "-m", "pqfed.cli", "sidecar", "--cert", str(d / "tls.crt"),
          "--key", str(d / "tls.key"), "--ca", str(d / "ca.crt"),
-         "--admin", f"127.0.0.1:{fr.free_port()}", "--log-level", "warning", *args],
+         "--admin", f"127.0.0.1:{free_port()}", "--log-level", "warning", *args],
         stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -37,9 +38,9 @@ def _online(control: str) -> int:
 @pytest.mark.slow
 def test_two_supernodes_of_one_certificate_hold_one_node(tmp_path: Path) -> None:
     ca = CertificateAuthority.generate("fed-bind")
-    link = fr.SuperLinkProcess(tmp_path / "link", fr.free_port(), fast_poll=0.5)
-    secure = fr.free_port()
-    routes = {f"client-{i}": fr.free_port() for i in range(2)}
+    link = fr.SuperLinkProcess(tmp_path / "link", free_port(), tuning=fr.FlowerTuning(poll_cap=0.5))
+    secure = free_port()
+    routes = {f"client-{i}": free_port() for i in range(2)}
     procs = [
         _sidecar(tmp_path, ca, "aggregator", Role.AGGREGATOR, "--listen",
                  f"127.0.0.1:{secure}", "--upstream", link.address,
@@ -50,7 +51,7 @@ def test_two_supernodes_of_one_certificate_hold_one_node(tmp_path: Path) -> None
     ]
     # client-0 registers two SuperNodes through its route; client-1 one (the control)
     nodes = [fr.SuperNodeProcess(tmp_path / f"node-{i}", i, f"127.0.0.1:{routes[c]}",
-                                 fr.free_port(), fast_poll=0.5)
+                                 free_port(), tuning=fr.FlowerTuning(poll_cap=0.5))
              for i, c in enumerate(("client-0", "client-0", "client-1"))]
     try:
         link.start()

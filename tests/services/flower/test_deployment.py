@@ -1,6 +1,6 @@
-"""Flower 1.42 deployment runtime: SuperLink + SuperNodes + SuperExecs as OS processes.
+"""FlowerDeployment: SuperLink + SuperNodes + SuperExecs as OS processes, end to end.
 
-The slow tests run the numpy stand-in app (tests/services/flower_minimal_app/mini.py): three
+The slow tests run the numpy stand-in app (tests/services/flower/minimal_app/mini.py): three
 nodes, node i adds scale*(i+1) and weighs with i+1, so FedAvg moves the model by
 scale*(1+4+9)/(1+2+3) per round.
 """
@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from pqfed.services import flower_runtime as fr
+from pqfed.services import flower as fr
+from pqfed.services.ports import LOCALHOST, free_port
 
-MINI_DIR = Path(__file__).resolve().parent / "flower_minimal_app"
 NUM_NODES = 3
 
 
@@ -75,7 +74,7 @@ class TcpRelay:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        server = await asyncio.start_server(self._handle, fr.LOCALHOST, 0)
+        server = await asyncio.start_server(self._handle, LOCALHOST, 0)
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         async with server:
@@ -83,7 +82,7 @@ class TcpRelay:
 
     @property
     def address(self) -> str:
-        return f"{fr.LOCALHOST}:{self.port}"
+        return f"{LOCALHOST}:{self.port}"
 
     def start(self) -> TcpRelay:
         self._thread.start()
@@ -94,22 +93,6 @@ class TcpRelay:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
-
-
-def stage_mini_app(dest: Path) -> Path:
-    return fr.stage_app_dir(
-        dest,
-        serverapp="mini:server_app",
-        clientapp="mini:client_app",
-        config_defaults={
-            "num-server-rounds": 3,
-            "fraction-evaluate": 1.0,
-            "min-nodes": 2,
-            "round-timeout": 600.0,
-            "result-path": "",
-            "client-scale": 1.0,
-        },
-    )
 
 
 def run_mini(dep: fr.FlowerDeployment, app_dir: Path, rounds: int, scale: float) -> dict[str, Any]:
@@ -147,84 +130,22 @@ def check_result(result: dict[str, Any], rounds: int, scale: float) -> None:
     assert len(result["round_s"]) == rounds
 
 
-# --------------------------------------------------------------------------- fast unit tests
-
-
-def test_format_config_args() -> None:
-    s = fr.format_config_args({"partition-id": 0, "lr": 0.5, "iid": True, "dir": "/a b"})
-    assert s == 'partition-id=0 lr=0.5 iid=true dir="/a b"'
-    with pytest.raises(ValueError):
-        fr.format_config_args({"x": 'say "hi"'})
-
-
-def test_commands_and_env(tmp_path: Path) -> None:
-    dep = fr.FlowerDeployment.local(
-        tmp_path, 2, superlink_port=9999, fleet_addresses=["127.0.0.1:7001", "127.0.0.1:7002"]
-    )
-    link = dep.superlink.command()
-    assert "--isolation" in link and "process" in link
-    assert "--disable-runtime-dependency-installation" in link
-    assert link[link.index("--port") + 1] == "9999"
-    assert link[link.index("--database") + 1].endswith("state/superlink.db")
-    node = dep.supernodes[1].command()
-    assert node[node.index("--superlink") + 1] == "127.0.0.1:7002"
-    assert node[node.index("--node-config") + 1] == "partition-id=1 num-partitions=2"
-    assert dep.serverapp_executor is not None
-    assert dep.serverapp_executor.command()[-1] == "127.0.0.1:9999"
-    env = dep.supernodes[0].env()
-    assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
-    assert env["FLWR_HOME"].endswith("homes/supernode-0")
-    fast = fr.FlowerDeployment.local(tmp_path, 1, fast_poll=0.2).supernodes[0].command()
-    assert fast[1:5] == ["-m", "pqfed.services.flower_runtime", "exec", "--poll-cap"]
-
-
-def test_stage_app_and_run_config_keys(tmp_path: Path) -> None:
-    app = stage_mini_app(tmp_path / "app")
-    defaults = fr.app_run_config_defaults(app)
-    assert defaults["client-scale"] == 1.0 and defaults["num-server-rounds"] == 3
-    shipped = fr.app_run_config_defaults(fr.FLOWER_APP_DIR)
-    assert {"spec", "job", "state-dir", "identity-dir"} <= set(shipped)
-    assert "client-scale" not in shipped
-    with pytest.raises(ValueError, match="not-a-key"):
-        fr.submit_run(app, {"not-a-key": 1}, "127.0.0.1:1", flwr_home=tmp_path / "h")
-
-
-def test_shipped_app_builds_and_validates() -> None:
-    """services/flower_app: components are import strings of the installed pqfed.services.apps
-    (validated like `flwr run` does: find_spec + AST scan); the FAB carries no code."""
-    import io
-    import zipfile
-
-    from flwr.cli.build import build_fab_from_disk
-    from flwr.cli.config_utils import load_and_validate
-
-    config, _ = load_and_validate(fr.FLOWER_APP_DIR / "pyproject.toml", check_module=True)
-    components = config["tool"]["flwr"]["app"]["components"]
-    assert components == {
-        "serverapp": "pqfed.services.apps:server_app",
-        "clientapp": "pqfed.services.apps:client_app",
-    }
-    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(fr.FLOWER_APP_DIR))).namelist()
-    assert "pyproject.toml" in names
-    assert not [n for n in names if n.endswith(".py")]
-
-
 # --------------------------------------------------------------------------- deployment
 
 
 @pytest.mark.slow
-def test_deployment_through_relay(tmp_path: Path) -> None:
+def test_deployment_through_relay(tmp_path: Path, mini_app: Path, mini_dir: Path) -> None:
     """SuperLink + 3 SuperNodes dialing through a TCP relay, process isolation, 3 rounds;
     then a SuperLink restart on the same database still knows the finished run."""
-    app = stage_mini_app(tmp_path / "app")
-    link_port = fr.free_port()
-    relay = TcpRelay(fr.LOCALHOST, link_port).start()
+    app = mini_app
+    link_port = free_port()
+    relay = TcpRelay(LOCALHOST, link_port).start()
     dep = fr.FlowerDeployment.local(
         tmp_path / "run",
         NUM_NODES,
         superlink_port=link_port,
         fleet_addresses=[relay.address] * NUM_NODES,
-        extra_pythonpath=[MINI_DIR],
+        extra_pythonpath=[mini_dir],
     )
     try:
         dep.start()
@@ -249,56 +170,20 @@ def test_deployment_through_relay(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_warm_clientapp_zygote(tmp_path: Path) -> None:
-    """The flwr-clientapp shim forks the task from the zygote with the shim's argv, stdio,
-    cwd and env, and returns the task's exit code."""
-    import subprocess
-
-    node = fr.SuperNodeProcess(
-        run_dir=tmp_path, index=0, superlink_address="127.0.0.1:1", runtime_port=1,
-        warm_clientapp=True,
-    )  # fmt: skip
-    zyg = fr.ManagedProcess(
-        "zygote",
-        [sys.executable, "-m", "pqfed.services.flower_runtime", "zygote",
-         "--socket", str(node.zygote_socket)],
-        tmp_path / "zygote.log", node.env(), tmp_path,
-    ).start()  # fmt: skip
-    try:
-        fr._wait_unix_socket(node.zygote_socket, 60, zyg)
-        shim = node._shim_path()[0] / "flwr-clientapp"
-        ok = subprocess.run(
-            [shim, "--help"], check=False, capture_output=True, text=True, timeout=30
-        )
-        assert ok.returncode == 0 and "usage: flwr-clientapp" in ok.stdout
-        bad = subprocess.run(
-            [shim, "--no-such-flag"], check=False, capture_output=True, text=True, timeout=30
-        )
-        assert bad.returncode == 2 and "error:" in bad.stderr
-    finally:
-        zyg.stop()
-    assert not zyg.running
-
-
-@pytest.mark.slow
-def test_round_overhead_by_isolation(tmp_path: Path) -> None:
+def test_round_overhead_by_isolation(tmp_path: Path, mini_app: Path, mini_dir: Path) -> None:
     """Stock Flower launch vs ours (fast polls + warm ClientApp) give the same FedAvg result.
     Prints their round times; the measured comparison is `make bench-fl` (transport study)."""
-    app = stage_mini_app(tmp_path / "app")
-    fast = {"superexec_poll_interval": 0.1, "fast_poll": 0.1}
-    modes: dict[str, dict[str, Any]] = {
-        "subprocess (default)": {"isolation": "subprocess"},
-        "process + fast_poll + warm_clientapp": {
-            "isolation": "process",
-            **fast,
-            "warm_clientapp": True,
-            "preload": ["mini", "httpcore"],
-        },
+    app = mini_app
+    modes: dict[str, tuple[fr.Isolation, fr.FlowerTuning]] = {
+        "subprocess (default)": ("subprocess", fr.FlowerTuning()),
+        "process + poll_cap + warm_clientapp": (
+            "process", fr.FlowerTuning.fast(0.1, preload=("mini", "httpcore"))),
     }
     report = []
-    for i, (label, kwargs) in enumerate(modes.items()):
+    for i, (label, (isolation, tuning)) in enumerate(modes.items()):
         dep = fr.FlowerDeployment.local(
-            tmp_path / f"run{i}", NUM_NODES, extra_pythonpath=[MINI_DIR], **kwargs
+            tmp_path / f"run{i}", NUM_NODES, extra_pythonpath=[mini_dir], isolation=isolation,
+            tuning=tuning,
         )
         with dep:
             result = run_mini(dep, app, rounds=3, scale=1.0)

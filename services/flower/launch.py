@@ -1,0 +1,61 @@
+"""``python -m pqfed.services.flower``: run a flwr console script in this interpreter after
+installing pqfed's Flower patches (``exec``), or serve as the warm ClientApp fork server
+(``zygote``). The process layer (services/flower/processes.py) builds these command lines.
+
+    python -m pqfed.services.flower exec [--poll-cap S] [--http IMPL] SCRIPT -- ARGS...
+    python -m pqfed.services.flower zygote --socket PATH [--preload MOD]... [--poll-cap S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pqfed.services.flower")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("exec", help="run a flwr console script with capped poll sleeps "
+                                     "and/or a pinned uvicorn HTTP implementation")
+    ex.add_argument("--poll-cap", type=float, default=None)
+    ex.add_argument("--http", default=None, help="uvicorn HTTP/1.1 implementation (h11, "
+                                                 "httptools) for every server of the script")
+    ex.add_argument("script")
+    ex.add_argument("args", nargs=argparse.REMAINDER)
+    zy = sub.add_parser("zygote", help="warm fork-server for flwr-clientapp tasks")
+    zy.add_argument("--socket", type=Path, required=True)
+    zy.add_argument("--preload", action="append", default=[])
+    zy.add_argument("--script", default="flwr-clientapp")
+    zy.add_argument("--poll-cap", type=float, default=None)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ns = parser().parse_args(argv)
+    if ns.cmd == "zygote":
+        from pqfed.services.flower.warm_clientapp import run_zygote
+
+        run_zygote(ns.socket, ns.script, ns.preload, ns.poll_cap)
+        return
+    from pqfed.services.flower.environment import console_script
+    from pqfed.services.flower.patches import (
+        install_fast_poll,
+        install_peer_binding,
+        pin_uvicorn_http,
+    )
+
+    args = list(ns.args)
+    if args[:1] == ["--"]:
+        args = args[1:]
+    fn = console_script(ns.script)
+    if ns.http is not None:
+        pin_uvicorn_http(ns.http)
+    if ns.poll_cap is not None:
+        install_fast_poll(ns.poll_cap)
+    if ns.script == "flower-superlink":
+        install_peer_binding()
+    sys.argv = [ns.script, *args]
+    result = fn()
+    raise SystemExit(result if isinstance(result, int) else 0)

@@ -1,0 +1,49 @@
+"""The Control API client against the installed flwr: the private client class and the
+protobuf messages it uses exist with the shape the client relies on (the live calls run in
+test_deployment.py and test_peer_binding.py)."""
+
+from __future__ import annotations
+
+import inspect
+
+from pqfed.services import flower as fr
+from pqfed.services.flower.control import control_client
+
+
+def test_control_http_client_constructor() -> None:
+    from flwr.supercore.control.control_http_client import ControlHttpClient
+
+    params = list(inspect.signature(ControlHttpClient.from_server_address).parameters)
+    assert params[:4] == ["server_address", "insecure", "root_certificates", "interceptors"]
+    client = control_client("127.0.0.1:1")  # builds, connects only on a call
+    try:
+        for rpc in ("ListRuns", "StopRun", "ListNodes"):
+            assert callable(getattr(client, rpc))
+    finally:
+        client.close()
+
+
+def test_control_messages_have_the_fields_read() -> None:
+    from flwr.proto.control_pb2 import (
+        ListNodesRequest,
+        ListNodesResponse,
+        ListRunsRequest,
+        ListRunsResponse,
+        StopRunRequest,
+        StopRunResponse,
+    )
+
+    assert ListRunsRequest(run_id=7).run_id == 7
+    assert StopRunRequest(run_id=7).run_id == 7
+    ListNodesRequest()
+    assert "run_dict" in ListRunsResponse.DESCRIPTOR.fields_by_name
+    assert "nodes_info" in ListNodesResponse.DESCRIPTOR.fields_by_name
+    assert "success" in StopRunResponse.DESCRIPTOR.fields_by_name
+    run = ListRunsResponse().run_dict.get_or_create(1)
+    assert {"status", "sub_status", "details"} <= set(run.status.DESCRIPTOR.fields_by_name)
+
+
+def test_run_status() -> None:
+    assert fr.RunStatus(1, "finished", "completed", "").succeeded
+    assert not fr.RunStatus(1, "finished", "failed", "x").succeeded
+    assert not fr.RunStatus(1, "running", "", "").finished
