@@ -21,7 +21,7 @@ chunk sizes without extensions, trailers dropped), never the peer's bytes as the
 With `peer` set, every forwarded request carries `X-Pqfed-Peer: <node id of the certificate
 that authenticated the channel>` and any such header the peer sent itself is dropped, so the
 upstream can bind what it hands out (Flower node ids) to certificates
-(services/flower_runtime.py, install_peer_binding).
+(services/flower/patches.py, PeerBinding).
 """
 
 from __future__ import annotations
