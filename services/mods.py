@@ -193,7 +193,16 @@ def local_dp_mod(msg: Message, context: Context, call_next: Handler) -> Message:
     eps_round, delta_round = local_dp_budget(spec)
     dp = LocalDpMod(spec.privacy.clipping_norm, spec.privacy.clipping_norm, eps_round,
                     delta_round)
-    return dp(msg, context, call_next)
+
+    def trained(m: Message, c: Context) -> Message:
+        reply = call_next(m, c)
+        if not reply.has_error() and (UPDATE_KEY in reply.content
+                                      or _is_blob(array_record(reply.content, "arrays"))):
+            raise ModChainError("local_dp_mod", "got an encoded update, not trained weights; "
+                                                "encode_update_mod must come before (outside) it")
+        return reply
+
+    return dp(msg, context, trained)
 
 
 # ---------------------------------------------------------------- encode_update_mod -----
