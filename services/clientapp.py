@@ -16,7 +16,11 @@ compressed with error feedback and, last on the way out, ML-DSA-signed with its 
 weight. Attack emulation for benchmarks is not part of this app: services/poisoning.py builds
 its own ClientApp with a poisoning mod innermost.
 
-The server side is services/serverapp.py.
+The server side is services/serverapp.py. Flat modules rather than a services/apps/ package,
+as Flower's quickstart splits client_app.py, server_app.py and task.py: they sit next to
+edge.py and secagg.py, which build on them, and the Flower App's components stay plain
+module attributes (`pqfed.services.clientapp:client_app`, which `flwr run` validates by
+scanning the module for that assignment).
 """
 
 from __future__ import annotations
