@@ -15,7 +15,7 @@ edge can neither alter the model its clients train from nor replay an older one.
 therefore does not re-compress the broadcast to its clients: a lossy re-encoding would no
 longer match the signed digest.)
 
-The upstream reply then goes through the normal client pipeline (`apps.pqfed_mod`): it is
+The upstream reply then goes through the normal client mods (services/mods.py): it is
 compressed (with the edge's own error feedback) and ML-DSA-signed by the edge's identity
 (Role.EDGE). The central aggregator accepts only edge-signed updates in hierarchical mode and
 an edge accepts only client-signed ones, so no client can bypass its edge and no edge can pose
@@ -49,22 +49,29 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from pqfed.pqc.audit import AuditLog
 from pqfed.pqc.identity import Role, TrustAnchor
 from pqfed.pqc.truststore import TrustStore
+from pqfed.services.identity_dir import identity_source, load_identity, trust_store
+from pqfed.services.records import (
+    EDGE_SOCKET_KEY,
+    MODEL_SIG_KEY,
+    array_record,
+    config_record,
+    float_arrays,
+    job_spec,
+    round_of,
+)
 from pqfed.services.rounds import RoundRecorder
+from pqfed.services.serverapp import VerifiedStrategy
 from pqfed.services.spec import FederationJobSpec
+from pqfed.services.strategies import build_strategy
 
 log = logging.getLogger("pqfed.edge")
 
-EDGE_SOCKET_KEY = "edge-socket"  # node_config key of an edge's upstream SuperNode
-# node_config key of a client behind an edge: the node id of the central aggregator whose model
-# signature it requires (set from the node's own job file, never from the edge's run config).
-MODEL_SIGNER_KEY = "model-signer"
-AGGREGATOR_NODE_ID = "aggregator"  # the central aggregator's certificate node id
 MAX_HEADER = 64 * 1024
 MAX_PAYLOAD = 512 * 1024 * 1024
 Weights = list[npt.NDArray[np.float32]]
@@ -170,6 +177,29 @@ def request_edge_round(path: Path, round_number: int, weights: list[npt.NDArray[
     return unpack_weights(payload), metrics
 
 
+def edge_train(msg: Message, context: Context, run_round: EdgeRunner,
+               received: float | None = None) -> Message:
+    """An edge's upstream train handler: one edge round over the edge's own clients
+    (`run_round(round, global weights, config, timeout, model_sig)`). The central
+    aggregator's model signature (checked by mods.verify_model_mod) goes to the clients as is."""
+    received = time.time() if received is None else received
+    spec = job_spec(context)
+    config = {k: v for k, v in config_record(msg.content, "config").items()
+              if isinstance(v, int | float | str | bool)}
+    sig = config_record(msg.content, MODEL_SIG_KEY)["signed"]
+    if not isinstance(sig, bytes):
+        raise TypeError("the model signature is not bytes")
+    try:
+        weights, edge_metrics = run_round(round_of(msg),
+                                          float_arrays(array_record(msg.content, "arrays")),
+                                          config, float(spec.timeouts.round_seconds), sig)
+    except EdgeRoundError as exc:
+        raise RuntimeError(str(exc)) from None  # Flower turns it into an error reply
+    metrics = MetricRecord({**edge_metrics, "t-received": received, "t-replied": time.time()})
+    return Message(RecordDict({"arrays": ArrayRecord(list(weights)), "metrics": metrics}),
+                   reply_to=msg)
+
+
 # ---------------------------------------------------------------- downstream side -------
 
 edge_server_app = ServerApp()
@@ -183,9 +213,6 @@ class EdgeAggregator:
     def __init__(self, grid: Grid, spec: FederationJobSpec, job: str, *,
                  trust: TrustAnchor | TrustStore, recorder: RoundRecorder,
                  audit: AuditLog | None) -> None:
-        from pqfed.services.apps import VerifiedStrategy
-        from pqfed.services.strategies import build_strategy
-
         self.grid = grid
         self.recorder = recorder
         self.strategy = VerifiedStrategy(
@@ -227,13 +254,11 @@ def open_edge(grid: Grid, context: Context) -> tuple[EdgeAggregator, AuditLog]:
     """The edge ServerApp's aggregator for `context`: client updates checked against the CA
     and the newest revocation list of the identity directory (re-read mid-job), rejects
     audited in the edge's own log, which follows the edge's certificate renewals."""
-    from pqfed.services.apps import _identity, identity_source, job_spec, trust_store
-
     spec = job_spec(context)
     job = str(context.run_config["job"])
     state_dir = Path(str(context.run_config["state-dir"]))
     identity_dir = str(context.run_config["identity-dir"])
-    ident, _ = _identity(identity_dir)
+    ident, _ = load_identity(identity_dir)
     recorder = RoundRecorder(state_dir, job, spec)  # (creates state_dir)
     audit = AuditLog.resume(state_dir / "audit.jsonl", ident,
                             renewed=identity_source(identity_dir))
@@ -246,8 +271,6 @@ def open_edge(grid: Grid, context: Context) -> tuple[EdgeAggregator, AuditLog]:
 @edge_server_app.main()
 def edge_main(grid: Grid, context: Context) -> None:
     """Serves edge rounds over the unix socket until the edge's run is stopped."""
-    from pqfed.services.apps import job_spec
-
     spec = job_spec(context)
     aggregator, audit = open_edge(grid, context)
     path = Path(str(context.run_config[EDGE_SOCKET_KEY]))

@@ -46,7 +46,7 @@ STATUS_HOST = "127.0.0.1"  # the status API; its only remote reader comes throug
 
 def _superlink_db(state: Path) -> Path | None:
     return state / "superlink.db" if os.environ.get("PQFED_SUPERLINK_DB", "") == "1" else None
-PRELOAD = ("torch", "pqfed.services.apps", "pqfed.services.models", "pqfed.services.data",
+PRELOAD = ("torch", "pqfed.services.clientapp", "pqfed.services.models", "pqfed.services.data",
            "pqfed.services.warmup")
 
 
@@ -150,6 +150,10 @@ def run_aggregator(args: argparse.Namespace) -> int:
         secagg.check_secagg_spec(spec, args.spec)
         app_dir = secagg.stage_secagg_app(run_dir / "app-secagg")
     # --- end secure aggregation ---
+    if args.poisoning:  # benchmarks: clients started with --attack emulate it
+        from pqfed.services.poisoning import stage_poisoning_app
+
+        app_dir = stage_poisoning_app(run_dir / "app-poisoning", spec)
     link, executor = _superlink(run_dir, state, args, "serverapp-superexec")
     procs: list[Any] = [link, executor]
     _stop_on_signal(procs)
@@ -196,7 +200,7 @@ def run_client(args: argparse.Namespace) -> int:
         "identity-dir": str(Path(args.identity_dir).resolve()),
     }
     if spec.hierarchy.enabled:  # behind an edge: train only on the centre's signed model
-        from pqfed.services.edge import AGGREGATOR_NODE_ID, MODEL_SIGNER_KEY
+        from pqfed.services.records import AGGREGATOR_NODE_ID, MODEL_SIGNER_KEY
 
         node_config[MODEL_SIGNER_KEY] = AGGREGATOR_NODE_ID
     if args.attack:
@@ -222,6 +226,7 @@ def run_edge(args: argparse.Namespace) -> int:
     """An edge aggregator (services/edge.py): a SuperLink + edge ServerApp for its member
     clients, and an upstream SuperNode towards the central aggregator."""
     from pqfed.services import edge, hierarchy
+    from pqfed.services.records import EDGE_SOCKET_KEY
 
     _setup_logging()
     name, spec = load_spec(Path(args.spec))
@@ -240,9 +245,9 @@ def run_edge(args: argparse.Namespace) -> int:
     upstream = fr.SuperNodeProcess(
         run_dir=state / "upstream", index=args.index, superlink_address=args.superlink,
         runtime_port=args.runtime_port, isolation="process",
-        tuning=_tuning(("pqfed.services.apps",)),
+        tuning=_tuning(("pqfed.services.clientapp",)),
         node_config={"partition-id": args.index, "num-partitions": spec.hierarchy.edges,
-                     "identity-dir": identity_dir, edge.EDGE_SOCKET_KEY: str(sock)})
+                     "identity-dir": identity_dir, EDGE_SOCKET_KEY: str(sock)})
     procs: list[Any] = [link, executor, upstream]
     _stop_on_signal(procs)
     try:
@@ -259,11 +264,11 @@ def run_edge(args: argparse.Namespace) -> int:
             fr.wait_nodes(link.address, 1, spec.timeouts.round_seconds, watch=watch)
         app_dir = fr.stage_app_dir(run_dir / "app-edge",
                                    serverapp="pqfed.services.edge:edge_server_app",
-                                   config_defaults={edge.EDGE_SOCKET_KEY: ""})
+                                   config_defaults={EDGE_SOCKET_KEY: ""})
         run_id = fr.submit_run(app_dir, {
             "spec": spec.model_dump_json(by_alias=True), "job": name,
             "state-dir": str(state), "identity-dir": identity_dir,
-            edge.EDGE_SOCKET_KEY: str(sock)}, link.address,
+            EDGE_SOCKET_KEY: str(sock)}, link.address,
             flwr_home=run_dir / "homes" / "cli", log_path=run_dir / "logs" / "flwr-run.log")
         log.info("edge %d of job %s: clients %s, edge run %d", args.index, name, members, run_id)
         deadline = time.monotonic() + 120
@@ -314,6 +319,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                      help=f"status API port on {STATUS_HOST} (the sidecar's operator upstream)")
     agg.add_argument("--linger", type=float, default=0.0,
                      help="seconds to keep serving /status after the job ends")
+    agg.add_argument("--poisoning", action="store_true",
+                     help="benchmarks only: the ClientApp emulates the attacks that clients are "
+                          "started with (`fl client --attack`); without it they train honestly")
     agg.set_defaults(func=run_aggregator)
     cli = fl_sub.add_parser("client", help="SuperNode + ClientApp executor")
     cli.add_argument("--spec", required=True)
@@ -324,7 +332,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                      help="Fleet address: the local sidecar route to the aggregator")
     cli.add_argument("--runtime-port", type=int, default=9094)
     cli.add_argument("--attack", choices=["label-flip", "label-flip-boost"],
-                     help="poisoning emulation (benchmarks)")
+                     help="poisoning emulation (benchmarks; the aggregator needs --poisoning)")
     cli.set_defaults(func=run_client)
     edge = fl_sub.add_parser("edge", help="edge aggregator (hierarchical jobs): SuperLink + "
                                           "edge ServerApp downstream, SuperNode upstream")

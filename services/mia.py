@@ -20,9 +20,9 @@ Training is the product's federated path (services/simulation.py): Flower's stra
 `VerifiedStrategy`, Flower's `DifferentialPrivacyServerSideFixedClipping` (central DP) or
 `LocalDpMod` (local DP) with the spec's clipping norm, ML-DSA-signed updates, and the
 epsilon reported by `RoundRecorder` (Flower's RDP accountant for central DP, basic
-composition for local DP). Only which samples a client holds differs from `apps.train`:
+composition for local DP). Only which samples a client holds differs from `clientapp.train`:
 `shard_client_app` trains on the study's shards with the same model, optimiser, seeds and
-`pqfed_mod` pipeline (tests/services/test_mia.py checks it reproduces `apps.client_app`
+client mods (tests/services/test_mia.py checks it reproduces `clientapp.client_app`
 bit for bit on the product's own partition).
 """
 
@@ -186,15 +186,16 @@ def split_pool(n_pool: int, per_split: int, seed: int) -> MiaSplit:
 # ---------------------------------------------------------------- federated training ----
 
 def shard_client_app(shards: Sequence[tuple[FloatArray, LabelArray]]) -> Any:
-    """pqfed's ClientApp (same `pqfed_mod`: LocalDpMod, compression, ML-DSA signing) whose
+    """pqfed's ClientApp (same mods: LocalDpMod, compression, ML-DSA signing) whose
     train handler trains client `partition-id` on `shards[partition-id]`, exactly as
-    `apps.train` trains on the product's partition."""
+    `clientapp.train` trains on the product's partition."""
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
-    from pqfed.services import apps
+    from pqfed.services.mods import client_mods
+    from pqfed.services.records import job_spec
 
-    app = ClientApp(mods=[apps.pqfed_mod])
+    app = ClientApp(mods=client_mods())
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -203,7 +204,7 @@ def shard_client_app(shards: Sequence[tuple[FloatArray, LabelArray]]) -> Any:
         from pqfed.services.models import build_model, get_weights, set_weights, train_epochs
 
         torch.set_num_threads(int(os.environ.get("PQFED_TORCH_THREADS", "1")))
-        spec = apps.job_spec(context)
+        spec = job_spec(context)
         pid = int(str(context.node_config["partition-id"]))
         x, y = shards[pid]
         arrays, config = msg.content["arrays"], msg.content["config"]

@@ -151,7 +151,8 @@ class LocalFederation:
         self._spawn("aggregator", [
             *pqfed, "fl", "aggregator", "--spec", str(self.job_file), "--identity-dir",
             str(agg_dir), "--state-dir", str(self.run_dir / "state" / "aggregator"),
-            "--fleet-port", str(fleet), "--status-port", str(self.status_port)])
+            "--fleet-port", str(fleet), "--status-port", str(self.status_port),
+            *(["--poisoning"] if self.attackers else [])])
         # Hierarchical jobs: clients dial their edge's sidecar instead of the aggregator's.
         direct = secure if self.pqc else fleet  # plaintext baseline: straight to SuperLink
         client_peer = {i: (f"127.0.0.1:{direct}", "aggregator") for i in range(n)}

@@ -39,10 +39,17 @@ What pqfed adds, as composition:
   masks were never added by anyone); likewise a dropped client's masks are only removed for the
   neighbours that actually sent masked vectors. The cryptography stays Flower's.
 * Round records, checkpoints, resume and central evaluation via RoundRecorder (status.json as in
-  pqfed.services.apps); participants are the certified node ids whose masked vectors were summed.
+  pqfed.services.serverapp); participants are the certified node ids whose masked vectors were
+  summed.
 
 Limits: differential privacy and update compression are not combined with SecAgg+ here
 (`check_secagg_spec` refuses them); SecAgg+ sums full parameters, clipped to +-clippingRange.
+
+Why one module of ~700 lines: the client's `signing_mod` and the server's `SignedReplyGrid` are
+the two ends of one signed protocol over one canonical digest (`reply_digest`) and one stage
+binding, and the workflow and strategy subclasses only adapt Flower's SecAgg+ to it; split,
+each half would import the other's constants and digest. Its in-process test harness lives in
+services/testing.py.
 """
 
 from __future__ import annotations
@@ -51,7 +58,6 @@ import hashlib
 import json
 import logging
 import struct
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -63,7 +69,6 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
-    Error,
     Message,
     MessageType,
     Metadata,
@@ -82,7 +87,6 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server import ServerConfig
 from flwr.server.client_manager import ClientManager
@@ -101,9 +105,19 @@ from pqfed.pqc.errors import PqcError
 from pqfed.pqc.identity import Certificate, Role, TrustAnchor
 from pqfed.pqc.signing import SignedUpdate, UpdateManifest, sign_update, verify_update
 from pqfed.pqc.truststore import TrustStore
-from pqfed.services import apps
+from pqfed.services import clientapp
+from pqfed.services.identity_dir import identity_source, load_identity, trust_store
+from pqfed.services.mods import Handler
+from pqfed.services.records import (
+    array_record,
+    arrays_digest_bytes,
+    config_record,
+    float_arrays,
+    job_spec,
+    metric_record,
+    number,
+)
 from pqfed.services.rounds import RoundRecorder
-from pqfed.services.simulation import InProcessGrid
 from pqfed.services.spec import FederationJobSpec, JobSpecError
 from pqfed.services.strategies import clients_per_round
 
@@ -190,7 +204,7 @@ def reply_digest(content: RecordDict, *, stage: str, node_id: int) -> bytes:
         record = content[key]
         if isinstance(record, ArrayRecord):
             _feed(h, b"A", key.encode())
-            _feed(h, b"d", apps.arrays_digest_bytes(record))
+            _feed(h, b"d", arrays_digest_bytes(record))
         elif isinstance(record, ConfigRecord | MetricRecord):
             _feed(h, b"C" if isinstance(record, ConfigRecord) else b"M", key.encode())
             items = sorted(record.items())
@@ -258,8 +272,8 @@ def signing_mod(msg: Message, context: Context, call_next: Any) -> Message:
     stage = _stage(msg)  # read now: secaggplus_mod pops the stage key
     rnd = _group_round(msg)
     job = str(context.run_config["job"])
-    ident, _ = apps._identity(str(context.node_config["identity-dir"]))
-    trust = apps.trust_store(str(context.node_config["identity-dir"]))
+    ident, _ = load_identity(str(context.node_config["identity-dir"]))
+    trust = trust_store(str(context.node_config["identity-dir"]))
     peers = msg.content.get(PEER_KEYS_KEY) if msg.has_content() else None
     if peers is not None:
         del msg.content[PEER_KEYS_KEY]
@@ -284,7 +298,8 @@ def signing_mod(msg: Message, context: Context, call_next: Any) -> Message:
 
 
 def _local_message(context: Context, content: RecordDict, rnd: int) -> Message:
-    """A train instruction for apps.train built inside the ClientApp (no TaskIdentity needed)."""
+    """A train instruction built inside the ClientApp for its train handler (no TaskIdentity
+    needed)."""
     meta = Metadata(run_id=context.run_id, message_id="", src_node_id=0,
                     dst_node_id=context.node_id, reply_to_message_id="", group_id=str(rnd),
                     created_at=time.time(), ttl=DEFAULT_TTL, message_type=MessageType.TRAIN)
@@ -292,33 +307,39 @@ def _local_message(context: Context, content: RecordDict, rnd: int) -> Message:
 
 
 class SecAggClient(NumPyClient):
-    """The legacy-API face of pqfed.services.apps' train/evaluate handlers (same model, data,
-    seeds and metrics): SecAgg+ needs a FitRes to mask."""
+    """The legacy-API face of pqfed's ClientApp handlers (services/clientapp.py: same model,
+    data, seeds and metrics): SecAgg+ needs a FitRes to mask. `train` and `evaluate` are the
+    handlers it calls (benchmarks pass a poisoning one, services/poisoning.py)."""
 
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context, *, train: Handler = clientapp.train,
+                 evaluate: Handler = clientapp.evaluate) -> None:
         self.pq_context = context
+        self.train_handler = train
+        self.evaluate_handler = evaluate
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]
             ) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        rnd = int(apps._number(config.get("round", 0)))
+        rnd = int(number(config.get("round", 0)))
         content = RecordDict({
             "arrays": ArrayRecord([np.asarray(p) for p in parameters]),
-            "config": ConfigRecord({"round": rnd, "proximal-mu": apps._number(
+            "config": ConfigRecord({"round": rnd, "proximal-mu": number(
                 config.get("proximal_mu", 0.0))}),
         })
-        reply = apps.train(_local_message(self.pq_context, content, rnd), self.pq_context)
-        metrics = apps._metrics(reply.content)
-        weights = apps._arrays(apps._record(reply.content, "arrays"))
+        reply = self.train_handler(_local_message(self.pq_context, content, rnd),
+                                   self.pq_context)
+        metrics = metric_record(reply.content)
+        weights = float_arrays(array_record(reply.content, "arrays"))
         out: dict[str, Scalar] = {k: cast(Scalar, v) for k, v in metrics.items()}
-        return weights, int(apps._number(metrics["num-examples"])), out
+        return weights, int(number(metrics["num-examples"])), out
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]
                  ) -> tuple[float, int, dict[str, Scalar]]:
         content = RecordDict({"arrays": ArrayRecord([np.asarray(p) for p in parameters])})
-        reply = apps.evaluate(_local_message(self.pq_context, content, 0), self.pq_context)
-        m = apps._metrics(reply.content)
-        return (apps._number(m["eval-loss"]), int(apps._number(m["num-examples"])),
-                {"accuracy": apps._number(m["eval-acc"])})
+        reply = self.evaluate_handler(_local_message(self.pq_context, content, 0),
+                                      self.pq_context)
+        m = metric_record(reply.content)
+        return (number(m["eval-loss"]), int(number(m["num-examples"])),
+                {"accuracy": number(m["eval-acc"])})
 
 
 def client_fn(context: Context) -> Any:
@@ -428,7 +449,7 @@ class SignedReplyGrid(Grid):
         try:
             if SIGNATURE_KEY not in reply.content:
                 raise ValueError(f"unsigned reply (no {SIGNATURE_KEY!r} record)")
-            sig = apps._config(reply.content, SIGNATURE_KEY)
+            sig = config_record(reply.content, SIGNATURE_KEY)
             bound = self._bound.get(node)
             if stage in BOUND_STAGES:
                 if bound is None:
@@ -463,7 +484,7 @@ class SignedReplyGrid(Grid):
         except (PqcError, KeyError, TypeError, ValueError) as exc:
             self._reject(rnd, node, stage, str(exc))
             return None
-        self.recorder.add_crypto(rnd, apps._number(sig.get("sign-seconds", 0.0)))
+        self.recorder.add_crypto(rnd, number(sig.get("sign-seconds", 0.0)))
         del reply.content[SIGNATURE_KEY]
         nbytes = content_bytes(reply) + nsig
         if stage == Stage.COLLECT_MASKED_VECTORS:
@@ -554,9 +575,9 @@ class RecordingStrategy(LegacyStrategy):
         rnd = self.offset + server_round
         for _, res in results:
             m = res.metrics
-            self.recorder.note_compute(rnd, apps._number(m.get("train-seconds", 0.0)))
-            self.recorder.note_timeline(rnd, apps._number(m.get("t-received", 0.0)),
-                                        apps._number(m.get("t-replied", 0.0)))
+            self.recorder.note_compute(rnd, number(m.get("train-seconds", 0.0)))
+            self.recorder.note_timeline(rnd, number(m.get("t-received", 0.0)),
+                                        number(m.get("t-replied", 0.0)))
         if len(results) < self.min_clients:
             self._keep(rnd, f"{len(results)} masked updates, fewer than minClients="
                             f"{self.min_clients}; global model kept")
@@ -628,12 +649,12 @@ secagg_server_app = ServerApp()
 def secagg_main(grid: Grid, context: Context) -> None:
     from pqfed.services.models import build_model, get_weights
 
-    spec = apps.job_spec(context)
+    spec = job_spec(context)
     check_secagg_spec(spec, "run_config.spec")
     job = str(context.run_config["job"])
     state_dir = Path(str(context.run_config["state-dir"]))
-    ident, _ = apps._identity(str(context.run_config["identity-dir"]))
-    trust = apps.trust_store(str(context.run_config["identity-dir"]))
+    ident, _ = load_identity(str(context.run_config["identity-dir"]))
+    trust = trust_store(str(context.run_config["identity-dir"]))
     recorder = SecAggRecorder(state_dir, job, spec)
     done, checkpoint = recorder.resume()
     initial = [np.asarray(w) for w in (checkpoint if checkpoint is not None else get_weights(
@@ -642,7 +663,7 @@ def secagg_main(grid: Grid, context: Context) -> None:
     if rounds <= 0:
         recorder.finish()
         return
-    audit = AuditLog.resume(state_dir / "audit.jsonl", ident, renewed=apps.identity_source(
+    audit = AuditLog.resume(state_dir / "audit.jsonl", ident, renewed=identity_source(
         str(context.run_config["identity-dir"])))
     audit.append("job-started" if done == 0 else "job-resumed", job=job, fromRound=done,
                  aggregation="SecAgg+")
@@ -667,108 +688,3 @@ def secagg_main(grid: Grid, context: Context) -> None:
                              round_offset=done), legacy)
     audit.append("job-finished", job=job, rounds=recorder.completed_rounds())
     recorder.finish(audit_head=audit.head)
-
-
-# ---------------------------------------------------------------- in process ----------------
-
-def wire(msg: Message) -> Message:
-    """The message after a protobuf round trip, as SuperLink/SuperNode deliver it."""
-    from flwr.common.serde import message_from_proto, message_to_proto
-    from flwr.proto.message_pb2 import Message as ProtoMessage
-
-    proto = ProtoMessage.FromString(message_to_proto(msg).SerializeToString())
-    return message_from_proto(proto)
-
-
-Intercept = Callable[[Message, Message], Message | None]
-
-
-class LoopbackGrid(InProcessGrid):
-    """simulation.InProcessGrid with a wire: each instruction and reply crosses a protobuf round
-    trip (no shared objects between server and clients), the ClientApp is `app`, a ClientApp
-    exception becomes an error reply, and `intercept(instruction, reply)` may alter or drop a
-    reply on its way to the server (tests: tampering, eavesdropping)."""
-
-    def __init__(self, contexts: dict[int, Context], app: ClientApp | None = None,
-                 intercept: Intercept | None = None) -> None:
-        super().__init__(contexts)
-        self.app = app or secagg_client_app
-        self.intercept = intercept
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for m in messages:
-            instruction = wire(m)
-            try:
-                reply = self.app(instruction, self.contexts[m.metadata.dst_node_id])
-            except Exception as exc:  # what the SuperNode reports for a failing ClientApp
-                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, repr(exc)),
-                                reply_to=instruction)
-            delivered = self.intercept(m, wire(reply)) if self.intercept else wire(reply)
-            mid = f"{m.metadata.dst_node_id}-{len(self._replies)}-{time.monotonic_ns()}"
-            if delivered is not None:
-                self._replies[mid] = delivered
-            ids.append(mid)
-        return ids
-
-
-def simulate(spec: FederationJobSpec, *, job: str = "bench", workdir: Path | None = None,
-             app: ClientApp | None = None, intercept: Intercept | None = None,
-             attackers: frozenset[int] = frozenset(),
-             revoked: frozenset[int] = frozenset()) -> dict[str, Any]:
-    """Runs the SecAgg+ job in process (real apps, Flower's SecAgg+, ML-DSA, protobuf wire);
-    returns the status document plus "weights" (last checkpoint) and "workdir". The CA
-    revokes the certificates of the clients in `revoked` (partition ids) before the job
-    starts: its list is in every identity directory (crl.pem)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from pqfed.pqc.identity import CertificateAuthority
-
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    tmp = tempfile.TemporaryDirectory() if workdir is None else None
-    root = Path(tmp.name) if tmp else cast(Path, workdir)
-    try:
-        ca = CertificateAuthority.generate(job)
-        spec_json = spec.model_dump_json(by_alias=True)
-        contexts: dict[int, Context] = {}
-
-        def identity_dir(name: str, role: Role) -> Path:
-            d = root / "identities" / name
-            d.mkdir(parents=True, exist_ok=True)
-            ca.new_identity(name, role).save(d / "tls.crt", d / "tls.key")
-            (d / "ca.crt").write_text(ca.root.to_pem())
-            return d
-
-        for i in range(spec.clients):
-            node_config: dict[str, Any] = {
-                "partition-id": i, "identity-dir": str(identity_dir(f"client-{i}", Role.CLIENT))}
-            if i in attackers:
-                node_config["attack"] = "label-flip"
-            contexts[100 + i] = Context(run_id=1, node_id=100 + i, node_config=node_config,
-                                        state=RecordDict(),
-                                        run_config={"spec": spec_json, "job": job})
-        server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={
-            "spec": spec_json, "job": job, "state-dir": str(root / "state"),
-            "identity-dir": str(identity_dir("aggregator", Role.AGGREGATOR))})
-        if revoked:
-            crl = None
-            for i in sorted(revoked):
-                cert = Certificate.from_pem(
-                    (root / "identities" / f"client-{i}" / "tls.crt").read_text())
-                crl = ca.revoke(crl, cert.serial)
-            assert crl is not None
-            for d in (root / "identities").iterdir():
-                (d / "crl.pem").write_text(crl.to_pem())
-        t0 = time.time()
-        secagg_server_app(LoopbackGrid(contexts, app, intercept), server)
-        status: dict[str, Any] = json.loads((root / "state" / "status.json").read_text())
-        status["wallSeconds"] = time.time() - t0
-        ckpt = root / "state" / "checkpoints" / f"round-{status['currentRound']:05d}.npz"
-        if ckpt.exists():
-            with np.load(ckpt) as z:
-                status["weights"] = [z[f"arr_{i}"] for i in range(len(z.files))]
-        status["workdir"] = str(root)
-        return status
-    finally:
-        if tmp:
-            tmp.cleanup()

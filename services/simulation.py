@@ -23,10 +23,14 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from pqfed.pqc.identity import CertificateAuthority, Role
-from pqfed.services import apps, downlink
-from pqfed.services.edge import AGGREGATOR_NODE_ID, MODEL_SIGNER_KEY
+from pqfed.services import downlink
+from pqfed.services.clientapp import client_app as pqfed_client_app
 from pqfed.services.models import build_model, get_weights
+from pqfed.services.mods import client_mods
+from pqfed.services.poisoning import ATTACK_KEY, poisoning_client_app
+from pqfed.services.records import AGGREGATOR_NODE_ID, EDGE_SOCKET_KEY, MODEL_SIGNER_KEY
 from pqfed.services.rounds import RoundRecorder
+from pqfed.services.serverapp import VerifiedStrategy
 from pqfed.services.spec import FederationJobSpec
 from pqfed.services.strategies import build_strategy
 
@@ -59,7 +63,7 @@ class InProcessGrid(Grid):
         ids = []
         for m in messages:
             node = m.metadata.dst_node_id
-            reply = self.client_apps.get(node, apps.client_app)(m, self.contexts[node])
+            reply = self.client_apps.get(node, pqfed_client_app)(m, self.contexts[node])
             mid = f"{m.metadata.dst_node_id}-{len(self._replies)}"
             self._replies[mid] = reply
             ids.append(mid)
@@ -85,7 +89,7 @@ def _edge_grid(spec: FederationJobSpec, job: str, ca: CertificateAuthority, root
                clients: dict[int, Context]) -> InProcessGrid:
     """The central grid of a hierarchical job: one node per edge aggregator, each running the
     real edge round (services/edge.py) over an in-process grid of its member clients."""
-    from pqfed.services.edge import EDGE_SOCKET_KEY, EdgeAggregator
+    from pqfed.services.edge import EdgeAggregator, edge_train
     from pqfed.services.hierarchy import edge_members, edge_node_id
 
     contexts: dict[int, Context] = {}
@@ -95,8 +99,8 @@ def _edge_grid(spec: FederationJobSpec, job: str, ca: CertificateAuthority, root
         members = InProcessGrid({100 + i: clients[100 + i] for i in edge_members(spec, e)})
         edge = EdgeAggregator(members, spec, job, trust=ca.trust, audit=None,
                               recorder=RoundRecorder(root / "state" / node, job, spec))
-        app = ClientApp(mods=[apps.pqfed_mod])
-        app.train()(functools.partial(apps.edge_train, run_round=edge.run_round))
+        app = ClientApp(mods=client_mods())
+        app.train()(functools.partial(edge_train, run_round=edge.run_round))
         contexts[10 + e] = Context(
             run_id=1, node_id=10 + e, state=RecordDict(), run_config=clients[100].run_config,
             node_config={"partition-id": e, EDGE_SOCKET_KEY: "in-process",
@@ -112,7 +116,8 @@ def simulate(spec: FederationJobSpec, *, attackers: frozenset[int] = frozenset()
     """Runs the job in process; returns the status document (rounds, accuracy, bytes...).
 
     `client_app` replaces pqfed's ClientApp on every client node (a study that decides
-    which samples each client holds, e.g. services/mia.py; it keeps `apps.pqfed_mod`)."""
+    which samples each client holds, e.g. services/mia.py; it keeps `mods.client_mods()`).
+    Clients in `attackers` run `poisoning.poisoning_client_app` with node_config `attack`."""
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
@@ -130,15 +135,16 @@ def simulate(spec: FederationJobSpec, *, attackers: frozenset[int] = frozenset()
             if spec.hierarchy.enabled:
                 node_config[MODEL_SIGNER_KEY] = AGGREGATOR_NODE_ID
             if i in attackers:
-                node_config["attack"] = attack
+                node_config[ATTACK_KEY] = attack
             contexts[100 + i] = Context(run_id=1, node_id=100 + i, node_config=node_config,
                                         state=RecordDict(), run_config=run_config)
-        grid = InProcessGrid(contexts, None if client_app is None
-                             else dict.fromkeys(contexts, client_app))
+        per_node = dict.fromkeys(contexts, client_app) if client_app is not None else {}
+        per_node.update({100 + i: poisoning_client_app for i in attackers})
+        grid = InProcessGrid(contexts, per_node)
         if spec.hierarchy.enabled:
             grid = _edge_grid(spec, job, ca, root, contexts)
         recorder = RoundRecorder(root / "state", job, spec)
-        strategy = apps.VerifiedStrategy(
+        strategy = VerifiedStrategy(
             build_strategy(spec), trust=ca.trust, job=job, recorder=recorder, audit=None,
             round_offset=0, min_clients=spec.min_clients,
             roles=(Role.EDGE,) if spec.hierarchy.enabled else (Role.CLIENT,),

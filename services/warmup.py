@@ -31,11 +31,11 @@ def warm_up() -> None:
     if spec_path and partition is not None:
         from pathlib import Path
 
-        from pqfed.services.apps import _client_data
         from pqfed.services.fl_node import load_spec
+        from pqfed.services.task import client_data
 
         _, spec = load_spec(Path(spec_path))
-        _client_data(spec.model_dump_json(by_alias=True), int(partition))
+        client_data(spec.model_dump_json(by_alias=True), int(partition))
 
 
 def _input_shape(task: str) -> tuple[int, ...]:

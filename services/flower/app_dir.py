@@ -10,7 +10,7 @@ from typing import Any
 
 ConfigValue = bool | int | float | str
 
-#: The Flower App shipped with the package (components: pqfed.services.apps).
+#: The Flower App shipped with the package (components in services/serverapp.py, clientapp.py).
 FLOWER_APP_DIR = Path(__file__).resolve().parent.parent / "flower_app"
 
 

@@ -157,7 +157,7 @@ def test_a_node_that_lost_its_model_gets_it_whole_next_round(tmp_path: Path) -> 
     from flwr.supercore.task_identity import TaskIdentity
 
     from pqfed.pqc.identity import CertificateAuthority, Role
-    from pqfed.services import apps
+    from pqfed.services import clientapp, serverapp
     from pqfed.services.models import build_model, get_weights
     from pqfed.services.rounds import RoundRecorder
     from pqfed.services.simulation import InProcessGrid
@@ -177,7 +177,7 @@ def test_a_node_that_lost_its_model_gets_it_whole_next_round(tmp_path: Path) -> 
                                                 "job": "job-dl"})
     grid = InProcessGrid(contexts)
     b = Broadcaster(Method.TOPK_INT8, 0.1)
-    strategy = apps.VerifiedStrategy(
+    strategy = serverapp.VerifiedStrategy(
         FedAvg(1.0, 0.0, 1, 0, 1), trust=ca.trust, job="job-dl", audit=None, round_offset=0,
         min_clients=1, recorder=RoundRecorder(tmp_path / "state", "job-dl", spec), downlink=b,
         model_signer=ca.new_identity("aggregator", Role.AGGREGATOR))
@@ -194,10 +194,10 @@ def test_a_node_that_lost_its_model_gets_it_whole_next_round(tmp_path: Path) -> 
             if lost and node == 100:
                 contexts[100].state = RecordDict()  # the node's model is gone
                 with pytest.raises(DownlinkError, match="does not hold"):
-                    apps.client_app(m, contexts[100])
+                    clientapp.client_app(m, contexts[100])
                 replies.append(Message(Error(0, "broadcast does not fit"), reply_to=m))
             else:
-                replies.append(apps.client_app(m, contexts[node]))
+                replies.append(clientapp.client_app(m, contexts[node]))
         new, _ = strategy.aggregate_train(rnd, replies)
         assert new is not None
         return new, sent

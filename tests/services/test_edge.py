@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from pqfed.pqc.audit import AuditLog, verify_audit_log
 from pqfed.pqc.identity import CertificateAuthority, Identity, Role
 from pqfed.pqc.signing import ModelRejected, sign_model
-from pqfed.services import apps, edge, hierarchy
+from pqfed.services import clientapp, edge, hierarchy, records, serverapp
 from pqfed.services.downlink import weights_digest
 from pqfed.services.models import build_model, get_weights
 from pqfed.services.rounds import RoundRecorder, read_status
@@ -50,7 +50,7 @@ def _context(tmp: Path, ca: CertificateAuthority, ident: Identity, pid: int) -> 
     return Context(run_id=1, node_id=100 + pid, state=RecordDict(),
                    node_config={"partition-id": pid,
                                 "identity-dir": _identity_dir(tmp, ca, ident),
-                                edge.MODEL_SIGNER_KEY: "aggregator"},
+                                records.MODEL_SIGNER_KEY: "aggregator"},
                    run_config={"spec": SPEC.model_dump_json(by_alias=True), "job": "job-h"})
 
 
@@ -66,12 +66,12 @@ def _model_sig(ca: CertificateAuthority, weights: list[np.ndarray], rnd: int,
 
 def _signed_reply(tmp: Path, ca: CertificateAuthority, ident: Identity, pid: int) -> Message:
     weights = get_weights(build_model("breast-cancer", seed=0))
-    msg = Message(RecordDict({"arrays": apps.ArrayRecord(weights),
+    msg = Message(RecordDict({"arrays": ArrayRecord(weights),
                               "config": ConfigRecord({"round": 1}),
-                              apps.MODEL_SIG_KEY: ConfigRecord(
+                              records.MODEL_SIG_KEY: ConfigRecord(
                                   {"signed": _model_sig(ca, weights, 1)})}),
                   dst_node_id=100 + pid, message_type=MessageType.TRAIN)
-    return apps.client_app(msg, _context(tmp, ca, ident, pid))
+    return clientapp.client_app(msg, _context(tmp, ca, ident, pid))
 
 
 def test_membership_covers_every_client_once() -> None:
@@ -198,7 +198,7 @@ def test_an_edge_counts_each_client_certificate_once(tmp_path: Path,
 def test_centre_checks_the_signer_role(tmp_path: Path, ca: CertificateAuthority,
                                        aggregator: Identity, roles: tuple[Role, ...],
                                        signer: Role, accepted: bool) -> None:
-    s = apps.VerifiedStrategy(FedAvg(), trust=ca.trust, job="job-h",
+    s = serverapp.VerifiedStrategy(FedAvg(), trust=ca.trust, job="job-h",
                               recorder=RoundRecorder(tmp_path / "state", "job-h", SPEC),
                               audit=None, round_offset=0, min_clients=1, roles=roles)
     s._global = [np.asarray(w) for w in get_weights(build_model("breast-cancer", seed=0))]
@@ -236,7 +236,7 @@ def test_an_edge_refuses_a_revoked_clients_update(tmp_path: Path,
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={
         "spec": SPEC.model_dump_json(by_alias=True), "job": "job-h",
         "state-dir": str(tmp_path / "edge"), "identity-dir": str(edge_dir),
-        edge.EDGE_SOCKET_KEY: str(tmp_path / "edge.sock")})
+        records.EDGE_SOCKET_KEY: str(tmp_path / "edge.sock")})
     agg, audit = edge.open_edge(InProcessGrid(contexts), context)
     start = get_weights(build_model("breast-cancer", seed=0))
     _, metrics = agg.run_round(1, start, {}, 60.0, _model_sig(ca, start, 1))

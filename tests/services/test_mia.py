@@ -157,7 +157,7 @@ def _random_label_models() -> tuple[mia.MiaSplit, np.ndarray, np.ndarray,
 def random_label_models() -> tuple[mia.MiaSplit, np.ndarray, np.ndarray,
                                    dict[str, list[np.ndarray]]]:
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the product's clients train (apps.train)
+    torch.set_num_threads(1)  # as the product's clients train (clientapp.train)
     try:
         return _random_label_models()
     finally:
@@ -188,7 +188,7 @@ def test_attack_is_chance_on_a_model_that_never_saw_the_members(
 # ---------------------------------------------------------------- the federations --------
 
 def test_shard_client_app_reproduces_the_product_client_app() -> None:
-    # The study's ClientApp differs from apps.client_app only in where its samples come
+    # The study's ClientApp differs from clientapp.client_app only in where its samples come
     # from: given the product's own partition it must produce the same global model.
     spec = parse_spec({"task": "breast-cancer", "clients": 2, "minClients": 2, "rounds": 2,
                        "dataset": {"seed": 3},

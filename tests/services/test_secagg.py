@@ -1,6 +1,6 @@
 """Secure aggregation with Flower's SecAgg+ and ML-DSA-signed stage replies (services/secagg.py):
 real ClientApp/ServerApp, real training, real Flower SecAgg+ and real ML-DSA, every message
-crossing a protobuf round trip in process (secagg.LoopbackGrid).
+crossing a protobuf round trip in process (testing.LoopbackGrid).
 
 * the SecAgg+ aggregate equals plain FedAvg of the same (captured, unmasked) updates, within
   the quantization error, and the server only ever receives masked vectors;
@@ -29,7 +29,7 @@ from pqfed.pqc.audit import verify_audit_log
 from pqfed.pqc.errors import PqcError
 from pqfed.pqc.identity import Certificate, CertificateAuthority, Identity, Role, TrustAnchor
 from pqfed.pqc.signing import sign_update
-from pqfed.services import secagg
+from pqfed.services import secagg, testing
 from pqfed.services.spec import JobSpecError, parse_spec
 
 SPEC = parse_spec({"task": "breast-cancer", "clients": 3, "minClients": 2, "rounds": 2,
@@ -93,7 +93,7 @@ class Harness:
     def run(self, spec: Any, workdir: Path, revoked: frozenset[int] = frozenset()
             ) -> dict[str, Any]:
         self.workdir = workdir
-        return secagg.simulate(spec, job="job-sa", workdir=workdir, app=self.app,
+        return testing.simulate_secagg(spec, job="job-sa", workdir=workdir, app=self.app,
                                intercept=self.intercept, revoked=revoked)
 
     def fedavg(self, rnd: int, nodes: list[int]) -> list[np.ndarray]:
@@ -141,7 +141,7 @@ def test_secagg_aggregate_is_fedavg_and_server_sees_only_masked_vectors(tmp_path
                               rep.content[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]])
         # Quantized but unmasked entries would all lie in [0, quantizationRange = 2**22).
         assert np.mean(vec >= SPEC.secure_aggregation.quantization_range) > 0.9
-        wire = secagg.wire(rep)
+        wire = testing.wire(rep)
         raw = b"".join(v for rec in wire.content.config_records.values()
                        for vals in rec.values() if isinstance(vals, list)
                        for v in vals if isinstance(v, bytes))
@@ -283,7 +283,7 @@ def test_reply_digest_survives_the_wire_and_binds_stage_and_node() -> None:
                                           "e": True, "f": "s"}),
     })
     msg = Message(content, dst_node_id=7, message_type=MessageType.TRAIN, group_id="1")
-    again = secagg.wire(msg).content
+    again = testing.wire(msg).content
     d = secagg.reply_digest(content, stage="setup", node_id=7)
     assert secagg.reply_digest(again, stage="setup", node_id=7) == d
     assert secagg.reply_digest(again, stage="unmask", node_id=7) != d

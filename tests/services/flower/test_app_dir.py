@@ -29,8 +29,8 @@ def test_stage_app_and_run_config_keys(tmp_path: Path, mini_app: Path) -> None:
 
 
 def test_shipped_app_builds_and_validates() -> None:
-    """services/flower_app: components are import strings of the installed pqfed.services.apps
-    (validated like `flwr run` does: find_spec + AST scan); the FAB carries no code."""
+    """services/flower_app: components are import strings of installed modules (serverapp,
+    clientapp; validated like `flwr run` does: find_spec + AST scan); the FAB carries no code."""
     import io
     import zipfile
 
@@ -40,8 +40,8 @@ def test_shipped_app_builds_and_validates() -> None:
     config, _ = load_and_validate(fr.FLOWER_APP_DIR / "pyproject.toml", check_module=True)
     components = config["tool"]["flwr"]["app"]["components"]
     assert components == {
-        "serverapp": "pqfed.services.apps:server_app",
-        "clientapp": "pqfed.services.apps:client_app",
+        "serverapp": "pqfed.services.serverapp:server_app",
+        "clientapp": "pqfed.services.clientapp:client_app",
     }
     names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(fr.FLOWER_APP_DIR))).namelist()
     assert "pyproject.toml" in names

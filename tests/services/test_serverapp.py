@@ -17,10 +17,10 @@ from flwr.serverapp.strategy import FedAvg
 from pqfed.pqc.audit import AuditLog, verify_audit_log
 from pqfed.pqc.identity import CertificateAuthority, Identity, Role
 from pqfed.pqc.signing import ModelRejected, SignedModel, SignedUpdate, sign_model
-from pqfed.services import apps
+from pqfed.services import clientapp, identity_dir, records, serverapp
 from pqfed.services.downlink import weights_digest
-from pqfed.services.edge import MODEL_SIGNER_KEY
 from pqfed.services.models import build_model, get_weights
+from pqfed.services.records import MODEL_SIGNER_KEY
 from pqfed.services.rounds import RoundRecorder
 from pqfed.services.simulation import InProcessGrid
 from pqfed.services.spec import parse_spec
@@ -53,7 +53,7 @@ def _train_msg(ca: CertificateAuthority, weights: list[np.ndarray], pid: int, rn
                job: str = "job-a") -> Message:
     return Message(RecordDict({"arrays": ArrayRecord(weights),
                                "config": ConfigRecord({"round": rnd}),
-                               apps.MODEL_SIG_KEY: _model_sig(ca, weights, rnd, job)}),
+                               records.MODEL_SIG_KEY: _model_sig(ca, weights, rnd, job)}),
                    dst_node_id=100 + pid, message_type=MessageType.TRAIN)
 
 
@@ -71,7 +71,7 @@ def _train_reply(tmp: Path, ca: CertificateAuthority, ident: Identity, pid: int,
                  rnd: int = 1, job: str = "job-a") -> tuple[Message, list[np.ndarray]]:
     weights = get_weights(build_model("breast-cancer", seed=0))
     msg = _train_msg(ca, weights, pid, rnd, job)
-    return apps.client_app(msg, _context(tmp, ca, ident, pid, job)), weights
+    return clientapp.client_app(msg, _context(tmp, ca, ident, pid, job)), weights
 
 
 @pytest.fixture(autouse=True)
@@ -86,8 +86,8 @@ def _task_identity() -> None:
 
 @pytest.fixture
 def strategy(tmp_path: Path, ca: CertificateAuthority,
-             aggregator: Identity) -> apps.VerifiedStrategy:
-    s = apps.VerifiedStrategy(FedAvg(), trust=ca.trust, job="job-a",
+             aggregator: Identity) -> serverapp.VerifiedStrategy:
+    s = serverapp.VerifiedStrategy(FedAvg(), trust=ca.trust, job="job-a",
                               recorder=RoundRecorder(tmp_path / "state", "job-a", SPEC),
                               audit=AuditLog(tmp_path / "audit.jsonl", aggregator),
                               round_offset=0, min_clients=2)
@@ -96,7 +96,7 @@ def strategy(tmp_path: Path, ca: CertificateAuthority,
 
 
 def test_signed_compressed_updates_are_verified_and_aggregated(
-        tmp_path: Path, ca: CertificateAuthority, strategy: apps.VerifiedStrategy,
+        tmp_path: Path, ca: CertificateAuthority, strategy: serverapp.VerifiedStrategy,
         aggregator: Identity) -> None:
     replies = [_train_reply(tmp_path, ca, ca.new_identity(f"client-{i}", Role.CLIENT), i)[0]
                for i in range(3)]
@@ -121,7 +121,7 @@ def _tamper_blob(m: Message) -> None:
 
 def test_tampered_replayed_and_foreign_updates_are_rejected(
         tmp_path: Path, ca: CertificateAuthority, other_ca: CertificateAuthority,
-        strategy: apps.VerifiedStrategy) -> None:
+        strategy: serverapp.VerifiedStrategy) -> None:
     good, _ = _train_reply(tmp_path, ca, ca.new_identity("client-0", Role.CLIENT), 0)
     tampered, _ = _train_reply(tmp_path, ca, ca.new_identity("client-1", Role.CLIENT), 1)
     _tamper_blob(tampered)
@@ -129,7 +129,7 @@ def test_tampered_replayed_and_foreign_updates_are_rejected(
     foreign, _ = _train_reply(tmp_path / "x", other_ca,
                               other_ca.new_identity("client-2", Role.CLIENT), 2)
     unsigned, _ = _train_reply(tmp_path, ca, ca.new_identity("client-2", Role.CLIENT), 2)
-    del unsigned.content[apps.UPDATE_KEY]
+    del unsigned.content[records.UPDATE_KEY]
     arrays, _ = strategy.aggregate_train(1, [good, tampered, replayed, foreign, unsigned])
     assert arrays is None  # one valid update < minClients=2: the global model is kept
     rec = strategy.recorder._open[1]
@@ -184,7 +184,7 @@ def test_local_dp_splits_epsilon_and_delta_over_the_rounds() -> None:
 # ---- one vote per certified node and round (Sybil SuperNodes) -------------------------------
 
 def test_a_node_gets_one_update_per_round_whatever_it_sends(
-        tmp_path: Path, ca: CertificateAuthority, strategy: apps.VerifiedStrategy) -> None:
+        tmp_path: Path, ca: CertificateAuthority, strategy: serverapp.VerifiedStrategy) -> None:
     """Client-0 replies three times in round 1 (the same update twice, and a different one as
     if from a second SuperNode): only its first update counts, the others are rejected,
     logged and audited; so client-0 alone cannot reach minClients=2."""
@@ -210,7 +210,7 @@ def test_two_supernodes_of_one_client_count_once(tmp_path: Path,
     c0, c1 = ca.new_identity("client-0", Role.CLIENT), ca.new_identity("client-1", Role.CLIENT)
     contexts = {100: _context(tmp_path, ca, c0, 0), 101: _context(tmp_path, ca, c0, 2),
                 102: _context(tmp_path, ca, c1, 1)}
-    s = apps.VerifiedStrategy(FedAvg(), trust=ca.trust, job="job-a",
+    s = serverapp.VerifiedStrategy(FedAvg(), trust=ca.trust, job="job-a",
                               recorder=RoundRecorder(tmp_path / "state", "job-a", SPEC),
                               audit=None, round_offset=0, min_clients=3,
                               model_signer=ca.new_identity("aggregator", Role.AGGREGATOR))
@@ -226,12 +226,12 @@ def test_two_supernodes_of_one_client_count_once(tmp_path: Path,
 
 
 def test_the_weight_is_the_signed_one(tmp_path: Path, ca: CertificateAuthority,
-                                      strategy: apps.VerifiedStrategy) -> None:
+                                      strategy: serverapp.VerifiedStrategy) -> None:
     """A reply whose unsigned num-examples metric was inflated aggregates exactly as the
     untouched one: FedAvg weighs by the signed manifest's num_examples."""
     replies = [_train_reply(tmp_path, ca, ca.new_identity(f"client-{i}", Role.CLIENT), i)[0]
                for i in range(2)]
-    signed = [SignedUpdate.from_bytes(r.content[apps.UPDATE_KEY]["signed"]) for r in replies]
+    signed = [SignedUpdate.from_bytes(r.content[records.UPDATE_KEY]["signed"]) for r in replies]
     assert [s.manifest.num_examples for s in signed] == [
         int(r.content["metrics"]["num-examples"]) for r in replies]
     weights = get_weights(build_model("breast-cancer", seed=0))
@@ -258,33 +258,33 @@ def test_a_node_trains_only_on_the_aggregators_signed_model(
     msg = _train_msg(ca, weights, 0, rnd=1)
     msg.content["arrays"] = ArrayRecord(altered)
     with pytest.raises(ModelRejected, match="altered"):
-        apps.client_app(msg, ctx)
+        clientapp.client_app(msg, ctx)
     # signed by someone else than the pinned aggregator (an edge signing its own model)
     edge = ca.new_identity("edge-0", Role.EDGE)
     forged = sign_model(edge, "job-a", EPOCH, 1, 1, weights_digest(altered))
     msg = _train_msg(ca, altered, 0, rnd=1)
-    msg.content[apps.MODEL_SIG_KEY] = ConfigRecord({"signed": forged.to_bytes()})
+    msg.content[records.MODEL_SIG_KEY] = ConfigRecord({"signed": forged.to_bytes()})
     with pytest.raises(ModelRejected, match="certificate"):
-        apps.client_app(msg, ctx)
+        clientapp.client_app(msg, ctx)
     msg = _train_msg(ca, weights, 0, rnd=1)
-    del msg.content[apps.MODEL_SIG_KEY]
+    del msg.content[records.MODEL_SIG_KEY]
     with pytest.raises(ModelRejected, match="no signature"):
-        apps.client_app(msg, ctx)
-    assert apps.MODEL_SEEN_KEY not in ctx.state  # nothing was accepted so far
+        clientapp.client_app(msg, ctx)
+    assert records.MODEL_SEEN_KEY not in ctx.state  # nothing was accepted so far
     # the genuine round-2 model trains; replaying it, or round 1's model, is refused
     good = _train_msg(ca, weights, 0, rnd=2)
-    assert not apps.client_app(good, ctx).has_error()
+    assert not clientapp.client_app(good, ctx).has_error()
     for replay in (_train_msg(ca, weights, 0, rnd=2), _train_msg(ca, weights, 0, rnd=1)):
         with pytest.raises(ModelRejected, match="replayed"):
-            apps.client_app(replay, ctx)
+            clientapp.client_app(replay, ctx)
     # a restarted aggregator (new epoch) may repeat the round, not go back
     again = _train_msg(ca, weights, 0, rnd=2)
-    again.content[apps.MODEL_SIG_KEY] = _model_sig(ca, weights, 2, "job-a", epoch=b"\x08" * 8)
-    assert not apps.client_app(again, ctx).has_error()
+    again.content[records.MODEL_SIG_KEY] = _model_sig(ca, weights, 2, "job-a", epoch=b"\x08" * 8)
+    assert not clientapp.client_app(again, ctx).has_error()
     older = _train_msg(ca, weights, 0, rnd=1)
-    older.content[apps.MODEL_SIG_KEY] = _model_sig(ca, weights, 1, "job-a", epoch=b"\x09" * 8)
+    older.content[records.MODEL_SIG_KEY] = _model_sig(ca, weights, 1, "job-a", epoch=b"\x09" * 8)
     with pytest.raises(ModelRejected, match="earlier epoch"):
-        apps.client_app(older, ctx)
+        clientapp.client_app(older, ctx)
 
 
 class _RenewingGrid(InProcessGrid):
@@ -326,7 +326,7 @@ def test_aggregator_hands_its_audit_log_over_to_renewed_certificates(
     server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={
         "spec": spec.model_dump_json(by_alias=True), "job": "job-a",
         "state-dir": str(tmp_path / "state"), "identity-dir": str(agg_dir)})
-    apps.server_app(grid, server)
+    serverapp.server_app(grid, server)
     summary = verify_audit_log(tmp_path / "state" / "audit.jsonl", ca.trust)
     assert summary.signers == tuple(i.certificate.serial for i in [first, *grid.issued])
     assert summary.events["signer-renewed"] == 2
@@ -339,10 +339,10 @@ def test_model_signatures_follow_the_renewed_identity(tmp_path: Path,
                                                       ca: CertificateAuthority) -> None:
     old = ca.new_identity("aggregator", Role.AGGREGATOR)
     d = Path(_identity_dir(tmp_path / "agg", ca, old))
-    s = apps.VerifiedStrategy(FedAvg(), trust=ca.trust, job="job-a",
+    s = serverapp.VerifiedStrategy(FedAvg(), trust=ca.trust, job="job-a",
                               recorder=RoundRecorder(tmp_path / "state", "job-a", SPEC),
                               audit=None, round_offset=0, min_clients=1, model_signer=old,
-                              renewed=apps.identity_source(str(d)))
+                              renewed=identity_dir.identity_source(str(d)))
     s._global = [np.asarray(w) for w in get_weights(build_model("breast-cancer", seed=0))]
     signed = s._model_signature(1)
     assert signed is not None and SignedModel.from_bytes(signed).certificate == old.certificate
