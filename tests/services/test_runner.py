@@ -268,14 +268,16 @@ def test_interrupted_run_leaves_no_process_behind(tmp_path: Path, moment: str,
         seen.update(_tagged(tag))
         proc.send_signal(sig)
         rc = proc.wait(timeout=120)
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        survivors = _tagged(tag)
     finally:
         if proc.poll() is None:
             proc.kill()
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    survivors = _tagged(tag)
-    for pid in survivors:  # a failing run must not leave them to the next test
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        # Whatever failed above, the run's processes must not outlive the test (they would
+        # load the machine for every later test).
+        for pid in _tagged(tag):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert not survivors, f"still running after {sig.name} at {moment}: {survivors}"
     assert rc != 0, err
     if moment != "at-once":  # the handlers are installed before the first process starts
