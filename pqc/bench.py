@@ -385,7 +385,9 @@ def _sidecar_pair(d: Path, protocol: str) -> tuple[int, int, list[subprocess.Pop
     sink, secure, entry = _free_port(), _free_port(), _free_port()
     admin_s, admin_c = _free_port(), _free_port()
     base = [sys.executable, "-m", "pqfed.cli", "sidecar", "--ca", str(d / "ca.crt"),
-            "--log-level", "warning", "--protocol", protocol]
+            "--log-level", "warning"]
+    if protocol != "pqfed1":  # the default; trees from before --protocol have only it
+        base += ["--protocol", protocol]
     procs = [
         subprocess.Popen([*base, "--cert", str(d / "agg.crt"), "--key", str(d / "agg.key"),
                           "--listen", f"127.0.0.1:{secure}", "--upstream",
@@ -406,6 +408,16 @@ def _sidecar_pair(d: Path, protocol: str) -> tuple[int, int, list[subprocess.Pop
 
 THROUGHPUT_VARIANTS = ("direct", "plaintext", "pqfed1", "tls13")
 SIDECAR_VARIANTS = ("pqfed1", "tls13")
+
+
+def sidecar_variants() -> tuple[str, ...]:
+    """The channel protocols this tree's sidecar speaks (`make bench-regress` runs this
+    driver against older trees, whose sidecar has only pqfed1)."""
+    try:
+        import pqfed.pqc.sidecar.protocols  # noqa: F401
+    except ImportError:
+        return SIDECAR_VARIANTS[:1]
+    return SIDECAR_VARIANTS
 
 
 def _cpu_s(proc: Any) -> float:
@@ -444,22 +456,22 @@ def bench_throughput(total: int, runs: int = 5) -> dict[str, Any]:
             # sidecar pairs: source -> client sidecar -> channel -> aggregator sidecar -> sink
             pids: dict[str, tuple[int, int]] = {
                 "plaintext": (int(relays[0].pid or 0), int(relays[1].pid or 0))}
-            for protocol in SIDECAR_VARIANTS:
+            for protocol in sidecar_variants():
                 entry, sink, procs = _sidecar_pair(Path(tmp) / protocol, protocol)
                 sidecars += procs
                 entries[protocol] = (entry, sink)
                 pids[protocol] = (procs[0].pid, procs[1].pid)
             import psutil
 
-            middle = {v: [psutil.Process(pid) for pid in pids.get(v, ())]
-                      for v in THROUGHPUT_VARIANTS}
-            samples: dict[str, list[float]] = {v: [] for v in THROUGHPUT_VARIANTS}
-            cpu: dict[str, list[float]] = {v: [] for v in THROUGHPUT_VARIANTS}
-            ratios: dict[str, list[float]] = {v: [] for v in SIDECAR_VARIANTS}
-            of_direct: dict[str, list[float]] = {v: [] for v in THROUGHPUT_VARIANTS[1:]}
+            variants = ("direct", "plaintext", *sidecar_variants())
+            middle = {v: [psutil.Process(pid) for pid in pids.get(v, ())] for v in variants}
+            samples: dict[str, list[float]] = {v: [] for v in variants}
+            cpu: dict[str, list[float]] = {v: [] for v in variants}
+            ratios: dict[str, list[float]] = {v: [] for v in sidecar_variants()}
+            of_direct: dict[str, list[float]] = {v: [] for v in variants[1:]}
             for run in range(runs):
-                k = run % len(THROUGHPUT_VARIANTS)
-                order = THROUGHPUT_VARIANTS[k:] + THROUGHPUT_VARIANTS[:k]
+                k = run % len(variants)
+                order = variants[k:] + variants[:k]
                 got = {}
                 for v in order:
                     before = sum(_cpu_s(p) for p in middle[v])
@@ -510,7 +522,7 @@ def throughput_report(t: dict[str, Any]) -> str:
             return "—"
         return f"{r['median'] * 100:.0f}% ({r['min'] * 100:.0f}-{r['max'] * 100:.0f}%)"
 
-    for v in THROUGHPUT_VARIANTS:
+    for v in (v for v in THROUGHPUT_VARIANTS if v in t["Bps"]):
         b = t["Bps"][v]
         c = t["cpu_ms_per_mib"][v]
         cost = (f"{c['median']:.1f} ({c['min']:.1f}-{c['max']:.1f})" if v != "direct"

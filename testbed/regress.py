@@ -146,8 +146,10 @@ def step_pqc(tree: Tree, out: Path, samples: Samples, log: Path) -> None:
                         [_dig(peers, n, "seconds", how)])
     t = r["throughput"]
     samples.add("sidecar pair throughput", "MB/s", tree.label, [t["secure_Bps"] / 1e6])
-    samples.add("sidecar pair / plaintext relays", "ratio", tree.label, [t["ratio"]])
-    for side, rss in t.get("sidecar_rss_mib", {}).items():
+    # the harness's format: one entry per channel protocol; pqfed1 is in every tree
+    samples.add("sidecar pair / plaintext relays", "ratio", tree.label,
+                [_dig(t, "ratio", "pqfed1", "median")])
+    for side, rss in t.get("sidecar_rss_mib", {}).get("pqfed1", {}).items():
         samples.add(f"sidecar RSS, {side}", "MiB", tree.label, [rss])
 
 
