@@ -71,7 +71,9 @@ def cluster_env(cluster_dir: Path, nodes: Sequence[str], *, bridge: str | None =
     free ports for the kubelet, kube-proxy and CoreDNS. Otherwise PQFED_REAL_NODE=0, whatever
     the caller's environment says."""
     from pqfed.services.ports import free_ports
+    from pqfed.testbed.leftovers import claim
 
+    claim(cluster_dir)  # a later run removes it if this one is killed (testbed/leftovers.py)
     etcd_client, etcd_peer, api, kcm, sched = free_ports(5)
     env = {
         **os.environ,

@@ -3,9 +3,26 @@ test adds up)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 
 from pqfed.pqc.identity import CertificateAuthority, Identity, Role
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Test clusters that a killed earlier run left behind (processes, mounts, gigabytes under
+    an old basetemp) are stopped and removed before this run starts its own
+    (testbed/leftovers.py); clusters of runs still alive are left alone."""
+    if os.geteuid() != 0 or shutil.which("findmnt") is None:
+        return
+    from pqfed.testbed import leftovers
+
+    for gone in leftovers.reap():
+        print(f"pqfed: removed the test cluster {gone.cluster_dir} of a run that is gone "
+              f"(pid {gone.owner_pid}; {gone.unmounted} mounts; down.sh "
+              f"{'ok' if gone.down_ok else 'failed, removed by hand'})")
 
 
 @pytest.fixture(scope="session")

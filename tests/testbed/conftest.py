@@ -11,6 +11,7 @@ can run on a host (kube-proxy's iptables chains): the fixture skips when another
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from pqfed.testbed.leftovers import DiskTooFull, check_disk
 from pqfed.testbed.testing import (
     busybox_image_archive,
     cluster_env,
@@ -71,6 +73,11 @@ def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
     if node_subnet is None:
         pytest.skip("no free 10.X.0.0/16 for the real node's pods")
     cluster_dir = tmp_path_factory.mktemp("realnode")
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    try:
+        check_disk(cluster_dir, REPO / "dist" / "images", arch)
+    except DiskTooFull as e:
+        pytest.fail(str(e), pytrace=False)
     env = cluster_env(cluster_dir, [], bridge=f"pqr{RUN_ID}", pod_subnet=first,
                       real_node=f"pqfed-real-{RUN_ID}", node_bridge=f"pqn{RUN_ID}",
                       node_subnet=node_subnet)
