@@ -153,6 +153,15 @@ def step_pqc(tree: Tree, out: Path, samples: Samples, log: Path) -> None:
         samples.add(f"sidecar RSS, {side}", "MiB", tree.label, [rss])
 
 
+def _run_results(out: Path) -> Path:
+    """`pqfed run --out D` writes D/results.json in older trees and D/<job>-<time>/results.json
+    since runs got their own directories."""
+    found = sorted(out.glob("results.json")) or sorted(out.glob("*/results.json"))
+    if not found:
+        raise RegressError(f"no results.json under {out}")
+    return found[-1]
+
+
 def step_transport(tree: Tree, out: Path, samples: Samples, log: Path) -> None:
     import yaml
 
@@ -161,7 +170,7 @@ def step_transport(tree: Tree, out: Path, samples: Samples, log: Path) -> None:
     job.write_text(yaml.safe_dump(TRANSPORT_JOB))
     for variant, extra in (("pqc", []), ("plaintext", ["--plaintext"])):
         _run(tree, ["run", str(job), "--out", str(out / variant), *extra], log, 1800)
-        rounds = json.loads((out / variant / "results.json").read_text())["status"]["rounds"]
+        rounds = json.loads(_run_results(out / variant).read_text())["status"]["rounds"]
         later = rounds[1:]  # round 1 is start-up
         samples.add(f"round, {variant}", "s", tree.label,
                     [x["durationSeconds"] for x in later])
