@@ -27,13 +27,9 @@ from cryptography.hazmat.primitives.asymmetric import mldsa, mlkem
 from pqfed.pqc.backends import get_backend
 from pqfed.pqc.bench_backends import bench_backends, handshake_once
 from pqfed.pqc.bench_backends import report as backends_report
-from pqfed.pqc.handshake import (
-    Group,
-    HandshakeConfig,
-    KeySharePool,
-)
+from pqfed.pqc.handshake import Group, HandshakeConfig
 from pqfed.pqc.identity import CertificateAuthority, Identity, Role
-from pqfed.pqc.pool import CryptoPool, PoolMode, usable_cpus
+from pqfed.pqc.pool import CryptoPool, KeySharePool, PoolMode, usable_cpus
 from pqfed.pqc.signing import sign_update, verify_update
 
 

@@ -9,8 +9,9 @@ from typing import Any
 
 import yaml
 
-from pqfed.pqc.handshake import Group, Suite, default_suites
+from pqfed.pqc.handshake import Group, Suite
 from pqfed.pqc.identity import Role
+from pqfed.pqc.pool import default_suites
 
 
 class ConfigError(ValueError):

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from pqfed.pqc.backends import Backend, SigPrivateKey, get_backend
 from pqfed.pqc.channel import HandshakeStats, client_channel, server_channel
 from pqfed.pqc.errors import CertificateError, PqcError
-from pqfed.pqc.handshake import HandshakeConfig, KeySharePool
+from pqfed.pqc.handshake import HandshakeConfig
 from pqfed.pqc.identity import Certificate, Identity, Role
 from pqfed.pqc.pki.profile import (
     NodeCertificate,
@@ -39,6 +39,7 @@ from pqfed.pqc.pki.profile import (
     load_certificate_pem,
     load_private_key_pem,
 )
+from pqfed.pqc.pool import KeySharePool
 from pqfed.pqc.sidecar.config import (
     TLS_GROUP_NAMES,
     ChannelProtocolName,

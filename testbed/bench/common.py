@@ -170,7 +170,8 @@ def versions() -> dict[str, str]:
 
 
 def host_info() -> dict[str, Any]:
-    from pqfed.pqc.handshake import SUITE_AEAD, cpu_has_aes, default_suites
+    from pqfed.pqc.handshake import SUITE_AEAD
+    from pqfed.pqc.pool import cpu_has_aes, default_suites
 
     mem = None
     with contextlib.suppress(Exception):
@@ -382,12 +383,14 @@ class Material:
                 self.text("pq", "client.key"))
 
     def handshake_config(self, kind: str, role: str) -> Any:
-        from pqfed.pqc.handshake import Group, HandshakeConfig, KeySharePool
+        from pqfed.pqc.handshake import Group, HandshakeConfig
         from pqfed.pqc.identity import Certificate, Identity, TrustAnchor
+        from pqfed.pqc.pool import KeySharePool, default_suites
 
         trust = TrustAnchor(Certificate.from_pem(self.text(kind, "ca.crt")))
         ident = Identity.load(self.text(kind, f"{role}.crt"), self.text(kind, f"{role}.key"))
         group = Group.X25519 if kind == "classical" else Group.X25519_MLKEM768
         return HandshakeConfig(
-            ident, trust, groups=(group,), peer_signature_algorithms=(KINDS[kind],),
+            ident, trust, suites=default_suites(), groups=(group,),
+            peer_signature_algorithms=(KINDS[kind],),
             key_shares=KeySharePool() if role == "client" else None)
