@@ -259,6 +259,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench.add_argument("--out", default="results/bench-pqc")
     bench.add_argument("--quick", action="store_true", help="fewer iterations (CI smoke run)")
     bench.add_argument("--only", default="", help="comma list of steps: primitives,handshake,"
-                                                  "parallel,throughput,backends")
+                                                  "parallel,throughput,backends,protocols")
     bench.set_defaults(func=_bench)
 
