@@ -20,10 +20,17 @@ from typing import Any, Final
 
 import h11
 
-from pqfed.pqc.channel import SecureChannel, connect
-from pqfed.pqc.errors import ChannelClosed, PqcError
-from pqfed.pqc.handshake import Group, HandshakeConfig
-from pqfed.pqc.identity import Identity, Role, TrustAnchor
+from pqfed.pqc import (
+    ChannelClosed,
+    Group,
+    HandshakeConfig,
+    Identity,
+    PqcError,
+    Role,
+    SecureChannel,
+    TrustAnchor,
+    connect,
+)
 
 TIMEOUT_S: Final = 5.0
 # A Secret holds at most 1 MiB; leave room for status.json and the object's metadata.
