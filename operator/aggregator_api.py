@@ -30,6 +30,7 @@ from pqfed.pqc import (
     SecureChannel,
     TrustAnchor,
     connect,
+    default_suites,
 )
 
 TIMEOUT_S: Final = 5.0
@@ -62,7 +63,8 @@ class AggregatorEndpoint:
     groups: tuple[Group, ...] = (Group.X25519_MLKEM768,)
 
     def handshake_config(self) -> HandshakeConfig:
-        return HandshakeConfig(self.identity, self.trust, groups=self.groups,
+        return HandshakeConfig(self.identity, self.trust, suites=default_suites(),
+                               groups=self.groups,
                                peer_roles=(Role.AGGREGATOR,), peer_node_id=self.peer_node_id,
                                timeout_s=TIMEOUT_S)
 

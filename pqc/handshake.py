@@ -26,6 +26,8 @@ concurrently (the two checks of the peer's flight, the client's early signature)
 a `CryptoRunner` that the driver supplies (`HandshakeConfig.crypto`): `INLINE` here, threads in
 `pqfed.pqc.pool.ThreadedCrypto`. `pqfed.pqc.channel` drives them over asyncio streams with a
 timeout; `pqfed.pqc.pool` holds the host-dependent defaults (AEAD preference, parallelism).
+The module is one file on purpose (~700 lines), like h11's state machine: both endpoints, the
+messages and every check a reviewer must see together to judge the protocol.
 """
 
 from __future__ import annotations
