@@ -20,10 +20,18 @@ from typing import Any, Final
 
 import h11
 
-from pqfed.pqc.channel import SecureChannel, connect
-from pqfed.pqc.errors import ChannelClosed, PqcError
-from pqfed.pqc.handshake import Group, HandshakeConfig
-from pqfed.pqc.identity import Identity, Role, TrustAnchor
+from pqfed.pqc import (
+    ChannelClosed,
+    Group,
+    HandshakeConfig,
+    Identity,
+    PqcError,
+    Role,
+    SecureChannel,
+    TrustAnchor,
+    connect,
+    default_suites,
+)
 
 TIMEOUT_S: Final = 5.0
 # A Secret holds at most 1 MiB; leave room for status.json and the object's metadata.
@@ -55,7 +63,8 @@ class AggregatorEndpoint:
     groups: tuple[Group, ...] = (Group.X25519_MLKEM768,)
 
     def handshake_config(self) -> HandshakeConfig:
-        return HandshakeConfig(self.identity, self.trust, groups=self.groups,
+        return HandshakeConfig(self.identity, self.trust, suites=default_suites(),
+                               groups=self.groups,
                                peer_roles=(Role.AGGREGATOR,), peer_node_id=self.peer_node_id,
                                timeout_s=TIMEOUT_S)
 

@@ -168,8 +168,7 @@ def _revoke(args: argparse.Namespace) -> int:
     job's CA and every pod's sidecar cuts the node off once the list arrives."""
     from pqfed.operator.kube import PLURAL
     from pqfed.operator.reconcile import REVOKE_PREFIX
-    from pqfed.pqc.identity import check_name
-    from pqfed.pqc.revocation import RevocationReason
+    from pqfed.pqc import RevocationReason, check_name
 
     check_name("--node", args.node)
     reason = RevocationReason.parse(args.reason)

@@ -39,9 +39,7 @@ from pqfed.operator.aggregator_api import (
     fetch_status,
 )
 from pqfed.operator.metrics import OperatorMetrics, serve_http
-from pqfed.pqc.errors import DecodeError
-from pqfed.pqc.handshake import Group
-from pqfed.pqc.identity import Certificate, Identity, TrustAnchor
+from pqfed.pqc import Certificate, DecodeError, Group, Identity, TrustAnchor
 from pqfed.services.spec import API_GROUP, API_VERSION, FederationJobSpec
 
 PLURAL: Final = "federationjobs"

@@ -10,9 +10,18 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 
-from pqfed.pqc.errors import DecodeError, RevocationListError
-from pqfed.pqc.identity import Certificate, CertificateAuthority, Identity, Role, TrustAnchor
-from pqfed.pqc.revocation import RevocationList, RevocationReason, RevokedCertificate
+from pqfed.pqc import (
+    Certificate,
+    CertificateAuthority,
+    DecodeError,
+    Identity,
+    RevocationList,
+    RevocationListError,
+    RevocationReason,
+    RevokedCertificate,
+    Role,
+    TrustAnchor,
+)
 
 CRL_KEY = "crl.pem"
 BACKDATE_S = 300  # CertificateAuthority.issue: not_before = now - 300 by default

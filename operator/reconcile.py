@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from pqfed.operator import pods as m
-from pqfed.pqc.identity import Role
-from pqfed.pqc.revocation import RevocationReason
+from pqfed.pqc import RevocationReason, Role
 from pqfed.services.spec import OPERATOR_ONLY, FederationJobSpec, JobSpecError, parse_spec
 
 Manifest = dict[str, Any]

@@ -27,13 +27,11 @@ from cryptography.hazmat.primitives.asymmetric import mldsa, mlkem
 from pqfed.pqc.backends import get_backend
 from pqfed.pqc.bench_backends import bench_backends, handshake_once
 from pqfed.pqc.bench_backends import report as backends_report
-from pqfed.pqc.handshake import (
-    Group,
-    HandshakeConfig,
-    KeySharePool,
-)
+from pqfed.pqc.bench_tls import bench as bench_protocols
+from pqfed.pqc.bench_tls import report as protocols_report
+from pqfed.pqc.handshake import Group, HandshakeConfig
 from pqfed.pqc.identity import CertificateAuthority, Identity, Role
-from pqfed.pqc.pool import CryptoPool, PoolMode, usable_cpus
+from pqfed.pqc.pool import CryptoPool, KeySharePool, PoolMode, usable_cpus
 from pqfed.pqc.signing import sign_update, verify_update
 
 
@@ -217,7 +215,7 @@ def bench_handshake(n: int) -> dict[str, Any]:
 _WORKER: dict[str, Any] = {}
 
 
-def _peer_init(pems: tuple[str, str, str, str, str]) -> None:
+def peer_init(pems: tuple[str, str, str, str, str]) -> None:
     from pqfed.pqc.identity import Certificate, TrustAnchor
 
     ca_pem, agg_crt, agg_key, cli_crt, cli_key = pems
@@ -245,7 +243,7 @@ def bench_parallel(peer_counts: list[int], repeats: int) -> dict[str, Any]:
             cli.certificate.to_pem(), cli.private_key_pem())
     workers = usable_cpus()
     res: dict[str, Any] = {"cpus": workers, "peers": {}}
-    pools = {mode: CryptoPool(mode, workers, _peer_init, (pems,))
+    pools = {mode: CryptoPool(mode, workers, peer_init, (pems,))
              for mode in (PoolMode.SEQUENTIAL, PoolMode.THREADS, PoolMode.PROCESSES)}
     try:
         for pool in pools.values():
@@ -617,6 +615,8 @@ def main(args: argparse.Namespace) -> int:
         ("throughput", lambda: bench_throughput((8 if quick else 128) << 20,
                                                 3 if quick else 5)),
         ("backends", lambda: bench_backends(quick)),
+        ("protocols", lambda: bench_protocols(5, 2, 1, 4 << 20, 4) if quick
+         else bench_protocols(100, 5, 5, 64 << 20, 16)),
     ]
     only = [x for x in (getattr(args, "only", "") or "").split(",") if x]
     if only:
@@ -641,6 +641,8 @@ def main(args: argparse.Namespace) -> int:
         report += throughput_report(results["throughput"])
     if "backends" in results:
         report += "\n" + backends_report(results["backends"])
+    if "protocols" in results:
+        report += "\n" + protocols_report(results["protocols"])
     (out / "report.md").write_text(report)
     print(report)
     return 0

@@ -11,8 +11,12 @@ p99 are kept; the table reports the median over runs and the spread (min-max ove
 
 Handshake latency is the client's view: TCP connect to a channel ready for application data
 (in both protocols the client is done after its second flight; neither waits for the
-server's verdict on the client certificate). Throughput: 64 MiB from client to server through
-the channel, timed from the first byte sent to the server's acknowledgement of the last.
+server's verdict on the client certificate). Parallel handshakes: `parallel` handshakes
+started at once, handshakes per second until the last is done, against one at a time in the
+same run (the speedup is what the cores give). Both ends run each handshake's steps on a pool
+of threads as the sidecar does (`crypto_threads`). Throughput: 64 MiB from client to server
+through the channel, timed from the first byte sent to the server's acknowledgement of the
+last. Also step `protocols` of `pqfed bench-pqc`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import statistics
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,6 +54,7 @@ _ACK = b"ok"
 # pqfed1 twice: with the default backend (liboqs where installed) and with pyca, i.e. the same
 # OpenSSL 4 primitives the TLS 1.3 stack uses, so the protocols differ and not the libraries.
 _PQFED1_BACKEND: dict[str, str | None] = {"pqfed1": None, "pqfed1-pyca": "pyca"}
+HANDSHAKE_THREADS = 4  # the sidecar's default crypto_threads
 
 
 class _Channel(Protocol):
@@ -97,14 +103,16 @@ def _server(protocol: str, pems: tuple[str, str, str], port_queue: Any) -> None:
         if backend:  # the process-wide default too (certificate checks use it)
             os.environ["PQFED_CRYPTO_BACKEND"] = backend
         cfg = _pqfed1_config(pems, client=False, backend=backend)
+        pool = ThreadPoolExecutor(HANDSHAKE_THREADS, "pqfed-handshake")
 
         async def accept(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> _Channel:
-            return await server_channel(r, w, cfg)
+            return await server_channel(r, w, cfg, pool)
     else:
         ctx = _tls_context(pems, client=False)
+        pool = ThreadPoolExecutor(HANDSHAKE_THREADS, "pqfed-handshake")
 
         async def accept(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> _Channel:
-            return await tls_server_channel(r, w, ctx)
+            return await tls_server_channel(r, w, ctx, pool)
 
     async def serve() -> None:
         async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -142,19 +150,19 @@ def _identities() -> dict[str, tuple[tuple[str, str, str], tuple[str, str, str]]
 Connector = Callable[[int], Awaitable[_Channel]]
 
 
-def _connectors(ids: dict[str, tuple[tuple[str, str, str], tuple[str, str, str]]]
-                ) -> dict[str, Connector]:
+def _connectors(ids: dict[str, tuple[tuple[str, str, str], tuple[str, str, str]]],
+                pool: Executor) -> dict[str, Connector]:
     ctx = _tls_context(ids["tls13"][1], client=True)
 
     def pq(protocol: str) -> Connector:
         cfg = _pqfed1_config(ids[protocol][1], client=True, backend=_PQFED1_BACKEND[protocol])
 
         async def connect_pq(port: int) -> _Channel:
-            return await connect("127.0.0.1", port, cfg)
+            return await connect("127.0.0.1", port, cfg, pool)
         return connect_pq
 
     async def tls(port: int) -> _Channel:
-        return await tls_connect("127.0.0.1", port, ctx)
+        return await tls_connect("127.0.0.1", port, ctx, executor=pool)
 
     return {"pqfed1": pq("pqfed1"), "pqfed1-pyca": pq("pqfed1-pyca"), "tls13": tls}
 
@@ -170,6 +178,18 @@ async def _handshake(conn: Connector, port: int) -> tuple[float, float]:
     await ch.recv()  # the server's ack: the connection is fully done before the next one
     ch.abort()
     return elapsed, cpu
+
+
+async def _rate(conn: Connector, port: int, k: int, at_once: bool) -> float:
+    """k handshakes, all started at once or one after the other: handshakes per second
+    until the last is done."""
+    t0 = time.perf_counter()
+    if at_once:
+        await asyncio.gather(*(_handshake(conn, port) for _ in range(k)))
+    else:
+        for _ in range(k):
+            await _handshake(conn, port)
+    return k / (time.perf_counter() - t0)
 
 
 async def _transfer(conn: Connector, port: int, total: int) -> float:
@@ -211,7 +231,8 @@ def _cpu(pid: int) -> float:
 
 
 async def _measure(ports: dict[str, int], pids: dict[str, int], conns: dict[str, Connector],
-                   n: int, runs: int, transfers: int, total: int) -> dict[str, Any]:
+                   n: int, runs: int, transfers: int, total: int,
+                   parallel: int) -> dict[str, Any]:
     for proto in PROTOCOLS:  # warm-up
         for _ in range(5):
             await _handshake(conns[proto], ports[proto])
@@ -235,6 +256,12 @@ async def _measure(ports: dict[str, int], pids: dict[str, int], conns: dict[str,
             per_run[proto]["median_ms"].append(statistics.median(run[proto]))
             per_run[proto]["p99_ms"].append(_pct(run[proto], 0.99))
             pooled[proto].extend(run[proto])
+    rate_one: dict[str, list[float]] = {p: [] for p in PROTOCOLS}
+    rate_par: dict[str, list[float]] = {p: [] for p in PROTOCOLS}
+    for i in range(runs):
+        for proto in _rotation(i):
+            rate_one[proto].append(await _rate(conns[proto], ports[proto], parallel, False))
+            rate_par[proto].append(await _rate(conns[proto], ports[proto], parallel, True))
     mibps: dict[str, list[float]] = {p: [] for p in PROTOCOLS}
     cpu_per_mib: dict[str, list[float]] = {p: [] for p in PROTOCOLS}
     for i in range(transfers):
@@ -252,6 +279,10 @@ async def _measure(ports: dict[str, int], pids: dict[str, int], conns: dict[str,
             "handshake_pooled": {"n": len(pooled[proto]),
                                  "median_ms": statistics.median(pooled[proto]),
                                  "p99_ms": _pct(pooled[proto], 0.99)},
+            "parallel_per_s": _spread(rate_par[proto]),
+            "sequential_per_s": _spread(rate_one[proto]),
+            "parallel_speedup": _spread([p / o for p, o in zip(rate_par[proto],
+                                                                rate_one[proto], strict=True)]),
             "throughput_MiBps": _spread(mibps[proto]),
             "transfer_cpu_ms_per_MiB": _spread(cpu_per_mib[proto]),
         }
@@ -262,11 +293,13 @@ async def _measure(ports: dict[str, int], pids: dict[str, int], conns: dict[str,
                           / out[base]["handshake_cpu_ms"]["median"]),
         "throughput": (out["tls13"]["throughput_MiBps"]["median"]
                        / out[base]["throughput_MiBps"]["median"]),
+        "parallel": (out["tls13"]["parallel_per_s"]["median"]
+                     / out[base]["parallel_per_s"]["median"]),
     } for base in ("pqfed1", "pqfed1-pyca")}
     return out
 
 
-def bench(n: int, runs: int, transfers: int, total: int) -> dict[str, Any]:
+def bench(n: int, runs: int, transfers: int, total: int, parallel: int = 16) -> dict[str, Any]:
     from OpenSSL import SSL
 
     from pqfed.pqc.backends import backend_report
@@ -282,13 +315,17 @@ def bench(n: int, runs: int, transfers: int, total: int) -> dict[str, Any]:
             procs.append(p)
             ports[proto] = int(q.get(timeout=60))
             pids[proto] = int(p.pid or 0)
-        res = asyncio.run(_measure(ports, pids, _connectors(ids), n, runs, transfers, total))
+        with ThreadPoolExecutor(HANDSHAKE_THREADS, "pqfed-handshake") as pool:
+            res = asyncio.run(_measure(ports, pids, _connectors(ids, pool), n, runs, transfers,
+                                       total, parallel))
     finally:
         for p in procs:
             p.terminate()
             p.join(10)
     res["setup"] = {
         "handshakes_per_run": n, "runs": runs, "transfers": transfers, "bytes": total,
+        "parallel": parallel, "cpus": len(os.sched_getaffinity(0)),
+        "load_average": os.getloadavg(),
         "pqfed1_backend": backend_report()["description"],
         "pqfed1-pyca_backend": "pyca/cryptography (the OpenSSL that runs TLS 1.3)",
         "tls13_openssl": SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode(),
@@ -304,13 +341,16 @@ def report(r: dict[str, Any]) -> str:
 
     lines = [
         f"{s['runs']} runs x {s['handshakes_per_run']} handshakes per protocol, alternating; "
-        f"{s['transfers']} transfers of {s['bytes'] // 2**20} MiB per protocol, alternating.",
+        f"{s['transfers']} transfers of {s['bytes'] // 2**20} MiB per protocol, alternating; "
+        f"{s['parallel']} handshakes at once vs one after the other, once per run, on {s['cpus']} "
+        f"CPUs; load average at the end {' / '.join(f'{x:.1f}' for x in s['load_average'])}.",
         f"pqfed1 backend: {s['pqfed1_backend']}; pqfed1-pyca: pyca/cryptography; "
         f"TLS 1.3: {s['tls13_openssl']} (pyOpenSSL).",
         "",
         "| protocol | handshake median, ms | handshake p99, ms | pooled median / p99, ms "
-        "| CPU per handshake (both ends), ms | throughput, MiB/s | CPU per MiB (both ends), ms |",
-        "|---|---|---|---|---|---|---|",
+        "| CPU per handshake (both ends), ms | parallel handshakes/s | speedup vs one at a time "
+        "| throughput, MiB/s | CPU per MiB (both ends), ms |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for proto in PROTOCOLS:
         x = r[proto]
@@ -319,12 +359,15 @@ def report(r: dict[str, Any]) -> str:
                      f"{cell(x['handshake_p99_ms'])} | {pooled['median_ms']:.2f} / "
                      f"{pooled['p99_ms']:.2f} (n={pooled['n']}) | "
                      f"{cell(x['handshake_cpu_ms'])} | "
+                     f"{cell(x['parallel_per_s'], '{:.0f}')} | "
+                     f"{cell(x['parallel_speedup'])}x | "
                      f"{cell(x['throughput_MiBps'], '{:.0f}')} | "
                      f"{cell(x['transfer_cpu_ms_per_MiB'], '{:.1f}')} |")
     lines.append("")
     for base, ratio in r["ratio_tls13_to"].items():
         lines.append(f"TLS 1.3 / {base}: handshake median x{ratio['handshake_median']:.2f}, "
-                     f"CPU x{ratio['handshake_cpu']:.2f}, throughput x{ratio['throughput']:.2f}.")
+                     f"CPU x{ratio['handshake_cpu']:.2f}, parallel handshakes/s "
+                     f"x{ratio['parallel']:.2f}, throughput x{ratio['throughput']:.2f}.")
     lines.append("Cells: median over runs (min-max over runs).")
     return "\n".join(lines) + "\n"
 
@@ -337,11 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--transfers", type=int, default=5, help="per protocol")
     parser.add_argument("--mib", type=int, default=64, help="MiB per transfer")
+    parser.add_argument("--parallel", type=int, default=16, help="handshakes started at once")
     parser.add_argument("--quick", action="store_true", help="a smoke run (CI)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.handshakes, args.runs, args.transfers, args.mib = 5, 2, 1, 4
-    res = bench(args.handshakes, args.runs, args.transfers, args.mib * 2**20)
+        args.handshakes, args.runs, args.transfers, args.mib, args.parallel = 5, 2, 1, 4, 4
+    res = bench(args.handshakes, args.runs, args.transfers, args.mib * 2**20, args.parallel)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=2))

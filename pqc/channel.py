@@ -12,12 +12,13 @@ import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NoReturn
 
 from pqfed.pqc.errors import ChannelClosed, HandshakeError, PqcError, RecordError
 from pqfed.pqc.handshake import ClientHandshake, HandshakeConfig, ServerHandshake, Session
 from pqfed.pqc.identity import Certificate
+from pqfed.pqc.pool import parallel_default, shared_crypto
 from pqfed.pqc.record import Frame, FrameDecoder, InnerType
 
 log = logging.getLogger("pqfed.pqc.channel")
@@ -209,10 +210,21 @@ async def _run_handshake(
     return SecureChannel(reader, writer, endpoint.session, decoder, config, stats, early)
 
 
+def _driven(config: HandshakeConfig) -> HandshakeConfig:
+    """The driver's choices where the config leaves them open: the process-wide crypto
+    threads, and parallel checks where this host has the cores for them."""
+    if config.crypto is None:
+        config = replace(config, crypto=shared_crypto())
+    if config.parallel_auth is None:
+        config = replace(config, parallel_auth=parallel_default())
+    return config
+
+
 async def client_channel(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, config: HandshakeConfig,
     executor: Executor | None = None,
 ) -> SecureChannel:
+    config = _driven(config)
     endpoint = ClientHandshake(config)
     return await _run_handshake(reader, writer, endpoint, config, endpoint.start(), executor)
 
@@ -221,6 +233,7 @@ async def server_channel(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, config: HandshakeConfig,
     executor: Executor | None = None,
 ) -> SecureChannel:
+    config = _driven(config)
     return await _run_handshake(reader, writer, ServerHandshake(config), config, b"", executor)
 
 

@@ -246,8 +246,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sc.add_argument("--crl", help="the CA's revocation list (PEM), re-read while running")
     sc.add_argument("--reload-interval", type=float, default=2.0,
                     help="seconds between checks of --crl, --cert and --key for updates")
-    sc.add_argument("--protocol", default="pqfed1", choices=["pqfed1", "tls13"],
-                    help="channel between sidecars: pqfed1 (pqfed certificates) or tls13 "
+    sc.add_argument("--protocol", default=None, choices=["pqfed1", "tls13"],
+                    help="channel between sidecars (default: pqfed.pqc.sidecar.config."
+                         "DEFAULT_PROTOCOL, pqfed1): pqfed1 (pqfed certificates) or tls13 "
                          "(TLS 1.3; --cert/--key/--ca/--crl are then X.509 PEM: ML-DSA-65 "
                          "certificate, PKCS#8 key, X.509 CA, X.509 CRL)")
     sc.add_argument("--log-level", default="info")
@@ -259,6 +260,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench.add_argument("--out", default="results/bench-pqc")
     bench.add_argument("--quick", action="store_true", help="fewer iterations (CI smoke run)")
     bench.add_argument("--only", default="", help="comma list of steps: primitives,handshake,"
-                                                  "parallel,throughput,backends")
+                                                  "parallel,throughput,backends,protocols")
     bench.set_defaults(func=_bench)
 

@@ -20,8 +20,14 @@ Designs followed:
 * Downgrade protection: version, all offered suites and groups are in ClientHello, so in the
   transcript that both signatures cover; a stripped offer breaks the server's signature.
 
-The classes are sans-IO state machines (bytes in, bytes out); `pqfed.pqc.channel` runs them
-over asyncio streams with a timeout.
+The classes are sans-IO state machines in the style of h11: bytes (frames) in, bytes out. This
+module owns no thread, reads no environment variable and no file; the crypto work that may run
+concurrently (the two checks of the peer's flight, the client's early signature) is handed to
+a `CryptoRunner` that the driver supplies (`HandshakeConfig.crypto`): `INLINE` here, threads in
+`pqfed.pqc.pool.ThreadedCrypto`. `pqfed.pqc.channel` drives them over asyncio streams with a
+timeout; `pqfed.pqc.pool` holds the host-dependent defaults (AEAD preference, parallelism).
+The module is one file on purpose (~700 lines), like h11's state machine: both endpoints, the
+messages and every check a reviewer must see together to judge the protocol.
 """
 
 from __future__ import annotations
@@ -31,11 +37,9 @@ import functools
 import hashlib
 import hmac
 import os
-import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import x25519
 
@@ -57,7 +61,6 @@ from pqfed.pqc.keyschedule import (
     handshake_secrets,
     xwing_combine,
 )
-from pqfed.pqc.pool import usable_cpus
 from pqfed.pqc.record import (
     DEFAULT_KEY_UPDATE_AFTER,
     MAX_PLAINTEXT,
@@ -112,27 +115,9 @@ class MessageType(enum.IntEnum):
     FINISHED = 20
 
 
-def cpu_has_aes(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """AES instructions (x86 'aes' flag, ARMv8 'aes' feature). The Raspberry Pi 4's
-    Cortex-A72 lacks them, where ChaCha20-Poly1305 is several times faster."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return True
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            return "aes" in value.split()
-    return True
-
-
-def default_suites() -> tuple[Suite, ...]:
-    forced = os.environ.get("PQFED_AEAD")
-    if forced:
-        return tuple(s for s in Suite if SUITE_AEAD[s] == forced.upper()) or tuple(Suite)
-    if cpu_has_aes():
-        return (Suite.AES_256_GCM_SHA384, Suite.CHACHA20_POLY1305_SHA384)
-    return (Suite.CHACHA20_POLY1305_SHA384, Suite.AES_256_GCM_SHA384)
+# The suites offered when the caller names none, in preference order. Which one a host should
+# prefer (AES instructions or not, PQFED_AEAD) is the driver's decision: pool.default_suites().
+DEFAULT_SUITES = (Suite.AES_256_GCM_SHA384, Suite.CHACHA20_POLY1305_SHA384)
 
 
 # Where a handshake's own random values come from: the hello randoms and the X25519 private
@@ -173,36 +158,36 @@ class KeyShare:
                    priv.public_key().public_bytes_raw())
 
 
-class KeySharePool:
-    """Ephemeral key shares generated ahead of use (off the connection's critical path).
+class KeyShareSource(Protocol):
+    """Where a client takes its ephemeral key share from (`pqfed.pqc.pool.KeySharePool`
+    generates them ahead of use); each share serves exactly one handshake."""
 
-    Each share is used for exactly one handshake and then discarded, so forward secrecy is
-    unchanged; the next one is generated on a background thread after a share is taken.
-    """
-
-    def __init__(self) -> None:
-        self._ready: dict[Group, KeyShare] = {}
-        self._lock = threading.Lock()
-        self._filler = ThreadPoolExecutor(1, thread_name_prefix="pqfed-keyshare")
-
-    def take(self, group: Group, backend: Backend) -> KeyShare:
-        with self._lock:
-            share = self._ready.pop(group, None)
-        if share is None:
-            share = KeyShare.generate(group, backend)
-        self._filler.submit(self._fill, group, backend)
-        return share
-
-    def _fill(self, group: Group, backend: Backend) -> None:
-        share = KeyShare.generate(group, backend)
-        with self._lock:
-            self._ready.setdefault(group, share)
+    def take(self, group: Group, backend: Backend) -> KeyShare: ...
 
 
-def _parallel_default() -> bool:
-    # Measured (docs/BENCHMARKS.md): on 2 CPUs shared by both ends, the extra threads cost
-    # more than the overlap saves; with 4+ CPUs (Raspberry Pi 4) they pay off.
-    return usable_cpus() >= 4
+class CryptoRunner(Protocol):
+    """Runs the handshake's independent crypto jobs: the driver's choice of inline or threads.
+
+    `run_all` runs every job and raises the first failure in job order; `start` begins a job
+    and returns what gives its result (raising its error) when called."""
+
+    def run_all(self, jobs: Sequence[Callable[[], object]]) -> list[object]: ...
+
+    def start(self, job: Callable[[], bytes]) -> Callable[[], bytes]: ...
+
+
+class InlineCrypto:
+    """Every job in the calling thread, one after the other (no threads anywhere)."""
+
+    def run_all(self, jobs: Sequence[Callable[[], object]]) -> list[object]:
+        return [job() for job in jobs]
+
+    def start(self, job: Callable[[], bytes]) -> Callable[[], bytes]:
+        result = job()
+        return lambda: result
+
+
+INLINE = InlineCrypto()
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +196,7 @@ class HandshakeConfig:
 
     identity: Identity
     trust: TrustAnchor
-    suites: tuple[Suite, ...] = field(default_factory=default_suites)
+    suites: tuple[Suite, ...] = DEFAULT_SUITES
     groups: tuple[Group, ...] = (Group.X25519_MLKEM768,)
     peer_signature_algorithms: tuple[str, ...] = PQ_SIGNATURES
     peer_roles: tuple[Role, ...] | None = None
@@ -220,20 +205,25 @@ class HandshakeConfig:
     max_plaintext: int = MAX_PLAINTEXT
     key_update_after: int = DEFAULT_KEY_UPDATE_AFTER
     backend: Backend | None = None  # None: the process-wide default (get_backend())
-    # Verify the peer's certificate (CA signature) and CertificateVerify on two threads.
-    # Off: one after the other.
-    parallel_auth: bool = field(default_factory=_parallel_default)
-    key_shares: KeySharePool | None = None  # client side: precomputed ephemeral shares
-    # Client side: sign on a pool thread as soon as ServerHello arrives (overlapping the
-    # server's signature); off: sign inline in the same step (one fewer thread hand-off).
+    # Verify the peer's certificate (CA signature) and CertificateVerify concurrently, through
+    # `crypto`. Off: one after the other. None: the driver decides (pool.parallel_default();
+    # the bare state machine runs them one after the other).
+    parallel_auth: bool | None = None
+    key_shares: KeyShareSource | None = None  # client side: precomputed ephemeral shares
+    # Client side: start signing through `crypto` as soon as ServerHello arrives (on a thread,
+    # this overlaps the server's signature); off: sign inline in the same step.
     early_signature: bool = True
+    # Who runs the jobs above; None: the driver's (channel.py: a shared ThreadedCrypto), or
+    # INLINE when the state machine is used bare.
+    crypto: CryptoRunner | None = None
     # Hello randoms and X25519 keys (see RandomSource); never set outside tests.
     random: RandomSource = os.urandom
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Session:
-    """The result of a completed handshake."""
+    """The result of a completed handshake, built once when it completes. (The record
+    protections inside keep their own sequence numbers and keys.)"""
 
     suite: Suite
     group: Group
@@ -333,39 +323,6 @@ def _trust_peer(config: HandshakeConfig, cert: Certificate, roles: tuple[Role, .
         raise HandshakeError(f"{structure}.{exc.field}", exc.reason) from None
 
 
-_AUTH_POOL: ThreadPoolExecutor | None = None
-
-
-def _auth_pool() -> ThreadPoolExecutor:
-    global _AUTH_POOL  # noqa: PLW0603  (one lazily created pool per process)
-    if _AUTH_POOL is None:
-        _AUTH_POOL = ThreadPoolExecutor(2, thread_name_prefix="pqfed-auth")
-    return _AUTH_POOL
-
-
-def _run_all(jobs: list[Callable[[], object]], parallel: bool) -> list[object]:
-    """Runs independent authentication jobs; raises the first failure in job order.
-
-    In parallel mode jobs[1:] run on pool threads while jobs[0] runs here (ML-DSA
-    verification releases the GIL)."""
-    if not parallel:
-        return [job() for job in jobs]
-    futures = [_auth_pool().submit(job) for job in jobs[1:]]
-    results: list[object] = []
-    errors: list[BaseException | None] = []
-    for i, job in enumerate(jobs):
-        try:
-            results.append(job() if i == 0 else futures[i - 1].result())
-            errors.append(None)
-        except Exception as exc:
-            results.append(None)
-            errors.append(exc)
-    for err in errors:
-        if err is not None:
-            raise err
-    return results
-
-
 def _check_cv(backend: Backend, cert: Certificate, context: bytes, th: bytes, sig: bytes,
               structure: str) -> None:
     try:
@@ -408,6 +365,14 @@ class _Endpoint:
         self.session: Session | None = None
         self._state = _State.START
         self._deferred: Callable[[], bytes] | None = None
+        self._crypto: CryptoRunner = config.crypto or INLINE
+
+    def _authenticate(self, checks: list[Callable[[], object]]) -> None:
+        """The peer's two checks, concurrently through the runner when asked."""
+        if self.config.parallel_auth:
+            self._crypto.run_all(checks)
+        else:
+            INLINE.run_all(checks)
 
     @property
     def complete(self) -> bool:
@@ -527,7 +492,7 @@ class ClientHandshake(_Endpoint):
         self._master = b""
         self._recv_hs: RecordProtection | None = None
         self._cert_msg = b""
-        self._early_sig: Future[bytes] | None = None
+        self._early_sig: Callable[[], bytes] | None = None
 
     def start(self) -> bytes:
         if self._state is not _State.START:
@@ -561,9 +526,9 @@ class ClientHandshake(_Endpoint):
         peer, checks = self._read_flight(data, self._server_hs, _SERVER_CV_CONTEXT,
                                          (Role.AGGREGATOR, Role.EDGE), "server_flight")
         app = application_secrets(self._master, self.transcript.digest())
-        _run_all(checks, self.config.parallel_auth)
+        self._authenticate(checks)
         assert self._early_sig is not None
-        sig = self._early_sig.result()  # sent only now that the server is authenticated
+        sig = self._early_sig()  # sent only now that the server is authenticated
         cert_msg = self._cert_msg
         self.transcript.add(cert_msg)
         aead = SUITE_AEAD[self._suite]
@@ -615,12 +580,21 @@ class ClientHandshake(_Endpoint):
         self._cert_msg = _msg(MessageType.CERTIFICATE, _certificate_body(self.config.identity))
         content = _CV_PAD + _CLIENT_CV_CONTEXT + b"\0" + self.transcript.digest_with(
             self._cert_msg)
-        if self.config.early_signature:
-            self._early_sig = _auth_pool().submit(self.config.identity.sign, content, b"")
-        else:
-            self._early_sig = Future()
-            self._early_sig.set_result(self.config.identity.sign(content, b""))
+        sign = functools.partial(self.config.identity.sign, content, b"")
+        self._early_sig = (self._crypto if self.config.early_signature else INLINE).start(sign)
         self._state = _State.WAIT_SERVER_FLIGHT
+
+
+@dataclass(frozen=True, slots=True)
+class _ServerKeys:
+    """What the server holds between its flight and the client's: the Session without the
+    peer, who is known only once the client's flight is verified."""
+
+    suite: Suite
+    group: Group
+    send: RecordProtection
+    recv: RecordProtection
+    exporter_secret: bytes
 
 
 class ServerHandshake(_Endpoint):
@@ -629,7 +603,7 @@ class ServerHandshake(_Endpoint):
     def __init__(self, config: HandshakeConfig, backend: Backend | None = None) -> None:
         super().__init__(config, backend)
         self._state = _State.WAIT_CLIENT_HELLO
-        self._pending: Session | None = None
+        self._pending: _ServerKeys | None = None
         self._hs_client = b""
         self._hello = _Transcript()
 
@@ -638,17 +612,17 @@ class ServerHandshake(_Endpoint):
             self._require(_State.WAIT_CLIENT_HELLO, frame, FrameType.HANDSHAKE)
             return self._client_hello(frame.body)
         self._require(_State.WAIT_CLIENT_FLIGHT, frame, FrameType.PROTECTED)
-        assert self._pending is not None
-        aead = SUITE_AEAD[self._pending.suite]
+        keys = self._pending
+        assert keys is not None
+        aead = SUITE_AEAD[keys.suite]
         recv_hs = RecordProtection(aead, self._hs_client)
         data = self._open_flight(recv_hs, frame, "client_flight")
         peer, checks = self._read_flight(data, self._hs_client, _CLIENT_CV_CONTEXT,
                                          (Role.CLIENT, Role.EDGE), "client_flight",
                                          hello=self._hello)
-        _run_all(checks, self.config.parallel_auth)
-        self._pending.peer = peer
-        self._pending.transcript_hash = self.transcript.digest()
-        self.session = self._pending
+        self._authenticate(checks)
+        self.session = Session(keys.suite, keys.group, peer, keys.send, keys.recv,
+                               keys.exporter_secret, self.transcript.digest())
         self._state = _State.DONE
         return b""
 
@@ -712,10 +686,8 @@ class ServerHandshake(_Endpoint):
             cert_msg, sign = self._own_certificate(_SERVER_CV_CONTEXT)
             flight = self._finish_flight(cert_msg, sign(), hs.server_handshake)
             app = application_secrets(hs.master, self.transcript.digest())
-            placeholder = self.config.identity.certificate  # replaced by the client's
-            self._pending = Session(suite, group, placeholder,
-                                    RecordProtection(aead, app.server),
-                                    RecordProtection(aead, app.client), app.exporter, b"")
+            self._pending = _ServerKeys(suite, group, RecordProtection(aead, app.server),
+                                        RecordProtection(aead, app.client), app.exporter)
             return RecordProtection(aead, hs.server_handshake).seal(InnerType.HANDSHAKE, flight)
 
         self._deferred = server_flight

@@ -16,7 +16,10 @@ and applies pqfed's identity policy:
 
 Byte-stream API like `SecureChannel`: `send`, `recv`, `close`, `abort`, `peer`. The TLS engine
 runs on memory BIOs and the bytes travel over asyncio streams (sans-IO, like the pqfed1
-handshake), so it works over any socket asyncio can open.
+handshake), so it works over any socket asyncio can open. Given an executor, each handshake
+step (OpenSSL's ML-KEM, ML-DSA signing and verification, our leaf policy) runs on its threads,
+off the event loop, as pqfed1's steps do: OpenSSL releases the GIL, so parallel handshakes use
+every core.
 
 In TLS 1.3 the client's handshake completes before the server has judged the client's
 certificate (RFC 8446 §4.4.2, §4.6.3): a client refused by the server learns it from the alert
@@ -29,6 +32,8 @@ import asyncio
 import logging
 import time
 import warnings
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import NoReturn, Protocol
 
@@ -129,6 +134,7 @@ class _ConnState:
     node_id: str | None
     peer: NodeCertificate | None = None
     error: CertificateError | None = None
+    sign_started: float | None = None  # see TlsContext._info
 
 
 _OPENSSL_FIELD = {
@@ -162,15 +168,28 @@ def _openssl_key(key: mldsa.MLDSA65PrivateKey) -> crypto.PKey:
     return crypto.load_privatekey(crypto.FILETYPE_PEM, private_key_pem(key))
 
 
+# OpenSSL's handshake states as SSL_state_string_long names them (ssl/ssl_stat.c): the info
+# callback runs when a state is left, so the time from "own Certificate written" to "own
+# CertificateVerify written" is the ML-DSA-65 signature OpenSSL makes inside the handshake.
+_OWN_CERTIFICATE_WRITTEN = {Usage.SERVER: b"SSLv3/TLS write certificate",
+                            Usage.CLIENT: b"SSLv3/TLS write client certificate"}
+_OWN_CERTIFICATE_VERIFY_WRITTEN = {Usage.SERVER: b"TLSv1.3 write server certificate verify",
+                                   Usage.CLIENT: b"SSLv3/TLS write certificate verify"}
+
+
 class TlsContext:
     """One side's OpenSSL context, built once and used for every connection of that side.
 
     `trust` may be replaced (a newer CRL) while connections run; each verification reads it.
+    `on_sign`, if given, receives the seconds each CertificateVerify signature took (read from
+    OpenSSL's state changes: `_info`).
     """
 
-    def __init__(self, config: TlsConfig, side: Usage) -> None:
+    def __init__(self, config: TlsConfig, side: Usage,
+                 on_sign: Callable[[float], None] | None = None) -> None:
         self.config = config
         self.side = side
+        self.on_sign = on_sign
         self.trust: X509TrustAnchor | LeafPolicy = config.trust
         ctx = SSL.Context(SSL.TLS_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
@@ -194,7 +213,21 @@ class TlsContext:
         store.set_flags(crypto.X509StoreFlags.X509_STRICT)
         ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
         ctx.set_verify_depth(1)  # leaf + the federation CA: no intermediates (pathLen 0)
+        if on_sign is not None:
+            ctx.set_info_callback(self._info)
         self.ssl = ctx
+
+    def _info(self, conn: SSL.Connection, where: int, _ret: int) -> None:
+        """SSL_CTX_set_info_callback: times this side's CertificateVerify signature."""
+        if not where & SSL.SSL_CB_LOOP or self.on_sign is None:
+            return
+        state: _ConnState = conn.get_app_data()
+        name = conn.get_state_string()
+        if name == _OWN_CERTIFICATE_WRITTEN[self.side]:
+            state.sign_started = time.perf_counter()
+        elif name == _OWN_CERTIFICATE_VERIFY_WRITTEN[self.side] and state.sign_started:
+            self.on_sign(time.perf_counter() - state.sign_started)
+            state.sign_started = None
 
     def _verify(self, conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int,
                 ok: int) -> bool:
@@ -412,20 +445,26 @@ class _PlaintextReader:
 
 
 async def _run_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                         context: TlsContext, peer_node_id: str | None) -> TlsChannel:
+                         context: TlsContext, peer_node_id: str | None,
+                         executor: Executor | None) -> TlsChannel:
     conn, state = context.connection(peer_node_id)
     sent = received = 0
     start = time.perf_counter()
+    loop = asyncio.get_running_loop()
+
+    def step() -> tuple[bool, bytes]:
+        """One handshake step on what has arrived: (done, bytes to send)."""
+        try:
+            conn.do_handshake()
+            done = True
+        except SSL.WantReadError:
+            done = False
+        return done, _drain_bio(conn)
 
     async def drive() -> None:
         nonlocal sent, received
         while True:
-            try:
-                conn.do_handshake()
-                done = True
-            except SSL.WantReadError:
-                done = False
-            out = _drain_bio(conn)
+            done, out = await loop.run_in_executor(executor, step) if executor else step()
             if out:
                 writer.write(out)
                 sent += len(out)
@@ -477,20 +516,25 @@ def _abort(writer: asyncio.StreamWriter, exc: PqcError) -> None:
 
 
 async def tls_client_channel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                             context: TlsContext, peer_node_id: str | None = None) -> TlsChannel:
+                             context: TlsContext, peer_node_id: str | None = None,
+                             executor: Executor | None = None) -> TlsChannel:
+    """The client's handshake; with `executor`, its steps run on the executor's threads."""
     if context.side is not Usage.CLIENT:
         raise HandshakeError("side", "a client channel needs TlsContext(..., Usage.CLIENT)")
-    return await _run_handshake(reader, writer, context, peer_node_id)
+    return await _run_handshake(reader, writer, context, peer_node_id, executor)
 
 
 async def tls_server_channel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                             context: TlsContext) -> TlsChannel:
+                             context: TlsContext,
+                             executor: Executor | None = None) -> TlsChannel:
+    """The server's handshake; with `executor`, its steps run on the executor's threads."""
     if context.side is not Usage.SERVER:
         raise HandshakeError("side", "a server channel needs TlsContext(..., Usage.SERVER)")
-    return await _run_handshake(reader, writer, context, None)
+    return await _run_handshake(reader, writer, context, None, executor)
 
 
 async def tls_connect(host: str, port: int, context: TlsContext,
-                      peer_node_id: str | None = None) -> TlsChannel:
+                      peer_node_id: str | None = None,
+                      executor: Executor | None = None) -> TlsChannel:
     reader, writer = await asyncio.open_connection(host, port)
-    return await tls_client_channel(reader, writer, context, peer_node_id)
+    return await tls_client_channel(reader, writer, context, peer_node_id, executor)

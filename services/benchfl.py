@@ -160,7 +160,7 @@ def sidecar_ping_pong(requests: int = 400, blocks: int = 8) -> dict[str, Any]:
 
     import httpx
 
-    from pqfed.pqc.identity import CertificateAuthority, Role
+    from pqfed.pqc import CertificateAuthority, Role
     from pqfed.services.ports import free_ports
     from pqfed.services.procs import terminate_process_tree
 

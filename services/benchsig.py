@@ -19,8 +19,7 @@ import statistics
 import time
 from typing import Any
 
-from pqfed.pqc.identity import CertificateAuthority, Role
-from pqfed.pqc.signing import sign_model, verify_model
+from pqfed.pqc import CertificateAuthority, Role, sign_model, verify_model
 from pqfed.services.downlink import weights_digest
 from pqfed.services.models import build_model, get_weights
 

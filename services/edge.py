@@ -52,9 +52,7 @@ import numpy.typing as npt
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from pqfed.pqc.audit import AuditLog
-from pqfed.pqc.identity import Role, TrustAnchor
-from pqfed.pqc.truststore import TrustStore
+from pqfed.pqc import AuditLog, Role, TrustAnchor, TrustStore
 from pqfed.services.identity_dir import identity_source, load_identity, trust_store
 from pqfed.services.records import (
     EDGE_SOCKET_KEY,

@@ -12,8 +12,7 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
-from pqfed.pqc.identity import Certificate, Identity, TrustAnchor
-from pqfed.pqc.truststore import TrustStore
+from pqfed.pqc import Certificate, Identity, TrustAnchor, TrustStore
 
 
 def load_identity(directory: str) -> tuple[Identity, TrustAnchor]:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from pqfed.pqc.signing import ModelManifest, ModelRejected, SignedModel, sign_update, verify_model
+from pqfed.pqc import ModelManifest, ModelRejected, SignedModel, sign_update, verify_model
 from pqfed.services import compression
 from pqfed.services.downlink import Broadcast, Held, apply, weights_digest
 from pqfed.services.identity_dir import load_identity

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from pqfed.pqc.identity import CertificateAuthority, Identity, Role
+from pqfed.pqc import CertificateAuthority, Identity, Role
 from pqfed.services.hierarchy import edge_members, edge_node_id
 from pqfed.services.ports import free_ports
 from pqfed.services.procs import terminate_process_tree

@@ -100,11 +100,18 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 
-from pqfed.pqc.audit import AuditLog
-from pqfed.pqc.errors import PqcError
-from pqfed.pqc.identity import Certificate, Role, TrustAnchor
-from pqfed.pqc.signing import SignedUpdate, UpdateManifest, sign_update, verify_update
-from pqfed.pqc.truststore import TrustStore
+from pqfed.pqc import (
+    AuditLog,
+    Certificate,
+    PqcError,
+    Role,
+    SignedUpdate,
+    TrustAnchor,
+    TrustStore,
+    UpdateManifest,
+    sign_update,
+    verify_update,
+)
 from pqfed.services import clientapp
 from pqfed.services.identity_dir import identity_source, load_identity, trust_store
 from pqfed.services.mods import Handler

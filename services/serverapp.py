@@ -28,11 +28,20 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from pqfed.pqc.audit import AuditLog
-from pqfed.pqc.errors import PqcError, UpdateRejected
-from pqfed.pqc.identity import Identity, Role, TrustAnchor
-from pqfed.pqc.signing import EPOCH_LEN, SignedUpdate, UpdateManifest, sign_model, verify_update
-from pqfed.pqc.truststore import TrustStore
+from pqfed.pqc import (
+    EPOCH_LEN,
+    AuditLog,
+    Identity,
+    PqcError,
+    Role,
+    SignedUpdate,
+    TrustAnchor,
+    TrustStore,
+    UpdateManifest,
+    UpdateRejected,
+    sign_model,
+    verify_update,
+)
 from pqfed.services import compression, downlink
 from pqfed.services.downlink import Broadcaster, weights_digest
 from pqfed.services.identity_dir import identity_source, load_identity, trust_store

@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from pqfed.pqc.identity import CertificateAuthority, Role
+from pqfed.pqc import CertificateAuthority, Role
 from pqfed.services import downlink
 from pqfed.services.clientapp import client_app as pqfed_client_app
 from pqfed.services.models import build_model, get_weights

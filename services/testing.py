@@ -20,7 +20,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from pqfed.pqc.identity import Certificate, Role
+from pqfed.pqc import Certificate, Role
 from pqfed.services.poisoning import ATTACK_KEY, poisoning_secagg_client_app
 from pqfed.services.secagg import secagg_client_app, secagg_server_app
 from pqfed.services.simulation import InProcessGrid
@@ -79,7 +79,7 @@ def simulate_secagg(spec: FederationJobSpec, *, job: str = "bench", workdir: Pat
     their labels (services/poisoning.py; `app` defaults to its SecAgg+ client then)."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    from pqfed.pqc.identity import CertificateAuthority
+    from pqfed.pqc import CertificateAuthority
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
     tmp = tempfile.TemporaryDirectory() if workdir is None else None

@@ -145,7 +145,7 @@ def aggregator_endpoint(core: Any, namespace: str, job: str, pod_ip: str) -> Any
 
     from pqfed.operator import pods as m
     from pqfed.operator.aggregator_api import AggregatorEndpoint
-    from pqfed.pqc.identity import Certificate, Identity, TrustAnchor
+    from pqfed.pqc import Certificate, Identity, TrustAnchor
 
     sec = core.read_namespaced_secret(m.identity_secret_name(job, m.OPERATOR_NODE_ID),
                                       namespace)

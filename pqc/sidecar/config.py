@@ -9,8 +9,9 @@ from typing import Any
 
 import yaml
 
-from pqfed.pqc.handshake import Group, Suite, default_suites
+from pqfed.pqc.handshake import Group, Suite
 from pqfed.pqc.identity import Role
+from pqfed.pqc.pool import default_suites
 
 
 class ConfigError(ValueError):
@@ -64,12 +65,21 @@ class ChannelProtocolName(enum.Enum):
     TLS13 = "tls13"  # TLS 1.3 with X.509 ML-DSA-65 certificates (docs/pki.md)
 
     @classmethod
-    def parse(cls, text: str, field_name: str = "protocol") -> ChannelProtocolName:
+    def parse(cls, text: str | None, field_name: str = "protocol") -> ChannelProtocolName:
+        """The named protocol; None (not given): DEFAULT_PROTOCOL."""
+        if text is None:
+            return DEFAULT_PROTOCOL
         try:
             return cls(text)
         except ValueError:
             raise ConfigError(field_name, f"{text!r} is not one of: "
                               f"{', '.join(p.value for p in cls)}") from None
+
+
+# The channel protocol wherever none is named (the sidecar's --protocol and YAML `protocol`,
+# SidecarConfig; the operator's spec.channel.protocol reads it from here). Why pqfed1:
+# docs/protocol.md, "Which protocol is the default, and why".
+DEFAULT_PROTOCOL = ChannelProtocolName.PQFED1
 
 
 # The TLS 1.3 name of each group the tls13 protocol offers (draft-ietf-tls-ecdhe-mlkem).
@@ -116,7 +126,7 @@ class SidecarConfig:
     # "not published yet" until it appears.
     crl: Path | None = None
     reload_interval_s: float = 2.0
-    protocol: ChannelProtocolName = ChannelProtocolName.PQFED1
+    protocol: ChannelProtocolName = DEFAULT_PROTOCOL
 
     def __post_init__(self) -> None:
         if self.protocol is ChannelProtocolName.TLS13:
@@ -212,7 +222,8 @@ class SidecarConfig:
             max_pending_handshakes=int(data.get("maxPendingHandshakes", 64)),
             crl=base / data["crl"] if data.get("crl") else None,
             reload_interval_s=float(data.get("reloadIntervalSeconds", 2.0)),
-            protocol=ChannelProtocolName.parse(str(data.get("protocol", "pqfed1"))),
+            protocol=ChannelProtocolName.parse(
+                None if data.get("protocol") is None else str(data["protocol"])),
         )
 
     @classmethod

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from pqfed.pqc.backends import Backend, SigPrivateKey, get_backend
 from pqfed.pqc.channel import HandshakeStats, client_channel, server_channel
 from pqfed.pqc.errors import CertificateError, PqcError
-from pqfed.pqc.handshake import HandshakeConfig, KeySharePool
+from pqfed.pqc.handshake import HandshakeConfig
 from pqfed.pqc.identity import Certificate, Identity, Role
 from pqfed.pqc.pki.profile import (
     NodeCertificate,
@@ -39,6 +39,7 @@ from pqfed.pqc.pki.profile import (
     load_certificate_pem,
     load_private_key_pem,
 )
+from pqfed.pqc.pool import KeySharePool
 from pqfed.pqc.sidecar.config import (
     TLS_GROUP_NAMES,
     ChannelProtocolName,
@@ -369,7 +370,7 @@ class _TimedTrust:
 class Tls13Protocol(ChannelProtocol):
     """TLS 1.3: one OpenSSL context for inbound connections and one per route, rebuilt when
     the identity is renewed; a newer CRL is handed to every context (each handshake reads
-    it)."""
+    it). Handshake steps run on a thread pool, as pqfed1's do (OpenSSL releases the GIL)."""
 
     name = ChannelProtocolName.TLS13
     store: X509TrustStore
@@ -386,6 +387,7 @@ class Tls13Protocol(ChannelProtocol):
             raise ConfigError("ca", f"{config.ca}: {exc}") from None
         self._groups = tuple(TLS_GROUP_NAMES[g] for g in config.groups)
         self._load_identity()
+        self._executor = ThreadPoolExecutor(config.crypto_threads, "pqfed-handshake")
 
     def _trust(self) -> _TimedTrust:
         return _TimedTrust(self.store.current, self.metrics)
@@ -396,15 +398,16 @@ class Tls13Protocol(ChannelProtocol):
         node = self.store.current.verify(cert)
         c = self.config
         trust = self._trust()
+        on_sign = self.metrics.sign_seconds.observe
         server = None
         if c.listen is not None:
             server = TlsContext(TlsConfig(
                 cert, key, trust, peer_roles=c.inbound_peer_roles,
-                groups=self._groups, timeout_s=c.handshake_timeout_s), Usage.SERVER)
+                groups=self._groups, timeout_s=c.handshake_timeout_s), Usage.SERVER, on_sign)
         clients = tuple(
             TlsContext(TlsConfig(cert, key, trust, peer_roles=route.peer_roles,
                                  peer_node_id=route.peer_node_id, groups=self._groups,
-                                 timeout_s=c.handshake_timeout_s), Usage.CLIENT)
+                                 timeout_s=c.handshake_timeout_s), Usage.CLIENT, on_sign)
             for route in c.routes)
         self.node, self._server, self._clients = node, server, clients
         return f"serial {node.serial:#x} valid until {node.not_after}"
@@ -427,11 +430,14 @@ class Tls13Protocol(ChannelProtocol):
     async def server(self, reader: Any, writer: Any) -> Channel:
         if self._server is None:
             raise ConfigError("listen", "no inbound listener configured")
-        return await tls_server_channel(reader, writer, self._server)
+        return await tls_server_channel(reader, writer, self._server, executor=self._executor)
 
     async def client(self, reader: Any, writer: Any, route: Route) -> Channel:
         ctx = self._clients[self.config.routes.index(route)]
-        return await tls_client_channel(reader, writer, ctx)
+        return await tls_client_channel(reader, writer, ctx, executor=self._executor)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def verify(self, peer: Peer) -> None:
         if not isinstance(peer, NodeCertificate):

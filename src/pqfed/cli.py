@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pqfed.pqc.errors import PqcError
+    from pqfed.pqc import PqcError
 
     try:
         return int(args.func(args))

@@ -70,10 +70,15 @@ def _kat() -> list[Check]:
 
 
 async def _handshake_round_trip() -> str:
-    from pqfed.pqc.channel import SecureChannel, connect, server_channel
-    from pqfed.pqc.errors import ChannelClosed
-    from pqfed.pqc.handshake import HandshakeConfig
-    from pqfed.pqc.identity import CertificateAuthority, Role
+    from pqfed.pqc import (
+        CertificateAuthority,
+        ChannelClosed,
+        HandshakeConfig,
+        Role,
+        SecureChannel,
+        connect,
+        server_channel,
+    )
 
     ca = CertificateAuthority.generate("selftest")
     server_cfg = HandshakeConfig(ca.new_identity("aggregator", Role.AGGREGATOR), ca.trust,

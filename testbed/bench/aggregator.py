@@ -138,14 +138,14 @@ class Baselines:
     (long-lived and warmed up, as in the sidecar: start-up is not part of a round)."""
 
     def __init__(self, material: Material, workers: int) -> None:
-        from pqfed.pqc.bench import _peer_init, peer_task
+        from pqfed.pqc.bench import peer_init, peer_task
         from pqfed.pqc.pool import CryptoPool, PoolMode
 
         self.task = peer_task
         self.workers = workers
         pems = material.peer_pems()
-        self.sequential = CryptoPool(PoolMode.SEQUENTIAL, workers, _peer_init, (pems,))
-        self.parallel = CryptoPool(PoolMode.PROCESSES, workers, _peer_init, (pems,))
+        self.sequential = CryptoPool(PoolMode.SEQUENTIAL, workers, peer_init, (pems,))
+        self.parallel = CryptoPool(PoolMode.PROCESSES, workers, peer_init, (pems,))
         for pool in (self.sequential, self.parallel):
             pool.warm_up()
             pool.map(peer_task, range(workers * 2))
@@ -186,7 +186,7 @@ async def _seed_rounds(control: Control, baselines: Baselines, clients: list[int
 
 async def _serve(args: argparse.Namespace, material: Material, ports: AggregatorPorts,
                  clients: list[int]) -> dict[str, Any]:
-    from pqfed.pqc.channel import server_channel
+    from pqfed.pqc import server_channel
 
     served = {"pq": 0, "classical": 0, "failed": 0}
 

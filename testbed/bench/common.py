@@ -170,7 +170,9 @@ def versions() -> dict[str, str]:
 
 
 def host_info() -> dict[str, Any]:
-    from pqfed.pqc.handshake import SUITE_AEAD, cpu_has_aes, default_suites
+    from pqfed.pqc import default_suites
+    from pqfed.pqc.handshake import SUITE_AEAD
+    from pqfed.pqc.pool import cpu_has_aes
 
     mem = None
     with contextlib.suppress(Exception):
@@ -340,7 +342,7 @@ MATERIAL_FILES = tuple(f"{k}-{name}" for k in KINDS
 def make_material() -> dict[str, str]:
     """A throw-away CA per kind (ML-DSA-65 and the classical Ed25519 baseline), each with an
     aggregator and one client identity: file name -> PEM text (a directory or a Secret)."""
-    from pqfed.pqc.identity import CertificateAuthority, Role
+    from pqfed.pqc import CertificateAuthority, Role
 
     files: dict[str, str] = {}
     for kind, alg in KINDS.items():
@@ -376,18 +378,26 @@ class Material:
         return self.directory / f"{kind}-{name}"
 
     def peer_pems(self) -> tuple[str, str, str, str, str]:
-        """What pqfed.pqc.bench._peer_init takes: CA, aggregator and client PEMs (ML-DSA-65)."""
+        """What pqfed.pqc.bench.peer_init takes: CA, aggregator and client PEMs (ML-DSA-65)."""
         return (self.text("pq", "ca.crt"), self.text("pq", "aggregator.crt"),
                 self.text("pq", "aggregator.key"), self.text("pq", "client.crt"),
                 self.text("pq", "client.key"))
 
     def handshake_config(self, kind: str, role: str) -> Any:
-        from pqfed.pqc.handshake import Group, HandshakeConfig, KeySharePool
-        from pqfed.pqc.identity import Certificate, Identity, TrustAnchor
+        from pqfed.pqc import (
+            Certificate,
+            Group,
+            HandshakeConfig,
+            Identity,
+            KeySharePool,
+            TrustAnchor,
+            default_suites,
+        )
 
         trust = TrustAnchor(Certificate.from_pem(self.text(kind, "ca.crt")))
         ident = Identity.load(self.text(kind, f"{role}.crt"), self.text(kind, f"{role}.key"))
         group = Group.X25519 if kind == "classical" else Group.X25519_MLKEM768
         return HandshakeConfig(
-            ident, trust, groups=(group,), peer_signature_algorithms=(KINDS[kind],),
+            ident, trust, suites=default_suites(), groups=(group,),
+            peer_signature_algorithms=(KINDS[kind],),
             key_shares=KeySharePool() if role == "client" else None)

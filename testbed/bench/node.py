@@ -101,7 +101,7 @@ def bench_aead(total_mib: float) -> dict[str, Any]:
 
 async def _handshakes(host: str, ports: AggregatorPorts, material: Material, n: int
                       ) -> dict[str, Any]:
-    from pqfed.pqc.channel import connect
+    from pqfed.pqc import connect
 
     cfgs = {"pq": material.handshake_config("pq", "client"),
             "classical": material.handshake_config("classical", "client")}
@@ -316,9 +316,9 @@ def bench_throughput(host: str, ports: AggregatorPorts, material: Material, tota
 
 def seed_share(args: argparse.Namespace, material: Material, ports: AggregatorPorts,
                clients: list[int], step: Callable[[str], None]) -> dict[str, Any]:
-    from pqfed.pqc.bench import _peer_init, peer_task
+    from pqfed.pqc.bench import peer_init, peer_task
 
-    _peer_init(material.peer_pems())
+    peer_init(material.peer_pems())
     for i in range(2):
         peer_task(i)  # warm-up
     out: dict[str, Any] = {"share": {}, "seconds": {}}

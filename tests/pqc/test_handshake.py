@@ -285,7 +285,7 @@ def test_speculative_client_signature_is_not_sent_when_server_fails(
 
 def test_precomputed_key_shares_are_used_once(ca: CertificateAuthority, client: Identity,
                                               aggregator: Identity) -> None:
-    from pqfed.pqc.handshake import KeySharePool
+    from pqfed.pqc.pool import KeySharePool
 
     pool = KeySharePool()
     c = HandshakeConfig(client, ca.trust, key_shares=pool)

@@ -455,3 +455,57 @@ def test_truncation_without_close_notify_is_reported(ca: X509CertificateAuthorit
             await client.recv()
         assert err.value.field == "close"
     asyncio.run(go())
+
+
+@dataclass
+class _ThreadRecordingTrust:
+    """The real trust anchor, noting which thread judged each peer (and how often)."""
+
+    inner: object
+    threads: list[str]
+
+    @property
+    def root(self) -> x509.Certificate:
+        return self.inner.root  # type: ignore[attr-defined, no-any-return]
+
+    def verify(self, cert: x509.Certificate, **kw: object) -> object:
+        self.threads.append(threading.current_thread().name)
+        return self.inner.verify(cert, **kw)  # type: ignore[attr-defined]
+
+
+def test_handshake_steps_run_on_the_executor_and_signatures_are_timed(
+        ca: X509CertificateAuthority, agg: Node, cli: Node) -> None:
+    """With an executor, OpenSSL's handshake work (here: our leaf check inside it) runs off
+    the event loop's thread, in parallel for parallel handshakes; `on_sign` sees each side's
+    CertificateVerify signature."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen: list[str] = []
+    signed: list[float] = []
+    trust = _ThreadRecordingTrust(ca.trust, seen)
+    cfg = TlsConfig(agg[0], agg[1], trust, peer_roles=(Role.CLIENT,))  # type: ignore[arg-type]
+    sctx = TlsContext(cfg, Usage.SERVER, on_sign=signed.append)
+    cctx = TlsContext(TlsConfig(cli[0], cli[1], ca.trust, peer_roles=(Role.AGGREGATOR,)),
+                      Usage.CLIENT, on_sign=signed.append)
+    pool = ThreadPoolExecutor(2, "tls-test")
+
+    async def main() -> None:
+        async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            ch = await tls_server_channel(r, w, sctx, executor=pool)
+            await ch.close()
+
+        srv = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        chans = await asyncio.gather(*(tls_connect("127.0.0.1", port, cctx, executor=pool)
+                                       for _ in range(4)))
+        for ch in chans:
+            with contextlib.suppress(ChannelClosed):
+                await ch.recv()
+        srv.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        pool.shutdown()
+    assert len(seen) == 4 and all(name.startswith("tls-test") for name in seen)
+    assert len(signed) == 8 and all(0 < s < 10 for s in signed)  # 4 server + 4 client
