@@ -17,6 +17,9 @@ A harness file can be taken from the head for both trees (`--harness pqc/bench.p
 benchmark driver fixed after the base revision then measures the base's code, not the base's
 bug; the report lists the files so replaced.
 
+A run can be stopped between runs: `--collect-only` rebuilds the report from the runs in
+`--out` that both trees completed (meta.json keeps what the report needs).
+
 Report: for each metric, both revisions' median over the samples (one per run; one per round
 for round times), the spread (min-max), and head/base with a 95% bootstrap interval
 (resampling each revision's samples); an interval that excludes 1 is a difference the runs
@@ -128,29 +131,32 @@ def _dig(data: dict[str, Any], *path: str) -> float:
     return float(node)
 
 
-def step_pqc(tree: Tree, out: Path, samples: Samples, log: Path) -> None:
+def run_pqc(tree: Tree, out: Path, log: Path) -> None:
     _run(tree, ["bench-pqc", "--only", "primitives,handshake,parallel,throughput",
                 "--out", str(out)], log, 3600)
+
+
+def collect_pqc(label: str, out: Path, samples: Samples) -> None:
     r = json.loads((out / "results.json").read_text())
     for op in PRIMITIVES:
-        samples.add(f"{op}, p50", "µs", tree.label, [_dig(r, "primitives", op, "ours", "p50_us")])
+        samples.add(f"{op}, p50", "µs", label, [_dig(r, "primitives", op, "ours", "p50_us")])
     for variant in ("pq-sequential", "pq-parallel"):
         for where in ("in_memory", "loopback"):
             for stat in ("p50_us", "p99_us"):
-                samples.add(f"handshake {variant}, {where}, {stat[:3]}", "µs", tree.label,
+                samples.add(f"handshake {variant}, {where}, {stat[:3]}", "µs", label,
                             [_dig(r, "handshake", variant, where, stat)])
     peers = r["parallel"]["peers"]
     for n in peers:
         for how in ("sequential", "processes"):
-            samples.add(f"{n} handshakes, {how}", "s", tree.label,
+            samples.add(f"{n} handshakes, {how}", "s", label,
                         [_dig(peers, n, "seconds", how)])
     t = r["throughput"]
-    samples.add("sidecar pair throughput", "MB/s", tree.label, [t["secure_Bps"] / 1e6])
+    samples.add("sidecar pair throughput", "MB/s", label, [t["secure_Bps"] / 1e6])
     # the harness's format: one entry per channel protocol; pqfed1 is in every tree
-    samples.add("sidecar pair / plaintext relays", "ratio", tree.label,
+    samples.add("sidecar pair / plaintext relays", "ratio", label,
                 [_dig(t, "ratio", "pqfed1", "median")])
     for side, rss in t.get("sidecar_rss_mib", {}).get("pqfed1", {}).items():
-        samples.add(f"sidecar RSS, {side}", "MiB", tree.label, [rss])
+        samples.add(f"sidecar RSS, {side}", "MiB", label, [rss])
 
 
 def _run_results(out: Path) -> Path:
@@ -162,24 +168,63 @@ def _run_results(out: Path) -> Path:
     return found[-1]
 
 
-def step_transport(tree: Tree, out: Path, samples: Samples, log: Path) -> None:
+def run_transport(tree: Tree, out: Path, log: Path) -> None:
     import yaml
 
     job = out / "job.yaml"
     out.mkdir(parents=True, exist_ok=True)
     job.write_text(yaml.safe_dump(TRANSPORT_JOB))
-    for variant, extra in (("pqc", []), ("plaintext", ["--plaintext"])):
+    for variant, extra in TRANSPORT_VARIANTS:
         _run(tree, ["run", str(job), "--out", str(out / variant), *extra], log, 1800)
+
+
+def collect_transport(label: str, out: Path, samples: Samples) -> None:
+    for variant, _ in TRANSPORT_VARIANTS:
         rounds = json.loads(_run_results(out / variant).read_text())["status"]["rounds"]
         later = rounds[1:]  # round 1 is start-up
-        samples.add(f"round, {variant}", "s", tree.label,
+        samples.add(f"round, {variant}", "s", label,
                     [x["durationSeconds"] for x in later])
-        samples.add(f"round beyond compute, {variant}", "s", tree.label,
+        samples.add(f"round beyond compute, {variant}", "s", label,
                     [x["durationSeconds"] - x["computeSeconds"] for x in later])
 
 
-STEP_FUNCS: dict[str, Callable[[Tree, Path, Samples, Path], None]] = {
-    "pqc": step_pqc, "transport": step_transport}
+TRANSPORT_VARIANTS: tuple[tuple[str, list[str]], ...] = (("pqc", []),
+                                                         ("plaintext", ["--plaintext"]))
+
+
+@dataclass(frozen=True)
+class Step:
+    """A benchmark step: run it against a tree into a directory; read its samples back."""
+
+    run: Callable[[Tree, Path, Path], None]
+    collect: Callable[[str, Path, Samples], None]
+
+
+STEP_FUNCS: dict[str, Step] = {"pqc": Step(run_pqc, collect_pqc),
+                               "transport": Step(run_transport, collect_transport)}
+
+
+def run_dir(out: Path, step: str, label: str, i: int) -> Path:
+    return out / f"{step}-{label}-{i}"
+
+
+def collect(out: Path, steps: Sequence[str]) -> tuple[Samples, int]:
+    """Samples of every complete run under `out` (a run counts when both trees finished
+    every step): the report of a run that was stopped early, or rebuilt later."""
+    samples, done = Samples(), 0
+    while True:
+        dirs = {(step, label): run_dir(out, step, label, done)
+                for step in steps for label in ("head", "base")}
+        probe = Samples()
+        try:
+            for (step, label), d in dirs.items():
+                STEP_FUNCS[step].collect(label, d, probe)
+        except (OSError, KeyError, ValueError, RegressError):
+            return samples, done
+        for metric, per_label in probe.values.items():
+            for label, xs in per_label.items():
+                samples.add(metric, probe.units[metric], label, xs)
+        done += 1
 
 
 def bootstrap_ratio(head: Sequence[float], base: Sequence[float], *, n: int = 4000,
@@ -238,36 +283,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--harness", action="append", default=[],
                    help="a benchmark driver file (path in the repo) the base also runs from "
                         "the head, e.g. pqc/bench.py; repeatable")
+    p.add_argument("--collect-only", action="store_true",
+                   help="run nothing: rebuild the report from the complete runs in --out")
     args = p.parse_args(argv)
     if args.runs < 2:
         p.error("--runs: at least 2 (a spread needs two runs)")
+    out: Path = args.out.resolve()
+    if args.collect_only:
+        meta = json.loads((out / "meta.json").read_text())
+        samples, meta["runs"] = collect(out, meta["steps"])
+        if meta["runs"] < 2:
+            p.error(f"--collect-only: {meta['runs']} complete runs in {out}; a report needs 2")
+        meta.update({"load_end": "(run stopped early; not recorded)",
+                     "seconds": time.time() - meta["started"]})
+        return _finish(out, samples, meta)
     cache = Path(os.environ.get("PQFED_CACHE", Path.home() / ".cache" / "pqfed"))
     commit = resolve(args.base)
     head_rev = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
                               capture_output=True, text=True, check=True).stdout.strip()
     trees = {"head": Tree("head", REPO), "base": Tree("base", export(commit, cache,
                                                                      args.harness))}
-    out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     log = out / "commands.log"
+    meta = {"head": head_rev, "base": commit[:12], "runs": args.runs, "harness": args.harness,
+            "load_start": _load(), "started": time.time(), "steps": args.steps}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
     samples = Samples()
-    start, load_start = time.time(), _load()
     for i in range(args.runs):
         order = ("head", "base") if i % 2 == 0 else ("base", "head")
         for step in args.steps:
             for label in order:
                 print(f"regress: run {i + 1}/{args.runs}, {step}, {label}", flush=True)
-                STEP_FUNCS[step](trees[label], out / f"{step}-{label}-{i}", samples, log)
-    meta = {"head": head_rev, "base": commit[:12], "runs": args.runs, "harness": args.harness,
-            "load_start": load_start, "load_end": _load(), "seconds": time.time() - start,
-            "steps": args.steps}
+                d = run_dir(out, step, label, i)
+                STEP_FUNCS[step].run(trees[label], d, log)
+                STEP_FUNCS[step].collect(label, d, samples)
+    meta.update({"load_end": _load(), "seconds": time.time() - meta["started"]})
+    return _finish(out, samples, meta)
+
+
+def _finish(out: Path, samples: Samples, meta: dict[str, Any]) -> int:
     (out / "samples.json").write_text(json.dumps({"meta": meta, "units": samples.units,
                                                   "values": samples.values}, indent=1))
     text = report(samples, "head", "base", meta)
     (out / "report.md").write_text(text)
     print(text)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

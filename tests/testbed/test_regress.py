@@ -72,3 +72,47 @@ def test_the_report_has_one_row_per_metric_both_trees_measured() -> None:
     assert "| round, pqc | s | 1.050 (1.000-1.100) | 0.950 (0.900-1.000) | 0.905 [" in text
     assert "only head" not in text
     assert "`pqc/bench.py`" in text
+
+
+def _fake_transport_run(out: Path, label: str, i: int, seconds: float) -> None:
+    import json
+
+    for variant, _ in regress.TRANSPORT_VARIANTS:
+        d = regress.run_dir(out, "transport", label, i) / variant / "regress-1"
+        d.mkdir(parents=True)
+        rounds = [{"durationSeconds": seconds + r, "computeSeconds": 0.5} for r in range(3)]
+        (d / "results.json").write_text(json.dumps({"status": {"rounds": rounds}}))
+
+
+def test_a_stopped_run_is_reported_from_its_complete_runs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    for i in range(2):
+        _fake_transport_run(tmp_path, "head", i, 1.0)
+        _fake_transport_run(tmp_path, "base", i, 2.0)
+    _fake_transport_run(tmp_path, "head", 2, 1.0)  # the third run was stopped: no base
+    (tmp_path / "meta.json").write_text(json.dumps({
+        "head": "abc", "base": "def", "runs": 3, "harness": [], "load_start": "1.0",
+        "started": 0.0, "steps": ["transport"]}))
+    samples, runs = regress.collect(tmp_path, ["transport"])
+    assert runs == 2
+    # rounds 2 and 3 of each run (round 1 is start-up), two runs
+    assert samples.values["round, pqc"] == {"head": [2.0, 3.0, 2.0, 3.0],
+                                           "base": [3.0, 4.0, 3.0, 4.0]}
+    assert regress.main(["transport", "--base", "HEAD", "--out", str(tmp_path),
+                         "--collect-only"]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "2 runs each" in text and "| round, pqc | s | 3.500" in text
+
+
+def test_collect_only_needs_two_complete_runs(tmp_path: Path) -> None:
+    import json
+
+    _fake_transport_run(tmp_path, "head", 0, 1.0)
+    _fake_transport_run(tmp_path, "base", 0, 2.0)
+    (tmp_path / "meta.json").write_text(json.dumps({
+        "head": "abc", "base": "def", "runs": 3, "harness": [], "load_start": "1.0",
+        "started": 0.0, "steps": ["transport"]}))
+    with pytest.raises(SystemExit):
+        regress.main(["transport", "--base", "HEAD", "--out", str(tmp_path), "--collect-only"])
