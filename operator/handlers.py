@@ -506,7 +506,8 @@ def login(memo: Any, **_: Any) -> kopf.ConnectionInfo:
 def start_job(body: Any, patch: Any, memo: Any, logger: Any, **_: Any) -> None:
     ctx: OperatorContext = memo
     job, raw_spec, status, generation, annotations = _job_args(body)
-    spec = reconcile.validate(job.name, raw_spec, ctx.job_defaults)
+    spec = reconcile.validate(job.name, raw_spec, ctx.job_defaults,
+                              status.get(reconcile.CHANNEL_PROTOCOL))
     try:
         observed = observe(ctx, job)
         plan = reconcile.plan_start(job, raw_spec, status, observed, now_rfc3339(),
@@ -544,7 +545,8 @@ def _running(status: Any, **_: Any) -> bool:
 def monitor_job(body: Any, patch: Any, memo: Any, logger: Any, **_: Any) -> None:
     ctx: OperatorContext = memo
     job, raw_spec, status, _generation, annotations = _job_args(body)
-    spec = reconcile.validate(job.name, raw_spec, ctx.job_defaults)
+    spec = reconcile.validate(job.name, raw_spec, ctx.job_defaults,
+                              status.get(reconcile.CHANNEL_PROTOCOL))
     if not isinstance(spec, FederationJobSpec):
         return  # on.create reported it
     now = now_rfc3339()

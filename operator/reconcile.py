@@ -58,6 +58,8 @@ CHECKPOINTED: Final = "Checkpointed"
 PODS_RECREATED: Final = "PodsRecreated"
 COMPLETE: Final = "Complete"
 NODES_REVOKED: Final = "NodesRevoked"
+# status.channelProtocol: the protocol the job started with, kept for its whole life.
+CHANNEL_PROTOCOL: Final = "channelProtocol"
 
 
 @dataclass(frozen=True)
@@ -201,15 +203,21 @@ def apply_job_defaults(raw_spec: Mapping[str, Any], defaults: Mapping[str, str])
 
 
 def validate(name: str, raw_spec: Mapping[str, Any] | None,
-             defaults: Mapping[str, str] | None = None) -> FederationJobSpec | dict[str, str]:
-    """The effective spec, or {field path: problem} (what the API server could not refuse)."""
+             defaults: Mapping[str, str] | None = None,
+             protocol: str | None = None) -> FederationJobSpec | dict[str, str]:
+    """The effective spec, or {field path: problem} (what the API server could not refuse).
+    `protocol`: the channel protocol the job started with (status.channelProtocol), which
+    neither an edit nor a later change of the operator's defaults moves."""
     problems: dict[str, str] = {}
     if len(name) > MAX_JOB_NAME:
         problems["metadata.name"] = (f"at most {MAX_JOB_NAME} characters: the aggregator "
                                      f"Service {name}-aggregator must be a DNS label (63); "
                                      "use a shorter name")
+    effective = apply_job_defaults(raw_spec or {}, defaults or {})
+    if protocol:
+        effective["channel"] = {**(effective.get("channel") or {}), "protocol": protocol}
     try:
-        spec = parse_spec(apply_job_defaults(raw_spec or {}, defaults or {}))
+        spec = parse_spec(effective)
     except JobSpecError as exc:
         problems.update(exc.problems)
         return problems
@@ -625,7 +633,7 @@ def plan_start(job: m.JobRef, raw_spec: Mapping[str, Any] | None, status: Mappin
     """on.create / on.resume: validate, then ensure every child exists; phase Running."""
     if status.get("phase") in TERMINAL:
         return Plan()
-    spec = validate(job.name, raw_spec, defaults)
+    spec = validate(job.name, raw_spec, defaults, status.get(CHANNEL_PROTOCOL))
     if not isinstance(spec, FederationJobSpec):
         return plan_invalid(status, spec, now, generation)
     if cancel_requested(annotations):
@@ -638,6 +646,7 @@ def plan_start(job: m.JobRef, raw_spec: Mapping[str, Any] | None, status: Mappin
     new["phase"] = "Running"
     new.setdefault("startTime", now)
     new.setdefault("currentRound", 0)
+    new.setdefault(CHANNEL_PROTOCOL, spec.channel.protocol)
     new["totalRounds"] = spec.rounds
     if generation is not None:
         new["observedGeneration"] = generation
@@ -663,16 +672,19 @@ def plan_spec_change(status: Mapping[str, Any], old_spec: Mapping[str, Any] | No
     name: a live job cannot switch (every identity, sidecar and the operator's own channel
     were made for the old protocol), and rolling it would cut every channel mid-round. The
     CRD's transition rule refuses that edit at the API server already; this covers a CRD
-    without it and a chart default (jobDefaults.channelProtocol) changed under a running job.
+    without it and an edit that now lands on a changed chart default
+    (jobDefaults.channelProtocol): the job's protocol is the one it started with
+    (status.channelProtocol).
     """
     if status.get("phase") in TERMINAL:
         return Plan()
     before = validate("job", old_spec, defaults)
     after = validate("job", new_spec, defaults)
+    was = str(status.get(CHANNEL_PROTOCOL) or "") or (
+        before.channel.protocol if isinstance(before, FederationJobSpec) else "")
     field_, reason = "", "SpecChangeIgnored"
-    if isinstance(before, FederationJobSpec) and isinstance(after, FederationJobSpec) and \
-            before.channel.protocol != after.channel.protocol:
-        was, wants = before.channel.protocol, after.channel.protocol
+    if isinstance(after, FederationJobSpec) and was and after.channel.protocol != was:
+        wants = after.channel.protocol
         field_, reason = "spec.channel.protocol: ", "ProtocolChangeRefused"
         msg = (f"{field_}changed from {was} to {wants} after the job started (generation "
                f"{generation}); the running job keeps {was}: its identities, sidecars and the "
