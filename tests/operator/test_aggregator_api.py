@@ -137,6 +137,8 @@ def test_operator_reads_status_and_checkpoint_through_the_sidecar(
     assert fetch_status(ep, "fed-a")["currentRound"] == 2
     ckpt = fetch_checkpoint(ep, "fed-a")
     assert ckpt is not None and ckpt.round == 2 and ckpt.data == CHECKPOINT
+    assert agg.sidecar.metrics.registry.get_sample_value(
+        "pqfed_channels_negotiated_total", {"version": "pqfed1", "group": "X25519_MLKEM768"})
     with pytest.raises(AggregatorUnreachable, match="does not serve job other"):
         fetch_status(ep, "other")
     assert not any(agg.fleet_requests)  # the operator never reaches the Fleet API
@@ -288,6 +290,10 @@ def test_operator_reads_a_tls13_aggregator_over_tls13(tls13_agg: tuple[Any, ...]
     ep = AggregatorEndpoint("127.0.0.1", sidecar.bound["listen"], ident, TrustAnchor(ca.root),
                             tls=tls)
     assert fetch_status(ep, "fed-a")["currentRound"] == 1
+    # What the channel really negotiated, as the sidecar's /metrics exports it.
+    negotiated = sidecar.metrics.registry.get_sample_value(
+        "pqfed_channels_negotiated_total", {"version": "TLSv1.3", "group": "X25519MLKEM768"})
+    assert negotiated and negotiated >= 1
 
 
 def test_a_pqfed1_peer_cannot_join_a_tls13_job(tls13_agg: tuple[Any, ...]) -> None:
