@@ -29,7 +29,7 @@ from typing import Any, Final
 
 import kopf
 
-from pqfed.operator import identities, reconcile
+from pqfed.operator import enrolment, identities, reconcile
 from pqfed.operator import pods as m
 from pqfed.operator.aggregator_api import (
     MAX_CHECKPOINT_BYTES,
@@ -42,8 +42,9 @@ from pqfed.operator.aggregator_api import (
 from pqfed.operator.metrics import OperatorMetrics, serve_http
 from pqfed.pqc.errors import CertificateError, DecodeError
 from pqfed.pqc.handshake import Group
-from pqfed.pqc.identity import Certificate, Identity, TrustAnchor
-from pqfed.pqc.pki.profile import load_certificate_pem
+from pqfed.pqc.identity import Certificate, Identity, Role, TrustAnchor
+from pqfed.pqc.pki import IssuancePolicy, sign_request
+from pqfed.pqc.pki.profile import certificate_pem, load_certificate_pem
 from pqfed.pqc.tls13 import TlsContext
 from pqfed.services.spec import API_GROUP, API_VERSION, FederationJobSpec
 
@@ -442,6 +443,40 @@ def save_checkpoint(ctx: OperatorContext, job: m.JobRef, spec: FederationJobSpec
         f"round {ckpt.round} stored in Secret {name} ({len(ckpt.data)} bytes)", now)
 
 
+def enrol(ctx: OperatorContext, body: Any, job: m.JobRef, spec: FederationJobSpec,
+          annotations: dict[str, str], status: dict[str, Any], observed: reconcile.Observed,
+          now: str) -> dict[str, Any]:
+    """Site-held-key enrolment (enrolment.py): reads the job's request ConfigMaps, issues the
+    approved ones with the job's X.509 CA; returns the Enrolment condition patch."""
+    response = ctx.core.list_namespaced_config_map(
+        job.namespace, label_selector=f"{enrolment.CSR_LABEL}={job.name}",
+        _preload_content=False)
+    prefix = enrolment.request_configmap_name(job.name, "")
+    requests = {_name(cm)[len(prefix):]: (cm.get("data") or {}).get(enrolment.CSR_KEY)
+                for cm in _items(response) if _name(cm).startswith(prefix)}
+    issued = frozenset(n for n in requests if enrolment.certificate_configmap_name(
+        job.name, n) in observed.configmaps)
+    plan = enrolment.plan_enrolment(job.name, spec, requests, annotations, issued, status, now)
+    if plan.to_issue:
+        ca_data = _secret_data(ctx.core, job.namespace, m.ca_secret_name(job.name))
+        x509_ca = identities.load_x509_ca(ca_data)
+        crl = _secret_data(ctx.core, job.namespace, m.crl_secret_name(job.name))
+        assert x509_ca is not None  # decide() refuses requests of pqfed1 jobs
+        for d in plan.to_issue:
+            assert d.csr is not None
+            cert = sign_request(x509_ca, d.csr, IssuancePolicy(
+                roles=(Role.CLIENT,), node_id=d.node_id,
+                validity_s=spec.crypto.certificate_lifetime_seconds))
+            _create(ctx, enrolment.certificate_configmap(
+                job, d.node_id, certificate_pem(cert).decode(),
+                ca_data[identities.X509_CA_KEY], crl.get(identities.X509_CRL_KEY, "")))
+            log.info("job %s/%s: issued %s serial %#x for an enrolled site key", job.namespace,
+                     job.name, d.node_id, cert.serial_number)
+    for ev in plan.events:
+        kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message[:1024])
+    return {"conditions": plan.conditions} if plan.conditions is not None else {}
+
+
 def _job_args(body: Any) -> tuple[m.JobRef, dict[str, Any], dict[str, Any], int | None,
                                   dict[str, str]]:
     job = m.JobRef.from_body(body)
@@ -560,6 +595,8 @@ def monitor_job(body: Any, patch: Any, memo: Any, logger: Any, **_: Any) -> None
         if plan.save_checkpoint:
             changes.update(save_checkpoint(ctx, job, spec, observed, {**status, **changes},
                                            now))
+        changes.update(enrol(ctx, body, job, spec, annotations, {**status, **changes},
+                             observed, now))
     except kopf.PermanentError as exc:
         changes = _refused(ctx, body, status, str(exc)).status
     except Exception as exc:
