@@ -1,18 +1,21 @@
 """A FederationJob with `channel.protocol: tls13` on the emulated cluster: the operator issues
 X.509 ML-DSA-65 identities, every sidecar speaks TLS 1.3 (X25519MLKEM768), the operator reads
 the aggregator over TLS 1.3 too, and the job succeeds. A peer speaking pqfed1 with the job's
-own pqfed identity cannot join it."""
+own pqfed identity cannot join it. A site's own key is enrolled into a job after approval."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pqfed.operator import identities
+from pqfed.operator import enrolment, identities
 from pqfed.operator import pods as m
 from pqfed.pqc.channel import connect
 from pqfed.pqc.errors import PqcError
@@ -108,3 +111,77 @@ def _has_x509(bed: Any, secret: str) -> dict[str, str] | None:
         return None
     return data if identities.X509_CERT_KEY in data else None
 
+
+
+def _cli(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pqfed.cli", *args], capture_output=True,
+                          text=True, timeout=120, check=False, **kwargs)
+
+
+def _enrolment(bed: Any, name: str) -> str:
+    for cond in bed.status(name).get("conditions") or []:
+        if cond.get("type") == enrolment.ENROLMENT:
+            return str(cond.get("message", ""))
+    return ""
+
+
+def test_a_site_held_key_is_enrolled_after_approval(testbed: Any, tmp_path: Path) -> None:
+    """docs/pki.md's enrolment commands against the cluster: the site's request waits for an
+    admin, a request for another federation is refused by name, the approved one is signed by
+    the job's X.509 CA, and the site's private key is nowhere in the cluster."""
+    bed = testbed
+    name = bed.unique_name("enr")
+    # No node carries this label: the job runs (the operator reconciles it) without pods.
+    nowhere = {"pqfed.io/nowhere": "true"}
+    bed.create_job(name, {**SPEC, "placement": {"nodeSelector": nowhere,
+                                                "aggregatorNodeSelector": nowhere}})
+    bed.wait_phase(name, ("Running",), 60)
+    for node, federation in (("hospital-1", name), ("hospital-2", "another-fed")):
+        site = tmp_path / node
+        made = _cli("ca", "csr", "--federation", federation, "--role", "client",
+                    "--node-id", node, "--out", str(site))
+        assert made.returncode == 0, made.stderr
+        # `kubectl create configmap ... --from-file=tls.csr=...` + `kubectl label ...`
+        bed.core.create_namespaced_config_map(bed.namespace, {
+            "metadata": {"name": enrolment.request_configmap_name(name, node),
+                         "labels": {enrolment.CSR_LABEL: name}},
+            "data": {enrolment.CSR_KEY: (site / "tls.csr").read_text()}})
+    text = bed.wait_for(lambda: (t := _enrolment(bed, name)) and "hospital-2" in t and t,
+                        60, "the Enrolment condition", 1.0, lambda: bed.diagnose(name))
+    assert "hospital-1: pending (AwaitingApproval)" in text, text
+    assert "hospital-2: denied (WrongFederation)" in text, text
+    cert_cm = enrolment.certificate_configmap_name(name, "hospital-1")
+    assert cert_cm not in {c.metadata.name for c in
+                           bed.core.list_namespaced_config_map(bed.namespace).items}
+    kube = ("--kubeconfig", bed.kubeconfig, "-n", bed.namespace, "--job", name)
+    refused = _cli("approve", *kube, "--node", "hospital-2")
+    assert refused.returncode == 2 and "WrongFederation" in refused.stderr, refused
+    approved = _cli("approve", *kube, "--node", "hospital-1")
+    assert approved.returncode == 0, approved.stderr
+
+    def published() -> Any:
+        try:
+            return bed.core.read_namespaced_config_map(cert_cm, bed.namespace)
+        except Exception:  # not yet
+            return None
+
+    cm = bed.wait_for(published, 60, f"ConfigMap {cert_cm}", 1.0, lambda: bed.diagnose(name))
+    site = tmp_path / "hospital-1"
+    key = load_private_key_pem((site / "tls.key").read_bytes())
+    cert = load_certificate_pem(cm.data["tls.crt"])
+    assert cert.public_key() == key.public_key()
+    ca_pem = _secret(bed, m.ca_secret_name(name))[identities.X509_CA_KEY]
+    assert cm.data["ca.crt"] == ca_pem
+    node = X509TrustAnchor(load_certificate_pem(ca_pem)).verify(
+        cert, roles=(Role.CLIENT,), node_id="hospital-1", usage=Usage.CLIENT)
+    assert node.federation == name
+    bed.wait_for(lambda: "hospital-1: issued" in _enrolment(bed, name), 30, "issued")
+    # The operator never held the site's key: no Secret or ConfigMap anywhere has it.
+    key_body = "".join((site / "tls.key").read_text().splitlines()[1:-1])
+    for ns in (bed.namespace, bed.operator_namespace):
+        for sec in bed.core.list_namespaced_secret(ns).items:
+            for value in (sec.data or {}).values():
+                assert key_body[:64] not in base64.b64decode(value).decode(errors="replace")
+        for c in bed.core.list_namespaced_config_map(ns).items:
+            assert all(key_body[:64] not in v for v in (c.data or {}).values())
+    bed.delete_job(name)
