@@ -8,6 +8,10 @@ its own certificate of role `operator`, issued by the job's federation CA. The s
 an operator's channel to the status API and lets only `GET /status` and `GET /checkpoint`
 through (pqc/sidecar/config.py OPERATOR_PATHS); the operator pins the peer to the node id
 `aggregator` of the same CA. HTTP/1.1 framing on the channel is h11's.
+
+In a job whose `channel.protocol` is tls13 the aggregator's sidecar speaks TLS 1.3 only, so
+the operator does too (`pqfed.pqc.tls13`: X25519MLKEM768, its X.509 ML-DSA-65 certificate of
+role `operator` from the job's X.509 CA, the same pin on `aggregator`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from pqfed.pqc import (
     connect,
     default_suites,
 )
+from pqfed.pqc.pki import Usage, X509TrustAnchor
+from pqfed.pqc.pki.profile import load_certificate_pem, load_private_key_pem
+from pqfed.pqc.tls13 import TlsChannel, TlsConfig, TlsContext, tls_connect
 
 TIMEOUT_S: Final = 5.0
 # A Secret holds at most 1 MiB; leave room for status.json and the object's metadata.
@@ -61,12 +68,27 @@ class AggregatorEndpoint:
     trust: TrustAnchor  # the job's federation CA
     peer_node_id: str = "aggregator"
     groups: tuple[Group, ...] = (Group.X25519_MLKEM768,)
+    # tls13 jobs: the operator's TLS 1.3 client context (`operator_tls_context`); the channel
+    # is then TLS 1.3 and `identity`/`trust` serve nothing.
+    tls: TlsContext | None = None
 
     def handshake_config(self) -> HandshakeConfig:
         return HandshakeConfig(self.identity, self.trust, suites=default_suites(),
                                groups=self.groups,
                                peer_roles=(Role.AGGREGATOR,), peer_node_id=self.peer_node_id,
                                timeout_s=TIMEOUT_S)
+
+
+def operator_tls_context(cert_pem: str, key_pem: str, ca_pem: str) -> TlsContext:
+    """The operator's TLS 1.3 client side for a tls13 job: its X.509 identity (role
+    `operator`), the job's X.509 CA as the only trust anchor, the peer pinned to the node id
+    `aggregator` (role aggregator, server usage)."""
+    config = TlsConfig(load_certificate_pem(cert_pem, "cert"),
+                       load_private_key_pem(key_pem.encode(), "key"),
+                       X509TrustAnchor(load_certificate_pem(ca_pem, "ca")),
+                       peer_roles=(Role.AGGREGATOR,), peer_node_id="aggregator",
+                       timeout_s=TIMEOUT_S)
+    return TlsContext(config, Usage.CLIENT)
 
 
 @dataclass(frozen=True)
@@ -76,7 +98,8 @@ class _Response:
     body: bytes
 
 
-async def _read_response(channel: SecureChannel, conn: h11.Connection) -> _Response:
+async def _read_response(channel: SecureChannel | TlsChannel,
+                         conn: h11.Connection) -> _Response:
     status, headers, body = 0, {}, bytearray()
     while True:
         event = conn.next_event()
@@ -101,7 +124,11 @@ async def _read_response(channel: SecureChannel, conn: h11.Connection) -> _Respo
 
 async def _get_all(endpoint: AggregatorEndpoint, paths: Sequence[str]) -> list[_Response]:
     """GETs `paths` one after the other on one channel (HTTP/1.1 keep-alive)."""
-    channel = await connect(endpoint.host, endpoint.port, endpoint.handshake_config())
+    channel: SecureChannel | TlsChannel
+    if endpoint.tls is not None:
+        channel = await tls_connect(endpoint.host, endpoint.port, endpoint.tls)
+    else:
+        channel = await connect(endpoint.host, endpoint.port, endpoint.handshake_config())
     try:
         conn = h11.Connection(h11.CLIENT)
         out = []

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from pqfed.operator.reconcile import CANCEL_ANNOTATION
-from pqfed.services.spec import API_GROUP, API_VERSION, KIND, JobSpecError, load_job
+from pqfed.services.spec import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    FederationJobSpec,
+    JobSpecError,
+    load_job,
+)
 
 __all__ = ["CANCEL_ANNOTATION", "register"]
 
@@ -182,6 +189,51 @@ def _revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _approve(args: argparse.Namespace) -> int:
+    """Checks the site's request ConfigMap as the operator will, shows what it approves, and
+    annotates the job `approve.pqfed.io/<node>: sha256:<key fingerprint>` (operator/
+    enrolment.py); `--deny REASON` annotates `deny.pqfed.io/<node>` instead."""
+    from kubernetes.client.exceptions import ApiException
+
+    from pqfed.operator import enrolment
+    from pqfed.operator.kube import PLURAL
+    from pqfed.operator.reconcile import CHANNEL_PROTOCOL, validate
+
+    c = _clients(args)
+    ns = args.namespace or "default"
+    if args.deny is not None:
+        note = {f"{enrolment.DENY_PREFIX}{args.node}": args.deny}
+        c.custom.patch_namespaced_custom_object(API_GROUP, API_VERSION, ns, PLURAL, args.job,
+                                                {"metadata": {"annotations": note}})
+        print(f"federationjob.pqfed.io/{args.job}: request of {args.node} denied")
+        return 0
+    try:
+        job = c.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, ns, PLURAL,
+                                                    args.job)
+        cm = c.core.read_namespaced_config_map(
+            enrolment.request_configmap_name(args.job, args.node), ns)
+    except ApiException as exc:
+        print(f"pqfed: {_api_reason(exc)}", file=sys.stderr)
+        return 2
+    spec = validate(args.job, job.get("spec") or {}, None,
+                    (job.get("status") or {}).get(CHANNEL_PROTOCOL))
+    if not isinstance(spec, FederationJobSpec):
+        print(f"pqfed: job {args.job} is invalid: {spec}", file=sys.stderr)
+        return 2
+    try:
+        uri, fingerprint = enrolment.approval(args.job, spec, args.node,
+                                              (cm.data or {}).get(enrolment.CSR_KEY))
+    except enrolment.EnrolmentRefused as exc:
+        print(f"pqfed: not approved: {exc}", file=sys.stderr)
+        return 2
+    note = {f"{enrolment.APPROVE_PREFIX}{args.node}": fingerprint}
+    c.custom.patch_namespaced_custom_object(API_GROUP, API_VERSION, ns, PLURAL, args.job,
+                                            {"metadata": {"annotations": note}})
+    print(f"approved {uri} key {fingerprint}; the operator publishes its certificate in "
+          f"ConfigMap {enrolment.certificate_configmap_name(args.job, args.node)}")
+    return 0
+
+
 def _check(args: argparse.Namespace) -> int:
     from pqfed.operator.kube import list_jobs
 
@@ -251,3 +303,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                              "affiliation-changed, superseded, cessation-of-operation, "
                              "privilege-withdrawn")
     revoke.set_defaults(func=_revoke)
+    approve = kube(sub.add_parser("approve", help="approve a site's certificate request "
+                                  "(ConfigMap JOB-csr-NODE from `pqfed ca csr`) for a tls13 "
+                                  "FederationJob; the key stays at the site"))
+    approve.add_argument("--job", required=True)
+    approve.add_argument("--node", required=True, help="the node id the site requested")
+    approve.add_argument("--deny", metavar="REASON", help="deny the request instead")
+    approve.set_defaults(func=_approve)

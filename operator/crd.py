@@ -266,6 +266,10 @@ def status_schema() -> dict[str, Any]:
             "completionTime": {"type": "string", "format": "date-time",
                                "description": "When the job reached a final phase"},
             "message": {"type": "string", "description": "Human-readable state or error"},
+            "channelProtocol": {"type": "string", "enum": ["pqfed1", "tls13"],
+                                "description": "The channel protocol the job started with "
+                                               "(spec.channel.protocol after the operator's "
+                                               "defaults); kept for the job's whole life"},
             "auditHead": {"type": "string",
                           "description": "Hash at the head of the signed audit log"},
             "rounds": {"type": "array", "x-kubernetes-list-type": "atomic",

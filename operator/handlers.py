@@ -29,7 +29,7 @@ from typing import Any, Final
 
 import kopf
 
-from pqfed.operator import identities, reconcile
+from pqfed.operator import enrolment, identities, reconcile
 from pqfed.operator import pods as m
 from pqfed.operator.aggregator_api import (
     MAX_CHECKPOINT_BYTES,
@@ -37,9 +37,21 @@ from pqfed.operator.aggregator_api import (
     AggregatorUnreachable,
     fetch_checkpoint,
     fetch_status,
+    operator_tls_context,
 )
 from pqfed.operator.metrics import OperatorMetrics, serve_http
-from pqfed.pqc import Certificate, DecodeError, Group, Identity, TrustAnchor
+from pqfed.pqc import (
+    Certificate,
+    CertificateError,
+    DecodeError,
+    Group,
+    Identity,
+    Role,
+    TrustAnchor,
+)
+from pqfed.pqc.pki import IssuancePolicy, sign_request
+from pqfed.pqc.pki.profile import certificate_pem, load_certificate_pem
+from pqfed.pqc.tls13 import TlsContext
 from pqfed.services.spec import API_GROUP, API_VERSION, FederationJobSpec
 
 PLURAL: Final = "federationjobs"
@@ -61,8 +73,10 @@ class OperatorContext:
     core: Any = None  # kubernetes.client.CoreV1Api
     networking: Any = None  # kubernetes.client.NetworkingV1Api
     configuration: Any = None  # kubernetes.client.Configuration
-    # Per job uid: the operator's identity in that job's federation and the job's CA.
-    identities: dict[str, tuple[Identity, TrustAnchor]] = field(default_factory=dict)
+    # Per job uid: the operator's identity in that job's federation and the job's CA, and
+    # for tls13 jobs its TLS 1.3 client context (X.509 identity and CA).
+    identities: dict[str, tuple[Identity, TrustAnchor, TlsContext | None]] = field(
+        default_factory=dict)
     started: bool = False
     http_runner: Any = None
 
@@ -156,12 +170,21 @@ def aggregator_endpoint(ctx: OperatorContext, job: m.JobRef, spec: FederationJob
         except Exception as exc:  # not issued yet (404), or RBAC: try again next tick
             log.info("job %s/%s: operator identity %s: %s", job.namespace, job.name, name, exc)
             return None
+        tls = None
+        if spec.channel.protocol == "tls13":  # the aggregator's sidecar speaks TLS 1.3 only
+            if identities.X509_CERT_KEY not in data:
+                log.warning("job %s/%s: %s has no X.509 identity for the tls13 channel",
+                            job.namespace, job.name, name)
+                return None
+            tls = operator_tls_context(data[identities.X509_CERT_KEY],
+                                       data[identities.X509_KEY_KEY],
+                                       data[identities.X509_CA_KEY])
         ctx.identities[job.uid] = (Identity.load(data["tls.crt"], data["tls.key"]),
-                                   TrustAnchor(Certificate.from_pem(data["ca.crt"])))
-    identity, trust = ctx.identities[job.uid]
+                                   TrustAnchor(Certificate.from_pem(data["ca.crt"])), tls)
+    identity, trust, tls = ctx.identities[job.uid]
     groups = ((Group.X25519_MLKEM1024,) if spec.crypto.kem == "ML-KEM-1024"
               else (Group.X25519_MLKEM768,))
-    return AggregatorEndpoint(ip, m.PQC_PORT, identity, trust, groups=groups)
+    return AggregatorEndpoint(ip, m.PQC_PORT, identity, trust, groups=groups, tls=tls)
 
 
 def _decoded(secret: dict[str, Any] | None, key: str) -> str | None:
@@ -191,16 +214,35 @@ def observe_credentials(job: m.JobRef, secrets: dict[str, dict[str, Any]]
         except DecodeError as exc:
             log.warning("job %s/%s: Secret %s: %s", job.namespace, job.name, name, exc)
             continue
-        certs[node] = reconcile.CertState(cert.serial, cert.not_before, cert.not_after, prev)
+        x509_data = {k: v for k in (identities.X509_CERT_KEY, identities.X509_PREVIOUS_CERT_KEY)
+                     if (v := _decoded(sec, k)) is not None}
+        certs[node] = reconcile.CertState(cert.serial, cert.not_before, cert.not_after, prev,
+                                          identities.x509_serials(x509_data))
     crl_state = None
-    root_pem = _decoded(secrets.get(m.ca_secret_name(job.name)), "ca.crt")
-    crl_pem = _decoded(secrets.get(m.crl_secret_name(job.name)), identities.CRL_KEY)
+    ca_secret = secrets.get(m.ca_secret_name(job.name))
+    root_pem = _decoded(ca_secret, "ca.crt")
+    crl_secret = secrets.get(m.crl_secret_name(job.name))
+    crl_pem = _decoded(crl_secret, identities.CRL_KEY)
     if root_pem and crl_pem:
         crl = identities.read_crl({identities.CRL_KEY: crl_pem}, Certificate.from_pem(root_pem))
         if crl is not None:
             crl_state = reconcile.CrlState(crl.number, crl.this_update, crl.next_update,
-                                           crl.serials)
+                                           crl.serials, _x509_crl_serials(ca_secret, crl_secret))
     return certs, crl_state
+
+
+def _x509_crl_serials(ca_secret: dict[str, Any] | None, crl_secret: dict[str, Any] | None
+                      ) -> frozenset[int] | None:
+    """The published X.509 CRL's serials if the job's X.509 CA signed it (tls13 jobs)."""
+    root_pem = _decoded(ca_secret, identities.X509_CA_KEY)
+    crl_pem = _decoded(crl_secret, identities.X509_CRL_KEY)
+    if root_pem is None or crl_pem is None:
+        return None
+    try:
+        root = load_certificate_pem(root_pem, "root")
+    except CertificateError:
+        return None
+    return identities.read_x509_crl({identities.X509_CRL_KEY: crl_pem}, root)
 
 
 def observe(ctx: OperatorContext, job: m.JobRef, spec: FederationJobSpec | None = None
@@ -273,22 +315,26 @@ def issue_secrets(ctx: OperatorContext, job: m.JobRef, spec: FederationJobSpec,
     algorithm = spec.crypto.signature
     lifetime = spec.crypto.certificate_lifetime_seconds
     core = ctx.core
+    tls13 = spec.channel.protocol == "tls13"
     for s in wanted:
         if s.node_id is None and not s.crl:
-            data = identities.issue_ca(job.name, algorithm)
+            data = identities.issue_ca(job.name, algorithm, x509_ca=tls13)
             _create(ctx, m.secret(job, s.name, data, "ca"))
-    ca = None
+    ca = x509_ca = None
     for s in wanted:
         if s.node_id is None and not s.crl:
             continue
         if ca is None:
-            ca = identities.load_ca(_secret_data(core, job.namespace, m.ca_secret_name(job.name)))
+            ca_data = _secret_data(core, job.namespace, m.ca_secret_name(job.name))
+            ca, x509_ca = identities.load_ca(ca_data), identities.load_x509_ca(ca_data)
         if s.crl:  # the first list: nothing revoked yet
-            data = identities.next_crl(ca, None, (), int(time.time()), lifetime)
+            data = identities.next_crl(ca, None, (), int(time.time()), lifetime,
+                                       x509_ca=x509_ca)
             _create(ctx, m.secret(job, s.name, data, "crl"))
             continue
         assert s.node_id is not None and s.role is not None
-        data = identities.issue_identity(ca, s.node_id, s.role, algorithm, lifetime)
+        data = identities.issue_identity(ca, s.node_id, s.role, algorithm, lifetime,
+                                         x509_ca=x509_ca)
         _create(ctx, m.secret(job, s.name, data, "identity", s.node_id))
 
 
@@ -299,15 +345,21 @@ def update_credentials(ctx: OperatorContext, job: m.JobRef, spec: FederationJobS
     if plan.crl is None and not plan.renew:
         return
     core = ctx.core
-    ca = identities.load_ca(_secret_data(core, job.namespace, m.ca_secret_name(job.name)))
+    ca_data = _secret_data(core, job.namespace, m.ca_secret_name(job.name))
+    ca, x509_ca = identities.load_ca(ca_data), identities.load_x509_ca(ca_data)
     lifetime = spec.crypto.certificate_lifetime_seconds
     if plan.crl is not None:
         name = m.crl_secret_name(job.name)
         try:
-            previous = identities.read_crl(_secret_data(core, job.namespace, name), ca.root)
+            crl_data = _secret_data(core, job.namespace, name)
         except Exception:  # absent (404): a new list, numbered from the clock
-            previous = None
-        data = identities.next_crl(ca, previous, plan.crl.revoke, int(time.time()), lifetime)
+            crl_data = {}
+        previous = identities.read_crl(crl_data, ca.root)
+        x509_previous = (identities.read_x509_crl(crl_data, x509_ca.certificate) or frozenset()
+                         if x509_ca is not None else frozenset())
+        data = identities.next_crl(ca, previous, plan.crl.revoke, int(time.time()), lifetime,
+                                   x509_ca=x509_ca, x509_previous=x509_previous,
+                                   x509_revoke=plan.crl.revoke_x509)
         body = m.secret(job, name, data, "crl")
         if not _create(ctx, body):
             core.patch_namespaced_secret(name, job.namespace, {"stringData": data})
@@ -317,8 +369,11 @@ def update_credentials(ctx: OperatorContext, job: m.JobRef, spec: FederationJobS
         assert s.node_id is not None and s.role is not None
         old = _secret_data(core, job.namespace, s.name)
         replaced = Certificate.from_pem(old["tls.crt"])
+        x509_replaced = (load_certificate_pem(old[identities.X509_CERT_KEY])
+                         if identities.X509_CERT_KEY in old else None)
         data = identities.issue_identity(ca, s.node_id, s.role, spec.crypto.signature,
-                                         lifetime, replaced)
+                                         lifetime, replaced, x509_ca=x509_ca,
+                                         x509_previous=x509_replaced)
         core.patch_namespaced_secret(s.name, job.namespace, {"stringData": data})
         if s.node_id == m.OPERATOR_NODE_ID:
             ctx.identities.pop(job.uid, None)  # read the renewed one on next use
@@ -394,6 +449,40 @@ def save_checkpoint(ctx: OperatorContext, job: m.JobRef, spec: FederationJobSpec
         f"round {ckpt.round} stored in Secret {name} ({len(ckpt.data)} bytes)", now)
 
 
+def enrol(ctx: OperatorContext, body: Any, job: m.JobRef, spec: FederationJobSpec,
+          annotations: dict[str, str], status: dict[str, Any], observed: reconcile.Observed,
+          now: str) -> dict[str, Any]:
+    """Site-held-key enrolment (enrolment.py): reads the job's request ConfigMaps, issues the
+    approved ones with the job's X.509 CA; returns the Enrolment condition patch."""
+    response = ctx.core.list_namespaced_config_map(
+        job.namespace, label_selector=f"{enrolment.CSR_LABEL}={job.name}",
+        _preload_content=False)
+    prefix = enrolment.request_configmap_name(job.name, "")
+    requests = {_name(cm)[len(prefix):]: (cm.get("data") or {}).get(enrolment.CSR_KEY)
+                for cm in _items(response) if _name(cm).startswith(prefix)}
+    issued = frozenset(n for n in requests if enrolment.certificate_configmap_name(
+        job.name, n) in observed.configmaps)
+    plan = enrolment.plan_enrolment(job.name, spec, requests, annotations, issued, status, now)
+    if plan.to_issue:
+        ca_data = _secret_data(ctx.core, job.namespace, m.ca_secret_name(job.name))
+        x509_ca = identities.load_x509_ca(ca_data)
+        crl = _secret_data(ctx.core, job.namespace, m.crl_secret_name(job.name))
+        assert x509_ca is not None  # decide() refuses requests of pqfed1 jobs
+        for d in plan.to_issue:
+            assert d.csr is not None
+            cert = sign_request(x509_ca, d.csr, IssuancePolicy(
+                roles=(Role.CLIENT,), node_id=d.node_id,
+                validity_s=spec.crypto.certificate_lifetime_seconds))
+            _create(ctx, enrolment.certificate_configmap(
+                job, d.node_id, certificate_pem(cert).decode(),
+                ca_data[identities.X509_CA_KEY], crl.get(identities.X509_CRL_KEY, "")))
+            log.info("job %s/%s: issued %s serial %#x for an enrolled site key", job.namespace,
+                     job.name, d.node_id, cert.serial_number)
+    for ev in plan.events:
+        kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message[:1024])
+    return {"conditions": plan.conditions} if plan.conditions is not None else {}
+
+
 def _job_args(body: Any) -> tuple[m.JobRef, dict[str, Any], dict[str, Any], int | None,
                                   dict[str, str]]:
     job = m.JobRef.from_body(body)
@@ -458,7 +547,8 @@ def login(memo: Any, **_: Any) -> kopf.ConnectionInfo:
 def start_job(body: Any, patch: Any, memo: Any, logger: Any, **_: Any) -> None:
     ctx: OperatorContext = memo
     job, raw_spec, status, generation, annotations = _job_args(body)
-    spec = reconcile.validate(job.name, raw_spec, ctx.job_defaults)
+    spec = reconcile.validate(job.name, raw_spec, ctx.job_defaults,
+                              status.get(reconcile.CHANNEL_PROTOCOL))
     try:
         observed = observe(ctx, job)
         plan = reconcile.plan_start(job, raw_spec, status, observed, now_rfc3339(),
@@ -496,7 +586,8 @@ def _running(status: Any, **_: Any) -> bool:
 def monitor_job(body: Any, patch: Any, memo: Any, logger: Any, **_: Any) -> None:
     ctx: OperatorContext = memo
     job, raw_spec, status, _generation, annotations = _job_args(body)
-    spec = reconcile.validate(job.name, raw_spec, ctx.job_defaults)
+    spec = reconcile.validate(job.name, raw_spec, ctx.job_defaults,
+                              status.get(reconcile.CHANNEL_PROTOCOL))
     if not isinstance(spec, FederationJobSpec):
         return  # on.create reported it
     now = now_rfc3339()
@@ -510,6 +601,8 @@ def monitor_job(body: Any, patch: Any, memo: Any, logger: Any, **_: Any) -> None
         if plan.save_checkpoint:
             changes.update(save_checkpoint(ctx, job, spec, observed, {**status, **changes},
                                            now))
+        changes.update(enrol(ctx, body, job, spec, annotations, {**status, **changes},
+                             observed, now))
     except kopf.PermanentError as exc:
         changes = _refused(ctx, body, status, str(exc)).status
     except Exception as exc:
@@ -522,19 +615,17 @@ def monitor_job(body: Any, patch: Any, memo: Any, logger: Any, **_: Any) -> None
 
 
 @kopf.on.update(API_GROUP, API_VERSION, PLURAL, field="spec")
-def spec_changed(body: Any, patch: Any, **_: Any) -> None:
-    """A job's pods are built from the spec it started with; a later edit does not move them."""
-    status = dict(body.get("status") or {})
-    if status.get("phase") in reconcile.TERMINAL:
-        return
-    gen = body["metadata"].get("generation")
-    msg = (f"spec changed (generation {gen}) after the job started; the running job keeps "
-           f"generation {status.get('observedGeneration')}'s spec: delete and re-create the "
-           "job to apply it")
-    kopf.event(body, type="Warning", reason="SpecChangeIgnored", message=msg)
-    patch.status["conditions"] = reconcile.set_condition(
-        list(status.get("conditions") or []), "SpecApplied", "False", "SpecChangeIgnored", msg,
-        now_rfc3339(), gen)
+def spec_changed(body: Any, patch: Any, memo: Any, old: Any, new: Any, **_: Any) -> None:
+    """A job's pods are built from the spec it started with; a later edit does not move them
+    (reconcile.plan_spec_change; a protocol change is refused by name)."""
+    ctx: OperatorContext = memo
+    status = json.loads(json.dumps(dict(body.get("status") or {})))
+    plan = reconcile.plan_spec_change(
+        status, json.loads(json.dumps(dict(old or {}))), json.loads(json.dumps(dict(new or {}))),
+        body["metadata"].get("generation"), now_rfc3339(), ctx.job_defaults)
+    for ev in plan.events:
+        kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message[:1024])
+    _patch_status(patch, plan.status)
 
 
 @kopf.on.delete(API_GROUP, API_VERSION, PLURAL)

@@ -33,6 +33,11 @@ MANAGED_BY: Final = "pqfed-operator"
 # In-pod paths and ports; the same as the `pqfed fl` / `pqfed sidecar` defaults.
 IDENTITY_DIR: Final = "/etc/pqfed/identity"
 CRL_FILE: Final = "crl.pem"  # pqc.truststore.CRL_FILE: the sidecar and `fl` re-read it
+# tls13 jobs: the X.509 identity in IDENTITY_DIR/x509 (tls.crt, tls.key, ca.crt, crl.pem),
+# projected from the X.509 keys of the same Secrets (operator/identities.py).
+X509_DIR: Final = "x509"
+_X509_ITEMS: Final = (("x509.crt", "tls.crt"), ("x509.key", "tls.key"), ("x509-ca.crt", "ca.crt"))
+_X509_CRL_KEY: Final = "x509-crl.pem"
 JOB_DIR: Final = "/etc/pqfed/job"
 RESTORE_DIR: Final = "/etc/pqfed/restore"
 STATE_DIR: Final = "/var/lib/pqfed"
@@ -274,9 +279,16 @@ def edge_service(job: JobRef, edge: int) -> Manifest:
 
 
 # ---- pods -----------------------------------------------------------------------------------
-def _identity_args() -> list[str]:
-    return ["--cert", f"{IDENTITY_DIR}/tls.crt", "--key", f"{IDENTITY_DIR}/tls.key",
-            "--ca", f"{IDENTITY_DIR}/ca.crt", "--crl", f"{IDENTITY_DIR}/{CRL_FILE}"]
+def _tls13(spec: FederationJobSpec) -> bool:
+    return spec.channel.protocol == "tls13"
+
+
+def _identity_args(spec: FederationJobSpec) -> list[str]:
+    """The sidecar's identity: the pqfed one, or for tls13 jobs the X.509 twin (X509_DIR)."""
+    d = f"{IDENTITY_DIR}/{X509_DIR}" if _tls13(spec) else IDENTITY_DIR
+    args = ["--cert", f"{d}/tls.crt", "--key", f"{d}/tls.key", "--ca", f"{d}/ca.crt",
+            "--crl", f"{d}/{CRL_FILE}"]
+    return [*args, "--protocol", spec.channel.protocol] if _tls13(spec) else args
 
 
 def _groups(spec: FederationJobSpec) -> list[str]:
@@ -300,16 +312,18 @@ def _http_probe(path: str, port: int) -> Manifest:
             "failureThreshold": 3, "timeoutSeconds": 2}
 
 
-def _volumes(job: str, node_id: str, restore: bool) -> list[Manifest]:
+def _volumes(job: str, node_id: str, restore: bool, tls13: bool = False) -> list[Manifest]:
     # One directory, two Secrets: the node's identity (renewed by the operator) and the job's
     # revocation list (re-signed on every revocation); the kubelet swaps both in place.
+    ident = [{"key": k, "path": k} for k in ("tls.crt", "tls.key", "ca.crt")]
+    crl = [{"key": CRL_FILE, "path": CRL_FILE}]
+    if tls13:
+        ident += [{"key": k, "path": f"{X509_DIR}/{p}"} for k, p in _X509_ITEMS]
+        crl.append({"key": _X509_CRL_KEY, "path": f"{X509_DIR}/{CRL_FILE}"})
     vols: list[Manifest] = [
         {"name": "identity", "projected": {"defaultMode": 0o440, "sources": [
-            {"secret": {"name": identity_secret_name(job, node_id),
-                        "items": [{"key": k, "path": k}
-                                  for k in ("tls.crt", "tls.key", "ca.crt")]}},
-            {"secret": {"name": crl_secret_name(job),
-                        "items": [{"key": CRL_FILE, "path": CRL_FILE}]}},
+            {"secret": {"name": identity_secret_name(job, node_id), "items": ident}},
+            {"secret": {"name": crl_secret_name(job), "items": crl}},
         ]}},
         {"name": "job", "configMap": {"name": job_configmap_name(job)}},
         {"name": "state", "emptyDir": {}},
@@ -351,7 +365,7 @@ def _inbound_sidecar(spec: FederationJobSpec, *extra: str) -> Manifest:
     """The sidecar of a pod that accepts PQC channels (aggregator, edge): only the Fleet API
     gets through to the local SuperLink; `extra` adds arguments (an edge's route upstream,
     the aggregator's status API for the operator). Its readiness includes the upstream's."""
-    cmd = ["pqfed", "sidecar", *_identity_args(),
+    cmd = ["pqfed", "sidecar", *_identity_args(spec),
            "--listen", f"0.0.0.0:{PQC_PORT}", "--upstream", f"127.0.0.1:{FLEET_PORT}",
            "--allow-path-prefix", FLEET_PATH_PREFIX, *_groups(spec), *extra,
            "--admin", f"127.0.0.1:{ADMIN_PORT}", "--probes", f"0.0.0.0:{PROBE_PORT}"]
@@ -382,7 +396,7 @@ def aggregator_pod(job: JobRef, spec: FederationJobSpec, *, restore: bool = Fals
     lbls = labels(job.name, "aggregator", **{ROLE_LABEL: "aggregator"})
     return _pod(job, aggregator_pod_name(job.name), lbls, "OnFailure",
                 spec.placement.aggregator_node_selector, sidecar, fl,
-                _volumes(job.name, AGGREGATOR_NODE_ID, restore))
+                _volumes(job.name, AGGREGATOR_NODE_ID, restore, _tls13(spec)))
 
 
 def _aggregator_peer(job: JobRef) -> str:
@@ -404,7 +418,7 @@ def edge_pod(job: JobRef, spec: FederationJobSpec, edge: int) -> Manifest:
     lbls = labels(job.name, "edge", **{ROLE_LABEL: "edge", INDEX_LABEL: str(edge)})
     return _pod(job, edge_pod_name(job.name, edge), lbls, "Always",
                 spec.placement.aggregator_node_selector, sidecar, fl,
-                _volumes(job.name, edge_node_id(edge), False))
+                _volumes(job.name, edge_node_id(edge), False, _tls13(spec)))
 
 
 def client_pod(job: JobRef, spec: FederationJobSpec, index: int) -> Manifest:
@@ -421,7 +435,7 @@ def client_pod(job: JobRef, spec: FederationJobSpec, index: int) -> Manifest:
         e = edges.edge_of(index, spec.hierarchy.edges)
         peer = f"{edge_service_name(job.name, e)}.{job.namespace}.svc:{PQC_PORT}"
         peer_id = edge_node_id(e)
-    sidecar_cmd = ["pqfed", "sidecar", *_identity_args(), *_groups(spec),
+    sidecar_cmd = ["pqfed", "sidecar", *_identity_args(spec), *_groups(spec),
                    "--route", f"127.0.0.1:{ROUTE_PORT}={peer}@{peer_id}",
                    "--admin", f"127.0.0.1:{ADMIN_PORT}"]
     sidecar = _container("sidecar", spec, sidecar_cmd, SIDECAR_RESOURCES,
@@ -438,4 +452,4 @@ def client_pod(job: JobRef, spec: FederationJobSpec, index: int) -> Manifest:
         }]
     return _pod(job, client_pod_name(job.name, index), lbls, "Always",
                 spec.placement.node_selector, sidecar, fl,
-                _volumes(job.name, node_id, False), **extra)
+                _volumes(job.name, node_id, False, _tls13(spec)), **extra)

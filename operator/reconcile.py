@@ -40,6 +40,9 @@ LOST_REASONS: Final = frozenset({"Terminated", "Evicted", "NodeLost", "Shutdown"
 ROUND_INT_KEYS: Final = ("round", "bytesSent", "bytesReceived", "rejectedUpdates")
 ROUND_FLOAT_KEYS: Final = ("accuracy", "loss", "cryptoSeconds", "durationSeconds")
 CRYPTO_DEFAULT_KEYS: Final = ("kem", "signature", "aead", "backend")
+# The chart's `jobDefaults.channelProtocol`: the default of spec.channel.protocol.
+CHANNEL_DEFAULT_KEY: Final = "channelProtocol"
+DEFAULT_KEYS: Final = (*CRYPTO_DEFAULT_KEYS, CHANNEL_DEFAULT_KEY)
 # A Service name is a DNS label (63); the aggregator's is NAME-aggregator.
 MAX_JOB_NAME: Final = 63 - len("-aggregator")
 _DATE_TIME: Final = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
@@ -54,6 +57,8 @@ CHECKPOINTED: Final = "Checkpointed"
 PODS_RECREATED: Final = "PodsRecreated"
 COMPLETE: Final = "Complete"
 NODES_REVOKED: Final = "NodesRevoked"
+# status.channelProtocol: the protocol the job started with, kept for its whole life.
+CHANNEL_PROTOCOL: Final = "channelProtocol"
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,7 @@ class CertState:
     not_before: int
     not_after: int
     previous_serial: int | None = None  # the certificate this one renewed (maybe still valid)
+    x509_serials: tuple[int, ...] = ()  # tls13 jobs: its X.509 twin (and the one renewed)
 
 
 @dataclass(frozen=True)
@@ -91,14 +97,18 @@ class CrlState:
     this_update: int
     next_update: int
     serials: frozenset[int] = frozenset()
+    # tls13 jobs: the serials of the X.509 CRL beside it (None: missing or not the CA's).
+    x509_serials: frozenset[int] | None = None
 
 
 @dataclass(frozen=True)
 class CrlUpdate:
-    """Publish the next revocation list: the current entries plus `revoke` (serial, reason)."""
+    """Publish the next revocation list: the current entries plus `revoke` (serial, reason),
+    and for tls13 jobs the X.509 CRL: its current serials plus `revoke_x509`."""
 
     revoke: tuple[tuple[int, RevocationReason], ...] = ()
     why: str = ""
+    revoke_x509: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -139,8 +149,17 @@ class PodState:
 
 
 # ---- spec -----------------------------------------------------------------------------------
+def _defaults_spec(defaults: Mapping[str, str]) -> Manifest:
+    """The spec fragment a defaults mapping stands for."""
+    out: Manifest = {"crypto": {k: v for k, v in defaults.items() if k in CRYPTO_DEFAULT_KEYS}}
+    if CHANNEL_DEFAULT_KEY in defaults:
+        out["channel"] = {"protocol": defaults[CHANNEL_DEFAULT_KEY]}
+    return out
+
+
 def parse_job_defaults(text: str | None) -> dict[str, str]:
-    """$PQFED_JOB_DEFAULTS (the chart's `jobDefaults` as JSON) -> {crypto field: value}.
+    """$PQFED_JOB_DEFAULTS (the chart's `jobDefaults` as JSON) -> {crypto field or
+    `channelProtocol`: value}.
     Raises ValueError naming the key or value that is wrong."""
     if not text or not text.strip():
         return {}
@@ -150,43 +169,54 @@ def parse_job_defaults(text: str | None) -> dict[str, str]:
         raise ValueError(f"PQFED_JOB_DEFAULTS is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError('PQFED_JOB_DEFAULTS must be a JSON object, e.g. {"kem": "ML-KEM-1024"}')
-    unknown = sorted(set(data) - set(CRYPTO_DEFAULT_KEYS))
+    unknown = sorted(set(data) - set(DEFAULT_KEYS))
     if unknown:
         raise ValueError(f"PQFED_JOB_DEFAULTS: unknown key(s) {unknown}; "
-                         f"use {', '.join(CRYPTO_DEFAULT_KEYS)}")
+                         f"use {', '.join(DEFAULT_KEYS)}")
     defaults = {str(k): str(v) for k, v in data.items() if v not in (None, "")}
     try:
-        parse_spec({"crypto": defaults}, "PQFED_JOB_DEFAULTS")
+        parse_spec(_defaults_spec(defaults), "PQFED_JOB_DEFAULTS")
     except JobSpecError as exc:
         raise ValueError(str(exc)) from None
     return defaults
 
 
 def apply_job_defaults(raw_spec: Mapping[str, Any], defaults: Mapping[str, str]) -> Manifest:
-    """The operator-wide crypto defaults replace every crypto field that still has the CRD's
-    built-in default (the API server fills those in, so "unset" and "default" look alike)."""
+    """The operator-wide defaults replace every crypto field (and channel.protocol) that still
+    has the CRD's built-in default (the API server fills those in, so "unset" and "default"
+    look alike)."""
     spec = copy.deepcopy(dict(raw_spec))
     if not defaults:
         return spec
-    builtin = FederationJobSpec().crypto.model_dump(by_alias=True)
-    crypto = dict(spec.get("crypto") or {})
-    for key, value in defaults.items():
-        if crypto.get(key, builtin[key]) == builtin[key]:
-            crypto[key] = value
-    spec["crypto"] = crypto
+    builtin = FederationJobSpec()
+    for section, values in _defaults_spec(defaults).items():
+        if not values:
+            continue
+        base = getattr(builtin, section).model_dump(by_alias=True)
+        current = dict(spec.get(section) or {})
+        for key, value in values.items():
+            if current.get(key, base[key]) == base[key]:
+                current[key] = value
+        spec[section] = current
     return spec
 
 
 def validate(name: str, raw_spec: Mapping[str, Any] | None,
-             defaults: Mapping[str, str] | None = None) -> FederationJobSpec | dict[str, str]:
-    """The effective spec, or {field path: problem} (what the API server could not refuse)."""
+             defaults: Mapping[str, str] | None = None,
+             protocol: str | None = None) -> FederationJobSpec | dict[str, str]:
+    """The effective spec, or {field path: problem} (what the API server could not refuse).
+    `protocol`: the channel protocol the job started with (status.channelProtocol), which
+    neither an edit nor a later change of the operator's defaults moves."""
     problems: dict[str, str] = {}
     if len(name) > MAX_JOB_NAME:
         problems["metadata.name"] = (f"at most {MAX_JOB_NAME} characters: the aggregator "
                                      f"Service {name}-aggregator must be a DNS label (63); "
                                      "use a shorter name")
+    effective = apply_job_defaults(raw_spec or {}, defaults or {})
+    if protocol:
+        effective["channel"] = {**(effective.get("channel") or {}), "protocol": protocol}
     try:
-        spec = parse_spec(apply_job_defaults(raw_spec or {}, defaults or {}))
+        spec = parse_spec(effective)
     except JobSpecError as exc:
         problems.update(exc.problems)
         return problems
@@ -469,7 +499,10 @@ def plan_credentials(job: m.JobRef, spec: FederationJobSpec, observed: Observed,
     revoked = frozenset(n for n in requests if n in allowed)
     crl = observed.crl
     listed = crl.serials if crl is not None else frozenset()
+    tls13 = spec.channel.protocol == "tls13"
+    listed_x509 = (crl.x509_serials if crl is not None else None) or frozenset()
     new: list[tuple[int, RevocationReason]] = []
+    new_x509: list[int] = []
     newly: list[str] = []
     for node in sorted(revoked):
         cert = observed.certificates.get(node)
@@ -479,18 +512,23 @@ def plan_credentials(job: m.JobRef, spec: FederationJobSpec, observed: Observed,
         code = reason if isinstance(reason, RevocationReason) else RevocationReason.UNSPECIFIED
         serials = [x for x in (cert.serial, cert.previous_serial)
                    if x is not None and x not in listed]
-        if serials:
-            new += [(x, code) for x in serials]
+        x509_serials = [x for x in cert.x509_serials if tls13 and x not in listed_x509]
+        new += [(x, code) for x in serials]
+        new_x509 += x509_serials
+        if serials or x509_serials:
             newly.append(node)
             plan.events.append(Event(
                 "Warning", "NodeRevoked",
-                f"{node}: certificate serial(s) {', '.join(map(str, serials))} revoked "
+                f"{node}: certificate serial(s) "
+                f"{', '.join(map(str, [*serials, *x509_serials]))} revoked "
                 f"({code.label}); every pod's sidecar cuts its channels once the new list "
                 "arrives, and its pod is not recreated"))
-    if new:
-        plan.crl = CrlUpdate(tuple(new), f"revoked {', '.join(newly)}")
+    if new or new_x509:
+        plan.crl = CrlUpdate(tuple(new), f"revoked {', '.join(newly)}", tuple(new_x509))
     elif crl is None and m.crl_secret_name(job.name) in observed.secrets:
         plan.crl = CrlUpdate(why="the published list is missing or does not verify")
+    elif crl is not None and tls13 and crl.x509_serials is None:
+        plan.crl = CrlUpdate(why="the published X.509 CRL is missing or does not verify")
     elif crl is not None and renewal_due(CertState(0, crl.this_update, crl.next_update), now):
         plan.crl = CrlUpdate(why=f"list {crl.number} is 2/3 through its lifetime")
     secrets = _identity_secrets(job, spec)
@@ -594,7 +632,7 @@ def plan_start(job: m.JobRef, raw_spec: Mapping[str, Any] | None, status: Mappin
     """on.create / on.resume: validate, then ensure every child exists; phase Running."""
     if status.get("phase") in TERMINAL:
         return Plan()
-    spec = validate(job.name, raw_spec, defaults)
+    spec = validate(job.name, raw_spec, defaults, status.get(CHANNEL_PROTOCOL))
     if not isinstance(spec, FederationJobSpec):
         return plan_invalid(status, spec, now, generation)
     if cancel_requested(annotations):
@@ -607,6 +645,7 @@ def plan_start(job: m.JobRef, raw_spec: Mapping[str, Any] | None, status: Mappin
     new["phase"] = "Running"
     new.setdefault("startTime", now)
     new.setdefault("currentRound", 0)
+    new.setdefault(CHANNEL_PROTOCOL, spec.channel.protocol)
     new["totalRounds"] = spec.rounds
     if generation is not None:
         new["observedGeneration"] = generation
@@ -622,6 +661,41 @@ def plan_start(job: m.JobRef, raw_spec: Mapping[str, Any] | None, status: Mappin
     new["conditions"] = conds
     plan.status = status_patch(status, new)
     return plan
+
+
+def plan_spec_change(status: Mapping[str, Any], old_spec: Mapping[str, Any] | None,
+                     new_spec: Mapping[str, Any] | None, generation: int | None, now: str,
+                     defaults: Mapping[str, str] | None = None) -> Plan:
+    """An edit of a started job's spec. Its pods are built from the spec it started with, so
+    the edit is not applied (SpecApplied=False). A change of channel.protocol is refused by
+    name: a live job cannot switch (every identity, sidecar and the operator's own channel
+    were made for the old protocol), and rolling it would cut every channel mid-round. The
+    CRD's transition rule refuses that edit at the API server already; this covers a CRD
+    without it and an edit that now lands on a changed chart default
+    (jobDefaults.channelProtocol): the job's protocol is the one it started with
+    (status.channelProtocol).
+    """
+    if status.get("phase") in TERMINAL:
+        return Plan()
+    before = validate("job", old_spec, defaults)
+    after = validate("job", new_spec, defaults)
+    was = str(status.get(CHANNEL_PROTOCOL) or "") or (
+        before.channel.protocol if isinstance(before, FederationJobSpec) else "")
+    field_, reason = "", "SpecChangeIgnored"
+    if isinstance(after, FederationJobSpec) and was and after.channel.protocol != was:
+        wants = after.channel.protocol
+        field_, reason = "spec.channel.protocol: ", "ProtocolChangeRefused"
+        msg = (f"{field_}changed from {was} to {wants} after the job started (generation "
+               f"{generation}); the running job keeps {was}: its identities, sidecars and the "
+               f"operator's channel were set up for it. Delete the job and create it again "
+               f"with channel.protocol {wants}")
+    else:
+        msg = (f"spec changed (generation {generation}) after the job started; the running "
+               f"job keeps generation {status.get('observedGeneration')}'s spec: delete and "
+               "re-create the job to apply it")
+    conds = set_condition(list(status.get("conditions") or []), "SpecApplied", "False",
+                          reason, msg, now, generation)
+    return Plan(status={"conditions": conds}, events=[Event("Warning", reason, msg)])
 
 
 def _merge_progress(new: Manifest, agg: Mapping[str, Any], spec: FederationJobSpec,

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Final, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal, cast
 
 import yaml
 from pydantic import (
@@ -32,11 +32,24 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from pqfed.pqc.sidecar.config import DEFAULT_PROTOCOL
+
 API_GROUP = "pqfed.io"
 API_VERSION = "v1alpha1"
 KIND = "FederationJob"
 
 TaskName = Literal["breast-cancer", "hapt", "ecg-sim"]
+# The wire protocols between a job's sidecars (pqfed.pqc.sidecar.config.ChannelProtocolName).
+ChannelProtocol = Literal["pqfed1", "tls13"]
+# The built-in channel protocol is chosen in one place, the sidecar's DEFAULT_PROTOCOL
+# (docs/protocol.md says why); the chart's `jobDefaults.channelProtocol` overrides it
+# operator-wide.
+DEFAULT_CHANNEL_PROTOCOL: Final = cast(ChannelProtocol, DEFAULT_PROTOCOL.value)
+# What the API server answers to an edit of channel.protocol (a CEL transition rule).
+PROTOCOL_CHANGE_MESSAGE: Final = (
+    "channel.protocol cannot change on an existing job: its identities, sidecars and the "
+    "operator's own channel were set up for the protocol it was created with; delete the job "
+    "and create it again with the new protocol")
 StrategyName = Literal["FedAvg", "FedProx", "FedTrimmedAvg", "Krum", "MultiKrum"]
 
 # Patterns are anchored and use only what both RE2 (the API server, CEL `matches`) and the
@@ -265,6 +278,20 @@ class CryptoSpec(_Spec):
         "them. Short lifetimes bound how long a key that leaked stays usable even unrevoked")
 
 
+class ChannelSpec(_Spec):
+    """The secure channel between the job's sidecars (and the operator's to the aggregator)."""
+
+    protocol: ChannelProtocol = Field(
+        DEFAULT_CHANNEL_PROTOCOL, description="Wire protocol of every channel of the job: "
+        "pqfed1 (pqfed's own hybrid handshake and certificate format, docs/protocol.md) or "
+        "tls13 (TLS 1.3 with X25519MLKEM768 and X.509 ML-DSA-65 certificates both ways, "
+        "docs/pki.md). Default: the chart's jobDefaults.channelProtocol, else pqfed1. Fixed "
+        "when the job is created",
+        json_schema_extra={"x-kubernetes-validations": [
+            {"rule": "self == oldSelf", "message": PROTOCOL_CHANGE_MESSAGE,
+             "reason": "FieldValueForbidden"}]})
+
+
 class TimeoutSpec(_Spec):
     """Time limits, in seconds."""
 
@@ -311,6 +338,7 @@ class FederationJobSpec(_Spec):
     compression: CompressionSpec = Field(default_factory=CompressionSpec)
     hierarchy: HierarchySpec = Field(default_factory=HierarchySpec)
     crypto: CryptoSpec = Field(default_factory=CryptoSpec)
+    channel: ChannelSpec = Field(default_factory=ChannelSpec)
     timeouts: TimeoutSpec = Field(default_factory=TimeoutSpec)
     placement: PlacementSpec = Field(default_factory=PlacementSpec)
     image: str = Field(f"{IMAGE_PREFIX}/fl:{IMAGE_VERSION}", min_length=1,
@@ -499,6 +527,18 @@ RULES: Final[tuple[SpecRule, ...]] = (
         "2*byzantineClients+3; lower byzantineClients, use fewer edges or add clients",
         lambda s: not s.hierarchy.enabled or s.strategy.name not in _KRUM
         or _krum_ok(s.clients // s.hierarchy.edges, s.strategy.byzantine_clients)),
+    SpecRule(
+        "tls13-signature", "crypto.signature",
+        "self.channel.protocol != 'tls13' || self.crypto.signature == 'ML-DSA-65'",
+        "crypto.signature: the tls13 channel authenticates with X.509 ML-DSA-65 certificates "
+        "(the profile of docs/pki.md); use signature ML-DSA-65 or channel.protocol pqfed1",
+        lambda s: s.channel.protocol != "tls13" or s.crypto.signature == "ML-DSA-65"),
+    SpecRule(
+        "tls13-kem", "crypto.kem",
+        "self.channel.protocol != 'tls13' || self.crypto.kem == 'ML-KEM-768'",
+        "crypto.kem: the tls13 channel offers the X25519MLKEM768 group only; use kem "
+        "ML-KEM-768 or channel.protocol pqfed1",
+        lambda s: s.channel.protocol != "tls13" or s.crypto.kem == "ML-KEM-768"),
     SpecRule(
         "natural-partition-only-hapt", "dataset.partition",
         "self.dataset.partition != 'natural' || self.task == 'hapt'",

@@ -27,6 +27,9 @@ class SidecarMetrics:
                              registry=r)
         self.connections = Counter("pqfed_connections", "Connections accepted or opened",
                                    ["direction"], registry=r)
+        self.negotiated = Counter(
+            "pqfed_channels_negotiated", "Channels established, by the protocol version and "
+            "key-exchange group they negotiated", ["version", "group"], registry=r)
         self.active = Gauge("pqfed_connections_active", "Open secure channels", registry=r)
         self.crl_number = Gauge("pqfed_revocation_list_number",
                                 "Number of the CA revocation list in force (-1: none)",

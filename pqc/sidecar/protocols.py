@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from pqfed.pqc.backends import Backend, SigPrivateKey, get_backend
-from pqfed.pqc.channel import HandshakeStats, client_channel, server_channel
+from pqfed.pqc.channel import HandshakeStats, SecureChannel, client_channel, server_channel
 from pqfed.pqc.errors import CertificateError, PqcError
 from pqfed.pqc.handshake import HandshakeConfig
 from pqfed.pqc.identity import Certificate, Identity, Role
@@ -50,6 +50,7 @@ from pqfed.pqc.sidecar.config import (
 from pqfed.pqc.sidecar.metrics import SidecarMetrics
 from pqfed.pqc.tls13 import (
     CIPHERSUITES,
+    TlsChannel,
     TlsConfig,
     TlsContext,
     tls_client_channel,
@@ -200,6 +201,14 @@ class ChannelProtocol(abc.ABC):
     def close(self) -> None:
         """Releases worker threads; channels already up are the proxy's."""
         return None
+
+    def negotiated(self, channel: Channel) -> tuple[str, str]:
+        """(protocol version, key-exchange group) that `channel` actually negotiated."""
+        if isinstance(channel, TlsChannel):
+            return channel.version, channel.group
+        if isinstance(channel, SecureChannel):
+            return self.name.value, channel.session.group.name
+        return self.name.value, "unknown"
 
     # --- what a protocol provides -----------------------------------------------------------
     @abc.abstractmethod

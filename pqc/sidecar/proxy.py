@@ -160,8 +160,10 @@ class Sidecar:
             channel.abort()
             return None
         self.metrics.handshake_seconds.labels(side).observe(channel.handshake.seconds)
-        log.info("%s channel with %s (%s) up in %.1f ms", side, channel.peer.node_id,
-                 channel.peername, channel.handshake.seconds * 1e3)
+        version, group = self.protocol.negotiated(channel)
+        self.metrics.negotiated.labels(version, group).inc()
+        log.info("%s channel with %s (%s) up in %.1f ms: %s, %s", side, channel.peer.node_id,
+                 channel.peername, channel.handshake.seconds * 1e3, version, group)
         return channel
 
     async def _inbound(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -136,6 +137,8 @@ def test_operator_reads_status_and_checkpoint_through_the_sidecar(
     assert fetch_status(ep, "fed-a")["currentRound"] == 2
     ckpt = fetch_checkpoint(ep, "fed-a")
     assert ckpt is not None and ckpt.round == 2 and ckpt.data == CHECKPOINT
+    assert agg.sidecar.metrics.registry.get_sample_value(
+        "pqfed_channels_negotiated_total", {"version": "pqfed1", "group": "X25519_MLKEM768"})
     with pytest.raises(AggregatorUnreachable, match="does not serve job other"):
         fetch_status(ep, "other")
     assert not any(agg.fleet_requests)  # the operator never reaches the Fleet API
@@ -232,3 +235,91 @@ def test_sidecar_without_operator_upstream_refuses_operators(
             {"stage": "handshake", "field": "client_flight.certificate.role"}) == 1
     finally:
         loop.run(sidecar.stop())
+
+
+# ---- tls13 jobs: the operator speaks TLS 1.3 to a tls13 aggregator sidecar ------------------
+@pytest.fixture(scope="module")
+def tls13_agg(tmp_path_factory: pytest.TempPathFactory, loop: _Loop) -> Iterator[tuple[Any, ...]]:
+    """A real tls13 sidecar (X.509 identities issued the way the operator issues them) in
+    front of a real status API."""
+    from pqfed.operator import identities
+    from pqfed.pqc.sidecar.config import ChannelProtocolName
+
+    tmp = tmp_path_factory.mktemp("tls13")
+    ca_data = identities.issue_ca("fed-a", "ML-DSA-65", x509_ca=True)
+    ca, x509_ca = identities.load_ca(ca_data), identities.load_x509_ca(ca_data)
+    agg_data = identities.issue_identity(ca, "aggregator", Role.AGGREGATOR, "ML-DSA-65", 3600,
+                                         x509_ca=x509_ca)
+    op_data = identities.issue_identity(ca, "operator", Role.OPERATOR, "ML-DSA-65", 3600,
+                                        x509_ca=x509_ca)
+    for key, name in ((identities.X509_CERT_KEY, "agg.crt"), (identities.X509_KEY_KEY, "agg.key"),
+                      (identities.X509_CA_KEY, "ca.crt")):
+        (tmp / name).write_text(agg_data[key])
+    state = tmp / "state"
+    (state / "checkpoints").mkdir(parents=True)
+    (state / "status.json").write_text(json.dumps({"job": "fed-a", "currentRound": 1}))
+    status_port = _free_port()
+    fl_node._serve_status(state, status_port)
+    sidecar = Sidecar(SidecarConfig(
+        cert=tmp / "agg.crt", key=tmp / "agg.key", ca=tmp / "ca.crt",
+        listen=Endpoint("127.0.0.1", 0), upstream=Endpoint("127.0.0.1", _free_port()),
+        operator_upstream=Endpoint("127.0.0.1", status_port), admin=None,
+        protocol=ChannelProtocolName.TLS13))
+    loop.run(sidecar.start())
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", status_port), 0.5).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    yield sidecar, ca, op_data
+    loop.run(sidecar.stop())
+
+
+def test_operator_reads_a_tls13_aggregator_over_tls13(tls13_agg: tuple[Any, ...]) -> None:
+    from pqfed.operator import identities
+    from pqfed.operator.aggregator_api import operator_tls_context
+
+    sidecar, ca, op = tls13_agg
+    tls = operator_tls_context(op[identities.X509_CERT_KEY], op[identities.X509_KEY_KEY],
+                               op[identities.X509_CA_KEY])
+    ident = Identity.load(op["tls.crt"], op["tls.key"])
+    ep = AggregatorEndpoint("127.0.0.1", sidecar.bound["listen"], ident, TrustAnchor(ca.root),
+                            tls=tls)
+    assert fetch_status(ep, "fed-a")["currentRound"] == 1
+    # What the channel really negotiated, as the sidecar's /metrics exports it.
+    negotiated = sidecar.metrics.registry.get_sample_value(
+        "pqfed_channels_negotiated_total", {"version": "TLSv1.3", "group": "X25519MLKEM768"})
+    assert negotiated and negotiated >= 1
+
+
+def test_a_pqfed1_peer_cannot_join_a_tls13_job(tls13_agg: tuple[Any, ...]) -> None:
+    """The same operator identity over pqfed1 (no TLS context) gets nothing from a tls13
+    sidecar: the protocols do not interoperate, and nothing falls back."""
+    sidecar, ca, op = tls13_agg
+    ep = AggregatorEndpoint("127.0.0.1", sidecar.bound["listen"],
+                            Identity.load(op["tls.crt"], op["tls.key"]), TrustAnchor(ca.root))
+    with pytest.raises(AggregatorUnreachable):
+        fetch_status(ep, "fed-a")
+
+
+def test_an_operator_of_another_x509_ca_is_refused(tls13_agg: tuple[Any, ...]) -> None:
+    from pqfed.operator import identities
+    from pqfed.operator.aggregator_api import operator_tls_context
+
+    sidecar, ca, op = tls13_agg
+    other_ca = identities.issue_ca("fed-a", "ML-DSA-65", x509_ca=True)
+    other = identities.issue_identity(identities.load_ca(other_ca), "operator", Role.OPERATOR,
+                                      "ML-DSA-65", 3600,
+                                      x509_ca=identities.load_x509_ca(other_ca))
+    # Its own certificate from another CA, trusting the real job CA (so the pin holds).
+    tls = operator_tls_context(other[identities.X509_CERT_KEY], other[identities.X509_KEY_KEY],
+                               op[identities.X509_CA_KEY])
+    ep = AggregatorEndpoint("127.0.0.1", sidecar.bound["listen"],
+                            Identity.load(op["tls.crt"], op["tls.key"]), TrustAnchor(ca.root),
+                            tls=tls)
+    with pytest.raises(AggregatorUnreachable):
+        fetch_status(ep, "fed-a")
