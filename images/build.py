@@ -51,6 +51,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# This tree's pqfed package (the cache location), not another checkout's installed one.
+sys.path.insert(0, str(ROOT / "src"))
+from pqfed.cache import cache_dir  # noqa: E402
+
 # Bump when the layout of a layer changes, so cached layers are rebuilt.
 FORMAT = "4"
 ARCHES = ("amd64", "arm64")
@@ -933,8 +937,7 @@ def report(result: dict[str, object]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--out", default=str(ROOT / "dist/images"))
-    ap.add_argument("--cache", default=os.path.join(
-        os.environ.get("PQFED_CACHE") or os.path.expanduser("~/.cache/pqfed"), "images"))
+    ap.add_argument("--cache", default=str(cache_dir() / "images"))
     ap.add_argument("--images", default=",".join(IMAGES))
     ap.add_argument("--arch", default=",".join(ARCHES))
     ap.add_argument("--jobs", type=int, default=int(os.environ.get("PQFED_IMAGE_JOBS", "3")))

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from pqfed.operator.reconcile import CANCEL_ANNOTATION
-from pqfed.services.spec import API_GROUP, API_VERSION, KIND, JobSpecError, load_job
+from pqfed.services.labels import JOB_LABEL, LOG_DIR_ANNOTATION
+from pqfed.services.spec import API_GROUP, API_VERSION, KIND, PLURAL, JobSpecError, load_job
 
 __all__ = ["CANCEL_ANNOTATION", "register"]
 
@@ -24,8 +25,6 @@ def _clients(args: argparse.Namespace) -> Any:
 
 def _submit(args: argparse.Namespace) -> int:
     from kubernetes.client.exceptions import ApiException
-
-    from pqfed.operator.kube import PLURAL
 
     try:
         job = load_job(Path(args.file))
@@ -125,7 +124,7 @@ def _logs(args: argparse.Namespace) -> int:
 
     c = _clients(args)
     ns = args.namespace or "default"
-    pods = c.core.list_namespaced_pod(ns, label_selector=f"pqfed.io/job={args.name}").items
+    pods = c.core.list_namespaced_pod(ns, label_selector=f"{JOB_LABEL}={args.name}").items
     if args.pod:
         pods = [p for p in pods if p.metadata.name.endswith(args.pod)]
     if not pods:
@@ -142,7 +141,7 @@ def _logs(args: argparse.Namespace) -> int:
                                                       tail_lines=args.tail)
             except ApiException:
                 # The emulated Pi nodes keep logs in files named by an annotation.
-                log_dir = (pod.metadata.annotations or {}).get("pqfed.io/log-dir")
+                log_dir = (pod.metadata.annotations or {}).get(LOG_DIR_ANNOTATION)
                 path = Path(log_dir or "/nonexistent") / f"{container.name}.log"
                 text = ("\n".join(path.read_text().splitlines()[-args.tail:])
                         if path.exists() else "(no logs available)")
@@ -151,8 +150,6 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    from pqfed.operator.kube import PLURAL
-
     c = _clients(args)
     ns = args.namespace or "default"
     c.custom.patch_namespaced_custom_object(
@@ -166,7 +163,6 @@ def _revoke(args: argparse.Namespace) -> int:
     """Adds `revoke.pqfed.io/<node>: <reason>` (a merge patch: concurrent revocations of other
     nodes never overwrite each other). The operator signs the next revocation list with the
     job's CA and every pod's sidecar cuts the node off once the list arrives."""
-    from pqfed.operator.kube import PLURAL
     from pqfed.operator.reconcile import REVOKE_PREFIX
     from pqfed.pqc.identity import check_name
     from pqfed.pqc.revocation import RevocationReason
@@ -196,7 +192,7 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{API_GROUP}/{API_VERSION} is not served: is the CRD installed?", file=sys.stderr)
         return 1
     jobs = list_jobs(c, args.namespace)
-    print(f"ok: {API_GROUP}/{API_VERSION} federationjobs served, {len(jobs)} in "
+    print(f"ok: {API_GROUP}/{API_VERSION} {PLURAL} served, {len(jobs)} in "
           f"{args.namespace or 'all namespaces'}")
     return 0
 

@@ -31,12 +31,12 @@ from pqfed.services.spec import (
     KIND,
     NAME_MAX,
     NAME_PATTERN,
+    PLURAL,
     RULES,
     FederationJobSpec,
     SpecRule,
 )
 
-PLURAL: Final = "federationjobs"
 SINGULAR: Final = "federationjob"
 SHORT_NAMES: Final = ("fj",)
 CRD_NAME: Final = f"{PLURAL}.{API_GROUP}"

@@ -38,13 +38,14 @@ from pqfed.operator.aggregator_api import (
     fetch_checkpoint,
     fetch_status,
 )
+from pqfed.operator.kube import load_configuration
 from pqfed.operator.metrics import OperatorMetrics, serve_http
 from pqfed.pqc.errors import DecodeError
 from pqfed.pqc.handshake import Group
 from pqfed.pqc.identity import Certificate, Identity, TrustAnchor
-from pqfed.services.spec import API_GROUP, API_VERSION, FederationJobSpec
+from pqfed.services.labels import JOB_LABEL, NODE_LABEL
+from pqfed.services.spec import API_GROUP, API_VERSION, PLURAL, FederationJobSpec
 
-PLURAL: Final = "federationjobs"
 FINALIZER: Final = "pqfed.io/cleanup"
 TICK_S: Final = 3.0
 FORCE_DELETE_AFTER_S: Final = 90.0  # pods of a dead node never finish terminating
@@ -75,18 +76,11 @@ def now_rfc3339() -> str:
 
 # ---- connection -----------------------------------------------------------------------------
 def kube_configuration(kubeconfig: str | None) -> Any:
-    """--kubeconfig > $KUBECONFIG > in-cluster service account > ~/.kube/config."""
-    from kubernetes import client, config
+    """A client configuration by kube.load_configuration's precedence."""
+    from kubernetes import client
 
     cfg = client.Configuration()
-    path = kubeconfig or os.environ.get("KUBECONFIG")
-    if path:
-        config.load_kube_config(config_file=path, client_configuration=cfg)
-    else:
-        try:
-            config.load_incluster_config(client_configuration=cfg)
-        except config.ConfigException:
-            config.load_kube_config(client_configuration=cfg)
+    load_configuration(kubeconfig, cfg)
     cfg.connection_pool_maxsize = 16
     return cfg
 
@@ -125,7 +119,7 @@ def _name(obj: dict[str, Any]) -> str:
 def list_children(ctx: OperatorContext, job: m.JobRef) -> dict[str, list[dict[str, Any]]]:
     """The job's Secrets, ConfigMaps, Services, NetworkPolicies and Pods (raw JSON), owned by
     this uid."""
-    sel = f"{m.JOB_LABEL}={job.name}"
+    sel = f"{JOB_LABEL}={job.name}"
     core = ctx.core
     calls = {"secrets": core.list_namespaced_secret,
              "configmaps": core.list_namespaced_config_map,
@@ -182,7 +176,7 @@ def observe_credentials(job: m.JobRef, secrets: dict[str, dict[str, Any]]
     if the job's CA signed it (anything else counts as missing and is republished)."""
     certs: dict[str, reconcile.CertState] = {}
     for name, sec in secrets.items():
-        node = ((sec.get("metadata") or {}).get("labels") or {}).get(m.NODE_LABEL)
+        node = ((sec.get("metadata") or {}).get("labels") or {}).get(NODE_LABEL)
         pem = _decoded(sec, "tls.crt")
         if not node or pem is None or name != m.identity_secret_name(job.name, node):
             continue
@@ -593,7 +587,7 @@ def run_operator(args: argparse.Namespace) -> int:
     if args.all_namespaces and namespaces:
         raise ValueError("--all-namespaces and --namespace exclude each other")
     ctx = OperatorContext(
-        kubeconfig=args.kubeconfig or os.environ.get("KUBECONFIG") or None,
+        kubeconfig=args.kubeconfig or None,  # kube.load_configuration: then $KUBECONFIG
         job_defaults=reconcile.parse_job_defaults(os.environ.get("PQFED_JOB_DEFAULTS")),
         metrics_port=args.metrics_port)
     peering: dict[str, Any] = {"standalone": True}

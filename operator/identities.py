@@ -13,8 +13,9 @@ from collections.abc import Iterable, Mapping
 from pqfed.pqc.errors import DecodeError, RevocationListError
 from pqfed.pqc.identity import Certificate, CertificateAuthority, Identity, Role, TrustAnchor
 from pqfed.pqc.revocation import RevocationList, RevocationReason, RevokedCertificate
+from pqfed.pqc.truststore import CRL_FILE
 
-CRL_KEY = "crl.pem"
+CRL_KEY = CRL_FILE  # the Secret key is the file name in the mounted identity directory
 BACKDATE_S = 300  # CertificateAuthority.issue: not_before = now - 300 by default
 PREVIOUS_CERT_KEY = "previous.crt"  # the certificate a renewal replaced (maybe still valid)
 

@@ -18,35 +18,33 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final
 
+from pqfed.pqc.truststore import CRL_FILE  # the sidecar and `fl` re-read it
 from pqfed.services import hierarchy as edges
+from pqfed.services.labels import INDEX_LABEL, JOB_LABEL, NODE_LABEL, ROLE_LABEL, ROUND_ANNOTATION
+from pqfed.services.node_defaults import (
+    FLEET_PORT,
+    IDENTITY_DIR,
+    ROUTE_PORT,
+    RUNTIME_PORT,
+    STATE_DIR,
+    STATUS_FILE,
+    STATUS_PORT,
+)
 from pqfed.services.spec import API_GROUP, API_VERSION, KIND, FederationJobSpec
 
 Manifest = dict[str, Any]
 
-JOB_LABEL: Final = "pqfed.io/job"
-ROLE_LABEL: Final = "pqfed.io/role"
-INDEX_LABEL: Final = "pqfed.io/index"
-NODE_LABEL: Final = "pqfed.io/node"
-ROUND_ANNOTATION: Final = "pqfed.io/round"
 MANAGED_BY: Final = "pqfed-operator"
 
 # In-pod paths and ports; the same as the `pqfed fl` / `pqfed sidecar` defaults.
-IDENTITY_DIR: Final = "/etc/pqfed/identity"
-CRL_FILE: Final = "crl.pem"  # pqc.truststore.CRL_FILE: the sidecar and `fl` re-read it
 JOB_DIR: Final = "/etc/pqfed/job"
 RESTORE_DIR: Final = "/etc/pqfed/restore"
-STATE_DIR: Final = "/var/lib/pqfed"
 SPEC_FILE: Final = "spec.json"
-STATUS_FILE: Final = "status.json"
 PQC_PORT: Final = 7443  # aggregator sidecar, the only port peers reach
-# Aggregator status API on the pod's loopback: the operator reaches it through the sidecar
-# with its own PQC identity (the checkpoint is the global model).
-STATUS_PORT: Final = 8080
-FLEET_PORT: Final = 9092  # SuperLink Fleet API, loopback behind the sidecar
+# The aggregator's status API (STATUS_PORT) is on the pod's loopback: the operator reaches it
+# through the sidecar with its own PQC identity (the checkpoint is the global model).
 ADMIN_PORT: Final = 9901  # sidecar admin API (/identity, /metrics, ...): loopback only
 PROBE_PORT: Final = 9902  # sidecar probe listener (/healthz, /readyz; no data) for the kubelet
-ROUTE_PORT: Final = 19092  # client sidecar's plaintext route to the aggregator
-RUNTIME_PORT: Final = 9094  # client SuperNode's ClientAppIo port
 FLEET_PATH_PREFIX: Final = "/v1/fleet/"
 LINGER_S: Final = 30  # the aggregator keeps serving /status this long after the job ends
 GRACE_S: Final = 10

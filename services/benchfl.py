@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pqfed.services.spec import parse_spec
+from pqfed.services.spec import API_GROUP_VERSION, KIND, parse_spec
 
 
 def _quiet() -> None:
@@ -233,7 +233,7 @@ def study_transport(rounds: int, out_dir: Path, reps: int = 2) -> dict[str, Any]
     """Whole federations as processes: PQC sidecars vs plaintext, and stock Flower polling."""
     from pqfed.services.runner import run_local
 
-    job = {"apiVersion": "pqfed.io/v1alpha1", "kind": "FederationJob",
+    job = {"apiVersion": API_GROUP_VERSION, "kind": KIND,
            "metadata": {"name": "transport"},
            "spec": {"task": "breast-cancer", "clients": 3, "minClients": 3, "rounds": rounds,
                     "training": {"localEpochs": 2}}}

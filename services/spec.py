@@ -32,9 +32,13 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+# The FederationJob custom resource: its one home (operator/crd.py, the operator, the CLI, the
+# testbed and the benchmarks import these).
 API_GROUP = "pqfed.io"
 API_VERSION = "v1alpha1"
+API_GROUP_VERSION = f"{API_GROUP}/{API_VERSION}"
 KIND = "FederationJob"
+PLURAL = "federationjobs"
 
 TaskName = Literal["breast-cancer", "hapt", "ecg-sim"]
 StrategyName = Literal["FedAvg", "FedProx", "FedTrimmedAvg", "Krum", "MultiKrum"]

@@ -41,11 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pqfed.cache import cache_dir
+from pqfed.services.spec import API_GROUP_VERSION, KIND
+
 REPO = Path(__file__).resolve().parent.parent
 STEPS = ("pqc", "transport")
 TRANSPORT_ROUNDS = 12
 TRANSPORT_JOB = {
-    "apiVersion": "pqfed.io/v1alpha1", "kind": "FederationJob",
+    "apiVersion": API_GROUP_VERSION, "kind": KIND,
     "metadata": {"name": "regress"},
     "spec": {"task": "breast-cancer", "clients": 3, "minClients": 3,
              "rounds": TRANSPORT_ROUNDS, "training": {"localEpochs": 2}},
@@ -232,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.runs < 2:
         p.error("--runs: at least 2 (a spread needs two runs)")
-    cache = Path(os.environ.get("PQFED_CACHE", Path.home() / ".cache" / "pqfed"))
+    cache = cache_dir()
     commit = resolve(args.base)
     head_rev = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
                               capture_output=True, text=True, check=True).stdout.strip()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pqfed.services.ports import free_ports
+from pqfed.services.spec import API_GROUP_VERSION, KIND
 from pqfed.testbed.bench.common import (
     AggregatorPorts,
     make_material,
@@ -117,8 +118,8 @@ def run(args: argparse.Namespace, out: Path, progress: Any, common: list[str]
                         for name, cpus in place["nodes"].items()}}
 
 
-FEDERATION_JOB = """apiVersion: pqfed.io/v1alpha1
-kind: FederationJob
+FEDERATION_JOB = """apiVersion: {api_version}
+kind: {kind}
 metadata: {{name: bench-round}}
 spec:
   task: breast-cancer
@@ -144,7 +145,7 @@ def federation_round(out: Path, rounds: int, timeout: float) -> dict[str, Any]:
     fed_dir = out / "federation"
     fed_dir.mkdir(parents=True, exist_ok=True)
     job = fed_dir / "job.yaml"
-    job.write_text(FEDERATION_JOB.format(rounds=rounds))
+    job.write_text(FEDERATION_JOB.format(api_version=API_GROUP_VERSION, kind=KIND, rounds=rounds))
     r = run_local(job, fed_dir / "runs", show=False, timeout=timeout)
     keys = ("round", "durationSeconds", "computeSeconds", "cryptoSeconds", "dispatchSeconds",
             "returnSeconds", "serverSeconds", "accuracy", "bytesSent", "bytesReceived")
