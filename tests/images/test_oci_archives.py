@@ -11,13 +11,13 @@ with the one the writers produced before they shared code. A change that alters 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib
 import json
 import sys
 import tarfile
 import zlib
 from pathlib import Path
-from types import ModuleType
+from types import SimpleNamespace
 
 import pytest
 
@@ -27,19 +27,19 @@ ROOT = Path(__file__).resolve().parents[2]
 EPOCH = 1_700_000_000
 
 
-def _images_build() -> ModuleType:
-    """images/build.py as `make images` runs it (a script, not part of the package)."""
+def _images_build() -> SimpleNamespace:
+    """The parts of images/build.py's build this test drives (images/imagebuild, imported as
+    the build script imports it: from the images folder)."""
     sys.path.insert(0, str(ROOT / "images"))
     try:
-        spec = importlib.util.spec_from_file_location("pqfed_images_build",
-                                                      ROOT / "images/build.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
+        layers = importlib.import_module("imagebuild.layers")
+        oci = importlib.import_module("imagebuild.oci")
+        project = importlib.import_module("imagebuild.project")
     finally:
         sys.path.remove(str(ROOT / "images"))
+    return SimpleNamespace(write_layer=layers.write_layer, Stage=layers.Stage,
+                           Project=project.Project, assemble=oci.assemble,
+                           write_archive=oci.write_archive)
 
 
 def _tree(root: Path) -> Path:
