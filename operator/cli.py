@@ -11,8 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from pqfed.operator.reconcile import CANCEL_ANNOTATION
-from pqfed.services.labels import JOB_LABEL, LOG_DIR_ANNOTATION
-from pqfed.services.spec import API_GROUP, API_VERSION, KIND, PLURAL, JobSpecError, load_job
+from pqfed.services import (
+    API_GROUP,
+    API_VERSION,
+    JOB_LABEL,
+    KIND,
+    LOG_DIR_ANNOTATION,
+    PLURAL,
+    JobSpecError,
+    load_job,
+)
 
 __all__ = ["CANCEL_ANNOTATION", "register"]
 

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from pqfed.operator.reconcile import MAX_STATUS_ROUNDS
-from pqfed.services.spec import (
+from pqfed.services import (
     API_GROUP,
     API_VERSION,
     KIND,

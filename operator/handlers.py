@@ -43,8 +43,7 @@ from pqfed.operator.metrics import OperatorMetrics, serve_http
 from pqfed.pqc.errors import DecodeError
 from pqfed.pqc.handshake import Group
 from pqfed.pqc.identity import Certificate, Identity, TrustAnchor
-from pqfed.services.labels import JOB_LABEL, NODE_LABEL
-from pqfed.services.spec import API_GROUP, API_VERSION, PLURAL, FederationJobSpec
+from pqfed.services import API_GROUP, API_VERSION, JOB_LABEL, NODE_LABEL, PLURAL, FederationJobSpec
 
 FINALIZER: Final = "pqfed.io/cleanup"
 TICK_S: Final = 3.0

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from pqfed.services.spec import API_GROUP, API_VERSION, PLURAL
+from pqfed.services import API_GROUP, API_VERSION, PLURAL
 
 
 @dataclass(frozen=True)

@@ -19,18 +19,27 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from pqfed.pqc.truststore import CRL_FILE  # the sidecar and `fl` re-read it
-from pqfed.services import hierarchy as edges
-from pqfed.services.labels import INDEX_LABEL, JOB_LABEL, NODE_LABEL, ROLE_LABEL, ROUND_ANNOTATION
-from pqfed.services.node_defaults import (
+from pqfed.services import (
+    API_GROUP,
+    API_VERSION,
+    FLEET_PATH_PREFIX,
     FLEET_PORT,
     IDENTITY_DIR,
+    INDEX_LABEL,
+    JOB_LABEL,
+    KIND,
+    NODE_LABEL,
+    ROLE_LABEL,
+    ROUND_ANNOTATION,
     ROUTE_PORT,
     RUNTIME_PORT,
     STATE_DIR,
     STATUS_FILE,
     STATUS_PORT,
+    FederationJobSpec,
+    edge_of,
 )
-from pqfed.services.spec import API_GROUP, API_VERSION, KIND, FederationJobSpec
+from pqfed.services import edge_node_id as hierarchy_edge_node_id
 
 Manifest = dict[str, Any]
 
@@ -45,7 +54,6 @@ PQC_PORT: Final = 7443  # aggregator sidecar, the only port peers reach
 # through the sidecar with its own PQC identity (the checkpoint is the global model).
 ADMIN_PORT: Final = 9901  # sidecar admin API (/identity, /metrics, ...): loopback only
 PROBE_PORT: Final = 9902  # sidecar probe listener (/healthz, /readyz; no data) for the kubelet
-FLEET_PATH_PREFIX: Final = "/v1/fleet/"
 LINGER_S: Final = 30  # the aggregator keeps serving /status this long after the job ends
 GRACE_S: Final = 10
 
@@ -131,7 +139,7 @@ def client_pod_name(job: str, index: int) -> str:
 
 
 def edge_node_id(edge: int) -> str:
-    return edges.edge_node_id(edge)
+    return hierarchy_edge_node_id(edge)
 
 
 def edge_pod_name(job: str, edge: int) -> str:
@@ -416,7 +424,7 @@ def client_pod(job: JobRef, spec: FederationJobSpec, index: int) -> Manifest:
                     [_IDENTITY_MOUNT, _JOB_MOUNT, _STATE_MOUNT])
     peer, peer_id = _aggregator_peer(job), AGGREGATOR_NODE_ID
     if spec.hierarchy.enabled:
-        e = edges.edge_of(index, spec.hierarchy.edges)
+        e = edge_of(index, spec.hierarchy.edges)
         peer = f"{edge_service_name(job.name, e)}.{job.namespace}.svc:{PQC_PORT}"
         peer_id = edge_node_id(e)
     sidecar_cmd = ["pqfed", "sidecar", *_identity_args(), *_groups(spec),

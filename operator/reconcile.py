@@ -20,7 +20,7 @@ from typing import Any, Final, Literal
 from pqfed.operator import pods as m
 from pqfed.pqc.identity import Role
 from pqfed.pqc.revocation import RevocationReason
-from pqfed.services.spec import OPERATOR_ONLY, FederationJobSpec, JobSpecError, parse_spec
+from pqfed.services import OPERATOR_ONLY, FederationJobSpec, JobSpecError, parse_spec
 
 Manifest = dict[str, Any]
 

@@ -217,7 +217,8 @@ def bench_handshake(n: int) -> dict[str, Any]:
 _WORKER: dict[str, Any] = {}
 
 
-def _peer_init(pems: tuple[str, str, str, str, str]) -> None:
+def peer_init(pems: tuple[str, str, str, str, str]) -> None:
+    """A crypto worker's set-up for `peer_task`: the CA, aggregator and client PEMs."""
     from pqfed.pqc.identity import Certificate, TrustAnchor
 
     ca_pem, agg_crt, agg_key, cli_crt, cli_key = pems
@@ -245,7 +246,7 @@ def bench_parallel(peer_counts: list[int], repeats: int) -> dict[str, Any]:
             cli.certificate.to_pem(), cli.private_key_pem())
     workers = usable_cpus()
     res: dict[str, Any] = {"cpus": workers, "peers": {}}
-    pools = {mode: CryptoPool(mode, workers, _peer_init, (pems,))
+    pools = {mode: CryptoPool(mode, workers, peer_init, (pems,))
              for mode in (PoolMode.SEQUENTIAL, PoolMode.THREADS, PoolMode.PROCESSES)}
     try:
         for pool in pools.values():

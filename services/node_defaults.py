@@ -17,3 +17,5 @@ FLEET_PORT: Final = 9092  # SuperLink Fleet API, behind the aggregator's sidecar
 ROUTE_PORT: Final = 19092  # a client sidecar's plaintext route to the aggregator
 RUNTIME_PORT: Final = 9094  # a client SuperNode's ClientAppIo port
 SUPERLINK_ROUTE: Final = f"127.0.0.1:{ROUTE_PORT}"
+# What an aggregator's sidecar lets through to the SuperLink: the Fleet API only.
+FLEET_PATH_PREFIX: Final = "/v1/fleet/"

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from pqfed.cache import cache_dir
-from pqfed.services.spec import API_GROUP_VERSION, KIND
+from pqfed.services import API_GROUP_VERSION, KIND
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = ("pqc", "transport")

@@ -13,8 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pqfed.services.labels import JOB_LABEL, ROLE_LABEL
-from pqfed.services.spec import API_GROUP, API_VERSION, PLURAL
+from pqfed.services import API_GROUP, API_VERSION, JOB_LABEL, PLURAL, ROLE_LABEL
 
 
 class WaitTimeout(AssertionError):
@@ -73,7 +72,7 @@ def cluster_env(cluster_dir: Path, nodes: Sequence[str], *, bridge: str | None =
     `real_node` names it; it then needs `node_bridge` and `node_subnet` of its own and gets
     free ports for the kubelet, kube-proxy and CoreDNS. Otherwise PQFED_REAL_NODE=0, whatever
     the caller's environment says."""
-    from pqfed.services.ports import free_ports
+    from pqfed.services import free_ports
 
     etcd_client, etcd_peer, api, kcm, sched = free_ports(5)
     env = {
@@ -191,7 +190,7 @@ def checkpointed_rounds(secret: dict[str, Any]) -> dict[int, dict[str, Any]]:
     import base64
     import json
 
-    from pqfed.services.node_defaults import STATUS_FILE
+    from pqfed.services import STATUS_FILE
 
     status = json.loads(base64.b64decode(secret["data"][STATUS_FILE]))
     return {int(r["round"]): r for r in status["rounds"]}

@@ -63,6 +63,7 @@ KNOWN = (
     Known(9092, "services/node_defaults.py", "int"),
     Known(19092, "services/node_defaults.py", "int"),
     Known(9094, "services/node_defaults.py", "int"),
+    Known("/v1/fleet/", "services/node_defaults.py"),
     # Where the CRL sits in an identity directory.
     Known("crl.pem", "pqc/truststore.py"),
     # The cache directory, and the kubeconfig precedence of the operator and the CLI.

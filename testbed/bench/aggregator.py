@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pqfed.services.ports import free_ports
+from pqfed.services import free_ports
 from pqfed.testbed.bench.common import (
     AggregatorPorts,
     Material,
@@ -138,14 +138,14 @@ class Baselines:
     (long-lived and warmed up, as in the sidecar: start-up is not part of a round)."""
 
     def __init__(self, material: Material, workers: int) -> None:
-        from pqfed.pqc.bench import _peer_init, peer_task
+        from pqfed.pqc.bench import peer_init, peer_task
         from pqfed.pqc.pool import CryptoPool, PoolMode
 
         self.task = peer_task
         self.workers = workers
         pems = material.peer_pems()
-        self.sequential = CryptoPool(PoolMode.SEQUENTIAL, workers, _peer_init, (pems,))
-        self.parallel = CryptoPool(PoolMode.PROCESSES, workers, _peer_init, (pems,))
+        self.sequential = CryptoPool(PoolMode.SEQUENTIAL, workers, peer_init, (pems,))
+        self.parallel = CryptoPool(PoolMode.PROCESSES, workers, peer_init, (pems,))
         for pool in (self.sequential, self.parallel):
             pool.warm_up()
             pool.map(peer_task, range(workers * 2))

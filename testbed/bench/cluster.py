@@ -17,8 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pqfed.services.labels import LOG_DIR_ANNOTATION, NET_ANNOTATION, TESTBED_LABEL
-from pqfed.services.spec import API_GROUP, API_VERSION, PLURAL
+from pqfed.services import (
+    API_GROUP,
+    API_VERSION,
+    LOG_DIR_ANNOTATION,
+    NET_ANNOTATION,
+    PLURAL,
+    TESTBED_LABEL,
+)
 from pqfed.testbed.bench.common import effective_cores, make_material
 from pqfed.testbed.bench.watch import BenchError, watch
 

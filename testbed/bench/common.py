@@ -376,7 +376,7 @@ class Material:
         return self.directory / f"{kind}-{name}"
 
     def peer_pems(self) -> tuple[str, str, str, str, str]:
-        """What pqfed.pqc.bench._peer_init takes: CA, aggregator and client PEMs (ML-DSA-65)."""
+        """What pqfed.pqc.bench.peer_init takes: CA, aggregator and client PEMs (ML-DSA-65)."""
         return (self.text("pq", "ca.crt"), self.text("pq", "aggregator.crt"),
                 self.text("pq", "aggregator.key"), self.text("pq", "client.crt"),
                 self.text("pq", "client.key"))

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from pqfed.services.ports import free_ports
-from pqfed.services.spec import API_GROUP_VERSION, KIND
+from pqfed.services import API_GROUP_VERSION, KIND, free_ports
 from pqfed.testbed.bench.common import (
     AggregatorPorts,
     make_material,
@@ -54,7 +53,7 @@ class LocalProc:
         return "ok" if rc == 0 else f"exit code {rc}"
 
     def stop(self) -> None:
-        from pqfed.services.procs import terminate_process_tree
+        from pqfed.services import terminate_process_tree
 
         if self.popen is not None and self.popen.poll() is None:
             terminate_process_tree(self.popen.pid, timeout=10)
@@ -140,7 +139,7 @@ def federation_round(out: Path, rounds: int, timeout: float) -> dict[str, Any]:
     if missing:
         return {"skipped": f"the FL extra is not installed ({', '.join(missing)} missing): "
                            "pip install -e '.[fl]'"}
-    from pqfed.services.runner import run_local
+    from pqfed.services import run_local
 
     fed_dir = out / "federation"
     fed_dir.mkdir(parents=True, exist_ok=True)

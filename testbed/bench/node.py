@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pqfed.services.ports import free_ports
+from pqfed.services import free_ports
 from pqfed.testbed.bench.common import (
     AggregatorPorts,
     Barrier,
@@ -316,9 +316,9 @@ def bench_throughput(host: str, ports: AggregatorPorts, material: Material, tota
 
 def seed_share(args: argparse.Namespace, material: Material, ports: AggregatorPorts,
                clients: list[int], step: Callable[[str], None]) -> dict[str, Any]:
-    from pqfed.pqc.bench import _peer_init, peer_task
+    from pqfed.pqc.bench import peer_init, peer_task
 
-    _peer_init(material.peer_pems())
+    peer_init(material.peer_pems())
     for i in range(2):
         peer_task(i)  # warm-up
     out: dict[str, Any] = {"share": {}, "seconds": {}}

@@ -9,7 +9,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pqfed.services.labels import TESTBED_LABEL
+from pqfed.services import TESTBED_LABEL
 
 # A Raspberry Pi 4 Model B (4 GB), as the production k3s cluster reports it.
 PI4_LABELS = {

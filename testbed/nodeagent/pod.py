@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pqfed.services.labels import LOG_DIR_ANNOTATION, NET_ANNOTATION
+from pqfed.services import LOG_DIR_ANNOTATION, NET_ANNOTATION
 from pqfed.testbed.nodeagent import network
 from pqfed.testbed.nodeagent.cgroups import Limits
 from pqfed.testbed.nodeagent.config import parse_quantity
