@@ -12,6 +12,10 @@ replica that was just replaced, already did), delete lost pods, patch status, po
 - on.delete (finalizer pqfed.io/cleanup): delete every child and wait until they are gone.
 
 `run_operator(args)` is `pqfed operator run`.
+
+It stays one module past our ~500-line habit because it is the operator's whole I/O edge:
+every kopf handler and the client calls that apply a plan, around one `OperatorContext`; the
+decisions themselves are in reconcile.py.
 """
 
 from __future__ import annotations
