@@ -17,18 +17,17 @@ tests/services/test_layering.py.
 
 from __future__ import annotations
 
-import ast
 import importlib
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import pqfed.services
+from tests.import_graph import Use, uses
 
 ROOT = Path(__file__).resolve().parents[1]
 # Package folder -> the module prefix it is imported as.
@@ -70,58 +69,13 @@ def _production_files() -> Iterator[Path]:
 MODULES = {_module_name(p): p for p in _production_files()}
 
 
-@dataclass(frozen=True)
-class Use:
-    """One import in `module`: the module it names and the attribute taken from it."""
-
-    module: str
-    target: str
-    name: str | None
-    line: int
-
-
-def _resolve(module: str, base: str, level: int, is_pkg: bool) -> str:
-    if level == 0:
-        return base
-    parts = module.split(".")
-    anchor = parts if is_pkg else parts[:-1]
-    anchor = anchor[: len(anchor) - (level - 1)]
-    return ".".join([*anchor, base] if base else anchor)
-
-
-def _ours(name: str) -> bool:
-    return name == "pqfed" or name.startswith(("pqfed.", "imagebuild"))
-
-
-def uses(module: str, source: str, is_pkg: bool = False) -> Iterator[Use]:
-    tree = ast.parse(source)
-    aliases: dict[str, str] = {}  # local name -> project module it is bound to
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for a in node.names:
-                if _ours(a.name):
-                    aliases[a.asname or a.name] = a.name
-                    yield Use(module, a.name, None, node.lineno)
-        elif isinstance(node, ast.ImportFrom):
-            base = _resolve(module, node.module or "", node.level, is_pkg)
-            if not _ours(base):
-                continue
-            for a in node.names:
-                sub = f"{base}.{a.name}"
-                if sub in MODULES:  # `from pqfed.services import hierarchy`: a module
-                    aliases[a.asname or a.name] = sub
-                    yield Use(module, sub, None, node.lineno)
-                else:
-                    yield Use(module, base, a.name, node.lineno)
-    for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                and node.value.id in aliases):
-            yield Use(module, aliases[node.value.id], node.attr, node.lineno)
+def _uses(module: str, source: str, is_pkg: bool = False) -> Iterator[Use]:
+    return uses(module, source, MODULES, is_pkg, ours=("pqfed", "imagebuild"))
 
 
 def _all_uses() -> Iterator[Use]:
     for module, path in MODULES.items():
-        yield from uses(module, path.read_text(), path.name == "__init__.py")
+        yield from _uses(module, path.read_text(), path.name == "__init__.py")
 
 
 def _package(module: str) -> str:
@@ -171,7 +125,7 @@ def test_the_checks_find_what_they_look_for() -> None:
               "from pqfed.pqc import identity\nidentity._load\n"
               "from pqfed.testbed import testing\n"
               "from pqfed.services.spec import PLURAL\n")
-    found = list(uses("pqfed.operator.probe", source))
+    found = list(_uses("pqfed.operator.probe", source))
     assert private_imports(iter(found)) == ["pqfed.services.records._record",
                                             "pqfed.pqc.identity._load"]
     assert {u.target for u in found} >= {"pqfed.testbed.testing", "pqfed.services.spec"}
