@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from pqfed.operator.reconcile import CANCEL_ANNOTATION
-from pqfed.services.spec import (
+from pqfed.services import (
     API_GROUP,
     API_VERSION,
+    JOB_LABEL,
     KIND,
+    LOG_DIR_ANNOTATION,
+    PLURAL,
     FederationJobSpec,
     JobSpecError,
     load_job,
@@ -31,8 +34,6 @@ def _clients(args: argparse.Namespace) -> Any:
 
 def _submit(args: argparse.Namespace) -> int:
     from kubernetes.client.exceptions import ApiException
-
-    from pqfed.operator.kube import PLURAL
 
     try:
         job = load_job(Path(args.file))
@@ -132,7 +133,7 @@ def _logs(args: argparse.Namespace) -> int:
 
     c = _clients(args)
     ns = args.namespace or "default"
-    pods = c.core.list_namespaced_pod(ns, label_selector=f"pqfed.io/job={args.name}").items
+    pods = c.core.list_namespaced_pod(ns, label_selector=f"{JOB_LABEL}={args.name}").items
     if args.pod:
         pods = [p for p in pods if p.metadata.name.endswith(args.pod)]
     if not pods:
@@ -149,7 +150,7 @@ def _logs(args: argparse.Namespace) -> int:
                                                       tail_lines=args.tail)
             except ApiException:
                 # The emulated Pi nodes keep logs in files named by an annotation.
-                log_dir = (pod.metadata.annotations or {}).get("pqfed.io/log-dir")
+                log_dir = (pod.metadata.annotations or {}).get(LOG_DIR_ANNOTATION)
                 path = Path(log_dir or "/nonexistent") / f"{container.name}.log"
                 text = ("\n".join(path.read_text().splitlines()[-args.tail:])
                         if path.exists() else "(no logs available)")
@@ -158,8 +159,6 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    from pqfed.operator.kube import PLURAL
-
     c = _clients(args)
     ns = args.namespace or "default"
     c.custom.patch_namespaced_custom_object(
@@ -173,7 +172,6 @@ def _revoke(args: argparse.Namespace) -> int:
     """Adds `revoke.pqfed.io/<node>: <reason>` (a merge patch: concurrent revocations of other
     nodes never overwrite each other). The operator signs the next revocation list with the
     job's CA and every pod's sidecar cuts the node off once the list arrives."""
-    from pqfed.operator.kube import PLURAL
     from pqfed.operator.reconcile import REVOKE_PREFIX
     from pqfed.pqc import RevocationReason, check_name
 
@@ -196,7 +194,6 @@ def _approve(args: argparse.Namespace) -> int:
     from kubernetes.client.exceptions import ApiException
 
     from pqfed.operator import enrolment
-    from pqfed.operator.kube import PLURAL
     from pqfed.operator.reconcile import CHANNEL_PROTOCOL, validate
 
     c = _clients(args)
@@ -247,7 +244,7 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{API_GROUP}/{API_VERSION} is not served: is the CRD installed?", file=sys.stderr)
         return 1
     jobs = list_jobs(c, args.namespace)
-    print(f"ok: {API_GROUP}/{API_VERSION} federationjobs served, {len(jobs)} in "
+    print(f"ok: {API_GROUP}/{API_VERSION} {PLURAL} served, {len(jobs)} in "
           f"{args.namespace or 'all namespaces'}")
     return 0
 

@@ -25,18 +25,18 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from pqfed.operator.reconcile import MAX_STATUS_ROUNDS
-from pqfed.services.spec import (
+from pqfed.services import (
     API_GROUP,
     API_VERSION,
     KIND,
     NAME_MAX,
     NAME_PATTERN,
+    PLURAL,
     RULES,
     FederationJobSpec,
     SpecRule,
 )
 
-PLURAL: Final = "federationjobs"
 SINGULAR: Final = "federationjob"
 SHORT_NAMES: Final = ("fj",)
 CRD_NAME: Final = f"{PLURAL}.{API_GROUP}"

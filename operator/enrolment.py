@@ -42,7 +42,8 @@ from pqfed.operator import pods as m
 from pqfed.operator.reconcile import Event, condition, set_condition
 from pqfed.pqc import CertificateError, Role
 from pqfed.pqc.pki.csr import IssuancePolicy, check_request, load_request_pem
-from pqfed.services.spec import FederationJobSpec
+from pqfed.pqc.truststore import CRL_FILE
+from pqfed.services import NODE_LABEL, FederationJobSpec
 
 CSR_LABEL: Final = "pqfed.io/csr-for"  # on a request ConfigMap: the job it is for
 CSR_KEY: Final = "tls.csr"
@@ -205,9 +206,9 @@ def certificate_configmap(job: m.JobRef, node_id: str, cert_pem: str, ca_pem: st
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": certificate_configmap_name(job.name, node_id),
                          "namespace": job.namespace,
-                         "labels": m.labels(job.name, "enrolment", **{m.NODE_LABEL: node_id}),
+                         "labels": m.labels(job.name, "enrolment", **{NODE_LABEL: node_id}),
                          "ownerReferences": [m.owner_reference(job)]},
-            "data": {"tls.crt": cert_pem, "ca.crt": ca_pem, m.CRL_FILE: crl_pem}}
+            "data": {"tls.crt": cert_pem, "ca.crt": ca_pem, CRL_FILE: crl_pem}}
 
 
 class EnrolmentRefused(ValueError):

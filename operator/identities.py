@@ -41,9 +41,9 @@ from pqfed.pqc.pki.profile import (
     load_private_key_pem,
     private_key_pem,
 )
-from pqfed.pqc.truststore import load_x509_crl
+from pqfed.pqc.truststore import CRL_FILE, load_x509_crl
 
-CRL_KEY = "crl.pem"
+CRL_KEY = CRL_FILE  # the Secret key is the file name in the mounted identity directory
 # The X.509 twins (tls13 jobs), in the same Secrets. The pods see them in the subdirectory
 # `x509/` of their identity directory, as tls.crt, tls.key, ca.crt and crl.pem: the layout of
 # `pqfed ca csr --out DIR` plus the CA's files, which `pqfed sidecar --protocol tls13` reads.

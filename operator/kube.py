@@ -6,9 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from pqfed.services.spec import API_GROUP, API_VERSION
-
-PLURAL = "federationjobs"
+from pqfed.services import API_GROUP, API_VERSION, PLURAL
 
 
 @dataclass(frozen=True)
@@ -18,18 +16,27 @@ class Clients:
     api: Any
 
 
-def load_clients(kubeconfig: str | None = None) -> Clients:
-    """kubeconfig flag > $KUBECONFIG > in-cluster service account."""
-    from kubernetes import client, config
+def load_configuration(kubeconfig: str | None = None, configuration: Any = None) -> None:
+    """The one kubeconfig precedence of the operator and the CLI: the --kubeconfig flag >
+    $KUBECONFIG > the in-cluster service account > ~/.kube/config. Loads into `configuration`
+    (a kubernetes.client.Configuration), or the client's default one when None."""
+    from kubernetes import config
 
     path = kubeconfig or os.environ.get("KUBECONFIG")
     if path:
-        config.load_kube_config(config_file=path)
+        config.load_kube_config(config_file=path, client_configuration=configuration)
     else:
         try:
-            config.load_incluster_config()
+            config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException:
-            config.load_kube_config()
+            config.load_kube_config(client_configuration=configuration)
+
+
+def load_clients(kubeconfig: str | None = None) -> Clients:
+    """The API clients for the kubeconfig `load_configuration` picks."""
+    from kubernetes import client
+
+    load_configuration(kubeconfig)
     api = client.ApiClient()
     return Clients(client.CoreV1Api(api), client.CustomObjectsApi(api), api)
 

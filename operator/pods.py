@@ -18,21 +18,34 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final
 
-from pqfed.services import hierarchy as edges
-from pqfed.services.spec import API_GROUP, API_VERSION, KIND, FederationJobSpec
+from pqfed.pqc.truststore import CRL_FILE  # the sidecar and `fl` re-read it
+from pqfed.services import (
+    API_GROUP,
+    API_VERSION,
+    FLEET_PATH_PREFIX,
+    FLEET_PORT,
+    IDENTITY_DIR,
+    INDEX_LABEL,
+    JOB_LABEL,
+    KIND,
+    NODE_LABEL,
+    ROLE_LABEL,
+    ROUND_ANNOTATION,
+    ROUTE_PORT,
+    RUNTIME_PORT,
+    STATE_DIR,
+    STATUS_FILE,
+    STATUS_PORT,
+    FederationJobSpec,
+    edge_of,
+)
+from pqfed.services import edge_node_id as hierarchy_edge_node_id
 
 Manifest = dict[str, Any]
 
-JOB_LABEL: Final = "pqfed.io/job"
-ROLE_LABEL: Final = "pqfed.io/role"
-INDEX_LABEL: Final = "pqfed.io/index"
-NODE_LABEL: Final = "pqfed.io/node"
-ROUND_ANNOTATION: Final = "pqfed.io/round"
 MANAGED_BY: Final = "pqfed-operator"
 
 # In-pod paths and ports; the same as the `pqfed fl` / `pqfed sidecar` defaults.
-IDENTITY_DIR: Final = "/etc/pqfed/identity"
-CRL_FILE: Final = "crl.pem"  # pqc.truststore.CRL_FILE: the sidecar and `fl` re-read it
 # tls13 jobs: the X.509 identity in IDENTITY_DIR/x509 (tls.crt, tls.key, ca.crt, crl.pem),
 # projected from the X.509 keys of the same Secrets (operator/identities.py).
 X509_DIR: Final = "x509"
@@ -40,19 +53,12 @@ _X509_ITEMS: Final = (("x509.crt", "tls.crt"), ("x509.key", "tls.key"), ("x509-c
 _X509_CRL_KEY: Final = "x509-crl.pem"
 JOB_DIR: Final = "/etc/pqfed/job"
 RESTORE_DIR: Final = "/etc/pqfed/restore"
-STATE_DIR: Final = "/var/lib/pqfed"
 SPEC_FILE: Final = "spec.json"
-STATUS_FILE: Final = "status.json"
 PQC_PORT: Final = 7443  # aggregator sidecar, the only port peers reach
-# Aggregator status API on the pod's loopback: the operator reaches it through the sidecar
-# with its own PQC identity (the checkpoint is the global model).
-STATUS_PORT: Final = 8080
-FLEET_PORT: Final = 9092  # SuperLink Fleet API, loopback behind the sidecar
+# The aggregator's status API (STATUS_PORT) is on the pod's loopback: the operator reaches it
+# through the sidecar with its own PQC identity (the checkpoint is the global model).
 ADMIN_PORT: Final = 9901  # sidecar admin API (/identity, /metrics, ...): loopback only
 PROBE_PORT: Final = 9902  # sidecar probe listener (/healthz, /readyz; no data) for the kubelet
-ROUTE_PORT: Final = 19092  # client sidecar's plaintext route to the aggregator
-RUNTIME_PORT: Final = 9094  # client SuperNode's ClientAppIo port
-FLEET_PATH_PREFIX: Final = "/v1/fleet/"
 LINGER_S: Final = 30  # the aggregator keeps serving /status this long after the job ends
 GRACE_S: Final = 10
 
@@ -138,7 +144,7 @@ def client_pod_name(job: str, index: int) -> str:
 
 
 def edge_node_id(edge: int) -> str:
-    return edges.edge_node_id(edge)
+    return hierarchy_edge_node_id(edge)
 
 
 def edge_pod_name(job: str, edge: int) -> str:
@@ -432,7 +438,7 @@ def client_pod(job: JobRef, spec: FederationJobSpec, index: int) -> Manifest:
                     [_IDENTITY_MOUNT, _JOB_MOUNT, _STATE_MOUNT])
     peer, peer_id = _aggregator_peer(job), AGGREGATOR_NODE_ID
     if spec.hierarchy.enabled:
-        e = edges.edge_of(index, spec.hierarchy.edges)
+        e = edge_of(index, spec.hierarchy.edges)
         peer = f"{edge_service_name(job.name, e)}.{job.namespace}.svc:{PQC_PORT}"
         peer_id = edge_node_id(e)
     sidecar_cmd = ["pqfed", "sidecar", *_identity_args(spec), *_groups(spec),

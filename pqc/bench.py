@@ -216,6 +216,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def peer_init(pems: tuple[str, str, str, str, str]) -> None:
+    """A crypto worker's set-up for `peer_task`: the CA, aggregator and client PEMs."""
     from pqfed.pqc.identity import Certificate, TrustAnchor
 
     ca_pem, agg_crt, agg_key, cli_crt, cli_key = pems

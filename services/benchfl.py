@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from pqfed.services.spec import parse_spec
+from pqfed.services.node_defaults import FLEET_PATH_PREFIX
+from pqfed.services.spec import API_GROUP_VERSION, KIND, parse_spec
 
 
 def _quiet() -> None:
@@ -180,7 +181,7 @@ def sidecar_ping_pong(requests: int = 400, blocks: int = 8) -> dict[str, Any]:
             [sys.executable, "-c", _PING_UPSTREAM, str(upstream)],
             [*cli, "--cert", str(paths["aggregator"][0]), "--key", str(paths["aggregator"][1]),
              "--listen", f"127.0.0.1:{secure}", "--upstream", f"127.0.0.1:{upstream}",
-             "--allow-path-prefix", "/v1/fleet/", "--admin", f"127.0.0.1:{admin_a}"],
+             "--allow-path-prefix", FLEET_PATH_PREFIX, "--admin", f"127.0.0.1:{admin_a}"],
             [*cli, "--cert", str(paths["client-0"][0]), "--key", str(paths["client-0"][1]),
              "--route", f"127.0.0.1:{route}=127.0.0.1:{secure}@aggregator",
              "--admin", f"127.0.0.1:{admin_c}"],
@@ -233,7 +234,7 @@ def study_transport(rounds: int, out_dir: Path, reps: int = 2) -> dict[str, Any]
     """Whole federations as processes: PQC sidecars vs plaintext, and stock Flower polling."""
     from pqfed.services.runner import run_local
 
-    job = {"apiVersion": "pqfed.io/v1alpha1", "kind": "FederationJob",
+    job = {"apiVersion": API_GROUP_VERSION, "kind": KIND,
            "metadata": {"name": "transport"},
            "spec": {"task": "breast-cancer", "clients": 3, "minClients": 3, "rounds": rounds,
                     "training": {"localEpochs": 2}}}

@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from pqfed.services.spec import parse_spec
+from pqfed.services.spec import API_GROUP_VERSION, KIND, parse_spec
 
 
 def study_hierarchy(rounds: int, latency_rounds: int, work_dir: Path) -> dict[str, Any]:
@@ -48,7 +48,7 @@ def _latency(rounds: int, work_dir: Path) -> dict[str, Any]:
     for name, extra in (("flat", {}),
                         ("2 edges", {"hierarchy": {"enabled": True, "edges": 2}})):
         job_name = "hier" if extra else "flat"
-        job = {"apiVersion": "pqfed.io/v1alpha1", "kind": "FederationJob",
+        job = {"apiVersion": API_GROUP_VERSION, "kind": KIND,
                "metadata": {"name": job_name},
                "spec": {"task": "breast-cancer", "clients": 4, "minClients": 4,
                         "rounds": rounds, "training": {"localEpochs": 2},

@@ -26,7 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from pqfed.services import flower as fr
-from pqfed.services.rounds import STATUS_FILE, read_status
+from pqfed.services.node_defaults import (
+    FLEET_PORT,
+    IDENTITY_DIR,
+    RUNTIME_PORT,
+    STATE_DIR,
+    STATUS_FILE,
+    STATUS_PORT,
+    SUPERLINK_ROUTE,
+)
+from pqfed.services.rounds import read_status
 from pqfed.services.spec import FederationJobSpec, check_runnable, load_job, parse_spec
 
 log = logging.getLogger("pqfed.fl")
@@ -310,12 +319,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fl_sub = fl.add_subparsers(dest="fl_command", required=True)
     agg = fl_sub.add_parser("aggregator", help="SuperLink + ServerApp + job driver")
     agg.add_argument("--spec", required=True, help="job YAML or JSON {name, spec}")
-    agg.add_argument("--identity-dir", default="/etc/pqfed/identity")
-    agg.add_argument("--state-dir", default="/var/lib/pqfed")
+    agg.add_argument("--identity-dir", default=IDENTITY_DIR)
+    agg.add_argument("--state-dir", default=STATE_DIR)
     agg.add_argument("--restore", help="dir with a saved status.json + checkpoint to resume")
     agg.add_argument("--host", default="127.0.0.1", help="SuperLink bind address")
-    agg.add_argument("--fleet-port", type=int, default=9092)
-    agg.add_argument("--status-port", type=int, default=8080,
+    agg.add_argument("--fleet-port", type=int, default=FLEET_PORT)
+    agg.add_argument("--status-port", type=int, default=STATUS_PORT,
                      help=f"status API port on {STATUS_HOST} (the sidecar's operator upstream)")
     agg.add_argument("--linger", type=float, default=0.0,
                      help="seconds to keep serving /status after the job ends")
@@ -326,11 +335,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cli = fl_sub.add_parser("client", help="SuperNode + ClientApp executor")
     cli.add_argument("--spec", required=True)
     cli.add_argument("--index", type=int, required=True, help="partition index of this node")
-    cli.add_argument("--identity-dir", default="/etc/pqfed/identity")
-    cli.add_argument("--state-dir", default="/var/lib/pqfed")
-    cli.add_argument("--superlink", default="127.0.0.1:19092",
+    cli.add_argument("--identity-dir", default=IDENTITY_DIR)
+    cli.add_argument("--state-dir", default=STATE_DIR)
+    cli.add_argument("--superlink", default=SUPERLINK_ROUTE,
                      help="Fleet address: the local sidecar route to the aggregator")
-    cli.add_argument("--runtime-port", type=int, default=9094)
+    cli.add_argument("--runtime-port", type=int, default=RUNTIME_PORT)
     cli.add_argument("--attack", choices=["label-flip", "label-flip-boost"],
                      help="poisoning emulation (benchmarks; the aggregator needs --poisoning)")
     cli.set_defaults(func=run_client)
@@ -338,14 +347,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                                           "edge ServerApp downstream, SuperNode upstream")
     edge.add_argument("--spec", required=True)
     edge.add_argument("--index", type=int, required=True, help="edge index")
-    edge.add_argument("--identity-dir", default="/etc/pqfed/identity")
-    edge.add_argument("--state-dir", default="/var/lib/pqfed")
+    edge.add_argument("--identity-dir", default=IDENTITY_DIR)
+    edge.add_argument("--state-dir", default=STATE_DIR)
     edge.add_argument("--host", default="127.0.0.1", help="edge SuperLink bind address")
-    edge.add_argument("--fleet-port", type=int, default=9092,
+    edge.add_argument("--fleet-port", type=int, default=FLEET_PORT,
                       help="edge SuperLink port (its clients reach it through the sidecar)")
-    edge.add_argument("--superlink", default="127.0.0.1:19092",
+    edge.add_argument("--superlink", default=SUPERLINK_ROUTE,
                       help="central Fleet address: the local sidecar route to the aggregator")
-    edge.add_argument("--runtime-port", type=int, default=9094)
+    edge.add_argument("--runtime-port", type=int, default=RUNTIME_PORT)
     edge.add_argument("--status-port", type=int, default=0,
                       help="serve the edge's /status here (0: off)")
     edge.set_defaults(func=run_edge)

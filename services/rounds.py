@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from pqfed.services.node_defaults import STATUS_FILE
 from pqfed.services.spec import FederationJobSpec
-
-STATUS_FILE = "status.json"
 
 
 @dataclass

@@ -27,12 +27,12 @@ from typing import IO, Any
 
 from pqfed.pqc import CertificateAuthority, Identity, Role
 from pqfed.services.hierarchy import edge_members, edge_node_id
+from pqfed.services.node_defaults import FLEET_PATH_PREFIX
 from pqfed.services.ports import free_ports
 from pqfed.services.procs import terminate_process_tree
 from pqfed.services.rounds import read_status
 from pqfed.services.spec import FederationJobFile, check_runnable, load_job
 
-FLEET_PATH_PREFIX = "/v1/fleet/"  # what the aggregator's sidecar lets through to SuperLink
 # Every process `pqfed run` starts, and everything those start, inherit this variable with the
 # run's id: the last sweep of `stop` finds what escaped the process trees (a grandchild started
 # after the tree was listed, or one whose parent died first and that was re-parented).

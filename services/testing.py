@@ -21,6 +21,8 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from pqfed.pqc import Certificate, Role
+from pqfed.pqc.truststore import CRL_FILE
+from pqfed.services.node_defaults import STATUS_FILE
 from pqfed.services.poisoning import ATTACK_KEY, poisoning_secagg_client_app
 from pqfed.services.secagg import secagg_client_app, secagg_server_app
 from pqfed.services.simulation import InProcessGrid
@@ -115,12 +117,12 @@ def simulate_secagg(spec: FederationJobSpec, *, job: str = "bench", workdir: Pat
                 crl = ca.revoke(crl, cert.serial)
             assert crl is not None
             for d in (root / "identities").iterdir():
-                (d / "crl.pem").write_text(crl.to_pem())
+                (d / CRL_FILE).write_text(crl.to_pem())
         t0 = time.time()
         if app is None and attackers:
             app = poisoning_secagg_client_app
         secagg_server_app(LoopbackGrid(contexts, app, intercept), server)
-        status: dict[str, Any] = json.loads((root / "state" / "status.json").read_text())
+        status: dict[str, Any] = json.loads((root / "state" / STATUS_FILE).read_text())
         status["wallSeconds"] = time.time() - t0
         ckpt = root / "state" / "checkpoints" / f"round-{status['currentRound']:05d}.npz"
         if ckpt.exists():

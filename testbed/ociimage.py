@@ -7,6 +7,9 @@ layout (image-spec v1.1: oci-layout, index.json, blobs/sha256/...) as a tar that
 `ctr images import` (and k3s's air-gap import) accepts. Output is byte-for-byte reproducible: tar
 entries are sorted, owned by 0:0, dated 0, and gzip carries no timestamp.
 
+The layout writer (`write_layout`, `descriptor`, `json_bytes`, the media types) is also the one
+images/build.py writes the operator, sidecar and fl image archives with.
+
 Stdlib only, so testbed/cluster/images.sh runs it with any python3 before the virtualenv exists:
 
     python3 testbed/ociimage.py --name localhost/pqfed/pause:3.10 --out pause.tar \\
@@ -27,6 +30,7 @@ import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -145,13 +149,47 @@ def _layer_tar(entries: Sequence[Entry]) -> bytes:
     return buf.getvalue()
 
 
-def _descriptor(media_type: str, data: bytes) -> dict[str, object]:
-    return {"mediaType": media_type, "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
-            "size": len(data)}
+def sha256_digest(data: bytes) -> str:
+    """A content digest as OCI descriptors write it: ``sha256:<hex>``."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _json_bytes(obj: object) -> bytes:
+def descriptor(media_type: str, data: bytes) -> dict[str, object]:
+    """The OCI content descriptor (media type, digest, size) of a blob."""
+    return {"mediaType": media_type, "digest": sha256_digest(data), "size": len(data)}
+
+
+def json_bytes(obj: object) -> bytes:
+    """A JSON blob (config, manifest, image index) as both writers encode it: sorted keys, no
+    spaces, so the same object always has the same digest."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def blob_path(digest: str) -> str:
+    """Where a blob lives in the layout: ``blobs/sha256/<hex>``."""
+    return "blobs/sha256/" + digest.split(":", 1)[1]
+
+
+def write_layout(out: BinaryIO, files: Sequence[tuple[str, bytes | Path]], mtime: int) -> None:
+    """An OCI image layout (image-spec v1.1: oci-layout, index.json, blobs/sha256/...) as an
+    uncompressed PAX tar on `out`: the two blob directories first, then `files` in the order
+    given (a file is bytes, or a Path streamed from disk), every entry owned by 0:0, dated
+    `mtime`, directories 0755 and files 0644."""
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for d in ("blobs", "blobs/sha256"):
+            info = tarfile.TarInfo(d)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, mtime
+            tar.addfile(info)
+        for name, content in files:
+            info = tarfile.TarInfo(name)
+            info.mode, info.mtime = 0o644, mtime
+            if isinstance(content, Path):
+                info.size = content.stat().st_size
+                with content.open("rb") as f:
+                    tar.addfile(info, f)
+            else:
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
 
 
 def build(spec: ImageSpec) -> bytes:
@@ -167,43 +205,35 @@ def build(spec: ImageSpec) -> bytes:
         "config": {k: v for k, v in (("Entrypoint", spec.entrypoint), ("Cmd", spec.cmd),
                                      ("User", spec.user), ("Env", spec.env)) if v},
         "rootfs": {"type": "layers",
-                   "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]},
+                   "diff_ids": [sha256_digest(layer)]},
         "history": [{"created_by": "pqfed testbed/ociimage.py"}],
     }
-    config_bytes = _json_bytes(config)
+    config_bytes = json_bytes(config)
     manifest: dict[str, object] = {
         "schemaVersion": 2,
         "mediaType": MEDIA_MANIFEST,
-        "config": _descriptor(MEDIA_CONFIG, config_bytes),
-        "layers": [_descriptor(MEDIA_LAYER, layer_gz)],
+        "config": descriptor(MEDIA_CONFIG, config_bytes),
+        "layers": [descriptor(MEDIA_LAYER, layer_gz)],
     }
     if spec.annotations:
         manifest["annotations"] = dict(sorted(spec.annotations.items()))
-    manifest_bytes = _json_bytes(manifest)
+    manifest_bytes = json_bytes(manifest)
     index = {
         "schemaVersion": 2,
         "mediaType": MEDIA_INDEX,
         "manifests": [{
-            **_descriptor(MEDIA_MANIFEST, manifest_bytes),
+            **descriptor(MEDIA_MANIFEST, manifest_bytes),
             "platform": {"architecture": arch, "os": "linux"},
             "annotations": {ANNOTATION_CONTAINERD_NAME: spec.name,
                             ANNOTATION_REF_NAME: spec.name},
         }],
     }
-    files = {"oci-layout": _json_bytes({"imageLayoutVersion": "1.0.0"}),
-             "index.json": _json_bytes(index)}
+    files: dict[str, bytes | Path] = {"oci-layout": json_bytes({"imageLayoutVersion": "1.0.0"}),
+                                      "index.json": json_bytes(index)}
     for blob in (layer_gz, config_bytes, manifest_bytes):
-        files["blobs/sha256/" + hashlib.sha256(blob).hexdigest()] = blob
+        files[blob_path(sha256_digest(blob))] = blob
     out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for d in ("blobs", "blobs/sha256"):
-            info = tarfile.TarInfo(d)
-            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 0
-            tar.addfile(info)
-        for name in sorted(files):
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(files[name]), 0o644, 0
-            tar.addfile(info, io.BytesIO(files[name]))
+    write_layout(out, sorted(files.items()), mtime=0)
     return out.getvalue()
 
 

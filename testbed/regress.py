@@ -44,11 +44,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pqfed.cache import cache_dir
+from pqfed.services import API_GROUP_VERSION, KIND
+
 REPO = Path(__file__).resolve().parent.parent
 STEPS = ("pqc", "transport")
 TRANSPORT_ROUNDS = 12
 TRANSPORT_JOB = {
-    "apiVersion": "pqfed.io/v1alpha1", "kind": "FederationJob",
+    "apiVersion": API_GROUP_VERSION, "kind": KIND,
     "metadata": {"name": "regress"},
     "spec": {"task": "breast-cancer", "clients": 3, "minClients": 3,
              "rounds": TRANSPORT_ROUNDS, "training": {"localEpochs": 2}},
@@ -297,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta.update({"load_end": "(run stopped early; not recorded)",
                      "seconds": time.time() - meta["started"]})
         return _finish(out, samples, meta)
-    cache = Path(os.environ.get("PQFED_CACHE", Path.home() / ".cache" / "pqfed"))
+    cache = cache_dir()
     commit = resolve(args.base)
     head_rev = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
                               capture_output=True, text=True, check=True).stdout.strip()

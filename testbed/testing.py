@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pqfed.services import API_GROUP, API_VERSION, JOB_LABEL, PLURAL, ROLE_LABEL
+
 
 class WaitTimeout(AssertionError):
     """A condition did not hold in time (an AssertionError, so pytest reports it as a
@@ -70,7 +72,7 @@ def cluster_env(cluster_dir: Path, nodes: Sequence[str], *, bridge: str | None =
     `real_node` names it; it then needs `node_bridge` and `node_subnet` of its own and gets
     free ports for the kubelet, kube-proxy and CoreDNS. Otherwise PQFED_REAL_NODE=0, whatever
     the caller's environment says."""
-    from pqfed.services.ports import free_ports
+    from pqfed.services import free_ports
     from pqfed.testbed.leftovers import claim
 
     claim(cluster_dir)  # a later run removes it if this one is killed (testbed/leftovers.py)
@@ -114,8 +116,6 @@ def cluster_env(cluster_dir: Path, nodes: Sequence[str], *, bridge: str | None =
 # The operator's naming lives in pqfed.operator.pods; it is imported where used, so this
 # module stays importable without the operator's dependencies.
 
-JOB_LABEL = "pqfed.io/job"
-
 
 def job_leftovers(core: Any, networking: Any, custom: Any, namespace: str) -> list[str]:
     """Everything a FederationJob created in `namespace` (pods, secrets, configmaps,
@@ -133,8 +133,8 @@ def job_leftovers(core: Any, networking: Any, custom: Any, namespace: str) -> li
               networking.list_namespaced_network_policy(namespace,
                                                         label_selector=JOB_LABEL).items]
     found += [f"federationjob/{j['metadata']['name']}" for j in
-              custom.list_namespaced_custom_object("pqfed.io", "v1alpha1", namespace,
-                                                   "federationjobs")["items"]]
+              custom.list_namespaced_custom_object(API_GROUP, API_VERSION, namespace,
+                                                   PLURAL)["items"]]
     return found
 
 
@@ -162,7 +162,7 @@ def aggregator_round(core: Any, namespace: str, job: str, uid: str | None = None
     from pqfed.operator.aggregator_api import AggregatorUnreachable, fetch_status
 
     pods = core.list_namespaced_pod(
-        namespace, label_selector=f"{JOB_LABEL}={job},pqfed.io/role=aggregator").items
+        namespace, label_selector=f"{JOB_LABEL}={job},{ROLE_LABEL}=aggregator").items
     for pod in pods:
         if uid is not None and pod.metadata.uid != uid:
             continue
@@ -192,7 +192,9 @@ def checkpointed_rounds(secret: dict[str, Any]) -> dict[int, dict[str, Any]]:
     import base64
     import json
 
-    status = json.loads(base64.b64decode(secret["data"]["status.json"]))
+    from pqfed.services import STATUS_FILE
+
+    status = json.loads(base64.b64decode(secret["data"][STATUS_FILE]))
     return {int(r["round"]): r for r in status["rounds"]}
 
 

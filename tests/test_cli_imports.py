@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 BLOCKER = Path(__file__).parent / "import_blocker"
-# What each image leaves out (images/build.py EXTRAS): sidecar = core only; operator = core +
+# What each image leaves out (images/imagebuild/project.py EXTRAS): sidecar = core only; operator = core +
 # k8s; fl = core + fl.
 SIDECAR_LACKS = "flwr,torch,kubernetes,kopf,helm_python,sklearn,pandas,neurokit2"
 OPERATOR_LACKS = "flwr,torch,helm_python,sklearn,pandas,neurokit2"

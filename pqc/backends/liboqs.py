@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from pqfed.cache import cache_dir
 from pqfed.pqc.errors import BackendUnavailable, InvalidSignature, UnsupportedAlgorithm
 
 KEM_ALGORITHMS: Final = ("ML-KEM-768", "ML-KEM-1024")
@@ -70,8 +71,7 @@ def _arch() -> str:
 
 def cache_library(version: str = BUILT_VERSION, arch: str | None = None) -> Path:
     """Where `make liboqs` puts the shared library (outside the repository)."""
-    cache = Path(os.environ.get("PQFED_CACHE") or Path.home() / ".cache" / "pqfed")
-    return cache / "liboqs" / version / (arch or _arch()) / "liboqs.so"
+    return cache_dir() / "liboqs" / version / (arch or _arch()) / "liboqs.so"
 
 
 def find_liboqs() -> Path | None:

@@ -31,18 +31,9 @@ OQS_SYS_SHA256="ac6d66ee528a895ce5cc08851698d109c5d7ee5d7a0b3b40d61550eda91e414f
 LIBOQS_VERSION="${OQS_SYS_VERSION##*liboqs-}"
 # Keep in step with pqc/algorithms.py (KEM_SIZES, PQ_SIGNATURES).
 ALGORITHMS="KEM_ml_kem_768;KEM_ml_kem_1024;SIG_ml_dsa_44;SIG_ml_dsa_65;SIG_ml_dsa_87"
-PQFED_CACHE="${PQFED_CACHE:-$HOME/.cache/pqfed}"
-
-log() { printf '[build-liboqs %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { printf '[build-liboqs] ERROR: %s\n' "$*" >&2; exit 1; }
-
-host_arch() {
-    case "$(uname -m)" in
-        x86_64) echo amd64 ;;
-        aarch64|arm64) echo arm64 ;;
-        *) uname -m ;;
-    esac
-}
+LOG_TAG=build-liboqs
+# shellcheck source=pqc/native/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ARCH="$(host_arch)"
 FORCE=0
@@ -74,18 +65,6 @@ STAMP_TEXT="oqs-sys=$OQS_SYS_VERSION arch=$ARCH algorithms=$ALGORITHMS openssl=o
 if [[ $PRINT -eq 1 ]]; then echo "$OUT"; exit 0; fi
 
 # --- tools -----------------------------------------------------------------------------------
-apt_install() {
-    [[ $# -gt 0 ]] || return 0
-    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-        log "installing $* with apt-get"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get -o DPkg::Lock::Timeout=900 install -y -q "$@" >/dev/null 2>&1 \
-            || { apt-get -o DPkg::Lock::Timeout=900 update -q >/dev/null && apt-get -o DPkg::Lock::Timeout=900 install -y -q "$@" >/dev/null; } \
-            || die "apt-get install $* failed"
-    else
-        die "missing tools: $*; install them (apt-get install $*) and rerun"
-    fi
-}
 build_tools() {
     local need=()
     command -v cmake >/dev/null || need+=(cmake)
@@ -132,27 +111,8 @@ SRC_ROOT="$PQFED_CACHE/liboqs/$LIBOQS_VERSION/src"
 SRC="$SRC_ROOT/liboqs"
 if [[ ! -f "$SRC/CMakeLists.txt" ]]; then
     work="$SRC_ROOT/fetch"
-    rm -rf "$work" && mkdir -p "$work/src"
-    cat >"$work/Cargo.toml" <<TOML
-[package]
-name = "pqfed-liboqs-fetch"
-version = "0.0.0"
-edition = "2021"
-publish = false
-
-[dependencies]
-oqs-sys = { version = "=$OQS_SYS_VERSION", default-features = false }
-TOML
-    echo 'fn main() {}' >"$work/src/main.rs"
-    log "fetching oqs-sys $OQS_SYS_VERSION from crates.io"
-    cargo fetch --quiet --manifest-path "$work/Cargo.toml" \
-        || die "cargo fetch of oqs-sys failed (needs crates.io and a recent cargo, e.g. from rustup)"
-    got="$(grep -A3 '^name = "oqs-sys"$' "$work/Cargo.lock" | sed -n 's/^checksum = "\(.*\)"$/\1/p')"
-    [[ "$got" == "$OQS_SYS_SHA256" ]] \
-        || die "oqs-sys $OQS_SYS_VERSION checksum is '$got', expected $OQS_SYS_SHA256"
-    crate_dir="$(cargo metadata --format-version 1 --manifest-path "$work/Cargo.toml" \
-        | python3 -c 'import json,sys; m=json.load(sys.stdin); print(next(p["manifest_path"] for p in m["packages"] if p["name"]=="oqs-sys"))')"
-    crate_dir="$(dirname "$crate_dir")"
+    rm -rf "$work"
+    crate_dir="$(fetch_crate oqs-sys "$OQS_SYS_VERSION" "$OQS_SYS_SHA256" "$work")"
     [[ -f "$crate_dir/liboqs/CMakeLists.txt" ]] || die "oqs-sys crate at $crate_dir has no liboqs/ tree"
     rm -rf "$SRC.tmp" && cp -a "$crate_dir/liboqs" "$SRC.tmp" && mv "$SRC.tmp" "$SRC"
     cp "$work/Cargo.lock" "$SRC_ROOT/Cargo.lock"  # records the crate checksum cargo verified

@@ -35,6 +35,8 @@ from typing import IO, Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from pqfed.cache import cache_dir as pqfed_cache_dir
+
 from .base import (
     SPLIT_GLOBAL_TEST,
     SPLIT_LOCAL_TEST,
@@ -72,8 +74,7 @@ CACHE_VERSION: Final = 1
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("PQFED_CACHE") or str(Path.home() / ".cache" / "pqfed")
-    return Path(root).expanduser() / "data"
+    return pqfed_cache_dir() / "data"
 
 
 def cache_path() -> Path:

@@ -17,9 +17,9 @@ import shlex
 import sys
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
-from typing import Literal, Self
+from typing import TYPE_CHECKING, Literal, Self
 
 from pqfed.services.flower.app_dir import ConfigValue, format_config_args
 from pqfed.services.flower.environment import BIN_DIR, flower_env
@@ -68,26 +68,74 @@ def write_fast_poll_shims(bin_dir: Path, poll_cap: float) -> Path:
     return bin_dir
 
 
-def _start(name: str, argv: list[str], run_dir: Path, env: dict[str, str], home: Path
-           ) -> ManagedProcess:
-    return ManagedProcess(name, argv, run_dir / "logs" / f"{name}.log", env, home).start()
+@dataclass
+class FlowerProcess:
+    """What the SuperLink, SuperExec and SuperNode processes share: the run directory their
+    logs and shims go to, one `FlowerTuning`, the Flower environment (FLWR_HOME, PYTHONPATH,
+    PATH shims, overrides) and the supervised OS process. A subclass says what differs: its
+    `name` and `flwr_home`, its `command()` and the directories it puts first on PATH."""
+
+    run_dir: Path
+    _: KW_ONLY
+    tuning: FlowerTuning = _STOCK
+    extra_pythonpath: Sequence[Path | str] = ()
+    env_overrides: dict[str, str] = field(default_factory=dict)
+    proc: ManagedProcess | None = field(default=None, repr=False)
+
+    if TYPE_CHECKING:  # a field in one subclass, a property in another
+        @property
+        def name(self) -> str: ...
+
+        @property
+        def flwr_home(self) -> Path: ...
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def fast_poll_shims(self) -> list[Path]:
+        """The `flwr-serverapp`/`flwr-clientapp` shims with the poll cap, when there is one."""
+        cap = self.tuning.poll_cap
+        return [] if cap is None else [write_fast_poll_shims(self.run_dir / "shims" / "fast", cap)]
+
+    def path_shims(self) -> list[Path]:
+        """Directories put first on the process's PATH (first wins)."""
+        return self.fast_poll_shims()
+
+    def env(self) -> dict[str, str]:
+        env = flower_env(
+            self.flwr_home,
+            extra_pythonpath=self.extra_pythonpath,
+            extra_path=self.path_shims(),
+            superexec_poll_interval=self.tuning.superexec_poll_interval,
+        )
+        env.update(self.env_overrides)
+        return env
+
+    def launch(self, name: str, argv: list[str]) -> ManagedProcess:
+        """Start `argv` supervised, in this process's home and environment, logging to
+        ``run_dir/logs/<name>.log``."""
+        log = self.run_dir / "logs" / f"{name}.log"
+        return ManagedProcess(name, argv, log, self.env(), self.flwr_home).start()
+
+    def start(self) -> Self:
+        self.proc = self.launch(self.name, self.command())
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is not None:
+            self.proc.stop(timeout)
 
 
 @dataclass
-class SuperLinkProcess:
+class SuperLinkProcess(FlowerProcess):
     """``flower-superlink``: Fleet + Control + Runtime API on one HTTP port."""
 
-    run_dir: Path
     port: int
     host: str = LOCALHOST
     isolation: Isolation = "process"
     #: SQLite state file (runs, nodes, FABs survive a restart). ``None`` -> in memory.
     database: Path | None = None
-    tuning: FlowerTuning = _STOCK
-    env_overrides: dict[str, str] = field(default_factory=dict)
-    extra_pythonpath: Sequence[Path | str] = ()
     name: str = "superlink"
-    proc: ManagedProcess | None = field(default=None, repr=False)
 
     @property
     def address(self) -> str:
@@ -111,49 +159,29 @@ class SuperLinkProcess:
             cmd += ["--database", str(self.database)]
         return cmd
 
-    def env(self) -> dict[str, str]:
-        shims: list[Path] = []
-        cap = self.tuning.poll_cap
-        if cap is not None and self.isolation == "subprocess":
-            shims.append(write_fast_poll_shims(self.run_dir / "shims" / "fast", cap))
-        env = flower_env(
-            self.flwr_home,
-            extra_pythonpath=self.extra_pythonpath,
-            extra_path=shims,
-            superexec_poll_interval=self.tuning.superexec_poll_interval,
-        )
-        env.update(self.env_overrides)
-        return env
+    def path_shims(self) -> list[Path]:
+        # In-process isolation runs the ServerApp inside the SuperLink: no app process to shim.
+        return self.fast_poll_shims() if self.isolation == "subprocess" else []
 
     def start(self) -> Self:
         if self.database is not None:
             self.database.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = _start(self.name, self.command(), self.run_dir, self.env(), self.flwr_home)
-        return self
+        return super().start()
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         wait_http_ok(f"http://{self.address}/health", timeout, self.proc)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is not None:
-            self.proc.stop(timeout)
-
 
 @dataclass
-class SuperExecProcess:
+class SuperExecProcess(FlowerProcess):
     """``flower-superexec``: the long-lived launcher of ServerApp (against the SuperLink's
     Runtime API) or ClientApp (against a SuperNode's Runtime API) processes."""
 
-    run_dir: Path
     name: str
     runtime_api_address: str
     flwr_home: Path
-    tuning: FlowerTuning = _STOCK
-    extra_pythonpath: Sequence[Path | str] = ()
-    env_overrides: dict[str, str] = field(default_factory=dict)
     #: Directories put first on PATH (shims replacing `flwr-serverapp`/`flwr-clientapp`).
     extra_path: Sequence[Path] = ()
-    proc: ManagedProcess | None = field(default=None, repr=False)
 
     def command(self) -> list[str]:
         return [
@@ -161,31 +189,12 @@ class SuperExecProcess:
             "--runtime-api-address", self.runtime_api_address,
         ]  # fmt: skip
 
-    def env(self) -> dict[str, str]:
-        shims = list(self.extra_path)
-        if self.tuning.poll_cap is not None:
-            shims.append(write_fast_poll_shims(self.run_dir / "shims" / "fast",
-                                               self.tuning.poll_cap))
-        env = flower_env(
-            self.flwr_home,
-            extra_pythonpath=self.extra_pythonpath,
-            extra_path=shims,
-            superexec_poll_interval=self.tuning.superexec_poll_interval,
-        )
-        env.update(self.env_overrides)
-        return env
-
-    def start(self) -> Self:
-        self.proc = _start(self.name, self.command(), self.run_dir, self.env(), self.flwr_home)
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is not None:
-            self.proc.stop(timeout)
+    def path_shims(self) -> list[Path]:
+        return [*self.extra_path, *self.fast_poll_shims()]
 
 
 @dataclass
-class SuperNodeProcess:
+class SuperNodeProcess(FlowerProcess):
     """``flower-supernode`` (+ its ClientApp SuperExec when ``isolation == 'process'``, + the
     warm ClientApp process when ``tuning.warm_clientapp``).
 
@@ -195,19 +204,14 @@ class SuperNodeProcess:
     timestamp, so nothing breaks when the bytes are relayed.
     """
 
-    run_dir: Path
     index: int
     superlink_address: str
     runtime_port: int
     node_config: dict[str, ConfigValue] = field(default_factory=dict)
     host: str = LOCALHOST
     isolation: Isolation = "process"
-    tuning: FlowerTuning = _STOCK
-    extra_pythonpath: Sequence[Path | str] = ()
     max_retries: int | None = None
     max_wait_time: float | None = None
-    env_overrides: dict[str, str] = field(default_factory=dict)
-    proc: ManagedProcess | None = field(default=None, repr=False)
     executor: SuperExecProcess | None = field(default=None, repr=False)
     zygote: ManagedProcess | None = field(default=None, repr=False)
 
@@ -257,34 +261,21 @@ class SuperNodeProcess:
             argv += ["--poll-cap", str(self.tuning.poll_cap)]
         return argv
 
-    def shim_path(self) -> list[Path]:
-        """PATH entries for the SuperExec that spawns this node's ClientApps (first wins)."""
+    def path_shims(self) -> list[Path]:
+        """PATH entries for the SuperExec that spawns this node's ClientApps (first wins; with
+        subprocess isolation, the SuperNode's own SuperExec)."""
         dirs = []
         if self.tuning.warm_clientapp:
             shim_dir = self.run_dir / "shims" / f"clientapp-{self.index}"
             dirs.append(write_warm_clientapp_shim(shim_dir, self.zygote_socket))
-        if self.tuning.poll_cap is not None:
-            dirs.append(write_fast_poll_shims(self.run_dir / "shims" / "fast",
-                                              self.tuning.poll_cap))
-        return dirs
-
-    def env(self) -> dict[str, str]:
-        env = flower_env(
-            self.flwr_home,
-            extra_pythonpath=self.extra_pythonpath,
-            extra_path=self.shim_path(),  # subprocess isolation: SuperNode's own SuperExec
-            superexec_poll_interval=self.tuning.superexec_poll_interval,
-        )
-        env.update(self.env_overrides)
-        return env
+        return [*dirs, *self.fast_poll_shims()]
 
     def start(self, timeout: float = 60.0) -> Self:
         if self.tuning.warm_clientapp:
             self.zygote_socket.parent.mkdir(parents=True, exist_ok=True)
-            self.zygote = _start(f"clientapp-zygote-{self.index}", self.zygote_command(),
-                                 self.run_dir, self.env(), self.flwr_home)
+            self.zygote = self.launch(f"clientapp-zygote-{self.index}", self.zygote_command())
             wait_unix_socket(self.zygote_socket, timeout, self.zygote)
-        self.proc = _start(self.name, self.command(), self.run_dir, self.env(), self.flwr_home)
+        super().start()
         if self.isolation == "process":
             self.executor = SuperExecProcess(
                 run_dir=self.run_dir,
@@ -295,7 +286,7 @@ class SuperNodeProcess:
                 tuning=FlowerTuning(superexec_poll_interval=self.tuning.superexec_poll_interval),
                 extra_pythonpath=self.extra_pythonpath,
                 env_overrides=self.env_overrides,
-                extra_path=self.shim_path(),
+                extra_path=self.path_shims(),
             ).start()
         return self
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pqfed.services.ports import free_ports
+from pqfed.services import free_ports
 from pqfed.testbed.bench.common import (
     AggregatorPorts,
     Material,

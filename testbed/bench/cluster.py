@@ -17,11 +17,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pqfed.services import (
+    API_GROUP,
+    API_VERSION,
+    LOG_DIR_ANNOTATION,
+    NET_ANNOTATION,
+    PLURAL,
+    TESTBED_LABEL,
+)
 from pqfed.testbed.bench.common import effective_cores, make_material
 from pqfed.testbed.bench.watch import BenchError, watch
 
-LOG_DIR_ANNOTATION = "pqfed.io/log-dir"  # written by the emulated node agent
-NET_ANNOTATION = "pqfed.io/net-shaping"
 MOUNT = "/etc/pqfed-bench"
 CONTAINER = "bench"
 FATAL_WAITING = {"ErrImageNeverPull", "InvalidImageName", "CreateContainerConfigError",
@@ -141,7 +147,7 @@ def _node_facts(node: Any) -> dict[str, Any]:
     return {
         "arch": labels.get("kubernetes.io/arch"),
         "instance_type": labels.get("node.kubernetes.io/instance-type"),
-        "testbed": labels.get("pqfed.io/testbed", "real"),
+        "testbed": labels.get(TESTBED_LABEL, "real"),
         "cpu_capacity": (node.status.capacity or {}).get("cpu"),
         "memory_capacity": (node.status.capacity or {}).get("memory"),
         "os_image": info.os_image if info else None,
@@ -158,7 +164,7 @@ def _federation_job(api: Any, ref: str) -> dict[str, Any]:
     try:
         custom: Any = client.CustomObjectsApi(api)
         obj = custom.get_namespaced_custom_object(
-            "pqfed.io", "v1alpha1", ns or "default", "federationjobs", name)
+            API_GROUP, API_VERSION, ns or "default", PLURAL, name)
     except ApiException as exc:
         return {"skipped": f"FederationJob {ref}: {exc.status} {exc.reason}"}
     rounds = (obj.get("status") or {}).get("rounds") or []
@@ -281,7 +287,7 @@ def _run(args: argparse.Namespace, api: Any, out: Path, progress: Any, common: l
     if emulated:
         host_cpus = len(usable_cpus())
         node_cores = min(node_cores, float(host_cpus))
-        notes.append(f"Emulated nodes (pqfed.io/testbed=emulated): all pods share this "
+        notes.append(f"Emulated nodes ({TESTBED_LABEL}=emulated): all pods share this "
                      f"host's {host_cpus} CPU(s); per-node CPU quotas and link shaping as "
                      "listed above. tc netem is unavailable on kernels without sch_netem, so "
                      "only rate limits apply (no delay/jitter/loss).")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from pqfed.services.ports import free_ports
+from pqfed.services import API_GROUP_VERSION, KIND, free_ports
 from pqfed.testbed.bench.common import (
     AggregatorPorts,
     make_material,
@@ -53,7 +53,7 @@ class LocalProc:
         return "ok" if rc == 0 else f"exit code {rc}"
 
     def stop(self) -> None:
-        from pqfed.services.procs import terminate_process_tree
+        from pqfed.services import terminate_process_tree
 
         if self.popen is not None and self.popen.poll() is None:
             terminate_process_tree(self.popen.pid, timeout=10)
@@ -117,8 +117,8 @@ def run(args: argparse.Namespace, out: Path, progress: Any, common: list[str]
                         for name, cpus in place["nodes"].items()}}
 
 
-FEDERATION_JOB = """apiVersion: pqfed.io/v1alpha1
-kind: FederationJob
+FEDERATION_JOB = """apiVersion: {api_version}
+kind: {kind}
 metadata: {{name: bench-round}}
 spec:
   task: breast-cancer
@@ -139,12 +139,12 @@ def federation_round(out: Path, rounds: int, timeout: float) -> dict[str, Any]:
     if missing:
         return {"skipped": f"the FL extra is not installed ({', '.join(missing)} missing): "
                            "pip install -e '.[fl]'"}
-    from pqfed.services.runner import run_local
+    from pqfed.services import run_local
 
     fed_dir = out / "federation"
     fed_dir.mkdir(parents=True, exist_ok=True)
     job = fed_dir / "job.yaml"
-    job.write_text(FEDERATION_JOB.format(rounds=rounds))
+    job.write_text(FEDERATION_JOB.format(api_version=API_GROUP_VERSION, kind=KIND, rounds=rounds))
     r = run_local(job, fed_dir / "runs", show=False, timeout=timeout)
     keys = ("round", "durationSeconds", "computeSeconds", "cryptoSeconds", "dispatchSeconds",
             "returnSeconds", "serverSeconds", "accuracy", "bytesSent", "bytesReceived")

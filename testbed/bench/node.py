@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pqfed.services.ports import free_ports
+from pqfed.services import free_ports
 from pqfed.testbed.bench.common import (
     AggregatorPorts,
     Barrier,

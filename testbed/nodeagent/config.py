@@ -9,6 +9,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pqfed.services import TESTBED_LABEL
+
 # A Raspberry Pi 4 Model B (4 GB), as the production k3s cluster reports it.
 PI4_LABELS = {
     "kubernetes.io/arch": "arm64",
@@ -16,7 +18,7 @@ PI4_LABELS = {
     "beta.kubernetes.io/arch": "arm64",
     "beta.kubernetes.io/os": "linux",
     "node.kubernetes.io/instance-type": "raspberrypi-4b",
-    "pqfed.io/testbed": "emulated",
+    TESTBED_LABEL: "emulated",
 }
 
 _SUFFIX = {

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from pqfed.cache import cache_dir
 from pqfed.testbed.nodeagent.config import (
     NET_PRESETS,
     AgentConfig,
@@ -25,8 +26,7 @@ def cluster_dir(kubeconfig: Path | None) -> Path:
         return Path(os.environ["PQFED_CLUSTER_DIR"])
     if kubeconfig is not None and kubeconfig.parent.name == "nodes":
         return kubeconfig.parent.parent
-    cache = Path(os.environ.get("PQFED_CACHE") or Path.home() / ".cache" / "pqfed")
-    return cache / "cluster"
+    return cache_dir() / "cluster"
 
 
 def cluster_env(directory: Path) -> dict[str, str]:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pqfed.services import LOG_DIR_ANNOTATION, NET_ANNOTATION
 from pqfed.testbed.nodeagent import network
 from pqfed.testbed.nodeagent.cgroups import Limits
 from pqfed.testbed.nodeagent.config import parse_quantity
@@ -70,8 +71,6 @@ from pqfed.testbed.nodeagent.podstatus import (
 )
 from pqfed.testbed.nodeagent.probes import Prober, run_handler
 from pqfed.testbed.nodeagent.runtime import (
-    LOG_DIR_ANNOTATION,
-    NET_ANNOTATION,
     AgentContext,
     now_rfc3339,
     pid_alive,

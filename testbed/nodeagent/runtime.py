@@ -20,9 +20,6 @@ from pqfed.testbed.nodeagent.volumes import TokenCache
 
 log = logging.getLogger(__name__)
 
-LOG_DIR_ANNOTATION = "pqfed.io/log-dir"
-NET_ANNOTATION = "pqfed.io/net-shaping"
-
 
 def now_rfc3339() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -31,6 +31,8 @@ from typing import Any
 import pytest
 import yaml
 
+from pqfed.cache import cache_dir
+from pqfed.services.spec import API_GROUP, API_GROUP_VERSION, API_VERSION, KIND, PLURAL
 from pqfed.testbed.testing import cluster_env, free_subnet, wait_for
 
 kubernetes = pytest.importorskip(
@@ -46,7 +48,6 @@ RUN_ID = secrets.token_hex(3)
 NODES = tuple(f"pqe{RUN_ID}-{i}" for i in range(3))
 BRIDGE = f"pqe{RUN_ID}"
 RELEASE, OPERATOR_NS = "pqfed", "pqfed-system"
-GROUP, VERSION, PLURAL = "pqfed.io", "v1alpha1", "federationjobs"
 
 
 def _free_subnet() -> str:
@@ -57,7 +58,7 @@ def _free_subnet() -> str:
 
 
 def _helm_binary() -> str | None:
-    cache = Path(os.environ.get("PQFED_CACHE", Path.home() / ".cache" / "pqfed"))
+    cache = cache_dir()
     candidate = cache / "bin" / "helm"
     if candidate.is_file() and os.access(candidate, os.X_OK):
         return str(candidate)
@@ -112,16 +113,16 @@ class Testbed:
     # ---- FederationJobs ----
     def create_job(self, name: str, spec: dict[str, Any], *, namespace: str | None = None,
                    strict: bool = True) -> dict[str, Any]:
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FederationJob",
+        body = {"apiVersion": API_GROUP_VERSION, "kind": KIND,
                 "metadata": {"name": name}, "spec": spec}
         kwargs = {"field_validation": "Strict"} if strict else {}
         obj: dict[str, Any] = self.custom.create_namespaced_custom_object(
-            GROUP, VERSION, namespace or self.namespace, PLURAL, body, **kwargs)
+            API_GROUP, API_VERSION, namespace or self.namespace, PLURAL, body, **kwargs)
         return obj
 
     def job(self, name: str, namespace: str | None = None) -> dict[str, Any]:
         obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
-            GROUP, VERSION, namespace or self.namespace, PLURAL, name)
+            API_GROUP, API_VERSION, namespace or self.namespace, PLURAL, name)
         return obj
 
     def status(self, name: str) -> dict[str, Any]:
@@ -129,7 +130,7 @@ class Testbed:
         return st
 
     def delete_job(self, name: str) -> None:
-        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        self.custom.delete_namespaced_custom_object(API_GROUP, API_VERSION, self.namespace, PLURAL, name)
 
     def wait_phase(self, name: str, phases: tuple[str, ...], timeout: float) -> dict[str, Any]:
         def reached() -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ import pytest
 
 from pqfed.operator import pods as m
 from pqfed.pqc.identity import Certificate
+from pqfed.services import node_defaults
 from pqfed.testbed.testing import (
     aggregator_round,
     assert_every_round_once,
@@ -141,7 +142,7 @@ def test_lost_aggregator_resumes_from_the_stored_checkpoint(testbed: Any) -> Non
     assert not bed.core.list_namespaced_config_map(
         bed.namespace, field_selector=f"metadata.name={m.checkpoint_secret_name(name)}").items
     (agg_pod,) = bed.pods(f"pqfed.io/job={name},pqfed.io/role=aggregator")
-    assert _plain_http_refused(agg_pod.status.pod_ip, m.STATUS_PORT)
+    assert _plain_http_refused(agg_pod.status.pod_ip, node_defaults.STATUS_PORT)
     service = bed.core.read_namespaced_service(m.aggregator_service_name(name), bed.namespace)
     assert [p.port for p in service.spec.ports] == [m.PQC_PORT]
     policy = bed.api.sanitize_for_serialization(

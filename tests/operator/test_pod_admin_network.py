@@ -22,6 +22,7 @@ import pytest
 
 from pqfed.operator import pods
 from pqfed.pqc.identity import CertificateAuthority, Identity
+from pqfed.services import node_defaults
 from pqfed.services.spec import parse_spec
 
 # --- two network namespaces: the pod, and someone on the pod network --------------------------
@@ -81,7 +82,7 @@ def _sidecar_command(tmp: Path) -> list[str]:
     pod = pods.aggregator_pod(pods.JobRef("demo", "fl", "uid-1"), parse_spec({}))
     (sidecar,) = pod["spec"]["initContainers"]
     assert sidecar["readinessProbe"]["httpGet"]["port"] == pods.PROBE_PORT
-    cmd = [str(c).replace(pods.IDENTITY_DIR, str(tmp)) for c in sidecar["command"]]
+    cmd = [str(c).replace(node_defaults.IDENTITY_DIR, str(tmp)) for c in sidecar["command"]]
     assert cmd[:2] == ["pqfed", "sidecar"]
     return [sys.executable, "-m", "pqfed.cli", *cmd[1:], "--log-level", "warning"]
 
@@ -96,7 +97,7 @@ def test_admin_api_unreachable_from_the_pod_network(tmp_path: Path, ca: Certific
         upstream = subprocess.Popen(
             ["ip", "netns", "exec", pod, sys.executable, "-c",
              "import socket,time; s=socket.create_server(('127.0.0.1', "
-             f"{pods.FLEET_PORT})); time.sleep(120)"])
+             f"{node_defaults.FLEET_PORT})); time.sleep(120)"])
         sidecar = subprocess.Popen(["ip", "netns", "exec", pod, *cmd],
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:

@@ -12,31 +12,21 @@ statement, including imports inside functions):
 
 from __future__ import annotations
 
-import ast
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.import_graph import Use, uses
 
 SERVICES = Path(__file__).resolve().parents[2] / "services"
 PACKAGE = "pqfed.services"
 APP_MODULES = ("records", "identity_dir", "task", "mods", "clientapp", "serverapp", "edge",
                "secagg")
 BENCHMARK_ONLY = ("poisoning", "testing", "simulation")
-
-
-@dataclass(frozen=True)
-class Use:
-    """One import in `module`: the module it names, and the attribute taken from it."""
-
-    module: str
-    target: str
-    name: str | None
-    line: int
 
 
 def _module_name(path: Path) -> str:
@@ -48,40 +38,9 @@ def _module_name(path: Path) -> str:
 MODULES = {_module_name(p): p for p in sorted(SERVICES.rglob("*.py"))}
 
 
-def _resolve(module: str, base: str, level: int, is_pkg: bool) -> str:
-    if level == 0:
-        return base
-    parts = module.split(".")
-    anchor = parts if is_pkg else parts[:-1]
-    anchor = anchor[: len(anchor) - (level - 1)]
-    return ".".join([*anchor, base] if base else anchor)
-
-
 def _uses(module: str) -> Iterator[Use]:
     path = MODULES[module]
-    tree = ast.parse(path.read_text(), str(path))
-    aliases: dict[str, str] = {}  # local name -> pqfed module it is bound to
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for a in node.names:
-                if a.name.startswith("pqfed."):
-                    aliases[a.asname or a.name] = a.name
-                    yield Use(module, a.name, None, node.lineno)
-        elif isinstance(node, ast.ImportFrom):
-            base = _resolve(module, node.module or "", node.level, path.name == "__init__.py")
-            if not base.startswith("pqfed"):
-                continue
-            for a in node.names:
-                sub = f"{base}.{a.name}"
-                if sub in MODULES:  # `from pqfed.services import edge`: a module
-                    aliases[a.asname or a.name] = sub
-                    yield Use(module, sub, None, node.lineno)
-                else:
-                    yield Use(module, base, a.name, node.lineno)
-    for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                and node.value.id in aliases):
-            yield Use(module, aliases[node.value.id], node.attr, node.lineno)
+    return uses(module, path.read_text(), MODULES, path.name == "__init__.py")
 
 
 def _graph() -> dict[str, set[str]]:

@@ -23,7 +23,7 @@ def test_warm_clientapp_zygote(tmp_path: Path) -> None:
                          tmp_path).start()
     try:
         wait_unix_socket(node.zygote_socket, 60, zyg)
-        shim = node.shim_path()[0] / "flwr-clientapp"
+        shim = node.path_shims()[0] / "flwr-clientapp"
         ok = subprocess.run(
             [shim, "--help"], check=False, capture_output=True, text=True, timeout=30
         )
