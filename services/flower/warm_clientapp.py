@@ -8,11 +8,19 @@ the zygote over a unix socket, and the zygote forks one pristine child per task:
 per-message isolation as a fresh process, without the imports. (flwr 1.42's "warm executor
 pools" pre-start Kubernetes pods for the Kubernetes executor; each task there still starts a
 cold interpreter, so they do not replace this.)
+
+Memory: a forked child shares the zygote's pages until it writes to them, and CPython writes
+to an object whenever the cyclic garbage collector traverses it, so a child's first full
+collection would copy every page holding the preloaded modules (torch's included). Following
+the recipe of the `gc` module's documentation for fork servers, the zygote imports with the
+collector disabled (no freed holes between long-lived objects) and calls ``gc.freeze()``
+before every fork: the children's collections then skip everything inherited.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import shlex
@@ -102,6 +110,7 @@ def run_zygote(
     (each child is a pristine copy of the warm interpreter, like a fresh process)."""
     import importlib
 
+    gc.disable()  # no collections while importing: no holes between long-lived objects
     from pqfed.services.flower.environment import console_script
     from pqfed.services.flower.patches import install_fast_poll
 
@@ -110,6 +119,8 @@ def run_zygote(
         install_fast_poll(poll_cap)
     for module in preload:
         importlib.import_module(module)
+    gc.freeze()  # everything imported so far: outside every later collection
+    gc.enable()
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         socket_path.unlink()
@@ -141,6 +152,7 @@ def run_zygote(
             continue
         sys.stdout.flush()
         sys.stderr.flush()
+        gc.freeze()  # what the loop allocated since: the child must not collect it either
         pid = os.fork()
         if pid == 0:  # child
             code = 1
