@@ -10,11 +10,13 @@ pools" pre-start Kubernetes pods for the Kubernetes executor; each task there st
 cold interpreter, so they do not replace this.)
 
 Memory: a forked child shares the zygote's pages until it writes to them, and CPython writes
-to an object whenever the cyclic garbage collector traverses it, so a child's first full
-collection would copy every page holding the preloaded modules (torch's included). Following
-the recipe of the `gc` module's documentation for fork servers, the zygote imports with the
-collector disabled (no freed holes between long-lived objects) and calls ``gc.freeze()``
-before every fork: the children's collections then skip everything inherited.
+to an object whenever the cyclic garbage collector traverses it, so a child's collections
+would copy the pages holding the preloaded modules' objects. The zygote collects once after
+its imports and warm-up and calls ``gc.freeze()`` before every fork (the `gc` module's recipe
+for fork servers): the children's collections then skip everything inherited. (The recipe
+also disables the collector while importing, against freed holes between long-lived objects;
+measured here that kept the warm-up's cyclic garbage and cost 22 MiB of PSS per zygote,
+docs/BENCHMARKS.md "Memory footprint".)
 """
 
 from __future__ import annotations
@@ -110,7 +112,6 @@ def run_zygote(
     (each child is a pristine copy of the warm interpreter, like a fresh process)."""
     import importlib
 
-    gc.disable()  # no collections while importing: no holes between long-lived objects
     from pqfed.services.flower.environment import console_script
     from pqfed.services.flower.patches import install_fast_poll
 
@@ -119,8 +120,8 @@ def run_zygote(
         install_fast_poll(poll_cap)
     for module in preload:
         importlib.import_module(module)
+    gc.collect()  # the warm-up's cyclic garbage, before it is frozen for good
     gc.freeze()  # everything imported so far: outside every later collection
-    gc.enable()
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         socket_path.unlink()

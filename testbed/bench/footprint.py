@@ -487,6 +487,13 @@ def qemu_share(smaps: str) -> int:
     return own
 
 
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
 def arm64_client_pod(archive: Path, tree: Path, work: Path, seconds: float,
                      interval: float) -> dict[str, Any]:
     """One client pod (`pqfed fl client` + its sidecar) in the arm64 fl image, with `tree`'s
@@ -529,6 +536,11 @@ def arm64_client_pod(archive: Path, tree: Path, work: Path, seconds: float,
         "--state-dir /tmp/state --superlink 127.0.0.1:19092 --runtime-port 9094'"
     )
     (rootfs / "tmp").mkdir(exist_ok=True)
+    state = rootfs / "tmp" / "state"
+    if state.exists():
+        shutil.rmtree(state)
+    # services/flower/processes.py: the zygote logs "zygote for ... ready" once warm
+    zygote_log = state / "flower" / "logs" / "clientapp-zygote-0.log"
     rec = Recording()
     log_path = work / f"arm64-{tree.name}.log"
     with log_path.open("wb") as log:
@@ -540,7 +552,7 @@ def arm64_client_pod(archive: Path, tree: Path, work: Path, seconds: float,
             ready_wall = time.time()
             while popen.poll() is None:
                 now = time.monotonic()
-                if ready is None and b"zygote for" in log_path.read_bytes():
+                if ready is None and b"zygote for" in _read_bytes(zygote_log):
                     ready, ready_wall = now, time.time()
                 if ready is not None and now - ready > seconds:
                     break
@@ -569,6 +581,45 @@ def arm64_client_pod(archive: Path, tree: Path, work: Path, seconds: float,
             "pss_last_sample": sum(p[3] for p in last),
             "processes": {str(pid): {**info, "qemu_own": qemu.get(str(pid))}
                           for pid, info in rec.processes.items()}}
+
+
+# --- the warm ClientApp alone ---------------------------------------------------------------
+
+ZYGOTE_PRELOAD = ("torch", "pqfed.services.clientapp", "pqfed.services.models",
+                  "pqfed.services.data", "pqfed.services.warmup")  # services/fl_node.PRELOAD
+
+
+def zygote_alone(tree: Path, work: Path, timeout: float = 600) -> dict[str, Any]:
+    """A client's warm ClientApp process with `tree`'s sources, started alone (no federation,
+    so no other process shares its anonymous pages), measured once it is ready."""
+    import shutil
+
+    from pqfed.services.procs import terminate_process_tree
+
+    work.mkdir(parents=True, exist_ok=True)
+    sock = work / "zygote.sock"
+    argv = [sys.executable, "-m", "pqfed.services.flower", "zygote", "--socket", str(sock)]
+    for module in ZYGOTE_PRELOAD:
+        argv += ["--preload", module]
+    log_path = work / "zygote.log"
+    with log_path.open("wb") as log:
+        popen = subprocess.Popen(argv, cwd=tree, env=tree_env(tree), stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while b"ready on" not in _read_bytes(log_path):
+                if popen.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"zygote did not start: {_read_bytes(log_path)[-2000:]!r}")
+                time.sleep(0.2)
+            time.sleep(1.0)
+            mem = read_memory(popen.pid)
+            with open(f"/proc/{popen.pid}/smaps") as fh:
+                parts = breakdown(fh.read())
+        finally:
+            terminate_process_tree(popen.pid, timeout=10)
+            shutil.rmtree(work, ignore_errors=True)
+    assert mem is not None
+    return {"tree": str(tree), **asdict(mem), "breakdown": parts}
 
 
 # --- the benchmark --------------------------------------------------------------------------
@@ -633,6 +684,46 @@ def _row_order(key: str) -> tuple[int, int, str]:
             roles.index(role) if role in roles else 99, key)
 
 
+def bootstrap_difference(before: Sequence[float], after: Sequence[float],
+                         resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """after - before: difference of the means and its 95% bootstrap interval (runs
+    resampled with replacement within each side)."""
+    import random
+
+    rng = random.Random(seed)
+    diffs = sorted(statistics.fmean(rng.choices(after, k=len(after)))
+                   - statistics.fmean(rng.choices(before, k=len(before)))
+                   for _ in range(resamples))
+    return (statistics.fmean(after) - statistics.fmean(before),
+            diffs[int(0.025 * resamples)], diffs[int(0.975 * resamples) - 1])
+
+
+def compare(results: Mapping[str, Any], before: str, after: str) -> str:
+    """Markdown: per pod/role the steady PSS of two cells (the same federation with two
+    trees), and after - before with its 95% bootstrap interval over runs (MiB)."""
+    cells = results["cells"]
+    rows = ["| pod / role | before: steady MiB | after: steady MiB | after - before, MiB "
+            "(95% bootstrap CI) | before: peak MiB | after: peak MiB |",
+            "|---|---|---|---|---|---|"]
+    keys = sorted({k for r in [*cells[before], *cells[after]] for k in r["roles"]},
+                  key=_row_order)
+    agg = results["aggregate"]
+    for key in keys:
+        b = [r["roles"][key]["steady"] / MIB for r in cells[before]
+             if r["roles"].get(key, {}).get("steady") is not None]
+        a = [r["roles"][key]["steady"] / MIB for r in cells[after]
+             if r["roles"].get(key, {}).get("steady") is not None]
+        diff = "-"
+        if a and b:
+            d, lo, hi = bootstrap_difference(b, a)
+            diff = f"{d:+.1f} ({lo:+.1f} to {hi:+.1f})"
+        rows.append(f"| {key} | {_mib(agg[before].get(key, {}).get('steady'))} | "
+                    f"{_mib(agg[after].get(key, {}).get('steady'))} | {diff} | "
+                    f"{_mib(agg[before].get(key, {}).get('peak'))} | "
+                    f"{_mib(agg[after].get(key, {}).get('peak'))} |")
+    return "\n".join(rows) + "\n"
+
+
 def render(results: Mapping[str, Any]) -> str:
     """Markdown tables (MiB of PSS: median (min-max) over runs) for docs/BENCHMARKS.md."""
     lines: list[str] = []
@@ -653,6 +744,13 @@ def render(results: Mapping[str, Any]) -> str:
             lines.append(f"| {key} | {_mib(agg[label][key]['steady'])} | "
                          f"{_mib(agg[label][key]['peak'])} | {libs} |")
         lines.append("")
+    trees = [Path(t).name for t in results["settings"]["trees"]]
+    if len(trees) == 2:
+        for label in list(agg):
+            config, _, tree = label.partition("/")
+            if tree == trees[0] and f"{config}/{trees[1]}" in agg:
+                lines += [f"#### {config}: {trees[0]} (before) vs {trees[1]} (after)", "",
+                          compare(results, label, f"{config}/{trees[1]}")]
     return "\n".join(lines)
 
 
@@ -667,8 +765,8 @@ def run(args: argparse.Namespace) -> int:
     if args.runs < 1:
         raise ValueError("--runs: at least 1 (3 or more to report a spread)")
     steps = tuple(x for x in args.only.split(",") if x)
-    if not steps or set(steps) - {"federation", "arm64"}:
-        raise ValueError(f"--only {args.only!r}: choose from federation,arm64")
+    if not steps or set(steps) - {"federation", "arm64", "zygote"}:
+        raise ValueError(f"--only {args.only!r}: choose from federation,arm64,zygote")
     image = Path(args.arm64_image) if args.arm64_image else None
     if "arm64" in steps and (image is None or not image.is_file()):
         raise ValueError(f"--arm64-image {args.arm64_image!r}: give the arm64 fl image's OCI "
@@ -690,6 +788,17 @@ def run(args: argparse.Namespace) -> int:
                 arm64.setdefault(f"arm64 client pod/{tree.name}", []).append(arm64_client_pod(
                     s.arm64_image, tree, s.out / "arm64", s.arm64_seconds, s.interval))
     cells.update(arm64)
+    if "zygote" in s.steps:
+        zygotes: dict[str, list[dict[str, Any]]] = {}
+        for rep in range(s.runs):
+            for tree in list(trees[rep % len(trees):]) + list(trees[:rep % len(trees)]):
+                zygotes.setdefault(tree.name, []).append(
+                    zygote_alone(tree, s.out / "zygote" / f"{tree.name}-{rep}"))
+        (s.out / "zygote.json").write_text(json.dumps(zygotes, indent=1))
+        for name, rows in zygotes.items():
+            print(f"zygote alone, {name}: PSS " + ", ".join(
+                f"{r['pss'] / MIB:.1f}" for r in rows) + " MiB; anonymous " + ", ".join(
+                f"{r['pss_anon'] / MIB:.1f}" for r in rows) + " MiB")
     results = {"schema": SCHEMA, "settings": {**asdict(s), "trees": [str(t) for t in trees],
                                               "out": str(s.out)},
                "trees": {str(t): git_describe(t) for t in trees},
@@ -715,7 +824,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also run the largest client count with this many edges (default 0)")
     p.add_argument("--only", default="federation",
                    help="comma list of steps: federation (pqfed run), arm64 (a client pod in "
-                        "the arm64 fl image under qemu; needs --arm64-image)")
+                        "the arm64 fl image under qemu; needs --arm64-image), zygote (the "
+                        "warm ClientApp process alone)")
     p.add_argument("--arm64-image", default="",
                    help="the arm64 fl image's OCI archive, e.g. "
                         "dist/images/pqfed-fl-0.1.0-arm64.oci.tar")

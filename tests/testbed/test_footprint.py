@@ -150,3 +150,10 @@ def test_steady_is_the_median_after_the_first_round_and_peak_the_maximum() -> No
 def test_spread_over_runs() -> None:
     assert fp.spread([3.0, None, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
     assert fp.spread([None]) is None
+
+
+def test_bootstrap_difference_brackets_a_clear_change_and_straddles_none() -> None:
+    d, lo, hi = fp.bootstrap_difference([48.0, 49.0, 47.5], [28.0, 27.5, 28.5])
+    assert d == pytest.approx(-20.17, abs=0.01) and lo < d < hi < 0
+    d, lo, hi = fp.bootstrap_difference([30.0, 31.0, 29.0], [29.5, 30.5, 31.5])
+    assert lo < 0 < hi
