@@ -655,6 +655,8 @@ def federation_runs(s: Settings) -> dict[str, Any]:
                 result = run_federation(tree, job_manifest(clients, s.rounds, edges), out,
                                         s.interval, s.timeout)
                 cells.setdefault(label, []).append(result)
+                # a run cut short still leaves every completed federation on disk
+                (s.out / "results.partial.json").write_text(json.dumps(cells, default=str))
     return cells
 
 
