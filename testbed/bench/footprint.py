@@ -174,16 +174,24 @@ ROLE_ORDER = (SIDECAR, LAUNCHER, SUPERLINK, SERVERAPP_EXEC, SERVERAPP, FLWR_CLI,
               CLIENTAPP_EXEC, ZYGOTE, CLIENTAPP, SHIM, OPERATOR, OTHER)
 
 
+def _pqfed_args(cmd: Sequence[str]) -> tuple[str, ...] | None:
+    """The arguments of a ``pqfed`` command: ``python -m pqfed.cli ARGS`` (pqfed run) or
+    ``.../bin/pqfed ARGS`` (the images' entry point), else None."""
+    for i, arg in enumerate(cmd[:4]):
+        if arg == "pqfed.cli" or Path(arg).name == "pqfed":
+            return tuple(cmd[i + 1:])
+    return None
+
+
 def _after(cmd: Sequence[str], flag: str) -> str | None:
     return cmd[cmd.index(flag) + 1] if flag in cmd and cmd.index(flag) + 1 < len(cmd) else None
 
 
 def owner_of(cmd: Sequence[str]) -> str | None:
     """The pod a top-level process of ``pqfed run`` stands for (None: not one of them)."""
-    cmd = tuple(cmd)
-    if "pqfed.cli" not in cmd:
+    args = _pqfed_args(cmd)
+    if args is None:
         return None
-    args = cmd[cmd.index("pqfed.cli") + 1:]
     if args[:1] == ("sidecar",):
         cert = _after(args, "--cert")
         return Path(cert).parent.name if cert else "sidecar"
@@ -203,8 +211,8 @@ def role_of(cmd: Sequence[str], parent_role: str | None) -> str:
     cmd = tuple(cmd)
     if cmd[1:4] == ("-I", "-S", "-c"):
         return SHIM  # checked first: its inline code mentions flwr-clientapp
-    if "pqfed.cli" in cmd:
-        args = cmd[cmd.index("pqfed.cli") + 1:]
+    args = _pqfed_args(cmd)
+    if args is not None:
         if args[:1] == ("sidecar",):
             return SIDECAR
         if args[:1] == ("fl",):
@@ -526,9 +534,14 @@ def arm64_client_pod(archive: Path, tree: Path, work: Path, seconds: float,
                    if k != "PYTHONPATH")
     pqfed = " ".join(config["config"].get("Entrypoint") or ["pqfed"])
     gid = guest / "identity"
+    # The image has no coreutils `env`: the host's clears the environment, the image's shell
+    # sets the image's.
+    chroot = shutil.which("chroot") or "/usr/sbin/chroot"
     script = (
-        f"ip link set lo up && exec chroot {rootfs} /usr/bin/env -i {env} HOME=/tmp "
-        f"PYTHONPATH={guest} PYTHONDONTWRITEBYTECODE=1 /bin/sh -c '"
+        f"mkdir -p {rootfs}/dev {rootfs}/proc && mount --rbind /dev {rootfs}/dev && "
+        f"mount -t proc proc {rootfs}/proc && "
+        f"ip link set lo up && exec env -i {chroot} {rootfs} /bin/sh -c '"
+        f"export {env} HOME=/tmp PYTHONPATH={guest} PYTHONDONTWRITEBYTECODE=1; "
         f"{pqfed} sidecar --cert {gid}/tls.crt --key {gid}/tls.key --ca {gid}/ca.crt "
         "--route 127.0.0.1:19092=127.0.0.1:7443@aggregator --admin 127.0.0.1:9901 "
         "--log-level warning & "
@@ -544,7 +557,8 @@ def arm64_client_pod(archive: Path, tree: Path, work: Path, seconds: float,
     rec = Recording()
     log_path = work / f"arm64-{tree.name}.log"
     with log_path.open("wb") as log:
-        popen = subprocess.Popen(["unshare", "--net", "--fork", "sh", "-c", script],
+        # its own network and mount namespaces (the mounts vanish with it), like a pod
+        popen = subprocess.Popen(["unshare", "--net", "--mount", "--fork", "sh", "-c", script],
                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             t0 = time.monotonic()

@@ -157,3 +157,12 @@ def test_bootstrap_difference_brackets_a_clear_change_and_straddles_none() -> No
     assert d == pytest.approx(-20.17, abs=0.01) and lo < d < hi < 0
     d, lo, hi = fp.bootstrap_difference([30.0, 31.0, 29.0], [29.5, 30.5, 31.5])
     assert lo < 0 < hi
+
+
+def test_the_images_entry_point_under_qemu_is_recognised() -> None:
+    qemu = ("/usr/libexec/qemu-binfmt/aarch64-binfmt-P", "/opt/pqfed/bin/python3",
+            "/opt/pqfed/bin/python3", "/opt/pqfed/bin/pqfed")
+    procs = {1: fp.Proc(1, 0, ("unshare", "--net")),
+             2: fp.Proc(2, 1, (*qemu, "fl", "client", "--spec", "j", "--index", "0")),
+             3: fp.Proc(3, 2, (*qemu, "sidecar", "--cert", "/opt/x/identity/tls.crt"))}
+    assert fp.classify(1, procs) == {2: ("client-0", fp.LAUNCHER), 3: ("client-0", fp.SIDECAR)}
