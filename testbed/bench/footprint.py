@@ -538,8 +538,9 @@ def arm64_client_pod(archive: Path, tree: Path, work: Path, seconds: float,
     # sets the image's.
     chroot = shutil.which("chroot") or "/usr/sbin/chroot"
     script = (
-        f"mkdir -p {rootfs}/dev {rootfs}/proc && mount --rbind /dev {rootfs}/dev && "
-        f"mount -t proc proc {rootfs}/proc && "
+        f"mkdir -p {rootfs}/dev {rootfs}/proc {rootfs}/sys && "
+        f"mount --rbind /dev {rootfs}/dev && mount -t proc proc {rootfs}/proc && "
+        f"mount --rbind /sys {rootfs}/sys && "  # torch's cpuinfo reads /sys/devices/system/cpu
         f"ip link set lo up && exec env -i {chroot} {rootfs} /bin/sh -c '"
         f"export {env} HOME=/tmp PYTHONPATH={guest} PYTHONDONTWRITEBYTECODE=1; "
         f"{pqfed} sidecar --cert {gid}/tls.crt --key {gid}/tls.key --ca {gid}/ca.crt "
@@ -634,6 +635,70 @@ def zygote_alone(tree: Path, work: Path, timeout: float = 600) -> dict[str, Any]
             shutil.rmtree(work, ignore_errors=True)
     assert mem is not None
     return {"tree": str(tree), **asdict(mem), "breakdown": parts}
+
+
+# --- the operator --------------------------------------------------------------------------
+
+
+def operator_process(tree: Path, work: Path, seconds: float, interval: float,
+                     job_file: Path | None) -> dict[str, Any]:
+    """A real operator process (`pqfed operator run`, kopf) with `tree`'s sources against a
+    private control plane (testbed/cluster/up.sh, no nodes): sampled `seconds` idle, then
+    `seconds` more after a FederationJob is submitted (it plans and creates the job's
+    objects; with no node its pods stay Pending)."""
+    import shutil
+
+    from pqfed.services.ports import free_ports
+    from pqfed.services.procs import terminate_process_tree
+    from pqfed.testbed.testing import cluster_env
+
+    scripts = Path(__file__).resolve().parents[1] / "cluster"
+    cluster = work / "cluster"
+    env = {**tree_env(tree), **cluster_env(cluster, [])}
+    env.pop("KUBECONFIG", None)
+    subprocess.run(["bash", str(scripts / "up.sh")], env=env, check=True, capture_output=True,
+                   timeout=600)
+    kubeconfig = str(cluster / "kubeconfig")
+    rec = Recording()
+    try:
+        import kubernetes
+        from kubernetes import utils
+
+        api = kubernetes.config.new_client_from_config(config_file=kubeconfig)
+        for crd in sorted((tree / "charts" / "pqfed" / "crds").glob("*.yaml")):
+            utils.create_from_yaml(api, str(crd))
+        (metrics,) = free_ports(1)
+        with (work / "operator.log").open("wb") as log:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "pqfed.cli", "operator", "run", "--kubeconfig",
+                 kubeconfig, "--all-namespaces", "--standalone", "--metrics-port", str(metrics),
+                 "--log-level", "warning"], cwd=tree, env=env, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                t0 = time.monotonic()
+                submitted = False
+                steady_from = time.time() + 10.0  # start-up: imports, first watch
+                while time.monotonic() - t0 < 2 * seconds:
+                    if popen.poll() is not None:
+                        tail = _read_bytes(work / "operator.log")[-2000:]
+                        raise RuntimeError(f"operator exited: {tail!r}")
+                    tick = time.monotonic()
+                    sample_once(os.getpid(), rec, time.time(), time.time() > steady_from)
+                    if not submitted and job_file and tick - t0 > seconds:
+                        subprocess.run([sys.executable, "-m", "pqfed.cli", "submit", "--kubeconfig",
+                                        kubeconfig, "-n", "default", str(job_file)], env=env,
+                                       cwd=tree, check=True, capture_output=True, timeout=120)
+                        submitted = True
+                    time.sleep(max(0.0, interval - (time.monotonic() - tick)))
+            finally:
+                terminate_process_tree(popen.pid, timeout=15)
+    finally:
+        subprocess.run(["bash", str(scripts / "down.sh"), "--wipe"], env=env, check=False,
+                       capture_output=True, timeout=300)
+        shutil.rmtree(work, ignore_errors=True)
+    return {"tree": str(tree), "roles": summarize_run(rec, steady_from),
+            "processes": {str(pid): info for pid, info in rec.processes.items()
+                          if info["owner"] == "operator"}}
 
 
 # --- the benchmark --------------------------------------------------------------------------
@@ -781,8 +846,8 @@ def run(args: argparse.Namespace) -> int:
     if args.runs < 1:
         raise ValueError("--runs: at least 1 (3 or more to report a spread)")
     steps = tuple(x for x in args.only.split(",") if x)
-    if not steps or set(steps) - {"federation", "arm64", "zygote"}:
-        raise ValueError(f"--only {args.only!r}: choose from federation,arm64,zygote")
+    if not steps or set(steps) - {"federation", "arm64", "zygote", "operator"}:
+        raise ValueError(f"--only {args.only!r}: choose from federation,arm64,zygote,operator")
     image = Path(args.arm64_image) if args.arm64_image else None
     if "arm64" in steps and (image is None or not image.is_file()):
         raise ValueError(f"--arm64-image {args.arm64_image!r}: give the arm64 fl image's OCI "
@@ -804,6 +869,18 @@ def run(args: argparse.Namespace) -> int:
                 arm64.setdefault(f"arm64 client pod/{tree.name}", []).append(arm64_client_pod(
                     s.arm64_image, tree, s.out / "arm64", s.arm64_seconds, s.interval))
     cells.update(arm64)
+    if "operator" in s.steps:
+        job = s.out / "operator-job.yaml"
+        s.out.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        job.write_text(yaml.safe_dump(job_manifest(3, 3)))
+        for rep in range(s.runs):
+            for tree in list(trees[rep % len(trees):]) + list(trees[:rep % len(trees)]):
+                print(f"footprint: operator/{tree.name} run {rep + 1}/{s.runs}",
+                      file=sys.stderr, flush=True)
+                cells.setdefault(f"operator/{tree.name}", []).append(operator_process(
+                    tree, s.out / "operator" / f"{tree.name}-{rep}", 30.0, s.interval, job))
     if "zygote" in s.steps:
         zygotes: dict[str, list[dict[str, Any]]] = {}
         for rep in range(s.runs):
