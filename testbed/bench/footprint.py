@@ -232,12 +232,14 @@ def role_of(cmd: Sequence[str], parent_role: str | None) -> str:
     return OTHER
 
 
-def classify(root: int, procs: Mapping[int, Proc]) -> dict[int, tuple[str, str]]:
-    """pid -> (owner, role) for every descendant of ``root`` (the ``pqfed run`` process)."""
+def classify(root: int, procs: Mapping[int, Proc], default_owner: str | None = None
+             ) -> dict[int, tuple[str, str]]:
+    """pid -> (owner, role) for every descendant of ``root`` (the ``pqfed run`` process);
+    processes outside any pqfed command get `default_owner` (None: not sampled)."""
     out: dict[int, tuple[str, str]] = {}
     for p in descendants(root, procs):  # parents come before their children
         parent = out.get(p.ppid)
-        owner = owner_of(p.cmd) if parent is None else parent[0]
+        owner = (owner_of(p.cmd) or default_owner) if parent is None else parent[0]
         if owner is not None:
             out[p.pid] = (owner, role_of(p.cmd, parent[1] if parent else None))
     # A SuperExec whose Runtime API is its owner's SuperLink launches ServerApps; the one on a
@@ -273,13 +275,14 @@ class Recording:
     processes: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
-def sample_once(root: int, rec: Recording, now: float, mature: bool) -> None:
+def sample_once(root: int, rec: Recording, now: float, mature: bool,
+                default_owner: str | None = None) -> None:
     """One sample of every process under `root`. Once `mature` (the first round is done, every
     long-lived process has imported what it will), each process is broken down once by
     mapping (`breakdown`); a forked ClientApp task at its second sighting (it lives for one
     message)."""
     procs = list_processes()
-    roles = classify(root, procs)
+    roles = classify(root, procs, default_owner)
     row: list[list[Any]] = []
     for pid, (owner, role) in roles.items():
         mem = read_memory(pid)
@@ -537,6 +540,9 @@ def arm64_client_pod(archive: Path, tree: Path, work: Path, seconds: float,
     # The image has no coreutils `env`: the host's clears the environment, the image's shell
     # sets the image's.
     chroot = shutil.which("chroot") or "/usr/sbin/chroot"
+    bindir = str(Path(pqfed).parent)
+    python = f"{bindir}/python3"
+    preload = " ".join(f"--preload {m}" for m in ZYGOTE_PRELOAD)
     script = (
         f"mkdir -p {rootfs}/dev {rootfs}/proc {rootfs}/sys && "
         f"mount --rbind /dev {rootfs}/dev && mount -t proc proc {rootfs}/proc && "
@@ -546,15 +552,17 @@ def arm64_client_pod(archive: Path, tree: Path, work: Path, seconds: float,
         f"{pqfed} sidecar --cert {gid}/tls.crt --key {gid}/tls.key --ca {gid}/ca.crt "
         "--route 127.0.0.1:19092=127.0.0.1:7443@aggregator --admin 127.0.0.1:9901 "
         "--log-level warning & "
-        f"exec {pqfed} fl client --spec {guest}/job.yaml --index 0 --identity-dir {gid} "
-        "--state-dir /tmp/state --superlink 127.0.0.1:19092 --runtime-port 9094'"
+        f"{python} -m pqfed.services.flower exec --poll-cap 0.1 flower-supernode -- "
+        "--insecure --isolation process --superlink 127.0.0.1:19092 --host 127.0.0.1 "
+        "--port 9094 & "
+        f"{bindir}/flower-superexec --insecure --runtime-api-address 127.0.0.1:9094 & "
+        f"PQFED_WARM_SPEC={guest}/job.yaml PQFED_WARM_PARTITION=0 exec {python} -m "
+        f"pqfed.services.flower zygote --socket /tmp/clientapp.sock {preload} --poll-cap 0.1'"
     )
     (rootfs / "tmp").mkdir(exist_ok=True)
     state = rootfs / "tmp" / "state"
     if state.exists():
         shutil.rmtree(state)
-    # services/flower/processes.py: the zygote logs "zygote for ... ready" once warm
-    zygote_log = state / "flower" / "logs" / "clientapp-zygote-0.log"
     rec = Recording()
     log_path = work / f"arm64-{tree.name}.log"
     with log_path.open("wb") as log:
@@ -567,13 +575,13 @@ def arm64_client_pod(archive: Path, tree: Path, work: Path, seconds: float,
             ready_wall = time.time()
             while popen.poll() is None:
                 now = time.monotonic()
-                if ready is None and b"zygote for" in _read_bytes(zygote_log):
+                if ready is None and b"zygote for" in _read_bytes(log_path):
                     ready, ready_wall = now, time.time()
                 if ready is not None and now - ready > seconds:
                     break
                 if now - t0 > seconds + 900:
                     raise TimeoutError("the arm64 client pod's zygote was not ready in 900 s")
-                sample_once(popen.pid, rec, time.time(), ready is not None)
+                sample_once(popen.pid, rec, time.time(), ready is not None, "client-0")
                 time.sleep(max(0.0, interval - (time.monotonic() - now)))
             if popen.poll() is not None:
                 raise RuntimeError(f"the arm64 client pod exited: "
