@@ -823,7 +823,8 @@ def render(results: Mapping[str, Any]) -> str:
                   "|---|---|---|---|"]
         runs = results["cells"][label]
         for key in sorted(agg[label], key=_row_order):
-            bd = [r["breakdowns"].get(key) for r in runs if r["breakdowns"].get(key)]
+            bd = [r.get("breakdowns", {}).get(key) for r in runs
+                  if r.get("breakdowns", {}).get(key)]
             libs = "-"
             if bd:
                 b = bd[0]
