@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.pqfed-installed
 export PQFED_CACHE ?= $(HOME)/.cache/pqfed
 
 .PHONY: all venv demo test test-fast lint typecheck fuzz bench-pqc bench-fl bench-mia \
-        bench-testbed bench-install bench-regress cluster-binaries cluster-up cluster-down \
+        bench-testbed bench-scale bench-install bench-regress cluster-binaries cluster-up cluster-down \
         clean liboqs liboqs-arm64 vectors images interop \
         images-prereqs images-push
 
@@ -58,6 +58,11 @@ bench-mia: $(STAMP)
 
 bench-testbed: $(STAMP)
 	$(BIN)/pqfed bench --out results/bench-testbed
+
+# Scale: the memory footprint per role of 3- and 10-client federations (testbed/bench/
+# footprint.py; FOOTPRINT_TREES=/path/a,/path/b compares checkouts in one run, alternating).
+bench-scale: $(STAMP) liboqs
+	$(BIN)/pqfed bench-footprint --out results/bench-scale/footprint --trees $(or $(FOOTPRINT_TREES),.)
 
 # This checkout vs BASE (a commit) in one run, alternating: bench-pqc steps and whole-federation
 # round times (testbed/regress.py). E.g. make bench-regress BASE=258dc25 RUNS=3

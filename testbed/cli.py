@@ -41,3 +41,18 @@ def register(sub: Any) -> None:
         ),
     )
     bench.add_arguments(b)
+
+    f: argparse.ArgumentParser = sub.add_parser(
+        "bench-footprint",
+        help="memory (PSS) per role of a federation, steady and peak (make bench-scale)",
+        description=(
+            "Runs breast-cancer federations with `pqfed run` (PQC sidecars) and samples the "
+            "proportional memory (PSS) of every process, per pod and role (sidecar, "
+            "SuperNode, SuperExec, ClientApp zygote and tasks, SuperLink, ServerApp, edge), "
+            "steady state and peak, over several runs; --trees compares checkouts in one "
+            "run. Writes results.json and report.md to --out. See docs/BENCHMARKS.md."
+        ),
+    )
+    from pqfed.testbed.bench import footprint
+
+    footprint.add_arguments(f)

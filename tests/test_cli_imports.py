@@ -97,3 +97,67 @@ def test_sidecar_runtime_imports_without_kubernetes_flower_or_torch(tmp_path: Pa
                            "import pqfed.pqc.sidecar.proxy, pqfed.pqc.sidecar.admin"], env=env,
                           capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+
+
+# What each long-lived process of a pod may not import (memory: docs/BENCHMARKS.md "Memory
+# footprint"). The sidecar runs beside every container: pyca, asyncio, uvicorn and the
+# Prometheus client, nothing of the job spec model, web frameworks or ML. Flower's own
+# processes and the fl container's launcher train nothing: no torch.
+HEAVY_FOR_SIDECAR = ("numpy", "pydantic", "fastapi", "starlette", "yaml", "flwr", "torch",
+                     "kubernetes", "kopf", "matplotlib", "rich")
+MODULES_SCRIPT = """
+import json, sys
+heavy = json.loads(sys.argv[1])
+exec(sys.argv[2])
+print(json.dumps(sorted(m for m in heavy if m in sys.modules)))
+"""
+
+
+def imported(code: str, heavy: tuple[str, ...], cwd: Path) -> list[str]:
+    """Which of `heavy` are in sys.modules after `code` ran in a fresh interpreter."""
+    proc = subprocess.run([sys.executable, "-c", MODULES_SCRIPT, json.dumps(heavy), code],
+                          cwd=cwd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return list(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def test_sidecar_process_imports_no_spec_model_web_framework_or_ml(tmp_path: Path) -> None:
+    """What `pqfed sidecar ...` imports before it serves: its parser (only the pqc commands)
+    and the data plane + admin listener."""
+    code = ("from pqfed.cli import build_parser, command_modules\n"
+            "argv = ['sidecar', '--cert', 'c', '--key', 'k', '--ca', 'a', '--route',"
+            " '127.0.0.1:1=127.0.0.1:2']\n"
+            "build_parser(command_modules(argv)).parse_args(argv)\n"
+            "import pqfed.pqc.sidecar.admin, pqfed.pqc.sidecar.proxy, pqfed.pqc.cli\n")
+    assert imported(code, HEAVY_FOR_SIDECAR, tmp_path) == []
+
+
+def test_fl_launcher_imports_no_torch(tmp_path: Path) -> None:
+    """`pqfed fl client|aggregator|edge` (the fl container's entry point) supervises Flower's
+    processes; it must not hold torch for the whole job."""
+    code = ("from pqfed.cli import build_parser, command_modules\n"
+            "argv = ['fl', 'client', '--spec', 'job.yaml', '--index', '0']\n"
+            "build_parser(command_modules(argv)).parse_args(argv)\n"
+            "import pqfed.services.fl_node, pqfed.services.flower\n")
+    assert imported(code, ("torch", "sklearn", "pandas", "kubernetes", "kopf"), tmp_path) == []
+
+
+@pytest.mark.parametrize("script", ["flower-supernode", "flower-superexec", "flower-superlink"])
+def test_flower_processes_import_no_torch(script: str, tmp_path: Path) -> None:
+    """SuperNode, both SuperExecs and the SuperLink run through pqfed's launcher with its
+    patches installed; none of them trains, so none imports torch (or the task's data)."""
+    code = ("import sys\n"
+            "from pqfed.services.flower.launch import main\n"
+            "try:\n"
+            f"    main(['exec', '--poll-cap', '0.1', '--http', 'httptools', '{script}', '--',"
+            " '--help'])\n"
+            "except SystemExit:\n"
+            "    pass\n")
+    assert imported(code, ("torch", "sklearn", "pandas", "pqfed.services.models"), tmp_path) == []
+
+
+def test_edge_upstream_clientapp_imports_no_torch(tmp_path: Path) -> None:
+    """An edge's upstream zygote preloads only the ClientApp module (services/fl_node.py): the
+    edge relays its clients' updates and trains nothing."""
+    assert imported("import pqfed.services.clientapp", ("torch", "pqfed.services.models"),
+                    tmp_path) == []

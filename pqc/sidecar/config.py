@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pqfed.pqc.handshake import Group, Suite
 from pqfed.pqc.identity import Role
 from pqfed.pqc.pool import default_suites
@@ -228,6 +226,8 @@ class SidecarConfig:
 
     @classmethod
     def from_yaml(cls, path: Path) -> SidecarConfig:
+        import yaml  # only for --config: the flag-built sidecar never loads it
+
         data = yaml.safe_load(path.read_text())
         if not isinstance(data, dict):
             raise ConfigError("(root)", f"{path} must hold a mapping")

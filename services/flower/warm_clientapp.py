@@ -8,11 +8,21 @@ the zygote over a unix socket, and the zygote forks one pristine child per task:
 per-message isolation as a fresh process, without the imports. (flwr 1.42's "warm executor
 pools" pre-start Kubernetes pods for the Kubernetes executor; each task there still starts a
 cold interpreter, so they do not replace this.)
+
+Memory: a forked child shares the zygote's pages until it writes to them, and CPython writes
+to an object whenever the cyclic garbage collector traverses it, so a child's collections
+would copy the pages holding the preloaded modules' objects. The zygote collects once after
+its imports and warm-up and calls ``gc.freeze()`` before every fork (the `gc` module's recipe
+for fork servers): the children's collections then skip everything inherited. (The recipe
+also disables the collector while importing, against freed holes between long-lived objects;
+measured here that kept the warm-up's cyclic garbage and cost 22 MiB of PSS per zygote,
+docs/BENCHMARKS.md "Memory footprint".)
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import shlex
@@ -110,6 +120,8 @@ def run_zygote(
         install_fast_poll(poll_cap)
     for module in preload:
         importlib.import_module(module)
+    gc.collect()  # the warm-up's cyclic garbage, before it is frozen for good
+    gc.freeze()  # everything imported so far: outside every later collection
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         socket_path.unlink()
@@ -141,6 +153,7 @@ def run_zygote(
             continue
         sys.stdout.flush()
         sys.stderr.flush()
+        gc.freeze()  # what the loop allocated since: the child must not collect it either
         pid = os.fork()
         if pid == 0:  # child
             code = 1
