@@ -65,6 +65,7 @@ class CapacitySettings:
     topk_fraction: float = 0.3
     tamper: tuple[int, ...] = ()
     replay: tuple[int, ...] = ()
+    min_clients: int | None = None  # default: every client
     profile: bool = False  # py-spy the ServerApp and SuperLink (needs --py-spy)
     py_spy: str = ""
 
@@ -74,7 +75,8 @@ def job_document(s: CapacitySettings) -> dict[str, Any]:
     return {
         "apiVersion": "pqfed.io/v1alpha1", "kind": "FederationJob",
         "metadata": {"name": JOB_NAME},
-        "spec": {"task": "breast-cancer", "clients": s.clients, "minClients": s.clients,
+        "spec": {"task": "breast-cancer", "clients": s.clients,
+                 "minClients": s.min_clients or s.clients,
                  "rounds": s.rounds, "dataset": {"partition": "iid"},
                  "training": {"localEpochs": 1},
                  "compression": {"method": "topk+int8", "topkFraction": s.topk_fraction},
