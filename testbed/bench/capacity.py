@@ -447,6 +447,12 @@ def run(args: argparse.Namespace) -> int:
                          f"{DEFAULT_CLIENTS} (the job spec allows at most 1000 clients)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    import signal
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)  # `finally` stops the processes
+
+    signal.signal(signal.SIGTERM, stop)
     runs: list[dict[str, Any]] = []
     failures: dict[str, str] = {}
     for rep in range(args.repeats):
