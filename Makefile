@@ -6,9 +6,9 @@ STAMP  := $(VENV)/.pqfed-installed
 export PQFED_CACHE ?= $(HOME)/.cache/pqfed
 
 .PHONY: all venv demo test test-fast lint typecheck fuzz bench-pqc bench-fl bench-mia \
-        bench-testbed bench-capacity bench-install bench-regress cluster-binaries cluster-up cluster-down \
+        bench-testbed bench-install bench-regress cluster-binaries cluster-up cluster-down \
         clean liboqs liboqs-arm64 vectors images interop \
-        images-prereqs images-push
+        images-prereqs images-push bench-capacity
 
 all: test
 

@@ -438,6 +438,24 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def write_results(out: Path, runs: list[dict[str, Any]], failures: dict[str, str]) -> str:
+    """results.json, report.md and capacity.png of the runs so far (rewritten after each run,
+    so an interrupted sweep keeps what it measured); returns the table."""
+    rows = summarize(runs)
+    slim = [{**r, "status": None, "rounds": [{k: v for k, v in rd.items()
+                                               if k != "participants"} for rd in r["rounds"]]}
+            for r in runs]
+    (out / "results.json").write_text(json.dumps(
+        {"command": ["pqfed", *sys.argv[sys.argv.index("bench"):]] if "bench" in sys.argv
+         else [], "host_cpus": os.cpu_count(), "rows": rows, "failures": failures,
+         "runs": slim}, indent=1))
+    text = report(rows, failures)
+    (out / "report.md").write_text(text)
+    if rows:
+        plot(rows, out / "capacity.png")
+    return text
+
+
 # ------------------------------------------------------------------- CLI
 
 def run(args: argparse.Namespace) -> int:
@@ -484,20 +502,8 @@ def run(args: argparse.Namespace) -> int:
                 import shutil
 
                 shutil.rmtree(out / f"n{n}-r{rep}" / "identities", ignore_errors=True)
-    rows = summarize(runs)
-    for r in runs:
-        r.pop("status", None)
-        for rd in r["rounds"]:
-            rd.pop("participants", None)
-    (out / "results.json").write_text(json.dumps(
-        {"command": ["pqfed", *sys.argv[sys.argv.index("bench"):]] if "bench" in sys.argv
-         else [], "host_cpus": os.cpu_count(), "rows": rows, "failures": failures,
-         "runs": runs}, indent=1))
-    text = report(rows, failures)
-    (out / "report.md").write_text(text)
-    if rows:
-        plot(rows, out / "capacity.png")
-    print(text)
+            write_results(out, runs, failures)
+    print(write_results(out, runs, failures))
     return 0 if not failures else 1
 
 
