@@ -116,6 +116,15 @@ def _pss_kib(pid: int) -> int:
     return 0
 
 
+def _role(cmdline: str) -> str:
+    for marker, role in (("flwr-serverapp", "serverapp"), ("flower-superlink", "superlink"),
+                         ("flower-superexec", "superexec"), (" sidecar ", "sidecar"),
+                         ("fl aggregator", "fl-aggregator")):
+        if marker in cmdline:
+            return role
+    return "other"
+
+
 class TreeSampler:
     """CPU-seconds (cumulative, including exited children the tree waited for) and PSS of
     the process trees under `roots`, sampled on a thread every `interval` seconds."""
@@ -128,6 +137,7 @@ class TreeSampler:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._seen: dict[int, float] = {}  # pid -> last CPU-seconds (children that exited)
+        self._role: dict[int, str] = {}  # pid -> which part of the aggregator it is
         self.peak_pss_kib = 0
         self._thread = threading.Thread(target=self._run, daemon=True, name="tree-sampler")
 
@@ -150,9 +160,20 @@ class TreeSampler:
                 with contextlib.suppress(psutil.Error):
                     t = p.cpu_times()
                     self._seen[p.pid] = t.user + t.system
+                    if p.pid not in self._role:
+                        self._role[p.pid] = _role(" ".join(p.cmdline()))
                     pss += _pss_kib(p.pid)
             self.peak_pss_kib = max(self.peak_pss_kib, pss)
             return sum(self._seen.values()), pss
+
+    def by_role(self) -> dict[str, float]:
+        """CPU-seconds so far per part of the aggregator (sidecar, superlink, ...)."""
+        out: dict[str, float] = {}
+        with self._lock:
+            for pid, cpu in self._seen.items():
+                role = self._role.get(pid, "other")
+                out[role] = out.get(role, 0.0) + cpu
+        return out
 
     def reset_peak(self) -> int:
         with self._lock:
@@ -267,6 +288,7 @@ class CapacityRun:
         rounds: list[dict[str, Any]] = []
         seen = 0
         started: tuple[float, float] | None = None  # (wall, cpu) when round `seen+1` began
+        roles0: dict[str, float] = {}
         profiler: subprocess.Popen[bytes] | None = None
         while aggregator.popen.poll() is None:
             if time.perf_counter() - t0 > limit:
@@ -282,14 +304,20 @@ class CapacityRun:
                 cpu, _ = sampler.sample()
                 sampler.reset_peak()
                 started = (time.perf_counter(), cpu)
+                roles0 = sampler.by_role()
                 if s.profile and profiler is None:
                     profiler = self._profile(aggregator.popen.pid)
             if len(done) > seen and started is not None:
                 cpu, _ = sampler.sample()
+                roles = sampler.by_role()
+                share = len(done) - seen
+                by_role = {k: (v - roles0.get(k, 0.0)) / share for k, v in roles.items()}
+                roles0 = roles
                 for rec in done[seen:]:
                     rounds.append({
                         "round": rec["round"], "seconds": rec["durationSeconds"],
-                        "cpu_seconds": (cpu - started[1]) / (len(done) - seen),
+                        "cpu_seconds": (cpu - started[1]) / share,
+                        "cpu_by_role": by_role,
                         "peak_pss_mib": sampler.reset_peak() / 1024,
                         "accepted": len(rec.get("participants", [])),
                         "rejected": rec.get("rejectedUpdates", 0),
@@ -384,6 +412,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "accepted_min": min(rd["accepted"] for rd in rounds),
             "rejected_max": max(rd["rejected"] for rd in rounds),
             "load_1m": [min(rd["load_1m"] for rd in rounds), max(rd["load_1m"] for rd in rounds)],
+            "cpu_by_role_median": {k: median([rd.get("cpu_by_role", {}).get(k, 0.0)
+                                              for rd in rounds])
+                                   for k in sorted({k for rd in rounds
+                                                    for k in rd.get("cpu_by_role", {})})},
             "dispatch_median": median([rd["dispatch_seconds"] or 0.0 for rd in rounds]),
             "server_median": median([rd["server_seconds"] or 0.0 for rd in rounds]),
         })
@@ -497,7 +529,9 @@ def run(args: argparse.Namespace) -> int:
             for rd in result["rounds"]:
                 print(f"  round {rd['round']}: {rd['seconds']:.2f}s, cpu {rd['cpu_seconds']:.2f}s,"
                       f" pss {rd['peak_pss_mib']:.0f} MiB, accepted {rd['accepted']}, "
-                      f"rejected {rd['rejected']}, load {rd['load_1m']:.1f}", flush=True)
+                      f"rejected {rd['rejected']}, load {rd['load_1m']:.1f}, cpu by part "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in rd["cpu_by_role"].items()),
+                      flush=True)
             if not args.keep:
                 import shutil
 
