@@ -77,10 +77,15 @@ def wait_run(
 ) -> RunStatus:
     """Block until the run is finished (any sub-status); raise TimeoutError otherwise.
     Processes in ``watch`` are checked while waiting so a crash fails fast."""
+    import httpx
+
     deadline = time.monotonic() + timeout
+    status: RunStatus | None = None
     while True:
-        status = get_run_status(run_id, control_address)
-        if status.finished:
+        # A late answer from a busy SuperLink (many nodes polling) is asked again, not fatal.
+        with contextlib.suppress(httpx.TimeoutException):
+            status = get_run_status(run_id, control_address)
+        if status is not None and status.finished:
             return status
         for proc in watch:
             proc.check_alive()

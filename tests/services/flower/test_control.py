@@ -72,3 +72,26 @@ def test_wait_nodes_outlasts_a_superlink_that_answers_late(
     monkeypatch.setattr(control, "list_nodes", late)
     assert sorted(control.wait_nodes("127.0.0.1:1", 2, timeout=30)) == [1, 2]
     assert not answers
+
+
+def test_wait_run_outlasts_a_superlink_that_answers_late(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same for the run's status: the 100-client capacity run's aggregator died on a ListRuns
+    call that timed out while the run was fine."""
+    import httpx
+
+    from pqfed.services.flower import control
+
+    running = control.RunStatus(7, "running", "", "")
+    done = control.RunStatus(7, "finished", "completed", "")
+    answers: list[control.RunStatus | Exception] = [running, httpx.ReadTimeout("timed out"),
+                                                    done]
+
+    def late(run_id: int, address: str) -> control.RunStatus:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(control, "get_run_status", late)
+    assert control.wait_run(7, "127.0.0.1:1", timeout=30, poll=0.01) == done
+    assert not answers
