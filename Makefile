@@ -8,7 +8,7 @@ export PQFED_CACHE ?= $(HOME)/.cache/pqfed
 .PHONY: all venv demo test test-fast lint typecheck fuzz bench-pqc bench-fl bench-mia \
         bench-testbed bench-scale bench-install bench-regress cluster-binaries cluster-up cluster-down \
         clean liboqs liboqs-arm64 vectors images interop \
-        images-prereqs images-push
+        images-prereqs images-push bench-capacity
 
 all: test
 
@@ -63,6 +63,12 @@ bench-testbed: $(STAMP)
 # footprint.py; FOOTPRINT_TREES=/path/a,/path/b compares checkouts in one run, alternating).
 bench-scale: $(STAMP) liboqs
 	$(BIN)/pqfed bench-footprint --out results/bench-scale/footprint --trees $(or $(FOOTPRINT_TREES),.)
+
+# One real aggregator under 10..1,000 emulated clients (testbed/bench/capacity.py), e.g.
+# make bench-capacity CLIENTS=10,30,100 POLL=1.0
+bench-capacity: $(STAMP) liboqs
+	$(BIN)/pqfed bench capacity --clients $(or $(CLIENTS),10,30,100,300,1000) \
+	  --poll $(or $(POLL),0.1) --out results/bench-capacity
 
 # This checkout vs BASE (a commit) in one run, alternating: bench-pqc steps and whole-federation
 # round times (testbed/regress.py). E.g. make bench-regress BASE=258dc25 RUNS=3

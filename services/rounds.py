@@ -199,10 +199,13 @@ class RoundRecorder:
     # ---- after a round ------------------------------------------------------------------
     def _test_set(self) -> tuple[Any, Any]:
         if self._test is None:
-            from pqfed.services.data import load_task
+            from pqfed.services.data import TASKS, load_task
 
             s = self.spec
-            data = load_task(s.task, s.clients, s.dataset.partition, s.dataset.seed)
+            # The global test split does not depend on how many clients share the training
+            # data: a federation larger than the task's partition count still evaluates.
+            n = min(s.clients, TASKS[s.task].max_clients)
+            data = load_task(s.task, n, s.dataset.partition, s.dataset.seed)
             self._test = (data.x_test_global, data.y_test_global)
         return self._test
 

@@ -206,7 +206,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cl.add_argument("--federation-job",
                     help="NAMESPACE/NAME of a FederationJob whose round status to include")
 
-    roles = p.add_subparsers(dest="bench_role", metavar="{node,aggregator}")
+    roles = p.add_subparsers(dest="bench_role", metavar="{node,aggregator,capacity}")
     from pqfed.testbed.bench import aggregator, node
 
     np_ = roles.add_parser("node", help="(internal) the per-node benchmark; run by the driver")
@@ -215,4 +215,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ap = roles.add_parser("aggregator", help="(internal) the aggregator side; run by the driver")
     aggregator.add_arguments(ap)
     ap.set_defaults(role_func=aggregator.run)
+    from pqfed.testbed.bench import capacity
+
+    cp = roles.add_parser("capacity", help="one real aggregator under 10-1,000 emulated "
+                                           "clients (testbed/bench/capacity.py)")
+    capacity.add_arguments(cp)
     p.set_defaults(func=run)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+
 from pqfed.services import flower as fr
 from pqfed.services.flower.control import control_client
 
@@ -47,3 +49,49 @@ def test_run_status() -> None:
     assert fr.RunStatus(1, "finished", "completed", "").succeeded
     assert not fr.RunStatus(1, "finished", "failed", "x").succeeded
     assert not fr.RunStatus(1, "running", "", "").finished
+
+
+def test_wait_nodes_outlasts_a_superlink_that_answers_late(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ListNodes call that times out (a SuperLink busy with 100 nodes' polls, measured by
+    `pqfed bench capacity`) is retried until wait_nodes' own timeout, not fatal. The SuperLink
+    is replaced here: making a real one answer late on cue is not reliable."""
+    import httpx
+
+    from pqfed.services.flower import control
+
+    answers: list[dict[int, str] | Exception] = [
+        httpx.ReadTimeout("timed out"), {1: "online"}, {1: "online", 2: "online"}]
+
+    def late(address: str) -> dict[int, str]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(control, "list_nodes", late)
+    assert sorted(control.wait_nodes("127.0.0.1:1", 2, timeout=30)) == [1, 2]
+    assert not answers
+
+
+def test_wait_run_outlasts_a_superlink_that_answers_late(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same for the run's status: the 100-client capacity run's aggregator died on a ListRuns
+    call that timed out while the run was fine."""
+    import httpx
+
+    from pqfed.services.flower import control
+
+    running = control.RunStatus(7, "running", "", "")
+    done = control.RunStatus(7, "finished", "completed", "")
+    answers: list[control.RunStatus | Exception] = [running, httpx.ReadTimeout("timed out"),
+                                                    done]
+
+    def late(run_id: int, address: str) -> control.RunStatus:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(control, "get_run_status", late)
+    assert control.wait_run(7, "127.0.0.1:1", timeout=30, poll=0.01) == done
+    assert not answers

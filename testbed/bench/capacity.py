@@ -1,0 +1,559 @@
+"""``pqfed bench capacity``: one real aggregator under 10 to 1,000 emulated clients.
+
+The aggregator is the production one, started as `pqfed run` starts it (runner.py): its PQC
+sidecar (`pqfed sidecar`, Fleet paths only) in front of `pqfed fl aggregator` (SuperLink,
+SuperExec, ServerApp with `VerifiedStrategy`: ML-DSA verification of every update, one vote
+per certified node, decoding, FedAvg, central evaluation, checkpoint, audit log). Nothing in
+it is changed or told that its clients are emulated.
+
+The clients are emulated (testbed/bench/capacity_client.py, where what they skip and why is
+written down): each has its own certificate from the job's CA, its own outbound sidecar and
+pqfed1 channel, speaks Flower's Fleet API with Flower's own client code and runs pqfed's
+client mods (compression, ML-DSA signature bound to job and round); they share a few
+processes (`--client-procs`) and do not train.
+
+Per client count and repetition it measures, per round: latency (the ServerApp's round
+duration, status.json), CPU-seconds of the aggregator's whole process tree (sidecar,
+`fl aggregator`, SuperLink, SuperExec, ServerApp), its peak proportional memory (PSS, summed
+over the tree), the updates accepted and rejected, and the 1-minute load average. Writes
+results.json, a Markdown table (report.md) and capacity.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from pqfed.pqc.identity import CertificateAuthority, Role
+from pqfed.services.ports import free_ports
+from pqfed.services.procs import terminate_process_tree
+from pqfed.services.rounds import read_status
+
+JOB_NAME = "capacity"
+FLEET_PATH_PREFIX = "/v1/fleet/"
+DEFAULT_CLIENTS = "10,30,100,300,1000"
+
+
+class CapacityError(RuntimeError):
+    """A capacity run could not complete (the field names what failed)."""
+
+    def __init__(self, field_name: str, reason: str) -> None:
+        super().__init__(f"{field_name}: {reason}")
+        self.field = field_name
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class CapacitySettings:
+    clients: int
+    rounds: int = 3
+    client_procs: int = 2
+    poll: float = 0.1
+    round_seconds: int = 300
+    topk_fraction: float = 0.3
+    tamper: tuple[int, ...] = ()
+    replay: tuple[int, ...] = ()
+    min_clients: int | None = None  # default: every client
+    profile: bool = False  # py-spy the ServerApp and SuperLink (needs --py-spy)
+    py_spy: str = ""
+
+
+def job_document(s: CapacitySettings) -> dict[str, Any]:
+    """The job: the demo's task and compression, every client in every round."""
+    return {
+        "apiVersion": "pqfed.io/v1alpha1", "kind": "FederationJob",
+        "metadata": {"name": JOB_NAME},
+        "spec": {"task": "breast-cancer", "clients": s.clients,
+                 "minClients": s.min_clients or s.clients,
+                 "rounds": s.rounds, "dataset": {"partition": "iid"},
+                 "training": {"localEpochs": 1},
+                 "compression": {"method": "topk+int8", "topkFraction": s.topk_fraction},
+                 "timeouts": {"roundSeconds": s.round_seconds}},
+    }
+
+
+def enroll(run_dir: Path, clients: int) -> tuple[Path, Path]:
+    """A fresh federation CA and identities: the aggregator's and one per client
+    (identities/client-<i>/{tls.crt,tls.key,ca.crt}), as `pqfed run` writes them."""
+    ca = CertificateAuthority.generate(JOB_NAME)
+    base = run_dir / "identities"
+
+    def save(node_id: str, role: Role) -> Path:
+        d = base / node_id
+        d.mkdir(parents=True, exist_ok=True)
+        ca.new_identity(node_id, role).save(d / "tls.crt", d / "tls.key")
+        (d / "ca.crt").write_text(ca.root.to_pem())
+        return d
+
+    agg = save("aggregator", Role.AGGREGATOR)
+    for i in range(clients):
+        save(f"client-{i}", Role.CLIENT)
+    return agg, base
+
+
+# ------------------------------------------------------------------- aggregator tree sampling
+
+def _pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _role(cmdline: str) -> str:
+    for marker, role in (("flwr-serverapp", "serverapp"), ("flower-superlink", "superlink"),
+                         ("flower-superexec", "superexec"), (" sidecar ", "sidecar"),
+                         ("fl aggregator", "fl-aggregator")):
+        if marker in cmdline:
+            return role
+    return "other"
+
+
+class TreeSampler:
+    """CPU-seconds (cumulative, including exited children the tree waited for) and PSS of
+    the process trees under `roots`, sampled on a thread every `interval` seconds."""
+
+    def __init__(self, roots: list[int], interval: float = 0.25) -> None:
+        import psutil
+
+        self.roots = [psutil.Process(p) for p in roots]
+        self.interval = interval
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._seen: dict[int, float] = {}  # pid -> last CPU-seconds (children that exited)
+        self._role: dict[int, str] = {}  # pid -> which part of the aggregator it is
+        self.peak_pss_kib = 0
+        self._thread = threading.Thread(target=self._run, daemon=True, name="tree-sampler")
+
+    def _procs(self) -> list[Any]:
+        import psutil
+
+        out = []
+        for root in self.roots:
+            with contextlib.suppress(psutil.Error):
+                out += [root, *root.children(recursive=True)]
+        return out
+
+    def sample(self) -> tuple[float, int]:
+        """(CPU-seconds of every process seen so far, PSS KiB of the live tree now)."""
+        import psutil
+
+        pss = 0
+        with self._lock:
+            for p in self._procs():
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    self._seen[p.pid] = t.user + t.system
+                    if p.pid not in self._role:
+                        self._role[p.pid] = _role(" ".join(p.cmdline()))
+                    pss += _pss_kib(p.pid)
+            self.peak_pss_kib = max(self.peak_pss_kib, pss)
+            return sum(self._seen.values()), pss
+
+    def by_role(self) -> dict[str, float]:
+        """CPU-seconds so far per part of the aggregator (sidecar, superlink, ...)."""
+        out: dict[str, float] = {}
+        with self._lock:
+            for pid, cpu in self._seen.items():
+                role = self._role.get(pid, "other")
+                out[role] = out.get(role, 0.0) + cpu
+        return out
+
+    def reset_peak(self) -> int:
+        with self._lock:
+            peak, self.peak_pss_kib = self.peak_pss_kib, 0
+        return peak
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> TreeSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+# ------------------------------------------------------------------- one run
+
+@dataclass
+class _Spawned:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: IO[bytes] = field(repr=False)
+
+
+@dataclass
+class CapacityRun:
+    settings: CapacitySettings
+    run_dir: Path
+    procs: list[_Spawned] = field(default_factory=list)
+
+    def _spawn(self, name: str, argv: list[str], stdout: int | None = None) -> _Spawned:
+        log_path = self.run_dir / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = log_path.open("wb")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        popen = subprocess.Popen(argv, stdout=stdout if stdout is not None else handle,
+                                 stderr=handle, env=env, start_new_session=True)
+        spawned = _Spawned(name, popen, handle)
+        self.procs.append(spawned)
+        return spawned
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.popen.poll() is None:
+                terminate_process_tree(p.popen.pid, timeout=10)
+            p.log.close()
+
+    def run(self) -> dict[str, Any]:
+        s = self.settings
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        job_file = self.run_dir / "job.yaml"
+        job_file.write_text(yaml.safe_dump(job_document(s), sort_keys=False))
+        t_enroll = time.perf_counter()
+        agg_dir, ids = enroll(self.run_dir, s.clients)
+        enroll_s = time.perf_counter() - t_enroll
+        fleet, status_port, secure, admin = free_ports(4)
+        pqfed = [sys.executable, "-m", "pqfed.cli"]
+        sidecar = self._spawn("sidecar-aggregator", [
+            *pqfed, "sidecar", "--cert", str(agg_dir / "tls.crt"), "--key",
+            str(agg_dir / "tls.key"), "--ca", str(agg_dir / "ca.crt"),
+            "--listen", f"127.0.0.1:{secure}", "--upstream", f"127.0.0.1:{fleet}",
+            "--allow-path-prefix", FLEET_PATH_PREFIX, "--group", "X25519_MLKEM768",
+            "--admin", f"127.0.0.1:{admin}", "--log-level", "warning"])
+        state = self.run_dir / "state" / "aggregator"
+        aggregator = self._spawn("aggregator", [
+            *pqfed, "fl", "aggregator", "--spec", str(job_file), "--identity-dir",
+            str(agg_dir), "--state-dir", str(state), "--fleet-port", str(fleet),
+            "--status-port", str(status_port)])
+        per = -(-s.clients // max(1, s.client_procs))
+        workers = []
+        t0 = time.perf_counter()
+        for w, first in enumerate(range(0, s.clients, per)):
+            count = min(per, s.clients - first)
+            argv = [sys.executable, "-m", "pqfed.testbed.bench.capacity_client",
+                    "--identities", str(ids), "--indices", f"{first}:{count}",
+                    "--aggregator", f"127.0.0.1:{secure}", "--poll", str(s.poll)]
+            for i in s.tamper:
+                argv += ["--tamper", str(i)]
+            for i in s.replay:
+                argv += ["--replay", str(i)]
+            workers.append(self._spawn(f"clients-{w}", argv, stdout=subprocess.PIPE))
+        with TreeSampler([sidecar.popen.pid, aggregator.popen.pid]) as sampler:
+            rounds = self._watch(aggregator, workers, sampler, state, t0)
+        counts: dict[str, Any] = {}
+        for wk in workers:
+            with contextlib.suppress(OSError):
+                wk.popen.terminate()
+        for wk in workers:
+            try:
+                out, _ = wk.popen.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                wk.popen.kill()
+                out, _ = wk.popen.communicate()
+            for line in (out or b"").decode(errors="replace").splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    counts.update(json.loads(line).get("counts", {}))
+        status = read_status(state) or {}
+        audit = _audit_events(state / "audit.jsonl")
+        return {"clients": s.clients, "client_procs": s.client_procs, "poll_s": s.poll,
+                "enroll_seconds": enroll_s, "rounds": rounds, "status": status,
+                "audit": audit, "client_counts": counts, "run_dir": str(self.run_dir)}
+
+    def _watch(self, aggregator: _Spawned, workers: list[_Spawned], sampler: TreeSampler,
+               state: Path, t0: float) -> list[dict[str, Any]]:
+        """Follows status.json; closes a round's CPU/PSS window at each status change."""
+        s = self.settings
+        limit = s.round_seconds * (s.rounds + 2) + 120
+        rounds: list[dict[str, Any]] = []
+        seen = 0
+        started: tuple[float, float] | None = None  # (wall, cpu) when round `seen+1` began
+        roles0: dict[str, float] = {}
+        profiler: subprocess.Popen[bytes] | None = None
+        while aggregator.popen.poll() is None:
+            if time.perf_counter() - t0 > limit:
+                raise CapacityError("rounds", f"{s.clients} clients: the job did not finish "
+                                    f"within {limit:.0f}s; see {self.run_dir}/logs")
+            for wk in workers:
+                if wk.popen.poll() is not None:
+                    raise CapacityError("clients", f"{wk.name} exited with "
+                                        f"{wk.popen.returncode}; see {self.run_dir}/logs")
+            st = read_status(state) or {}
+            done = st.get("rounds", [])
+            if started is None and st.get("phase") == "Running":
+                cpu, _ = sampler.sample()
+                sampler.reset_peak()
+                started = (time.perf_counter(), cpu)
+                roles0 = sampler.by_role()
+                if s.profile and profiler is None:
+                    profiler = self._profile(aggregator.popen.pid)
+            if len(done) > seen and started is not None:
+                cpu, _ = sampler.sample()
+                roles = sampler.by_role()
+                share = len(done) - seen
+                by_role = {k: (v - roles0.get(k, 0.0)) / share for k, v in roles.items()}
+                roles0 = roles
+                for rec in done[seen:]:
+                    rounds.append({
+                        "round": rec["round"], "seconds": rec["durationSeconds"],
+                        "cpu_seconds": (cpu - started[1]) / share,
+                        "cpu_by_role": by_role,
+                        "peak_pss_mib": sampler.reset_peak() / 1024,
+                        "accepted": len(rec.get("participants", [])),
+                        "rejected": rec.get("rejectedUpdates", 0),
+                        "dispatch_seconds": rec.get("dispatchSeconds"),
+                        "server_seconds": rec.get("serverSeconds"),
+                        "crypto_seconds": rec.get("cryptoSeconds"),
+                        "load_1m": os.getloadavg()[0],
+                        "participants": rec.get("participants", []),
+                    })
+                seen = len(done)
+                started = (time.perf_counter(), cpu)
+            time.sleep(0.1)
+        if profiler is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                profiler.wait(30)
+        if aggregator.popen.returncode != 0:
+            raise CapacityError("aggregator", f"{s.clients} clients: exited with "
+                                f"{aggregator.popen.returncode}; see {self.run_dir}/logs")
+        return rounds
+
+    def _profile(self, root: int) -> subprocess.Popen[bytes] | None:
+        """py-spy on the ServerApp and the SuperLink for the rest of the job (--profile)."""
+        import psutil
+
+        targets = {}
+        for p in psutil.Process(root).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                cmd = " ".join(p.cmdline())
+                if "flwr-serverapp" in cmd:
+                    targets["serverapp"] = p.pid
+                elif "flower-superlink" in cmd:
+                    targets["superlink"] = p.pid
+        procs = []
+        for name, pid in targets.items():
+            out = self.run_dir / f"profile-{name}.txt"
+            procs.append(subprocess.Popen(
+                [s for s in (self.settings.py_spy, "record", "--pid", str(pid), "--format",
+                             "raw", "--output", str(out), "--rate", "50", "--nonblocking")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return procs[0] if procs else None
+
+
+def _audit_events(path: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError, AttributeError):
+                event = json.loads(line).get("event") or json.loads(line).get("type")
+                counts[str(event)] = counts.get(str(event), 0) + 1
+    return counts
+
+
+# ------------------------------------------------------------------- statistics and report
+
+def median(xs: list[float]) -> float:
+    ys = sorted(xs)
+    n = len(ys)
+    return (ys[n // 2] + ys[(n - 1) // 2]) / 2 if n else float("nan")
+
+
+def bootstrap_ci(xs: list[float], *, level: float = 0.95, resamples: int = 2000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the median (resampling rounds)."""
+    if len(xs) < 2:
+        return (xs[0], xs[0]) if xs else (float("nan"), float("nan"))
+    rng = random.Random(seed)
+    meds = sorted(median([rng.choice(xs) for _ in xs]) for _ in range(resamples))
+    lo = meds[int((1 - level) / 2 * resamples)]
+    hi = meds[min(resamples - 1, int((1 + level) / 2 * resamples))]
+    return lo, hi
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per client count, over every measured round of its repetitions (the first
+    round of each job is left out: it carries connection set-up and the dense model)."""
+    rows = []
+    for n in sorted({r["clients"] for r in runs}):
+        rounds = [rd for r in runs if r["clients"] == n for rd in r["rounds"][1:]]
+        if not rounds:
+            rounds = [rd for r in runs if r["clients"] == n for rd in r["rounds"]]
+        if not rounds:
+            continue
+        lat = [rd["seconds"] for rd in rounds]
+        cpu = [rd["cpu_seconds"] for rd in rounds]
+        pss = [rd["peak_pss_mib"] for rd in rounds]
+        lo, hi = bootstrap_ci(lat)
+        rows.append({
+            "clients": n, "rounds": len(rounds), "latency_median": median(lat),
+            "latency_ci": [lo, hi], "latency_min": min(lat), "latency_max": max(lat),
+            "cpu_median": median(cpu), "cpu_per_client_ms": median(cpu) / n * 1e3,
+            "pss_peak_mib": max(pss), "pss_median_mib": median(pss),
+            "accepted_min": min(rd["accepted"] for rd in rounds),
+            "rejected_max": max(rd["rejected"] for rd in rounds),
+            "load_1m": [min(rd["load_1m"] for rd in rounds), max(rd["load_1m"] for rd in rounds)],
+            "cpu_by_role_median": {k: median([rd.get("cpu_by_role", {}).get(k, 0.0)
+                                              for rd in rounds])
+                                   for k in sorted({k for rd in rounds
+                                                    for k in rd.get("cpu_by_role", {})})},
+            "dispatch_median": median([rd["dispatch_seconds"] or 0.0 for rd in rounds]),
+            "server_median": median([rd["server_seconds"] or 0.0 for rd in rounds]),
+        })
+    return rows
+
+
+def report(rows: list[dict[str, Any]], failures: dict[str, str]) -> str:
+    lines = ["| clients | rounds | round s, median [95% CI] (min-max) | aggregator CPU-s "
+             "/ round | CPU ms / client | peak PSS MiB | accepted (min) | rejected | "
+             "load 1-min |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["latency_ci"]
+        lines.append(
+            f"| {r['clients']} | {r['rounds']} | {r['latency_median']:.2f} [{lo:.2f}, "
+            f"{hi:.2f}] ({r['latency_min']:.2f}-{r['latency_max']:.2f}) | "
+            f"{r['cpu_median']:.2f} | {r['cpu_per_client_ms']:.1f} | "
+            f"{r['pss_peak_mib']:.0f} | {r['accepted_min']} | {r['rejected_max']} | "
+            f"{r['load_1m'][0]:.1f}-{r['load_1m'][1]:.1f} |")
+    for n, why in failures.items():
+        lines.append(f"| {n} | - | did not complete: {why} | | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["clients"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    med = [r["latency_median"] for r in rows]
+    err = [[m - r["latency_ci"][0] for m, r in zip(med, rows, strict=True)],
+           [r["latency_ci"][1] - m for m, r in zip(med, rows, strict=True)]]
+    ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label="round latency (s)")
+    ax.plot(xs, [r["cpu_median"] for r in rows], marker="s",
+            label="aggregator CPU-s / round")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("clients per round (emulated, real Fleet API + pqfed1 channels)")
+    ax.set_ylabel("seconds")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [r["pss_peak_mib"] for r in rows], marker="^", color="gray",
+             linestyle="--", label="aggregator peak PSS (MiB)")
+    ax2.set_ylabel("MiB")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
+    ax.set_title("One pqfed aggregator (2-core host), flat federation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(out: Path, runs: list[dict[str, Any]], failures: dict[str, str]) -> str:
+    """results.json, report.md and capacity.png of the runs so far (rewritten after each run,
+    so an interrupted sweep keeps what it measured); returns the table."""
+    rows = summarize(runs)
+    slim = [{**r, "status": None, "rounds": [{k: v for k, v in rd.items()
+                                               if k != "participants"} for rd in r["rounds"]]}
+            for r in runs]
+    (out / "results.json").write_text(json.dumps(
+        {"command": ["pqfed", *sys.argv[sys.argv.index("bench"):]] if "bench" in sys.argv
+         else [], "host_cpus": os.cpu_count(), "rows": rows, "failures": failures,
+         "runs": slim}, indent=1))
+    text = report(rows, failures)
+    (out / "report.md").write_text(text)
+    if rows:
+        plot(rows, out / "capacity.png")
+    return text
+
+
+# ------------------------------------------------------------------- CLI
+
+def run(args: argparse.Namespace) -> int:
+    counts = [int(c) for c in args.clients.split(",") if c.strip()]
+    if not counts or min(counts) < 1 or max(counts) > 1000:
+        raise SystemExit(f"--clients {args.clients!r}: give counts in [1, 1000], e.g. "
+                         f"{DEFAULT_CLIENTS} (the job spec allows at most 1000 clients)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import signal
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)  # `finally` stops the processes
+
+    signal.signal(signal.SIGTERM, stop)
+    runs: list[dict[str, Any]] = []
+    failures: dict[str, str] = {}
+    for rep in range(args.repeats):
+        for n in counts:
+            if str(n) in failures:
+                continue
+            settings = CapacitySettings(
+                clients=n, rounds=args.rounds, client_procs=args.client_procs, poll=args.poll,
+                round_seconds=args.round_seconds,
+                profile=bool(args.profile_at) and n == args.profile_at and rep == 0,
+                py_spy=args.py_spy)
+            cap = CapacityRun(settings, out / f"n{n}-r{rep}")
+            print(f"capacity: {n} clients, repetition {rep + 1}/{args.repeats}", flush=True)
+            try:
+                result = cap.run()
+            except CapacityError as exc:
+                failures[str(n)] = str(exc)
+                print(f"capacity: {exc}", flush=True)
+                continue
+            finally:
+                cap.stop()
+            result["repetition"] = rep
+            runs.append(result)
+            for rd in result["rounds"]:
+                print(f"  round {rd['round']}: {rd['seconds']:.2f}s, cpu {rd['cpu_seconds']:.2f}s,"
+                      f" pss {rd['peak_pss_mib']:.0f} MiB, accepted {rd['accepted']}, "
+                      f"rejected {rd['rejected']}, load {rd['load_1m']:.1f}, cpu by part "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in rd["cpu_by_role"].items()),
+                      flush=True)
+            if not args.keep:
+                import shutil
+
+                shutil.rmtree(out / f"n{n}-r{rep}" / "identities", ignore_errors=True)
+            write_results(out, runs, failures)
+    print(write_results(out, runs, failures))
+    return 0 if not failures else 1
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clients", default=DEFAULT_CLIENTS, help="client counts to measure")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds per job (the first is left out of the table)")
+    p.add_argument("--repeats", type=int, default=2, help="jobs per client count")
+    p.add_argument("--client-procs", type=int, default=2,
+                   help="processes the emulated clients share")
+    p.add_argument("--poll", type=float, default=0.1,
+                   help="emulated clients' Fleet poll interval (pqfed SuperNodes: 0.1 s)")
+    p.add_argument("--round-seconds", type=int, default=300, help="job's round timeout")
+    p.add_argument("--profile-at", type=int, default=0,
+                   help="py-spy the ServerApp and SuperLink at this client count")
+    p.add_argument("--py-spy", default="py-spy", help="py-spy executable")
+    p.add_argument("--keep", action="store_true", help="keep the identities")
+    p.add_argument("--out", default="results/bench-capacity")
+    p.set_defaults(role_func=run)
