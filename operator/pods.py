@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final
 
+from pqfed.pqc.backends import BACKEND_ENV
+from pqfed.pqc.sidecar.config import ADMIN_PORT, PROBE_PORT
 from pqfed.pqc.truststore import CRL_FILE  # the sidecar and `fl` re-read it
 from pqfed.services import (
     API_GROUP,
@@ -57,8 +59,6 @@ SPEC_FILE: Final = "spec.json"
 PQC_PORT: Final = 7443  # aggregator sidecar, the only port peers reach
 # The aggregator's status API (STATUS_PORT) is on the pod's loopback: the operator reaches it
 # through the sidecar with its own PQC identity (the checkpoint is the global model).
-ADMIN_PORT: Final = 9901  # sidecar admin API (/identity, /metrics, ...): loopback only
-PROBE_PORT: Final = 9902  # sidecar probe listener (/healthz, /readyz; no data) for the kubelet
 LINGER_S: Final = 30  # the aggregator keeps serving /status this long after the job ends
 GRACE_S: Final = 10
 
@@ -306,7 +306,7 @@ def _container(name: str, spec: FederationJobSpec, command: list[str], resources
     image = spec.sidecar_image if name == "sidecar" else spec.image
     # Every process of the job (sidecar handshakes, update signing) uses its crypto backend.
     env = [{"name": "PYTHONUNBUFFERED", "value": "1"},
-           {"name": "PQFED_CRYPTO_BACKEND", "value": spec.crypto.backend}]
+           {"name": BACKEND_ENV, "value": spec.crypto.backend}]
     return {"name": name, "image": image, "imagePullPolicy": "IfNotPresent",
             "command": command, "env": env,
             "resources": resources, "securityContext": CONTAINER_SECURITY,

@@ -19,7 +19,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
-from pqfed.pqc.backends import BACKENDS, Backend, available_backends, get_backend
+from pqfed.pqc.backends import (
+    BACKEND_ENV,
+    BACKENDS,
+    Backend,
+    available_backends,
+    get_backend,
+)
 from pqfed.pqc.handshake import ClientHandshake, Group, HandshakeConfig, ServerHandshake
 from pqfed.pqc.identity import Certificate, CertificateAuthority, Identity, Role
 from pqfed.pqc.pool import CryptoPool, PoolMode, usable_cpus
@@ -31,16 +37,16 @@ CLASSICAL = "classical"
 @contextlib.contextmanager
 def default_backend(name: str) -> Iterator[Backend]:
     """Makes `name` the process default (certificate checks use the default backend)."""
-    before = os.environ.get("PQFED_CRYPTO_BACKEND")
-    os.environ["PQFED_CRYPTO_BACKEND"] = name
+    before = os.environ.get(BACKEND_ENV)
+    os.environ[BACKEND_ENV] = name
     get_backend.cache_clear()
     try:
         yield get_backend()
     finally:
         if before is None:
-            os.environ.pop("PQFED_CRYPTO_BACKEND", None)
+            os.environ.pop(BACKEND_ENV, None)
         else:
-            os.environ["PQFED_CRYPTO_BACKEND"] = before
+            os.environ[BACKEND_ENV] = before
         get_backend.cache_clear()
 
 
@@ -167,7 +173,7 @@ def bench_handshake(backends: list[str], n: int, runs: int) -> dict[str, Any]:
 
     def select(name: str) -> Callable[[], object]:
         def switch() -> None:
-            os.environ["PQFED_CRYPTO_BACKEND"] = "pyca" if name == CLASSICAL else name
+            os.environ[BACKEND_ENV] = "pyca" if name == CLASSICAL else name
             get_backend.cache_clear()
             get_backend()
         return switch
@@ -194,7 +200,7 @@ _PEER: dict[str, Any] = {}
 
 
 def _peer_init(backend: str) -> None:
-    os.environ["PQFED_CRYPTO_BACKEND"] = backend
+    os.environ[BACKEND_ENV] = backend
     get_backend.cache_clear()
     _PEER["cfg"] = _handshake_configs(backend)
 

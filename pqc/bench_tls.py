@@ -35,7 +35,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Protocol
 
-from pqfed.pqc.backends import get_backend
+from pqfed.pqc.backends import BACKEND_ENV, get_backend
 from pqfed.pqc.channel import connect, server_channel
 from pqfed.pqc.handshake import Group, HandshakeConfig, Suite
 from pqfed.pqc.identity import Certificate, CertificateAuthority, Identity, Role, TrustAnchor
@@ -101,7 +101,7 @@ def _server(protocol: str, pems: tuple[str, str, str], port_queue: Any) -> None:
     if protocol.startswith("pqfed1"):
         backend = _PQFED1_BACKEND[protocol]
         if backend:  # the process-wide default too (certificate checks use it)
-            os.environ["PQFED_CRYPTO_BACKEND"] = backend
+            os.environ[BACKEND_ENV] = backend
         cfg = _pqfed1_config(pems, client=False, backend=backend)
         pool = ThreadPoolExecutor(HANDSHAKE_THREADS, "pqfed-handshake")
 

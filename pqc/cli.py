@@ -11,10 +11,12 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pqfed.pqc.backends import BACKEND_ENV
 from pqfed.pqc.errors import CertificateError
 from pqfed.pqc.handshake import Group
 from pqfed.pqc.identity import Certificate, CertificateAuthority, Identity, Role, TrustAnchor
 from pqfed.pqc.revocation import RevocationList, RevocationReason
+from pqfed.pqc.sidecar.config import ADMIN_PORT, PROBE_PORT
 from pqfed.pqc.truststore import CRL_FILE
 
 if TYPE_CHECKING:
@@ -149,7 +151,7 @@ def _sidecar(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.backend:
         # The process-wide default read by get_backend(); set before any key is loaded.
-        os.environ["PQFED_CRYPTO_BACKEND"] = args.backend
+        os.environ[BACKEND_ENV] = args.backend
     from pqfed.pqc.backends import backend_report
 
     logging.getLogger("pqfed.sidecar").info("crypto backend: %s",
@@ -226,11 +228,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sc.add_argument("--upstream", help="local plaintext app HOST:PORT for inbound channels")
     sc.add_argument("--route", action="append", default=[],
                     help="outbound LISTEN=PEER[@NODE_ID], repeatable")
-    sc.add_argument("--admin", default="127.0.0.1:9901",
+    sc.add_argument("--admin", default=f"127.0.0.1:{ADMIN_PORT}",
                     help="admin API (/identity, /metrics, /healthz, /readyz): loopback only")
     sc.add_argument("--probes",
                     help="HOST:PORT for the kubelet's probes (/healthz, /readyz, no data), "
-                         "e.g. 0.0.0.0:9902; off by default")
+                         f"e.g. 0.0.0.0:{PROBE_PORT}; off by default")
     sc.add_argument("--handshake-timeout", type=float, default=10.0)
     sc.add_argument("--group", action="append", default=[],
                     choices=[g.name for g in Group if g is not Group.X25519],

@@ -14,6 +14,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pqfed.services.flower.patches import install_fast_poll
     from pqfed.services.hierarchy import edge_members, edge_node_id, edge_of
     from pqfed.services.labels import (
         INDEX_LABEL,
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
         ROUND_ANNOTATION,
         TESTBED_LABEL,
     )
+    from pqfed.services.mods import client_mods
     from pqfed.services.node_defaults import (
         FLEET_PATH_PREFIX,
         FLEET_PORT,
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
     )
     from pqfed.services.ports import LOCALHOST, free_port, free_ports
     from pqfed.services.procs import terminate_process_tree
+    from pqfed.services.records import BLOB_KEY, UPDATE_KEY, array_record, blob_of, float_arrays
+    from pqfed.services.rounds import read_status
     from pqfed.services.runner import Interrupted, run_local
     from pqfed.services.spec import (
         API_GROUP,
@@ -72,17 +76,64 @@ EXPORTS: dict[str, str] = {
     **dict.fromkeys(("edge_of", "edge_members", "edge_node_id"), "pqfed.services.hierarchy"),
     **dict.fromkeys(("LOCALHOST", "free_port", "free_ports"), "pqfed.services.ports"),
     "terminate_process_tree": "pqfed.services.procs",
+    "read_status": "pqfed.services.rounds",
+    # for the capacity benchmark's emulated clients (testbed/bench/capacity_client.py)
+    **dict.fromkeys(("BLOB_KEY", "UPDATE_KEY", "array_record", "blob_of", "float_arrays"),
+                    "pqfed.services.records"),
+    "client_mods": "pqfed.services.mods",
+    "install_fast_poll": "pqfed.services.flower.patches",
     **dict.fromkeys(("run_local", "Interrupted"), "pqfed.services.runner"),
 }
 
 __all__ = [
-    "API_GROUP", "API_GROUP_VERSION", "API_VERSION", "FLEET_PATH_PREFIX", "FLEET_PORT",
-    "IDENTITY_DIR", "INDEX_LABEL", "JOB_LABEL", "KIND", "LOCALHOST", "LOG_DIR_ANNOTATION",
-    "NAME_MAX", "NAME_PATTERN", "NET_ANNOTATION", "NODE_LABEL", "OPERATOR_ONLY", "PLURAL",
-    "ROLE_LABEL", "ROUND_ANNOTATION", "ROUTE_PORT", "RULES", "RUNTIME_PORT", "STATE_DIR",
-    "STATUS_FILE", "STATUS_PORT", "SUPERLINK_ROUTE", "TESTBED_LABEL", "FederationJobSpec",
-    "Interrupted", "JobSpecError", "SpecRule", "check_runnable", "edge_members", "edge_node_id",
-    "edge_of", "free_port", "free_ports", "load_job", "parse_spec", "run_local",
+    "API_GROUP",
+    "API_GROUP_VERSION",
+    "API_VERSION",
+    "BLOB_KEY",
+    "FLEET_PATH_PREFIX",
+    "FLEET_PORT",
+    "IDENTITY_DIR",
+    "INDEX_LABEL",
+    "JOB_LABEL",
+    "KIND",
+    "LOCALHOST",
+    "LOG_DIR_ANNOTATION",
+    "NAME_MAX",
+    "NAME_PATTERN",
+    "NET_ANNOTATION",
+    "NODE_LABEL",
+    "OPERATOR_ONLY",
+    "PLURAL",
+    "ROLE_LABEL",
+    "ROUND_ANNOTATION",
+    "ROUTE_PORT",
+    "RULES",
+    "RUNTIME_PORT",
+    "STATE_DIR",
+    "STATUS_FILE",
+    "STATUS_PORT",
+    "SUPERLINK_ROUTE",
+    "TESTBED_LABEL",
+    "UPDATE_KEY",
+    "FederationJobSpec",
+    "Interrupted",
+    "JobSpecError",
+    "SpecRule",
+    "array_record",
+    "blob_of",
+    "check_runnable",
+    "client_mods",
+    "edge_members",
+    "edge_node_id",
+    "edge_of",
+    "float_arrays",
+    "free_port",
+    "free_ports",
+    "install_fast_poll",
+    "load_job",
+    "parse_spec",
+    "read_status",
+    "run_local",
     "terminate_process_tree",
 ]
 

@@ -26,6 +26,7 @@ from types import FrameType
 from typing import IO, Any
 
 from pqfed.pqc import CertificateAuthority, Identity, Role
+from pqfed.pqc.backends import BACKEND_ENV
 from pqfed.services.hierarchy import edge_members, edge_node_id
 from pqfed.services.node_defaults import FLEET_PATH_PREFIX
 from pqfed.services.ports import free_ports
@@ -122,7 +123,7 @@ class LocalFederation:
         log.parent.mkdir(parents=True, exist_ok=True)
         # Every process (sidecars, in-process identities) uses the job's crypto backend.
         env = {**os.environ, "PYTHONUNBUFFERED": "1", RUN_ID_ENV: self.run_id,
-               "PQFED_CRYPTO_BACKEND": self.job.spec.crypto.backend}
+               BACKEND_ENV: self.job.spec.crypto.backend}
         with self.guard.critical():  # started == recorded, whatever signal arrives
             handle = log.open("wb")
             popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env,

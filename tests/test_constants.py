@@ -64,6 +64,10 @@ KNOWN = (
     Known(19092, "services/node_defaults.py", "int"),
     Known(9094, "services/node_defaults.py", "int"),
     Known("/v1/fleet/", "services/node_defaults.py"),
+    # The sidecar's admin and probe ports; the backend's environment variable.
+    Known(9901, "pqc/sidecar/config.py", "int"),
+    Known(9902, "pqc/sidecar/config.py", "int"),
+    Known("PQFED_CRYPTO_BACKEND", "pqc/backends/__init__.py"),
     # Where the CRL sits in an identity directory.
     Known("crl.pem", "pqc/truststore.py"),
     # The cache directory, and the kubeconfig precedence of the operator and the CLI.

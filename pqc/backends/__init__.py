@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Final
 
 from pqfed.pqc.backends.base import Backend, KemPrivateKey, SigPrivateKey
 from pqfed.pqc.errors import BackendUnavailable
@@ -17,16 +18,19 @@ from pqfed.pqc.errors import BackendUnavailable
 BACKENDS = ("pyca", "liboqs")
 CHOICES = ("auto", *BACKENDS)
 DEFAULT_BACKEND = "auto"
+# The environment variable that names the backend when the caller does not.
+BACKEND_ENV: Final = "PQFED_CRYPTO_BACKEND"
+
 # `auto` tries these in order: the faster first (measured by `make bench-pqc`).
 AUTO_ORDER = ("liboqs", "pyca")
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "CHOICES", "DEFAULT_BACKEND", "Backend", "KemPrivateKey",
-           "SigPrivateKey", "available_backends", "backend_report", "get_backend"]
+__all__ = ["AUTO_ORDER", "BACKENDS", "BACKEND_ENV", "CHOICES", "DEFAULT_BACKEND", "Backend",
+           "KemPrivateKey", "SigPrivateKey", "available_backends", "backend_report", "get_backend"]
 
 
 @functools.cache
 def get_backend(name: str | None = None) -> Backend:
-    chosen = name or os.environ.get("PQFED_CRYPTO_BACKEND") or DEFAULT_BACKEND
+    chosen = name or os.environ.get(BACKEND_ENV) or DEFAULT_BACKEND
     if chosen == "auto":
         for candidate in AUTO_ORDER[:-1]:
             try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from pqfed.pqc.handshake import Group, Suite
 from pqfed.pqc.identity import Role
@@ -74,6 +74,11 @@ class ChannelProtocolName(enum.Enum):
                               f"{', '.join(p.value for p in cls)}") from None
 
 
+# The sidecar's admin API (/identity, /metrics, ...; loopback only) and probe listener
+# (/healthz, /readyz; no data, for the kubelet): the defaults here, the operator's pods too.
+ADMIN_PORT: Final = 9901
+PROBE_PORT: Final = 9902
+
 # The channel protocol wherever none is named (the sidecar's --protocol and YAML `protocol`,
 # SidecarConfig; the operator's spec.channel.protocol reads it from here). Why pqfed1:
 # docs/protocol.md, "Which protocol is the default, and why".
@@ -103,7 +108,7 @@ class SidecarConfig:
     # listens on loopback only. A kubelet's httpGet probes reach the pod IP: give them
     # `probes`, a second listener that answers /healthz and /readyz with a status and nothing
     # else, and may bind the pod network (e.g. 0.0.0.0:9902).
-    admin: Endpoint | None = field(default_factory=lambda: Endpoint("127.0.0.1", 9901))
+    admin: Endpoint | None = field(default_factory=lambda: Endpoint("127.0.0.1", ADMIN_PORT))
     probes: Endpoint | None = None
     groups: tuple[Group, ...] = (Group.X25519_MLKEM768,)
     suites: tuple[Suite, ...] = field(default_factory=default_suites)
@@ -146,9 +151,9 @@ class SidecarConfig:
             raise ConfigError("maxPendingHandshakes", "must be >= 1")
         if self.admin is not None and self.admin.host not in LOOPBACK_HOSTS:
             raise ConfigError("admin", f"{self.admin} must be a loopback address (e.g. "
-                              "127.0.0.1:9901): /identity and /metrics are unauthenticated; "
-                              "for kubelet probes on the pod IP give probes (--probes "
-                              "0.0.0.0:9902) instead")
+                              f"127.0.0.1:{ADMIN_PORT}): /identity and /metrics are "
+                              "unauthenticated; for kubelet probes on the pod IP give probes "
+                              f"(--probes 0.0.0.0:{PROBE_PORT}) instead")
         if (self.admin is not None and self.probes is not None
                 and self.admin.port == self.probes.port and self.admin.port != 0):
             raise ConfigError("probes", f"{self.probes} shares its port with admin "

@@ -181,9 +181,9 @@ def run_selftest(require_torch: bool = False) -> list[Check]:
 
 def _main(args: argparse.Namespace) -> int:
     if getattr(args, "backend", None):
-        from pqfed.pqc.backends import get_backend
+        from pqfed.pqc.backends import BACKEND_ENV, get_backend
 
-        os.environ["PQFED_CRYPTO_BACKEND"] = args.backend
+        os.environ[BACKEND_ENV] = args.backend
         get_backend.cache_clear()
     ver = versions()
     checks = run_selftest(require_torch=args.require_torch)

@@ -36,13 +36,17 @@ from typing import IO, Any
 
 import yaml
 
-from pqfed.pqc.identity import CertificateAuthority, Role
-from pqfed.services.ports import free_ports
-from pqfed.services.procs import terminate_process_tree
-from pqfed.services.rounds import read_status
+from pqfed.pqc import CertificateAuthority, Role
+from pqfed.services import (
+    API_GROUP_VERSION,
+    FLEET_PATH_PREFIX,
+    KIND,
+    free_ports,
+    read_status,
+    terminate_process_tree,
+)
 
 JOB_NAME = "capacity"
-FLEET_PATH_PREFIX = "/v1/fleet/"
 DEFAULT_CLIENTS = "10,30,100,300,1000"
 
 
@@ -73,7 +77,7 @@ class CapacitySettings:
 def job_document(s: CapacitySettings) -> dict[str, Any]:
     """The job: the demo's task and compression, every client in every round."""
     return {
-        "apiVersion": "pqfed.io/v1alpha1", "kind": "FederationJob",
+        "apiVersion": API_GROUP_VERSION, "kind": KIND,
         "metadata": {"name": JOB_NAME},
         "spec": {"task": "breast-cancer", "clients": s.clients,
                  "minClients": s.min_clients or s.clients,

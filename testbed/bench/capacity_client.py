@@ -65,7 +65,7 @@ class ClientPlan:
 def start_sidecars(plans: list[ClientPlan], aggregator: str, groups: tuple[str, ...],
                    loop: asyncio.AbstractEventLoop) -> dict[int, int]:
     """One outbound sidecar per client, all in `loop`; returns index -> route port."""
-    from pqfed.pqc.handshake import Group
+    from pqfed.pqc import Group
     from pqfed.pqc.sidecar.config import Endpoint, Route, SidecarConfig
     from pqfed.pqc.sidecar.metrics import SidecarMetrics
     from pqfed.pqc.sidecar.proxy import Sidecar
@@ -94,7 +94,7 @@ def _train_handler(plan: ClientPlan) -> Any:
     """The handler in place of local training (module docstring)."""
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-    from pqfed.services.records import array_record, float_arrays
+    from pqfed.services import array_record, float_arrays
 
     def train(msg: Message, context: Any) -> Message:
         received = time.time()
@@ -113,7 +113,7 @@ def _train_handler(plan: ClientPlan) -> Any:
 def _client_app(plan: ClientPlan) -> Any:
     from flwr.clientapp import ClientApp
 
-    from pqfed.services.mods import client_mods
+    from pqfed.services import client_mods
 
     app = ClientApp(mods=client_mods())
     app.train()(_train_handler(plan))
@@ -124,7 +124,7 @@ def _misbehave(plan: ClientPlan, reply: Any) -> None:
     """--tamper / --replay: alter the signed reply as an attacker on the wire could."""
     from flwr.app import Array, ArrayRecord, RecordDict
 
-    from pqfed.services.records import BLOB_KEY, UPDATE_KEY, blob_of
+    from pqfed.services import BLOB_KEY, UPDATE_KEY, blob_of
 
     if plan.replay:
         if plan.first_reply is None:
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pqfed.services.flower.patches import install_fast_poll
+    from pqfed.services import install_fast_poll
 
     install_fast_poll(args.poll)  # what `pqfed fl client` runs its SuperNode with
     first, count = (int(x) for x in args.indices.split(":"))

@@ -362,6 +362,8 @@ def spread(values: Sequence[float | None]) -> dict[str, float] | None:
 
 def job_manifest(clients: int, rounds: int, edges: int = 0) -> dict[str, Any]:
     """The measured job: breast-cancer, 1 local epoch, top-k + int8 (the issue's setting)."""
+    from pqfed.services import API_GROUP_VERSION, KIND
+
     spec: dict[str, Any] = {
         "task": "breast-cancer", "clients": clients, "minClients": clients, "rounds": rounds,
         "training": {"localEpochs": 1},
@@ -369,7 +371,7 @@ def job_manifest(clients: int, rounds: int, edges: int = 0) -> dict[str, Any]:
     if edges:
         spec["hierarchy"] = {"enabled": True, "edges": edges}
     name = f"footprint-{clients}c" + (f"-{edges}e" if edges else "")
-    return {"apiVersion": "pqfed.io/v1alpha1", "kind": "FederationJob",
+    return {"apiVersion": API_GROUP_VERSION, "kind": KIND,
             "metadata": {"name": name}, "spec": spec}
 
 
@@ -425,7 +427,7 @@ def run_federation(tree: Path, job: dict[str, Any], out: Path, interval: float,
                 time.sleep(max(0.0, interval - (time.monotonic() - tick)))
         finally:
             if popen.poll() is None:
-                from pqfed.services.procs import terminate_process_tree
+                from pqfed.services import terminate_process_tree
 
                 terminate_process_tree(popen.pid, timeout=15)
     if popen.returncode != 0:
@@ -517,7 +519,7 @@ def arm64_client_pod(archive: Path, tree: Path, work: Path, seconds: float,
 
     import yaml
 
-    from pqfed.pqc.identity import CertificateAuthority, Role
+    from pqfed.pqc import CertificateAuthority, Role
 
     rootfs, config = unpack_image(archive, work)
     guest = Path("/opt/footprint") / tree.name
@@ -594,7 +596,7 @@ def arm64_client_pod(archive: Path, tree: Path, work: Path, seconds: float,
                 except OSError:
                     continue
         finally:
-            from pqfed.services.procs import terminate_process_tree
+            from pqfed.services import terminate_process_tree
 
             terminate_process_tree(popen.pid, timeout=15)
     roles = summarize_run(rec, ready_wall)
@@ -617,7 +619,7 @@ def zygote_alone(tree: Path, work: Path, timeout: float = 600) -> dict[str, Any]
     so no other process shares its anonymous pages), measured once it is ready."""
     import shutil
 
-    from pqfed.services.procs import terminate_process_tree
+    from pqfed.services import terminate_process_tree
 
     work.mkdir(parents=True, exist_ok=True)
     sock = work / "zygote.sock"
@@ -656,8 +658,7 @@ def operator_process(tree: Path, work: Path, seconds: float, interval: float,
     objects; with no node its pods stay Pending)."""
     import shutil
 
-    from pqfed.services.ports import free_ports
-    from pqfed.services.procs import terminate_process_tree
+    from pqfed.services import free_ports, terminate_process_tree
     from pqfed.testbed.testing import cluster_env
 
     scripts = Path(__file__).resolve().parents[1] / "cluster"
