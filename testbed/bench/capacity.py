@@ -17,6 +17,11 @@ duration, status.json), CPU-seconds of the aggregator's whole process tree (side
 `fl aggregator`, SuperLink, SuperExec, ServerApp), its peak proportional memory (PSS, summed
 over the tree), the updates accepted and rejected, and the 1-minute load average. Writes
 results.json, a Markdown table (report.md) and capacity.png to --out.
+
+Longer than our ~500-line habit on purpose: it is one benchmark driver (settings, the
+aggregator's start, per-round sampling of its process tree, the table and the curve), and
+every part reads the same per-round records; split, each piece would only make sense with
+the others open beside it. The emulated clients live apart, in capacity_client.py.
 """
 
 from __future__ import annotations

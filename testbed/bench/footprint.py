@@ -18,6 +18,11 @@ first on PYTHONPATH of every process of its federations.
 
 This module only measures; the report table is written by ``render``. The aggregator-capacity
 part of ``make bench-scale`` lives in its own module.
+
+Longer than our ~500-line habit on purpose: the sampling, the process-to-role
+classification, the per-library breakdown and the four steps (federations, zygote, operator,
+arm64 under qemu) share the classification tables and the report's rows; one file keeps
+the role names and the table columns in one place.
 """
 
 from __future__ import annotations
