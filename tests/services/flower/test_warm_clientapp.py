@@ -67,7 +67,7 @@ def test_zygote_freezes_what_it_imported_before_forking(tmp_path: Path) -> None:
                          tmp_path).start()
     try:
         wait_unix_socket(node.zygote_socket, 60, zyg)
-        shim = node.shim_path()[0] / "flwr-clientapp"
+        shim = node.path_shims()[0] / "flwr-clientapp"
         for _ in range(2):
             run = subprocess.run([shim, "--help"], check=False, capture_output=True, text=True,
                                  timeout=30)
