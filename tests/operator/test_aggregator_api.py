@@ -30,6 +30,19 @@ from pqfed.services import fl_node
 CHECKPOINT = b"PK\x03\x04 the global model " * 100
 
 
+def _wait_listening(port: int, timeout: float = 20) -> None:
+    """Until something accepts on 127.0.0.1:`port`; the last connection error after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,15 +121,7 @@ def agg(tmp_path_factory: pytest.TempPathFactory, ca: CertificateAuthority,
         return sidecar, app
 
     sidecar, app = loop.run(start())  # type: ignore[misc]
-    deadline = time.monotonic() + 20
-    while True:  # the status API starts on its own thread
-        try:
-            socket.create_connection(("127.0.0.1", status_port), 0.5).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    _wait_listening(status_port)  # the status API starts on its own thread
     yield Aggregator(sidecar, status_port, fleet_requests, state)
     loop.run(sidecar.stop())
     app.close()
@@ -266,15 +271,7 @@ def tls13_agg(tmp_path_factory: pytest.TempPathFactory, loop: _Loop) -> Iterator
         operator_upstream=Endpoint("127.0.0.1", status_port), admin=None,
         protocol=ChannelProtocolName.TLS13))
     loop.run(sidecar.start())
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", status_port), 0.5).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    _wait_listening(status_port)
     yield sidecar, ca, op_data
     loop.run(sidecar.stop())
 
