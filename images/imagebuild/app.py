@@ -10,7 +10,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from imagebuild.layers import Stage, cached_stage, compile_pyc, save_stage, write_layer
+from imagebuild.layers import Stage, compile_pyc, open_stage, save_stage, write_layer
 from imagebuild.project import (
     FORMAT,
     LIBOQS_IN_IMAGE,
@@ -69,9 +69,8 @@ def build_app(cache: Path, p: Project, wheel: Path, arch: str) -> Stage:
     liboqs = liboqs_library(cache, arch)
     where = cache / (f"app-{arch}-{sha256_file(wheel)[:20]}-"
                      f"{sha256_file(liboqs)[:12]}-{FORMAT}")
-    if (hit := cached_stage(where)) is not None:
+    if (hit := open_stage(where, f"app {arch}")) is not None:
         return hit
-    where.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix="tmp-app-") as tmp:
         tree = Path(tmp) / "root"
         site = tree / SITE

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from imagebuild.layers import Stage, cached_stage, compile_pyc, save_stage, write_layer
+from imagebuild.layers import Stage, compile_pyc, open_stage, save_stage, write_layer
 from imagebuild.project import (
     DEBIAN_MIRROR,
     DEBIAN_PACKAGES,
@@ -32,11 +32,9 @@ def build_base(cache: Path, arch: str, epoch: int) -> Stage:
     key = digest_of(FORMAT, "base", arch, DEBIAN_PACKAGES, DEBIAN_SUITE, DEBIAN_MIRROR,
                     DEBIAN_SECURITY, DPKG_EXCLUDES, DPKG_INCLUDES, UID)[:20]
     where = cache / f"base-{arch}-{key}"
-    if (hit := cached_stage(where)) is not None:
-        log(f"base {arch}: cached ({where.name})")
+    if (hit := open_stage(where, f"base {arch}")) is not None:
         return hit
     log(f"base {arch}: mmdebstrap --variant=extract {','.join(DEBIAN_PACKAGES)}")
-    where.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix="tmp-rootfs-") as tmp:
         root = Path(tmp) / "root"
         opts = [f"--dpkgopt=path-exclude={p}" for p in DPKG_EXCLUDES]

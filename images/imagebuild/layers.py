@@ -18,6 +18,7 @@ from pathlib import Path
 
 from imagebuild.project import (
     UID,
+    log,
     sha256_file,
 )
 
@@ -130,6 +131,16 @@ def cached_stage(path: Path) -> Stage | None:
     if not all(layer.blob.is_file() for layer in layers):
         return None
     return Stage(layers, d["packages"])
+
+
+def open_stage(where: Path, label: str) -> Stage | None:
+    """The stage cached at `where` (logged as `label: cached`), or None after making the
+    directory the stage will be saved in."""
+    if (hit := cached_stage(where)) is not None:
+        log(f"{label}: cached ({where.name})")
+        return hit
+    where.mkdir(parents=True, exist_ok=True)
+    return None
 
 
 def save_stage(path: Path, stage: Stage) -> Stage:

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from imagebuild.layers import Stage, cached_stage, compile_pyc, save_stage, write_layer
+from imagebuild.layers import Stage, compile_pyc, open_stage, save_stage, write_layer
 from imagebuild.project import (
     FORMAT,
     GLIBC_MAX,
@@ -59,11 +59,9 @@ def build_deps(cache: Path, p: Project, image: str, arch: str) -> Stage:
     key = digest_of(FORMAT, "deps", image, arch, reqs, pip_platform_args(arch),
                     PRUNE_DISTS)[:20]
     where = cache / f"deps-{image}-{arch}-{key}"
-    if (hit := cached_stage(where)) is not None:
-        log(f"deps {image}/{arch}: cached ({where.name})")
+    if (hit := open_stage(where, f"deps {image}/{arch}")) is not None:
         return hit
     log(f"deps {image}/{arch}: pip install --target ({len(reqs)} requirements)")
-    where.mkdir(parents=True, exist_ok=True)
     house = sdist_wheelhouse(cache, reqs)
     with tempfile.TemporaryDirectory(dir=cache, prefix=f"tmp-deps-{image}-{arch}-") as tmp:
         tree = Path(tmp) / "root"
