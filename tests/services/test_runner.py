@@ -246,10 +246,18 @@ def test_interrupted_run_leaves_no_process_behind(tmp_path: Path, moment: str,
     tag = uuid.uuid4().hex
     env = {**os.environ, "PQFED_TEST_TAG": tag}
     # Its own session, as a shell's job: the signal reaches `pqfed run` only, like Ctrl-C does
-    # (the processes it starts live in sessions of their own).
-    proc = subprocess.Popen([sys.executable, "-m", "pqfed.cli", "run", str(job), "--out",
-                             str(runs)], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # (the processes it starts live in sessions of their own). SIGINT at its default action,
+    # as in a foreground job: when the tests themselves run in a non-interactive shell's
+    # background (`make test &`), SIGINT is ignored and an ignored signal survives exec, so
+    # the "at-once" SIGINT, arriving before pqfed installs its handlers, would be lost.
+    # A handled signal is reset to its default by exec, an ignored one is not.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "pqfed.cli", "run", str(job), "--out",
+                                 str(runs)], env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     ready = {
         "at-once": lambda: True,
         "first-process": lambda: len(_logs(runs)) >= 1,
