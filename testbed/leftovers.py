@@ -10,9 +10,9 @@ then fails with ErrImagePull, far from the cause.
 
 So each cluster dir a test run creates carries an owner file (`claim`: the run's pid and that
 process's start time, which tells a reused pid apart), and the next run's fixture calls
-`reap` first: for every cluster dir whose owner is gone (found through the host's mount table
-and the real node's host-wide owner file), it stops what still runs with `down.sh --wipe`,
-then unmounts and deletes what is left.
+`reap` first: for every cluster dir whose owner is gone (found through the host's mount
+table, the command lines of running processes, and the real node's host-wide owner file), it
+stops what still runs with `down.sh --wipe`, then unmounts and deletes what is left.
 """
 
 from __future__ import annotations
@@ -83,6 +83,25 @@ def mount_targets() -> list[Path]:
     return [Path(line.encode().decode("unicode_escape")) for line in out.splitlines() if line]
 
 
+def process_paths() -> list[Path]:
+    """Every absolute path named in a running process's command line (`/x`, `--flag=/x`):
+    an emulated cluster holds no mount, but its etcd, apiserver, node agents and pods name
+    their cluster dir in their arguments."""
+    found: list[Path] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for arg in args:
+            _, _, value = arg.decode(errors="replace").rpartition("=")
+            if value.startswith("/") and "\n" not in value:
+                found.append(Path(value))
+    return found
+
+
 def _claimed_parent(path: Path) -> Path | None:
     for parent in path.parents:
         if (parent / OWNER_FILE).is_file():
@@ -91,7 +110,8 @@ def _claimed_parent(path: Path) -> Path | None:
 
 
 def candidates(mounts: Iterable[Path]) -> list[Path]:
-    """Claimed cluster dirs that hold a mount or own the host's real node."""
+    """Claimed cluster dirs that hold one of `mounts` (mount points, or paths running
+    processes name) or own the host's real node."""
     found: set[Path] = set()
     for target in mounts:
         parent = _claimed_parent(target)
@@ -137,7 +157,8 @@ def reap_one(cluster_dir: Path) -> Reaped:
 
 def reap() -> list[Reaped]:
     """Removes every cluster dir whose owning test process is gone; live ones are left."""
-    return [reap_one(d) for d in candidates(mount_targets()) if not owner_alive(d)]
+    return [reap_one(d) for d in candidates([*mount_targets(), *process_paths()])
+            if not owner_alive(d)]
 
 
 def free_bytes(path: Path) -> int:

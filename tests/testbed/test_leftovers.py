@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,6 +87,30 @@ def test_a_dead_runs_mounted_cluster_is_removed_and_a_live_ones_kept(
     finally:
         for m in mounts:
             subprocess.run(["umount", "-l", str(m)], capture_output=True, check=False)
+
+
+def test_a_dead_runs_emulated_cluster_is_found_through_its_processes(
+        tmp_path: Path, sleeper: subprocess.Popen[bytes]) -> None:
+    """An emulated cluster holds no mount: its etcd, apiserver and node agents still run after
+    a killed test run and name their cluster dir in their arguments."""
+    dead = tmp_path / "dead"
+    leftovers.claim(dead, sleeper.pid)
+    sleeper.kill()
+    sleeper.wait()
+    assert dead not in leftovers.candidates(leftovers.mount_targets())
+    etcd = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)",
+                             f"--data-dir={dead / 'etcd'}"])
+    try:
+        deadline = time.monotonic() + 30
+        while dead not in leftovers.candidates(leftovers.process_paths()):
+            assert time.monotonic() < deadline, "the process naming the cluster dir not seen"
+            time.sleep(0.05)
+        reaped = [r for r in leftovers.reap() if r.cluster_dir.is_relative_to(tmp_path)]
+        assert [r.cluster_dir for r in reaped] == [dead]
+        assert not dead.exists()
+    finally:
+        etcd.kill()
+        etcd.wait()
 
 
 def test_disk_needed_counts_this_platforms_archives(tmp_path: Path) -> None:
