@@ -35,6 +35,7 @@ MACHINE = {"amd64": "x86_64", "arm64": "aarch64"}
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.images,
     pytest.mark.skipif(os.geteuid() != 0, reason="runc and `ip netns` need root (CI runs as root)"),
 ]
 

@@ -257,6 +257,8 @@ def doc_env(real_cluster: dict[str, str], real_api: Any,
 
 @pytest.mark.slow
 @pytest.mark.cluster
+@pytest.mark.real_node
+@pytest.mark.images
 def test_docs_quickstart_commands_run_on_the_real_node(doc_env: dict[str, str],
                                                        real_cluster: dict[str, str],
                                                        real_api: Any, tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ from pqfed.testbed.testing import (
     wait_for,
 )
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.real_node, pytest.mark.images]
 
 kubernetes = pytest.importorskip(
     "kubernetes", reason="the kubernetes client is not installed (pip install -e '.[k8s]')")

@@ -26,7 +26,7 @@ import pytest
 from pqfed.testbed.testing import job_leftovers, wait_for
 
 RUNS = int(os.environ.get("PQFED_TIME_INSTALL", "0") or 0)
-pytestmark = [pytest.mark.cluster, pytest.mark.slow,
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.real_node, pytest.mark.images,
               pytest.mark.skipif(RUNS < 1, reason="a measurement: PQFED_TIME_INSTALL=N runs it")]
 
 REPO = Path(__file__).resolve().parents[2]
