@@ -58,7 +58,7 @@ class Peer:
 
 @pytest.fixture(scope="module")
 def peer() -> Peer:
-    # Never a skip: `make interop` builds it (.ci/run does before `make test`), so absence is
+    # Never a skip: `make interop` builds it (a prerequisite of `make test`), so absence is
     # a broken setup, as with liboqs.
     check = subprocess.run([str(BUILD), "--check"], capture_output=True, text=True,
                            check=False, timeout=60)
