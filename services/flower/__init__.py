@@ -78,6 +78,7 @@ from pqfed.services.flower.patches import (
     PatchTargetMissing,
     UnsupportedFlowerVersion,
 )
+from pqfed.services.flower.polling import IdlePoller
 from pqfed.services.flower.processes import (
     Isolation,
     SuperExecProcess,
@@ -85,7 +86,7 @@ from pqfed.services.flower.processes import (
     SuperNodeProcess,
     superlink_http_implementation,
 )
-from pqfed.services.flower.settings import FlowerTuning, FlowerTuningError
+from pqfed.services.flower.settings import FlowerTuning, FlowerTuningError, IdleBackoff
 
 __all__ = [
     "DEFAULT_CONNECTION",
@@ -96,6 +97,8 @@ __all__ = [
     "FlowerPatchError",
     "FlowerTuning",
     "FlowerTuningError",
+    "IdleBackoff",
+    "IdlePoller",
     "Isolation",
     "PatchTargetMissing",
     "RunStatus",
