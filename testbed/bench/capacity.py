@@ -515,6 +515,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("clients per round (emulated, real Fleet API + pqfed1 channels)")
     ax.set_ylabel("seconds")
     ax2.set_ylabel("MiB")
+    ax2.set_ylim(0, 1.3 * max(r["pss_peak_mib"] for r in rows))  # memory barely moves
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
