@@ -46,7 +46,8 @@ fields of `FlowerTuning`:
   imports ``flwr-clientapp`` and the app once and forks one pristine child per task
   (services/flower/warm_clientapp.py).
 
-Modules: settings (`FlowerTuning`), environment (FLWR_HOME, env, console scripts), app_dir
+Modules: settings (`FlowerTuning`), polling (`IdlePoller`: idle SuperNodes back off),
+environment (FLWR_HOME, env, console scripts), app_dir
 (the FAB source and config syntax), processes (SuperLink/SuperExec/SuperNode), control (the
 Control API client), deployment (`FlowerDeployment`), warm_clientapp, patches, launch
 (``python -m pqfed.services.flower``). Generic process supervision and ports live outside
