@@ -59,13 +59,33 @@ PRELOAD = ("torch", "pqfed.services.clientapp", "pqfed.services.models", "pqfed.
            "pqfed.services.warmup")
 
 
+# An idle SuperNode backs off from FAST_POLL_S (services/flower/polling.py): fast for 1 s
+# after a message or reply, then doubling to 2 s, so a new round reaches a node idle for
+# longer at most ~2 s later, and an idle node sends 0.5 instead of 10 requests/s.
+# PQFED_POLL_BACKOFF=0 polls every FAST_POLL_S (the baseline of that benchmark).
+IDLE_BACKOFF = fr.IdleBackoff(window_s=1.0, cap_s=2.0, factor=2.0)
+# The SuperLink's middlewares without the BaseHTTPMiddleware layers that only pass a Fleet
+# request on (services/flower/patches.py). PQFED_SUPERLINK_MIDDLEWARE=stock: Flower's stack.
+SUPERLINK_MIDDLEWARE = "asgi"
+
+
 def _stock() -> bool:
     return os.environ.get("PQFED_FLOWER_STOCK", "") == "1"
 
 
+def _idle_backoff() -> fr.IdleBackoff | None:
+    return None if os.environ.get("PQFED_POLL_BACKOFF", "") == "0" else IDLE_BACKOFF
+
+
+def _superlink_middleware() -> str:
+    return os.environ.get("PQFED_SUPERLINK_MIDDLEWARE", "") or SUPERLINK_MIDDLEWARE
+
+
 def _tuning(preload: tuple[str, ...]) -> fr.FlowerTuning:
-    """A SuperNode's tuning: capped polls and warm ClientApps, or stock Flower."""
-    return fr.FlowerTuning() if _stock() else fr.FlowerTuning.fast(FAST_POLL_S, preload)
+    """A SuperNode's tuning: capped polls backing off while idle and warm ClientApps, or
+    stock Flower."""
+    return fr.FlowerTuning() if _stock() else fr.FlowerTuning.fast(
+        FAST_POLL_S, preload, idle_backoff=_idle_backoff())
 
 
 def load_spec(path: Path) -> tuple[str, FederationJobSpec]:
@@ -114,7 +134,8 @@ def _serve_status(state_dir: Path, port: int) -> None:
 def _superlink(run_dir: Path, state: Path, args: argparse.Namespace, executor_name: str
                ) -> tuple[fr.SuperLinkProcess, fr.SuperExecProcess]:
     """The server side of an aggregator or an edge: SuperLink + the ServerApp launcher."""
-    tuning = fr.FlowerTuning() if _stock() else fr.FlowerTuning(poll_cap=FAST_POLL_S)
+    tuning = fr.FlowerTuning() if _stock() else fr.FlowerTuning(
+        poll_cap=FAST_POLL_S, superlink_middleware=_superlink_middleware())
     link = fr.SuperLinkProcess(run_dir=run_dir, port=args.fleet_port, host=args.host,
                                isolation="process", database=_superlink_db(state),
                                tuning=tuning)

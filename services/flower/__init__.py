@@ -46,7 +46,8 @@ fields of `FlowerTuning`:
   imports ``flwr-clientapp`` and the app once and forks one pristine child per task
   (services/flower/warm_clientapp.py).
 
-Modules: settings (`FlowerTuning`), environment (FLWR_HOME, env, console scripts), app_dir
+Modules: settings (`FlowerTuning`), polling (`IdlePoller`: idle SuperNodes back off),
+environment (FLWR_HOME, env, console scripts), app_dir
 (the FAB source and config syntax), processes (SuperLink/SuperExec/SuperNode), control (the
 Control API client), deployment (`FlowerDeployment`), warm_clientapp, patches, launch
 (``python -m pqfed.services.flower``). Generic process supervision and ports live outside
@@ -78,6 +79,7 @@ from pqfed.services.flower.patches import (
     PatchTargetMissing,
     UnsupportedFlowerVersion,
 )
+from pqfed.services.flower.polling import IdlePoller
 from pqfed.services.flower.processes import (
     Isolation,
     SuperExecProcess,
@@ -85,7 +87,7 @@ from pqfed.services.flower.processes import (
     SuperNodeProcess,
     superlink_http_implementation,
 )
-from pqfed.services.flower.settings import FlowerTuning, FlowerTuningError
+from pqfed.services.flower.settings import FlowerTuning, FlowerTuningError, IdleBackoff
 
 __all__ = [
     "DEFAULT_CONNECTION",
@@ -96,6 +98,8 @@ __all__ = [
     "FlowerPatchError",
     "FlowerTuning",
     "FlowerTuningError",
+    "IdleBackoff",
+    "IdlePoller",
     "Isolation",
     "PatchTargetMissing",
     "RunStatus",

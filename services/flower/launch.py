@@ -2,7 +2,8 @@
 installing pqfed's Flower patches (``exec``), or serve as the warm ClientApp fork server
 (``zygote``). The process layer (services/flower/processes.py) builds these command lines.
 
-    python -m pqfed.services.flower exec [--poll-cap S] [--http IMPL] SCRIPT -- ARGS...
+    python -m pqfed.services.flower exec [--poll-cap S] [--idle-backoff W,C,F] [--http IMPL]
+        [--superlink-middleware asgi] SCRIPT -- ARGS...
     python -m pqfed.services.flower zygote --socket PATH [--preload MOD]... [--poll-cap S]
 """
 
@@ -13,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pqfed.services.flower.settings import SUPERLINK_MIDDLEWARES, IdleBackoff
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pqfed.services.flower")
@@ -20,6 +23,11 @@ def parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("exec", help="run a flwr console script with capped poll sleeps "
                                      "and/or a pinned uvicorn HTTP implementation")
     ex.add_argument("--poll-cap", type=float, default=None)
+    ex.add_argument("--idle-backoff", default=None, metavar="WINDOW,CAP,FACTOR",
+                    help="flower-supernode: idle polls back off (FlowerTuning.idle_backoff)")
+    ex.add_argument("--superlink-middleware", default="stock", choices=SUPERLINK_MIDDLEWARES,
+                    help="flower-superlink: HTTP middleware stack "
+                         "(FlowerTuning.superlink_middleware)")
     ex.add_argument("--http", default=None, help="uvicorn HTTP/1.1 implementation (h11, "
                                                  "httptools) for every server of the script")
     ex.add_argument("script")
@@ -41,7 +49,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     from pqfed.services.flower.environment import console_script
     from pqfed.services.flower.patches import (
+        install_asgi_middleware,
         install_fast_poll,
+        install_idle_backoff,
         install_peer_binding,
         pin_uvicorn_http,
     )
@@ -54,7 +64,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         pin_uvicorn_http(ns.http)
     if ns.poll_cap is not None:
         install_fast_poll(ns.poll_cap)
+        if ns.idle_backoff is not None:
+            install_idle_backoff(ns.poll_cap, IdleBackoff.from_arg(ns.idle_backoff))
     if ns.script == "flower-superlink":
+        if ns.superlink_middleware == "asgi":
+            install_asgi_middleware()  # before the peer binding, which wraps its result
         install_peer_binding()
     sys.argv = [ns.script, *args]
     result = fn()

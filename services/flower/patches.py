@@ -48,6 +48,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Generic, TypeVar
 
+from pqfed.services.flower.polling import IdlePoller
+from pqfed.services.flower.settings import IdleBackoff
+
 log = logging.getLogger(__name__)
 
 #: The only flwr release these patches are applied to (pyproject.toml pins it).
@@ -264,6 +267,23 @@ class WakeableTime(CappedTime):
 NODE_WAKEUP = threading.Event()
 
 
+class IdleBackoffTime(WakeableTime):
+    """``WakeableTime`` whose idle sleep (the one after an empty ``pull-messages``) lasts
+    what the node's `IdlePoller` decided; its reply and object waits stay capped."""
+
+    def __init__(self, cap: float, wakeup: threading.Event, poller: IdlePoller) -> None:
+        super().__init__(cap, wakeup)
+        self.poller = poller
+
+    def sleep(self, seconds: float) -> None:
+        idle = self.poller.take_pending()
+        if idle is None:
+            super().sleep(seconds)
+            return
+        self._wakeup.wait(idle)
+        self._wakeup.clear()
+
+
 def run_after(fn: Callable[..., Any], hook: Callable[[], None]) -> Callable[..., Any]:
     """``fn``, then ``hook`` (also when ``fn`` raises)."""
 
@@ -443,6 +463,63 @@ class TokenSweepThrottle(FlowerPatch[float]):
                         flwr_version)
 
 
+class SuperNodeIdleBackoff(FlowerPatch[tuple[float, IdleBackoff]]):
+    """The SuperNode's idle polls back off (services/flower/polling.py has the policy).
+
+    Setting: (the fast poll interval, `IdleBackoff`). ``start_client_internal``'s loop calls
+    ``_pull_and_store_message`` (None: the SuperLink had no message) and, after a message,
+    ``_push_messages``; both are looked up in the module at each call, so wrapping them
+    tells an `IdlePoller` what happened: an empty pull asks it for the next wait, a message
+    or a pushed reply resets it to fast. The loop's ``time`` becomes an `IdleBackoffTime`
+    (a `WakeableTime`, so `SuperNodeReplyWakeup` still holds): the sleep right after an
+    empty pull is the idle one and lasts the poller's wait; the others stay capped.
+
+    Upstream: still needed. flwr 1.42.0 ``flwr/supernode/start_client_internal.py`` sleeps
+    a fixed ``time.sleep(3)`` after an empty pull, with no setting and no back-off.
+    """
+
+    name = "supernode-idle-backoff"
+    _MODULE = "flwr.supernode.start_client_internal"
+    targets = (
+        Target(_MODULE, "time", expect=_is_time_module),
+        Target(_MODULE, "_pull_and_store_message",
+               params=("state", "object_store", "node_config", "receive", "get_run", "get_fab",
+                       "pull_object", "confirm_message_received", "trusted_entities")),
+        Target(_MODULE, "_push_messages",
+               params=("state", "object_store", "send", "push_object")),
+    )
+    on_other_version = OnOtherVersion.STOCK
+    without = "an idle SuperNode polls at the fixed poll cap"
+
+    def apply(self, setting: tuple[float, IdleBackoff], values: list[Any],
+              flwr_version: str) -> None:
+        fast, backoff = setting
+        clock, pull, push = self.targets
+        current = values[0]
+        if isinstance(current, IdleBackoffTime):  # installed before: keep its poller
+            poller = current.poller
+        else:
+            poller = IdlePoller(fast, backoff, time.monotonic())
+            clock.set(IdleBackoffTime(fast, NODE_WAKEUP, poller), flwr_version)
+
+        def after_pull(fn: Any) -> Any:
+            @functools.wraps(fn)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                run_id = fn(*args, **kwargs)
+                if run_id is None:
+                    poller.empty_poll(time.monotonic())
+                else:
+                    poller.activity(time.monotonic())
+                return run_id
+
+            return wrapper
+
+        _replace_method(pull, values[1], after_pull, flwr_version)
+        _replace_method(push, values[2],
+                        lambda f: run_after(f, lambda: poller.activity(time.monotonic())),
+                        flwr_version)
+
+
 #: At most one expired-token sweep per this many seconds (TokenSweepThrottle's setting).
 TOKEN_SWEEP_INTERVAL_S = 1.0
 
@@ -452,6 +529,7 @@ STRATEGY_NODE_WAIT = StrategyNodeWait()
 RUNTIME_POLL_INTERVALS = RuntimePollIntervals()
 PULL_BACKOFF = PullBackoff()
 TOKEN_SWEEP_THROTTLE = TokenSweepThrottle()
+SUPERNODE_IDLE_BACKOFF = SuperNodeIdleBackoff()
 FAST_POLL_PATCHES: tuple[FlowerPatch[float], ...] = (
     SUPERNODE_REPLY_WAKEUP, SERVERAPP_GRID_POLL, STRATEGY_NODE_WAIT, RUNTIME_POLL_INTERVALS,
     PULL_BACKOFF,
@@ -469,6 +547,12 @@ def install_fast_poll(cap: float, *, flwr_version: str | None = None) -> list[st
     if TOKEN_SWEEP_THROTTLE.install(TOKEN_SWEEP_INTERVAL_S, flwr_version=flwr_version):
         patched += [t.name for t in TOKEN_SWEEP_THROTTLE.targets]
     return patched
+
+
+def install_idle_backoff(cap: float, backoff: IdleBackoff, *,
+                         flwr_version: str | None = None) -> bool:
+    """`SUPERNODE_IDLE_BACKOFF`, after `install_fast_poll` (``cap``: the fast interval)."""
+    return SUPERNODE_IDLE_BACKOFF.install((cap, backoff), flwr_version=flwr_version)
 
 
 # --------------------------------------------------------------------------- SuperLink patches
@@ -614,12 +698,207 @@ class PeerBinding(FlowerPatch[bytes]):
         register_target.set(register_node, flwr_version)
 
 
+#: flwr 1.42.0's SuperLink middlewares in request order (``flwr.superlink.main``), by class
+#: name; ``http_error_translator`` is the ``BaseHTTPMiddleware`` given a ``dispatch``.
+STOCK_SUPERLINK_MIDDLEWARES = (
+    "ControlSensitiveResponseMiddleware", "http_error_translator",
+    "ControlAuthenticationMiddleware", "ControlLicenseMiddleware",
+    "ProtobufTranslationMiddleware", "ControlEventLogMiddleware", "NodeAuthMiddleware",
+    "FleetEventLogMiddleware",
+)
+#: Of those, the ones that do nothing (``return await call_next(request)``) for a request
+#: whose path is not a Control API path (``_is_control_path``).
+CONTROL_ONLY_MIDDLEWARES = frozenset({
+    "ControlSensitiveResponseMiddleware", "ControlAuthenticationMiddleware",
+    "ControlLicenseMiddleware", "ControlEventLogMiddleware",
+})
+
+
+def _middleware_label(entry: Any) -> str:
+    dispatch = entry.kwargs.get("dispatch") if hasattr(entry, "kwargs") else None
+    return str(getattr(dispatch, "__name__", None) or getattr(entry.cls, "__name__", entry))
+
+
+def _stock_middleware_stack(fn: Any) -> str | None:
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    if getattr(fn, "__pqfed_asgi__", False):
+        return None  # installed: the stock stack was checked then
+    try:
+        entries = list(fn())
+    except Exception as exc:
+        return f"calling it failed: {exc!r}"
+    if any(getattr(e.cls, "__pqfed_asgi__", False) for e in entries):
+        return None  # installed, then wrapped by the peer binding
+    # pqfed's own pure-ASGI middlewares (the peer binding) may already be around it
+    stock = [_middleware_label(e) for e in entries
+             if isinstance(e.cls, type) and issubclass(e.cls, BaseHTTPMiddleware)]
+    if tuple(stock) != STOCK_SUPERLINK_MIDDLEWARES:
+        return f"BaseHTTPMiddleware stack {stock} is not {list(STOCK_SUPERLINK_MIDDLEWARES)}"
+    return None
+
+
+def _control_paths_only(keys: Any) -> str | None:
+    bad = [k for k in keys if not str(k[1]).startswith("/v1/control/")]
+    return f"sensitive routes outside /v1/control/: {bad}" if bad else None
+
+
+class SuperLinkAsgiMiddleware(FlowerPatch[None]):
+    """The SuperLink's middlewares as pure ASGI where they act on a request, absent where
+    they would only pass it on: same checks, same order, same responses.
+
+    flwr 1.42.0 stacks eight Starlette ``BaseHTTPMiddleware`` layers (`STOCK_SUPERLINK_
+    MIDDLEWARES`); each runs every request through a task group and memory streams, which
+    py-spy showed as most of a saturated SuperLink's CPU (docs/BENCHMARKS.md, "Aggregator
+    capacity"). Here, in the same positions:
+
+    * the four Control middlewares (`CONTROL_ONLY_MIDDLEWARES`) run, unchanged, only for
+      Control API paths (flwr's own ``_is_control_path``); for any other request their
+      ``dispatch`` is ``return await call_next(request)``, so skipping it changes nothing;
+    * ``FleetEventLogMiddleware`` runs, unchanged, only for Fleet paths when a Fleet event
+      log plugin is configured (it passes every request on otherwise);
+    * ``http_error_translator``: a pure ASGI layer that calls flwr's own translator with the
+      exception raised below it (before the response started), so a ``FlowerError``, an
+      ``HTTPException`` (e.g. node auth's 401) or an unexpected error gets the same response;
+    * ``NodeAuthMiddleware``: a pure ASGI layer that calls flwr's own ``authenticate_node``
+      in the thread pool for every Fleet request carrying a parsed protobuf request, as the
+      stock one does: an unauthenticated or forged Fleet request is refused with 401;
+    * ``ProtobufTranslationMiddleware`` stays as it is (it does real work on every request).
+
+    On another flwr: stock middlewares (correct, slower).
+
+    Upstream: still needed. flwr 1.42.0 ``flwr/superlink/main.py`` ``_get_middleware`` builds
+    the stack from ``BaseHTTPMiddleware`` subclasses, with no setting.
+    """
+
+    name = "superlink-asgi-middleware"
+    targets = (
+        Target("flwr.superlink.main", "_get_middleware", params=(),
+               expect=_stock_middleware_stack),
+        Target("flwr.superlink.routers.control.middlewares", "_is_control_path",
+               params=("path",)),
+        Target("flwr.superlink.routers.control.middlewares", "CONTROL_SENSITIVE_ROUTE_KEYS",
+               expect=_control_paths_only),
+        Target("flwr.superlink.routers.fleet.node_auth", "authenticate_node",
+               params=("request",)),
+        Target("flwr.supercore.error.http", "http_error_translator",
+               params=("request", "call_next")),
+    )
+    on_other_version = OnOtherVersion.STOCK
+    without = "every SuperLink request passes eight BaseHTTPMiddleware layers"
+
+    def apply(self, setting: None, values: list[Any], flwr_version: str) -> None:
+        from google.protobuf.message import (  # type: ignore[import-untyped]
+            Message as ProtobufMessage,
+        )
+        from starlette.concurrency import run_in_threadpool
+        from starlette.middleware import Middleware
+        from starlette.requests import Request
+
+        stock_get, is_control_path, _, authenticate_node, translate = values
+        if getattr(stock_get, "__pqfed_asgi__", False):
+            return
+
+        def control(scope: Any) -> bool:
+            return bool(is_control_path(scope["path"]))
+
+        def fleet_event_log(scope: Any) -> bool:
+            app = scope.get("app")
+            plugin = getattr(getattr(app, "state", None), "fleet_event_log_plugin", None)
+            return str(scope["path"]).startswith("/v1/fleet/") and plugin is not None
+
+        class OnlyWhere:
+            """Runs ``inner`` (a stock middleware, unchanged) for the HTTP requests where
+            ``applies``; every other request goes straight to ``app``."""
+
+            __pqfed_asgi__ = True
+
+            def __init__(self, app: Any, inner: Any, applies: Callable[[Any], bool]) -> None:
+                self.app = app
+                self.inner = inner(app)
+                self.applies = applies
+
+            async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+                if scope["type"] == "http" and not self.applies(scope):
+                    await self.app(scope, receive, send)
+                else:
+                    await self.inner(scope, receive, send)
+
+        class ErrorTranslation:
+            """flwr's ``http_error_translator`` without ``BaseHTTPMiddleware``."""
+
+            __pqfed_asgi__ = True
+
+            def __init__(self, app: Any) -> None:
+                self.app = app
+
+            async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+                if scope["type"] != "http":
+                    await self.app(scope, receive, send)
+                    return
+                started = False
+
+                async def tracking_send(message: Any) -> None:
+                    nonlocal started
+                    started = started or message["type"] == "http.response.start"
+                    await send(message)
+
+                try:
+                    await self.app(scope, receive, tracking_send)
+                except Exception as exc:
+                    if started:  # as BaseHTTPMiddleware: too late for an error response
+                        raise
+                    error = exc
+
+                    async def raise_it(_request: Any) -> Any:
+                        raise error
+
+                    response = await translate(Request(scope, receive), raise_it)
+                    await response(scope, receive, send)
+
+        class NodeAuth:
+            """flwr's ``NodeAuthMiddleware`` without ``BaseHTTPMiddleware``."""
+
+            __pqfed_asgi__ = True
+
+            def __init__(self, app: Any) -> None:
+                self.app = app
+
+            async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+                if scope["type"] == "http" and str(scope["path"]).startswith("/v1/fleet/"):
+                    request = Request(scope, receive)
+                    parsed = getattr(request.state, "protobuf_request", None)
+                    if isinstance(parsed, ProtobufMessage):
+                        await run_in_threadpool(authenticate_node, request)
+                await self.app(scope, receive, send)
+
+        def convert(entry: Any) -> Any:
+            label = _middleware_label(entry)
+            if label in CONTROL_ONLY_MIDDLEWARES:
+                return Middleware(OnlyWhere, inner=entry.cls, applies=control)
+            if label == "FleetEventLogMiddleware":
+                return Middleware(OnlyWhere, inner=entry.cls, applies=fleet_event_log)
+            if label == "http_error_translator":
+                return Middleware(ErrorTranslation)
+            if label == "NodeAuthMiddleware":
+                return Middleware(NodeAuth)
+            return entry
+
+        def get_middleware() -> list[Any]:
+            return [convert(e) for e in stock_get()]
+
+        get_middleware.__pqfed_asgi__ = True  # type: ignore[attr-defined]
+        self.targets[0].set(get_middleware, flwr_version)
+
+
 UVICORN_HTTP_PIN = UvicornHttpPin()
 PEER_BINDING = PeerBinding()
+SUPERLINK_ASGI_MIDDLEWARE = SuperLinkAsgiMiddleware()
 
 #: Every patch, for the target tests.
 ALL_PATCHES: Sequence[FlowerPatch[Any]] = (
-    *FAST_POLL_PATCHES, TOKEN_SWEEP_THROTTLE, UVICORN_HTTP_PIN, PEER_BINDING,
+    *FAST_POLL_PATCHES, TOKEN_SWEEP_THROTTLE, SUPERNODE_IDLE_BACKOFF, UVICORN_HTTP_PIN,
+    PEER_BINDING, SUPERLINK_ASGI_MIDDLEWARE,
 )
 
 
@@ -627,6 +906,11 @@ def pin_uvicorn_http(implementation: str, *, flwr_version: str | None = None) ->
     """`UVICORN_HTTP_PIN` with ``implementation``; returns the patched target."""
     UVICORN_HTTP_PIN.install(implementation, flwr_version=flwr_version)
     return UVICORN_HTTP_PIN.targets[1].name
+
+
+def install_asgi_middleware(*, flwr_version: str | None = None) -> bool:
+    """`SUPERLINK_ASGI_MIDDLEWARE` (before `install_peer_binding`, which wraps its stack)."""
+    return SUPERLINK_ASGI_MIDDLEWARE.install(None, flwr_version=flwr_version)
 
 
 def install_peer_binding(*, flwr_version: str | None = None) -> bool:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal, Self
 
 from pqfed.services.flower.app_dir import ConfigValue, format_config_args
 from pqfed.services.flower.environment import BIN_DIR, flower_env
-from pqfed.services.flower.settings import FlowerTuning
+from pqfed.services.flower.settings import FlowerTuning, IdleBackoff
 from pqfed.services.flower.warm_clientapp import write_warm_clientapp_shim
 from pqfed.services.ports import LOCALHOST
 from pqfed.services.procs import ManagedProcess, wait_http_ok, wait_unix_socket
@@ -35,15 +35,21 @@ LAUNCHER = "pqfed.services.flower"
 _STOCK = FlowerTuning()
 
 
-def exec_argv(script: str, poll_cap: float | None, http: str | None = None) -> list[str]:
-    """argv that runs a flwr console script, optionally with capped poll sleeps and with
-    uvicorn's HTTP/1.1 implementation pinned (patches.UVICORN_HTTP_PIN)."""
+def exec_argv(script: str, poll_cap: float | None, http: str | None = None, *,
+              idle_backoff: IdleBackoff | None = None,
+              superlink_middleware: str = "stock") -> list[str]:
+    """argv that runs a flwr console script, optionally with capped poll sleeps (and idle
+    back-off), uvicorn's HTTP/1.1 implementation pinned (patches.UVICORN_HTTP_PIN) and the
+    SuperLink's middlewares as pure ASGI (patches.SUPERLINK_ASGI_MIDDLEWARE)."""
     if poll_cap is None and http is None:
         return [str(BIN_DIR / script)]
     return [
         sys.executable, "-m", LAUNCHER, "exec",
         *(["--poll-cap", str(poll_cap)] if poll_cap is not None else []),
+        *(["--idle-backoff", idle_backoff.to_arg()] if idle_backoff is not None else []),
         *(["--http", http] if http is not None else []),
+        *(["--superlink-middleware", superlink_middleware]
+          if superlink_middleware != "stock" else []),
         script, "--",
     ]  # fmt: skip
 
@@ -149,7 +155,8 @@ class SuperLinkProcess(FlowerProcess):
     def command(self) -> list[str]:
         cmd = [
             *exec_argv("flower-superlink", self.tuning.poll_cap,
-                       http=superlink_http_implementation()),
+                       http=superlink_http_implementation(),
+                       superlink_middleware=self.tuning.superlink_middleware),
             "--insecure",
             "--isolation", self.isolation,
             "--disable-runtime-dependency-installation",
@@ -229,7 +236,8 @@ class SuperNodeProcess(FlowerProcess):
         return self.run_dir / "homes" / self.name
 
     def command(self) -> list[str]:
-        cmd = exec_argv("flower-supernode", self.tuning.poll_cap)
+        cmd = exec_argv("flower-supernode", self.tuning.poll_cap,
+                        idle_backoff=self.tuning.idle_backoff)
         cmd += [
             "--insecure",
             "--isolation", self.isolation,

@@ -15,6 +15,10 @@ from typing import Self
 # flwr 1.42's SuperExec refuses a FLWR_SUPEREXEC_TASK_POLL_INTERVAL outside this range
 # (flwr.supercore.superexec.run_superexec); checked here so the error names our field.
 SUPEREXEC_POLL_RANGE_S = (0.01, 60.0)
+#: The SuperLink's HTTP middlewares: Flower's own stack, or the same checks in the same order
+#: with the per-request `BaseHTTPMiddleware` layers that do nothing for a request skipped
+#: (services/flower/patches.py, `SuperLinkAsgiMiddleware`).
+SUPERLINK_MIDDLEWARES = ("stock", "asgi")
 
 
 class FlowerTuningError(ValueError):
@@ -24,6 +28,56 @@ class FlowerTuningError(ValueError):
         super().__init__(f"FlowerTuning.{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class IdleBackoff:
+    """How an idle SuperNode polls the SuperLink for its next message
+    (services/flower/polling.py has the state machine, `IdlePoller`).
+
+    After a message arrives or a reply has been pushed, the node expects work soon (the next
+    instruction of the round, e.g. evaluate after train, or the next round): it keeps polling
+    at the fast interval (`FlowerTuning.poll_cap`) for ``window_s``. Past that, each empty
+    poll multiplies the wait by ``factor`` up to ``cap_s``. ``cap_s`` therefore bounds how
+    much later than at the fast rate an idle node sees a new round's first instruction;
+    ``window_s`` keeps small federations, whose next instruction comes within a second,
+    exactly as fast as before.
+    """
+
+    window_s: float = 1.0
+    cap_s: float = 2.0
+    factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("window_s", "cap_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise FlowerTuningError(f"idle_backoff.{name}",
+                                        f"{value!r} must be a number of seconds >= 0")
+        if not self.cap_s > 0:
+            raise FlowerTuningError("idle_backoff.cap_s", "must be > 0 seconds")
+        if isinstance(self.factor, bool) or not isinstance(self.factor, int | float) \
+                or not self.factor > 1:
+            raise FlowerTuningError("idle_backoff.factor",
+                                    f"{self.factor!r} must be > 1 (each idle poll waits that "
+                                    "many times longer, up to cap_s)")
+
+    def to_arg(self) -> str:
+        """``WINDOW,CAP,FACTOR`` (the launcher's ``--idle-backoff``)."""
+        return f"{self.window_s},{self.cap_s},{self.factor}"
+
+    @classmethod
+    def from_arg(cls, text: str) -> IdleBackoff:
+        """Parses `to_arg`'s form; a bad one raises FlowerTuningError naming the field."""
+        parts = text.split(",")
+        if len(parts) != 3:
+            raise FlowerTuningError("idle_backoff", f"{text!r}: give WINDOW,CAP,FACTOR in "
+                                                    "seconds, seconds, multiplier (e.g. 1,2,2)")
+        try:
+            window, cap, factor = (float(x) for x in parts)
+        except ValueError as exc:
+            raise FlowerTuningError("idle_backoff", f"{text!r}: {exc}") from exc
+        return cls(window, cap, factor)
 
 
 @dataclass(frozen=True)
@@ -45,6 +99,11 @@ class FlowerTuning:
     #: Extra modules the warm ClientApp process imports before it forks (e.g. torch, the app).
     #: Keep them free of import-time thread pools: a fork copies one thread only.
     preload: tuple[str, ...] = ()
+    #: A SuperNode's idle polls back off from ``poll_cap`` (`IdleBackoff`). ``None``: an
+    #: idle SuperNode polls every ``poll_cap`` s (or every 3 s, stock).
+    idle_backoff: IdleBackoff | None = None
+    #: The SuperLink's HTTP middleware stack (`SUPERLINK_MIDDLEWARES`).
+    superlink_middleware: str = "stock"
 
     def __post_init__(self) -> None:
         if self.poll_cap is not None and not self.poll_cap > 0:
@@ -61,12 +120,29 @@ class FlowerTuning:
         if self.preload and not self.warm_clientapp:
             raise FlowerTuningError("preload", "only the warm ClientApp process preloads; "
                                                "set warm_clientapp=True or drop preload")
+        backoff = self.idle_backoff
+        if backoff is not None:
+            if not isinstance(backoff, IdleBackoff):
+                raise FlowerTuningError("idle_backoff", f"{backoff!r} is not an IdleBackoff")
+            if self.poll_cap is None:
+                raise FlowerTuningError("idle_backoff", "backs off from the fast poll: set "
+                                                        "poll_cap as well, or drop idle_backoff")
+            if backoff.cap_s < self.poll_cap:
+                raise FlowerTuningError("idle_backoff.cap_s",
+                                        f"{backoff.cap_s} s is below poll_cap {self.poll_cap} s;"
+                                        " a back-off cap must not poll faster than the fast rate")
+        if self.superlink_middleware not in SUPERLINK_MIDDLEWARES:
+            raise FlowerTuningError("superlink_middleware",
+                                    f"{self.superlink_middleware!r}: choose one of "
+                                    f"{', '.join(SUPERLINK_MIDDLEWARES)}")
 
     @classmethod
-    def fast(cls, poll: float = 0.1, preload: tuple[str, ...] = ()) -> Self:
-        """Capped polls, SuperExecs asking every ``poll`` s, warm ClientApps."""
+    def fast(cls, poll: float = 0.1, preload: tuple[str, ...] = (),
+             idle_backoff: IdleBackoff | None = None) -> Self:
+        """Capped polls, SuperExecs asking every ``poll`` s, warm ClientApps (and, given,
+        idle polls backing off)."""
         return cls(poll_cap=poll, superexec_poll_interval=poll, warm_clientapp=True,
-                   preload=preload)
+                   preload=preload, idle_backoff=idle_backoff)
 
     @property
     def stock(self) -> bool:

@@ -55,6 +55,25 @@ JOB_NAME = "capacity"
 DEFAULT_CLIENTS = "10,30,100,300,1000"
 
 
+@dataclass(frozen=True)
+class Variant:
+    """What differs between the runs a before/after comparison alternates: how the emulated
+    clients poll while idle and which middleware stack the aggregator's SuperLink runs."""
+
+    idle_backoff: bool  # clients back off as pqfed's SuperNodes (fl_node.IDLE_BACKOFF)
+    superlink_middleware: str  # FlowerTuning.superlink_middleware of the SuperLink
+
+
+#: ``--variants``: "before" is pqfed before adaptive polling and the ASGI middlewares;
+#: "after" is what `pqfed fl` runs now.
+VARIANTS = {
+    "before": Variant(idle_backoff=False, superlink_middleware="stock"),
+    "backoff": Variant(idle_backoff=True, superlink_middleware="stock"),
+    "asgi": Variant(idle_backoff=False, superlink_middleware="asgi"),
+    "after": Variant(idle_backoff=True, superlink_middleware="asgi"),
+}
+
+
 class CapacityError(RuntimeError):
     """A capacity run could not complete (the field names what failed)."""
 
@@ -77,6 +96,7 @@ class CapacitySettings:
     min_clients: int | None = None  # default: every client
     profile: bool = False  # py-spy the ServerApp and SuperLink (needs --py-spy)
     py_spy: str = ""
+    variant: str = "after"  # a key of VARIANTS
 
 
 def job_document(s: CapacitySettings) -> dict[str, Any]:
@@ -217,11 +237,12 @@ class CapacityRun:
     run_dir: Path
     procs: list[_Spawned] = field(default_factory=list)
 
-    def _spawn(self, name: str, argv: list[str], stdout: int | None = None) -> _Spawned:
+    def _spawn(self, name: str, argv: list[str], stdout: int | None = None,
+               env_extra: dict[str, str] | None = None) -> _Spawned:
         log_path = self.run_dir / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         handle = log_path.open("wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
         popen = subprocess.Popen(argv, stdout=stdout if stdout is not None else handle,
                                  stderr=handle, env=env, start_new_session=True)
         spawned = _Spawned(name, popen, handle)
@@ -251,10 +272,12 @@ class CapacityRun:
             "--allow-path-prefix", FLEET_PATH_PREFIX, "--group", "X25519_MLKEM768",
             "--admin", f"127.0.0.1:{admin}", "--log-level", "warning"])
         state = self.run_dir / "state" / "aggregator"
+        variant = VARIANTS[s.variant]
         aggregator = self._spawn("aggregator", [
             *pqfed, "fl", "aggregator", "--spec", str(job_file), "--identity-dir",
             str(agg_dir), "--state-dir", str(state), "--fleet-port", str(fleet),
-            "--status-port", str(status_port)])
+            "--status-port", str(status_port)],
+            env_extra={"PQFED_SUPERLINK_MIDDLEWARE": variant.superlink_middleware})
         per = -(-s.clients // max(1, s.client_procs))
         workers = []
         t0 = time.perf_counter()
@@ -263,6 +286,10 @@ class CapacityRun:
             argv = [sys.executable, "-m", "pqfed.testbed.bench.capacity_client",
                     "--identities", str(ids), "--indices", f"{first}:{count}",
                     "--aggregator", f"127.0.0.1:{secure}", "--poll", str(s.poll)]
+            if variant.idle_backoff:
+                from pqfed.services.fl_node import IDLE_BACKOFF
+
+                argv += ["--idle-backoff", IDLE_BACKOFF.to_arg()]
             for i in s.tamper:
                 argv += ["--tamper", str(i)]
             for i in s.replay:
@@ -285,7 +312,8 @@ class CapacityRun:
                     counts.update(json.loads(line).get("counts", {}))
         status = read_status(state) or {}
         audit = _audit_events(state / "audit.jsonl")
-        return {"clients": s.clients, "client_procs": s.client_procs, "poll_s": s.poll,
+        return {"clients": s.clients, "variant": s.variant, "client_procs": s.client_procs,
+                "poll_s": s.poll,
                 "enroll_seconds": enroll_s, "rounds": rounds, "status": status,
                 "audit": audit, "client_counts": counts, "run_dir": str(self.run_dir)}
 
@@ -403,20 +431,25 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per client count, over every measured round of its repetitions (the first
     round of each job is left out: it carries connection set-up and the dense model)."""
     rows = []
-    for n in sorted({r["clients"] for r in runs}):
-        rounds = [rd for r in runs if r["clients"] == n for rd in r["rounds"][1:]]
+    keys = sorted({(r["clients"], r.get("variant", "after")) for r in runs},
+                  key=lambda k: (k[0], list(VARIANTS).index(k[1]) if k[1] in VARIANTS else 99))
+    for n, variant in keys:
+        mine = [r for r in runs if r["clients"] == n and r.get("variant", "after") == variant]
+        rounds = [rd for r in mine for rd in r["rounds"][1:]]
         if not rounds:
-            rounds = [rd for r in runs if r["clients"] == n for rd in r["rounds"]]
+            rounds = [rd for r in mine for rd in r["rounds"]]
         if not rounds:
             continue
         lat = [rd["seconds"] for rd in rounds]
         cpu = [rd["cpu_seconds"] for rd in rounds]
         pss = [rd["peak_pss_mib"] for rd in rounds]
         lo, hi = bootstrap_ci(lat)
+        cpu_ci = bootstrap_ci(cpu)
         rows.append({
-            "clients": n, "rounds": len(rounds), "latency_median": median(lat),
+            "clients": n, "variant": variant, "rounds": len(rounds), "latency_median": median(lat),
             "latency_ci": [lo, hi], "latency_min": min(lat), "latency_max": max(lat),
-            "cpu_median": median(cpu), "cpu_per_client_ms": median(cpu) / n * 1e3,
+            "cpu_median": median(cpu), "cpu_ci": list(cpu_ci),
+            "cpu_per_client_ms": median(cpu) / n * 1e3,
             "pss_peak_mib": max(pss), "pss_median_mib": median(pss),
             "accepted_min": min(rd["accepted"] for rd in rounds),
             "rejected_max": max(rd["rejected"] for rd in rounds),
@@ -432,19 +465,26 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def report(rows: list[dict[str, Any]], failures: dict[str, str]) -> str:
-    lines = ["| clients | rounds | round s, median [95% CI] (min-max) | aggregator CPU-s "
-             "/ round | CPU ms / client | peak PSS MiB | accepted (min) | rejected | "
-             "load 1-min |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| clients | variant | rounds | round s, median [95% CI] (min-max) | aggregator "
+             "CPU-s / round [95% CI] | CPU ms / client | of it SuperLink / sidecar / ServerApp |"
+             " dispatch s | peak PSS MiB | accepted (min) | rejected | load 1-min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["latency_ci"]
+        clo, chi = r.get("cpu_ci", (float("nan"), float("nan")))
+        roles = r.get("cpu_by_role_median", {})
+        split = " / ".join(f"{roles.get(k, 0.0):.2f}" for k in ("superlink", "sidecar",
+                                                                "serverapp"))
         lines.append(
-            f"| {r['clients']} | {r['rounds']} | {r['latency_median']:.2f} [{lo:.2f}, "
+            f"| {r['clients']} | {r.get('variant', '')} | {r['rounds']} | "
+            f"{r['latency_median']:.2f} [{lo:.2f}, "
             f"{hi:.2f}] ({r['latency_min']:.2f}-{r['latency_max']:.2f}) | "
-            f"{r['cpu_median']:.2f} | {r['cpu_per_client_ms']:.1f} | "
+            f"{r['cpu_median']:.2f} [{clo:.2f}, {chi:.2f}] | {r['cpu_per_client_ms']:.1f} | "
+            f"{split} | {r['dispatch_median']:.2f} | "
             f"{r['pss_peak_mib']:.0f} | {r['accepted_min']} | {r['rejected_max']} | "
             f"{r['load_1m'][0]:.1f}-{r['load_1m'][1]:.1f} |")
     for n, why in failures.items():
-        lines.append(f"| {n} | - | did not complete: {why} | | | | | | |")
+        lines.append(f"| {n} | - | - | did not complete: {why} | | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -454,22 +494,28 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [r["clients"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    med = [r["latency_median"] for r in rows]
-    err = [[m - r["latency_ci"][0] for m, r in zip(med, rows, strict=True)],
-           [r["latency_ci"][1] - m for m, r in zip(med, rows, strict=True)]]
-    ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label="round latency (s)")
-    ax.plot(xs, [r["cpu_median"] for r in rows], marker="s",
-            label="aggregator CPU-s / round")
+    ax2 = ax.twinx()
+    variants = sorted({r.get("variant", "after") for r in rows},
+                      key=lambda v: list(VARIANTS).index(v) if v in VARIANTS else 99)
+    for v in variants:
+        mine = [r for r in rows if r.get("variant", "after") == v]
+        xs = [r["clients"] for r in mine]
+        med = [r["latency_median"] for r in mine]
+        err = [[m - r["latency_ci"][0] for m, r in zip(med, mine, strict=True)],
+               [r["latency_ci"][1] - m for m, r in zip(med, mine, strict=True)]]
+        tag = f" [{v}]" if len(variants) > 1 else ""
+        ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=f"round latency (s){tag}")
+        ax.plot(xs, [r["cpu_median"] for r in mine], marker="s",
+                label=f"aggregator CPU-s / round{tag}")
+        ax2.plot(xs, [r["pss_peak_mib"] for r in mine], marker="^", color="gray",
+                 linestyle="--", label=f"aggregator peak PSS (MiB){tag}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("clients per round (emulated, real Fleet API + pqfed1 channels)")
     ax.set_ylabel("seconds")
-    ax2 = ax.twinx()
-    ax2.plot(xs, [r["pss_peak_mib"] for r in rows], marker="^", color="gray",
-             linestyle="--", label="aggregator peak PSS (MiB)")
     ax2.set_ylabel("MiB")
+    ax2.set_ylim(0, 1.3 * max(r["pss_peak_mib"] for r in rows))  # memory barely moves
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
@@ -512,42 +558,56 @@ def run(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt(signal.Signals(signum).name)  # `finally` stops the processes
 
     signal.signal(signal.SIGTERM, stop)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or any(v not in VARIANTS for v in variants):
+        raise SystemExit(f"--variants {args.variants!r}: choose from {', '.join(VARIANTS)}, "
+                         "comma-separated (they alternate within each repetition)")
     runs: list[dict[str, Any]] = []
     failures: dict[str, str] = {}
     for rep in range(args.repeats):
         for n in counts:
-            if str(n) in failures:
-                continue
-            settings = CapacitySettings(
-                clients=n, rounds=args.rounds, client_procs=args.client_procs, poll=args.poll,
-                round_seconds=args.round_seconds,
-                profile=bool(args.profile_at) and n == args.profile_at and rep == 0,
-                py_spy=args.py_spy)
-            cap = CapacityRun(settings, out / f"n{n}-r{rep}")
-            print(f"capacity: {n} clients, repetition {rep + 1}/{args.repeats}", flush=True)
-            try:
-                result = cap.run()
-            except CapacityError as exc:
-                failures[str(n)] = str(exc)
-                print(f"capacity: {exc}", flush=True)
-                continue
-            finally:
-                cap.stop()
-            result["repetition"] = rep
-            runs.append(result)
-            for rd in result["rounds"]:
-                print(f"  round {rd['round']}: {rd['seconds']:.2f}s, cpu {rd['cpu_seconds']:.2f}s,"
-                      f" pss {rd['peak_pss_mib']:.0f} MiB, accepted {rd['accepted']}, "
-                      f"rejected {rd['rejected']}, load {rd['load_1m']:.1f}, cpu by part "
-                      + ", ".join(f"{k} {v:.2f}" for k, v in rd["cpu_by_role"].items()),
-                      flush=True)
-            if not args.keep:
-                import shutil
-
-                shutil.rmtree(out / f"n{n}-r{rep}" / "identities", ignore_errors=True)
-            write_results(out, runs, failures)
+            # alternate, and start each repetition with the other variant than the last
+            for variant in variants if rep % 2 == 0 else variants[::-1]:
+                result = _run_one(args, n, variant, rep, out, failures)
+                if result is not None:
+                    runs.append(result)
+                    write_results(out, runs, failures)
     print(write_results(out, runs, failures))
     return 0 if not failures else 1
+
+
+def _run_one(args: argparse.Namespace, n: int, variant: str, rep: int, out: Path,
+             failures: dict[str, str]) -> dict[str, Any] | None:
+    key = f"{n} ({variant})"
+    if key in failures:
+        return None
+    settings = CapacitySettings(
+        clients=n, rounds=args.rounds, client_procs=args.client_procs, poll=args.poll,
+        round_seconds=args.round_seconds,
+        profile=bool(args.profile_at) and n == args.profile_at and rep == 0,
+        py_spy=args.py_spy, variant=variant)
+    name = f"n{n}-{variant}-r{rep}"
+    cap = CapacityRun(settings, out / name)
+    print(f"capacity: {n} clients, {variant}, repetition {rep + 1}/{args.repeats}", flush=True)
+    try:
+        result = cap.run()
+    except CapacityError as exc:
+        failures[key] = str(exc)
+        print(f"capacity: {exc}", flush=True)
+        return None
+    finally:
+        cap.stop()
+    result["repetition"] = rep
+    for rd in result["rounds"]:
+        print(f"  round {rd['round']}: {rd['seconds']:.2f}s, cpu {rd['cpu_seconds']:.2f}s,"
+              f" pss {rd['peak_pss_mib']:.0f} MiB, accepted {rd['accepted']}, "
+              f"rejected {rd['rejected']}, load {rd['load_1m']:.1f}, cpu by part "
+              + ", ".join(f"{k} {v:.2f}" for k, v in rd["cpu_by_role"].items()), flush=True)
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(out / name / "identities", ignore_errors=True)
+    return result
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -560,6 +620,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poll", type=float, default=0.1,
                    help="emulated clients' Fleet poll interval (pqfed SuperNodes: 0.1 s)")
     p.add_argument("--round-seconds", type=int, default=300, help="job's round timeout")
+    p.add_argument("--variants", default="after",
+                   help="comma-separated, alternated per client count and repetition: "
+                        + "; ".join(f"{k}: idle back-off {'on' if v.idle_backoff else 'off'}, "
+                                    f"SuperLink middleware {v.superlink_middleware}"
+                                    for k, v in VARIANTS.items()))
     p.add_argument("--profile-at", type=int, default=0,
                    help="py-spy the ServerApp and SuperLink at this client count")
     p.add_argument("--py-spy", default="py-spy", help="py-spy executable")

@@ -9,8 +9,9 @@ Each emulated client is what a real pqfed client pod puts on the wire, minus loc
   aggregator's sidecar;
 * Flower's own Fleet client (`flwr.supernode.fleet_http_connection.http_request_response`,
   what `flower-supernode` runs): register/activate node, heartbeats, pull messages, pull and
-  confirm the message objects, push the reply and its objects, with the same poll cap and
-  pull back-off as pqfed's SuperNodes (patches.install_fast_poll);
+  confirm the message objects, push the reply and its objects, with the same poll cap,
+  pull back-off (patches.install_fast_poll) and idle back-off (`IdlePoller`, with
+  ``--idle-backoff``) as pqfed's SuperNodes;
 * pqfed's client mod chain unchanged (`mods.client_mods()`: model-signature check where
   required, compressed-broadcast decoding, delta + top-k/int8 with error feedback, ML-DSA
   signature bound to job, round and weight), around a training handler that does not train.
@@ -45,6 +46,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pqfed.services.flower.polling import IdlePoller
+from pqfed.services.flower.settings import IdleBackoff
 
 log = logging.getLogger("pqfed.capacity")
 
@@ -144,9 +148,9 @@ def _misbehave(plan: ClientPlan, reply: Any) -> None:
 
 
 def run_client(plan: ClientPlan, port: int, spec_json_path: Path, poll: float,
-               stop: threading.Event) -> None:
+               stop: threading.Event, backoff: IdleBackoff | None = None) -> None:
     """One client's Fleet loop (as flower-supernode's worker loop, with the ClientApp run in
-    this thread instead of a forked process)."""
+    this thread instead of a forked process; idle polls as its `SuperNodeIdleBackoff`)."""
     from flwr.app import Context, Message, RecordDict
     from flwr.common.config import get_fused_config_from_fab
     from flwr.supercore.inflatable.inflatable_object import (
@@ -165,13 +169,16 @@ def run_client(plan: ClientPlan, port: int, spec_json_path: Path, poll: float,
     node_config: dict[str, Any] = {"partition-id": plan.index, "num-partitions": 1,
                                    "identity-dir": str(plan.identity_dir)}
     context: Context | None = None
+    poller = IdlePoller(poll, backoff, time.monotonic()) if backoff is not None else None
     with http_request_response(f"127.0.0.1:{port}", insecure=True) as conn:
         node_id, receive, send, get_run, get_fab, pull_object, push_object, confirm = conn
         while not stop.is_set():
             got = receive()
             if got is None:
-                stop.wait(poll)
+                stop.wait(poller.empty_poll(time.monotonic()) if poller else poll)
                 continue
+            if poller:
+                poller.activity(time.monotonic())
             head, tree = got
             run_id = head.metadata.run_id
             if context is None:
@@ -204,6 +211,8 @@ def run_client(plan: ClientPlan, port: int, spec_json_path: Path, poll: float,
                 ids, session = send(reply, reply_tree, time.perf_counter() - t0)
                 push_objects(objects, partial(push_object, run_id, session),
                              object_ids_to_push=ids)
+            if poller:
+                poller.activity(time.monotonic())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group", default="X25519_MLKEM768")
     p.add_argument("--poll", type=float, default=0.1,
                    help="Fleet poll interval (pqfed SuperNodes: 0.1 s)")
+    p.add_argument("--idle-backoff", default=None, metavar="WINDOW,CAP,FACTOR",
+                   help="idle polls back off as pqfed's SuperNodes (FlowerTuning.idle_backoff);"
+                        " without it every empty poll waits --poll")
     p.add_argument("--tamper", type=int, action="append", default=[])
     p.add_argument("--replay", type=int, action="append", default=[])
     p.add_argument("--spec", default="", help="(unused) the job spec")
@@ -225,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     from pqfed.services import install_fast_poll
 
     install_fast_poll(args.poll)  # what `pqfed fl client` runs its SuperNode with
+    backoff = IdleBackoff.from_arg(args.idle_backoff) if args.idle_backoff else None
     first, count = (int(x) for x in args.indices.split(":"))
     base = Path(args.identities)
     plans = [ClientPlan(i, base / f"client-{i}", tamper=i in args.tamper,
@@ -237,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = []
     for plan in plans:
         t = threading.Thread(target=_guarded, args=(plan, ports[plan.index], Path(args.spec),
-                                                    args.poll, stop),
+                                                    args.poll, stop, backoff),
                              daemon=True, name=f"client-{plan.index}")
         t.start()
         threads.append(t)
@@ -252,9 +265,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _guarded(plan: ClientPlan, port: int, spec: Path, poll: float,
-             stop: threading.Event) -> None:
+             stop: threading.Event, backoff: IdleBackoff | None) -> None:
     try:
-        run_client(plan, port, spec, poll, stop)
+        run_client(plan, port, spec, poll, stop, backoff)
     except BaseException as exc:  # a client thread reports and ends (SystemExit too)
         if not stop.is_set():
             log.error("client-%d ended: %s: %s", plan.index, type(exc).__name__, exc)

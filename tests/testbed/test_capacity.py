@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pqfed.testbed.bench.capacity import (
+    VARIANTS,
     CapacityRun,
     CapacitySettings,
     bootstrap_ci,
@@ -69,4 +70,17 @@ def test_summary_statistics_and_report() -> None:
     assert row["latency_median"] == 2.5
     assert row["cpu_per_client_ms"] == pytest.approx(100.0)
     text = report([row], {"1000": "clients: exited"})
-    assert "| 10 | 2 | 2.50" in text and "| 1000 | - | did not complete" in text
+    assert "| 10 | after | 2 | 2.50" in text and "| 1000 | - | - | did not complete" in text
+
+
+def test_variants_are_summarized_apart_in_a_fixed_order() -> None:
+    rnd = {"seconds": 2.0, "cpu_seconds": 1.0, "peak_pss_mib": 500.0, "accepted": 10,
+           "rejected": 0, "load_1m": 1.5, "dispatch_seconds": 0.1, "server_seconds": 0.2}
+    runs = [{"clients": 10, "variant": "after", "rounds": [rnd, rnd]},
+            {"clients": 10, "variant": "before", "rounds": [rnd, {**rnd, "cpu_seconds": 4.0}]}]
+    rows = summarize(runs)
+    assert [(r["clients"], r["variant"]) for r in rows] == [(10, "before"), (10, "after")]
+    assert [r["cpu_median"] for r in rows] == [4.0, 1.0]
+    assert set(VARIANTS) == {"before", "backoff", "asgi", "after"}
+    assert not VARIANTS["before"].idle_backoff and VARIANTS["before"].superlink_middleware == "stock"
+    assert VARIANTS["after"].idle_backoff and VARIANTS["after"].superlink_middleware == "asgi"

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from pqfed.services.flower import IdleBackoff
 from pqfed.services.flower import patches as fp
 
 REPO = Path(__file__).resolve().parents[3]
@@ -28,6 +29,10 @@ def _setting(patch: fp.FlowerPatch[Any]) -> Any:
         return "httptools"
     if patch is fp.PEER_BINDING:
         return b"X-Pqfed-Peer"
+    if patch is fp.SUPERNODE_IDLE_BACKOFF:
+        return (0.1, IdleBackoff())
+    if patch is fp.SUPERLINK_ASGI_MIDDLEWARE:
+        return None
     return 0.1
 
 
@@ -184,6 +189,7 @@ def test_throttled_runs_once_per_interval_per_instance() -> None:
 # Runs in a fresh interpreter: the patches are process-wide and must not leak into other tests.
 _INSTALL_CHECK = """
 import contextlib, json
+from pqfed.services.flower import IdleBackoff
 from pqfed.services.flower import patches as fp
 from flwr.supercore.corestate.sql_corestate import SqlCoreState
 from flwr.supercore.inflatable import inflatable_utils
@@ -233,3 +239,60 @@ def test_install_fast_poll_patches_every_target_once() -> None:
     assert out["poll"] == 0.1
     assert out["backoff"] == [0.1, 0.1, None]
     assert out["sweep"] and out["store"]
+
+
+# The SuperNode's loop as flwr 1.42 runs it: pull (None: nothing for the node), then the idle
+# `time.sleep(3)`; after a message, `_push_messages`. Fresh interpreter, as above.
+_IDLE_CHECK = """
+import json, time
+from pqfed.services.flower import patches as fp
+from pqfed.services.flower.settings import IdleBackoff
+from flwr.supernode import start_client_internal as sci
+
+fp.install_fast_poll(0.1)
+assert fp.install_idle_backoff(0.1, IdleBackoff(window_s=1.0, cap_s=0.4, factor=2.0))
+assert fp.install_idle_backoff(0.1, IdleBackoff())  # again: nothing wrapped twice
+clock = sci.time
+poller = clock.poller
+def empty_pull():
+    return sci._pull_and_store_message(
+        state=None, object_store=None, node_config={}, receive=lambda: None, get_run=None,
+        get_fab=None, pull_object=None, confirm_message_received=None, trusted_entities=None)
+waits = []
+assert empty_pull() is None
+waits.append(poller.take_pending())
+poller.last_activity -= 10  # idle for 10 s: back off
+for _ in range(4):
+    empty_pull()
+    waits.append(poller._pending)
+    clock.sleep(3)  # the loop's idle sleep consumes the poller's wait
+    waits.append(poller._pending)
+class Failing:
+    def get_messages_legacy(self, is_reply):
+        raise RuntimeError("stop")
+try:
+    sci._push_messages(state=Failing(), object_store=None, send=None, push_object=None)
+except RuntimeError:
+    pass
+empty_pull()
+after_push = poller.take_pending()
+for patch in fp.ALL_PATCHES:
+    for target in patch.targets:
+        target.resolve(fp.PINNED_FLWR_VERSION)
+print(json.dumps({"clock": type(clock).__name__, "waits": waits, "after_push": after_push,
+                  "once": not hasattr(sci._pull_and_store_message.__wrapped__, "__wrapped__")}))
+"""
+
+
+def test_idle_backoff_drives_the_supernode_loops_idle_sleep() -> None:
+    res = subprocess.run([sys.executable, "-c", _IDLE_CHECK], capture_output=True,
+                         text=True, timeout=120, check=True)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["clock"] == "IdleBackoffTime"  # still a WakeableTime for the reply wait
+    waits = out["waits"]
+    assert waits[0] == 0.1  # just started: fast
+    # each empty pull decides a wait (doubling to the 0.4 s cap), the idle sleep takes it
+    assert waits[1::2] == [0.2, 0.4, 0.4, 0.4]
+    assert waits[2::2] == [None] * 4
+    assert out["after_push"] == 0.1  # a pushed reply (even a failed push) resets to fast
+    assert out["once"]

@@ -1,0 +1,119 @@
+"""The SuperLink's middlewares as pure ASGI (services/flower/patches.py,
+`SuperLinkAsgiMiddleware`) keep Flower's checks and responses: on a real SuperLink, with the
+stock stack and with the ASGI one, a Fleet request without node authentication, with a forged
+signature, or signed by another key than the node it names is refused with the same 401;
+Flower's own SuperNode client registers and pulls; the Control API answers."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pqfed.services import flower as fr
+from pqfed.services.ports import free_port
+
+FLEET = "/v1/fleet/pull-messages"
+PROTOBUF = {"Content-Type": "application/protobuf"}
+
+
+@pytest.fixture(scope="module", params=["stock", "asgi"])
+def superlink(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[tuple[str, str]]:
+    stack = str(request.param)
+    link = fr.SuperLinkProcess(tmp_path_factory.mktemp(f"link-{stack}"), free_port(),
+                               tuning=fr.FlowerTuning(poll_cap=0.5, superlink_middleware=stack))
+    try:
+        link.start().wait_ready(90)
+        yield stack, link.address
+    finally:
+        link.stop()
+
+
+def test_the_asgi_stack_is_what_the_superlink_runs(superlink: tuple[str, str],
+                                                   tmp_path: Path) -> None:
+    stack, _ = superlink
+    cmd = fr.SuperLinkProcess(tmp_path, 1, tuning=fr.FlowerTuning(
+        poll_cap=0.5, superlink_middleware=stack)).command()
+    assert ("--superlink-middleware" in cmd) == (stack == "asgi")
+
+
+def _pull_request(node_id: int) -> bytes:
+    from flwr.proto.fleet_pb2 import PullMessagesRequest  # type: ignore[attr-defined]
+    from flwr.proto.node_pb2 import Node  # type: ignore[attr-defined]
+
+    return bytes(PullMessagesRequest(node=Node(node_id=node_id)).SerializeToString())
+
+
+def _signed_headers(private_key: object, public_key: object) -> dict[str, str]:
+    """The headers Flower's SuperNode client signs (NodeAuthHttpInterceptor), for a key."""
+    from flwr.common.constant import TIMESTAMP_HEADER
+    from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
+    from flwr.supercore.date import now
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
+
+    timestamp = now().isoformat()
+    signature = sign_message(private_key, timestamp.encode("ascii"))  # type: ignore[arg-type]
+    return {
+        FLEET_HTTP_PUBLIC_KEY_HEADER: base64.b64encode(
+            public_key_to_bytes(public_key)).decode("ascii"),  # type: ignore[arg-type]
+        TIMESTAMP_HEADER: timestamp,
+        FLEET_HTTP_SIGNATURE_HEADER: base64.b64encode(signature).decode("ascii"),
+    }
+
+
+def test_flowers_client_registers_pulls_and_the_control_api_answers(
+        superlink: tuple[str, str]) -> None:
+    from flwr.supernode.fleet_http_connection import http_request_response
+
+    _, address = superlink
+    with http_request_response(address, insecure=True) as conn:
+        node_id, receive, *_ = conn
+        assert receive() is None  # authenticated pull: nothing queued for this node
+        assert node_id in fr.list_nodes(address)  # Control API through its middlewares
+
+
+def test_unauthenticated_and_forged_fleet_requests_are_refused_alike(
+        superlink: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """No auth headers, a forged signature, and a valid signature by a key that is not the
+    named node's: each 401 with Flower's body, on the stock and on the ASGI stack."""
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs
+    from flwr.supernode import fleet_http_connection
+
+    _, address = superlink
+    url = f"http://{address}{FLEET}"
+    from flwr.supercore.constant import FLEET_HTTP_SIGNATURE_HEADER
+
+    keys = generate_key_pairs()
+    # the client self-registers with a key it generates: this test keeps a copy of it
+    monkeypatch.setattr(fleet_http_connection, "generate_key_pairs", lambda: keys)
+    with fleet_http_connection.http_request_response(address, insecure=True) as conn:
+        victim = conn[0]
+        body = _pull_request(victim)
+        own = httpx.post(url, content=body, headers={**PROTOBUF, **_signed_headers(*keys)})
+        bare = httpx.post(url, content=body, headers=PROTOBUF)
+        # the victim's public key, a signature its private key did not make
+        forged = {**_signed_headers(*keys),
+                  FLEET_HTTP_SIGNATURE_HEADER: base64.b64encode(b"\0" * 70).decode()}
+        forged_sig = httpx.post(url, content=body, headers={**PROTOBUF, **forged})
+        # a valid signature, by a key that is not the victim's
+        other_key = httpx.post(url, content=body, headers={
+            **PROTOBUF, **_signed_headers(*generate_key_pairs())})
+    assert own.status_code == 200, own.text  # the node itself is served
+    for response in (bare, forged_sig, other_key):
+        assert response.status_code == 401, response.text
+        assert response.json() == {"detail": "Invalid SuperNode authentication"}
+
+
+def test_a_bad_protobuf_body_gets_flowers_error_response(superlink: tuple[str, str]) -> None:
+    """An error raised below the error translator (here: protobuf parsing) becomes the same
+    JSON error response with either stack."""
+    _, address = superlink
+    bad = httpx.post(f"http://{address}{FLEET}", content=b"\xff\xff\xff", headers=PROTOBUF)
+    wrong_type = httpx.post(f"http://{address}{FLEET}", content=b"",
+                            headers={"Content-Type": "text/plain"})
+    assert bad.status_code == 400 and "code" in bad.json()
+    assert wrong_type.status_code in (400, 415) and "code" in wrong_type.json()
