@@ -14,7 +14,10 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pqfed.services.fl_node import IDLE_BACKOFF
     from pqfed.services.flower.patches import install_fast_poll
+    from pqfed.services.flower.polling import IdlePoller
+    from pqfed.services.flower.settings import IdleBackoff
     from pqfed.services.hierarchy import edge_members, edge_node_id, edge_of
     from pqfed.services.labels import (
         INDEX_LABEL,
@@ -82,6 +85,9 @@ EXPORTS: dict[str, str] = {
                     "pqfed.services.records"),
     "client_mods": "pqfed.services.mods",
     "install_fast_poll": "pqfed.services.flower.patches",
+    "IDLE_BACKOFF": "pqfed.services.fl_node",
+    "IdlePoller": "pqfed.services.flower.polling",
+    "IdleBackoff": "pqfed.services.flower.settings",
     **dict.fromkeys(("run_local", "Interrupted"), "pqfed.services.runner"),
 }
 
@@ -93,6 +99,7 @@ __all__ = [
     "FLEET_PATH_PREFIX",
     "FLEET_PORT",
     "IDENTITY_DIR",
+    "IDLE_BACKOFF",
     "INDEX_LABEL",
     "JOB_LABEL",
     "KIND",
@@ -116,6 +123,8 @@ __all__ = [
     "TESTBED_LABEL",
     "UPDATE_KEY",
     "FederationJobSpec",
+    "IdleBackoff",
+    "IdlePoller",
     "Interrupted",
     "JobSpecError",
     "SpecRule",

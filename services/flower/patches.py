@@ -50,6 +50,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pqfed.services.flower.polling import IdlePoller
 from pqfed.services.flower.settings import IdleBackoff
+from pqfed.services.node_defaults import FLEET_PATH_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -805,7 +806,7 @@ class SuperLinkAsgiMiddleware(FlowerPatch[None]):
         def fleet_event_log(scope: Any) -> bool:
             app = scope.get("app")
             plugin = getattr(getattr(app, "state", None), "fleet_event_log_plugin", None)
-            return str(scope["path"]).startswith("/v1/fleet/") and plugin is not None
+            return str(scope["path"]).startswith(FLEET_PATH_PREFIX) and plugin is not None
 
         class OnlyWhere:
             """Runs ``inner`` (a stock middleware, unchanged) for the HTTP requests where
@@ -865,7 +866,7 @@ class SuperLinkAsgiMiddleware(FlowerPatch[None]):
                 self.app = app
 
             async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-                if scope["type"] == "http" and str(scope["path"]).startswith("/v1/fleet/"):
+                if scope["type"] == "http" and str(scope["path"]).startswith(FLEET_PATH_PREFIX):
                     request = Request(scope, receive)
                     parsed = getattr(request.state, "protobuf_request", None)
                     if isinstance(parsed, ProtobufMessage):

@@ -287,7 +287,7 @@ class CapacityRun:
                     "--identities", str(ids), "--indices", f"{first}:{count}",
                     "--aggregator", f"127.0.0.1:{secure}", "--poll", str(s.poll)]
             if variant.idle_backoff:
-                from pqfed.services.fl_node import IDLE_BACKOFF
+                from pqfed.services import IDLE_BACKOFF
 
                 argv += ["--idle-backoff", IDLE_BACKOFF.to_arg()]
             for i in s.tamper:

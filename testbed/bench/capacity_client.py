@@ -47,8 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from pqfed.services.flower.polling import IdlePoller
-from pqfed.services.flower.settings import IdleBackoff
+from pqfed.services import IdleBackoff, IdlePoller
 
 log = logging.getLogger("pqfed.capacity")
 

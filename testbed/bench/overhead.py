@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="runs per variant (alternating)")
     p.add_argument("--out", default="results/bench-overhead")
     args = p.parse_args(argv)
-    from pqfed.services.runner import run_local
+    from pqfed.services import run_local
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
