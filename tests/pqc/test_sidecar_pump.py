@@ -267,6 +267,7 @@ def test_no_thread_or_descriptor_outlives_its_channel(tmp_path: Path, pki: X509P
         app = await asyncio.start_server(_echo_app, "127.0.0.1", 0)
         server, client, entry = await _start_pair(tmp_path, pki, app_port(app))
         before = 0
+        held: list[object] = []
         for i in range(6):  # the first one warms up what lives on (the loop's executor)
             if i == 1:
                 gc.collect()
@@ -275,6 +276,9 @@ def test_no_thread_or_descriptor_outlives_its_channel(tmp_path: Path, pki: X509P
             w.write(b"x" * 300_000)
             assert await asyncio.wait_for(r.readexactly(300_000), 30) == b"x" * 300_000
             assert len(_pump_threads()) == 4  # two per channel, each sidecar
+            # Held here, the channels cannot take their sockets with them when collected:
+            # what is closed below was closed by the sidecar.
+            held.extend([*server._channels, *client._channels])
             w.close()
             for _ in range(100):
                 await asyncio.sleep(0.05)
@@ -285,6 +289,7 @@ def test_no_thread_or_descriptor_outlives_its_channel(tmp_path: Path, pki: X509P
         assert _sample(client, "pqfed_pump_channels") == 0
         await asyncio.sleep(0.2)
         assert _fds() == before  # closed, not left to the garbage collector
+        assert len(held) == 12
         for sidecar in (client, server):
             await sidecar.stop()
         app.close()
