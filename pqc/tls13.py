@@ -631,12 +631,12 @@ class TlsStream:
             try:
                 n = self._sock.recv_into(self._inbuf)
             except OSError as exc:
-                if self._stopped:
-                    raise RecordError("stopped", "reading was stopped") from None
+                if self._stopped or self._aborted:
+                    raise self._ended() from None
                 raise self._fail(RecordError("connection", f"receive failed: {exc}")) from None
             if not n:
-                if self._stopped:
-                    raise RecordError("stopped", "reading was stopped")
+                if self._stopped or self._aborted:
+                    raise self._ended()
                 raise self._fail(RecordError(
                     "close", "connection ended without close_notify (truncation)"))
             self.bytes_received += n
@@ -659,7 +659,8 @@ class TlsStream:
 
     def stop_reading(self) -> None:
         """Wakes a thread blocked in `recv`: it raises RecordError('stopped') (nothing is
-        aborted or logged) instead of waiting for more records."""
+        aborted or logged) instead of waiting for more records. After `abort`, `recv`
+        raises RecordError('aborted') alike."""
         self._stopped = True
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RD)
@@ -683,6 +684,13 @@ class TlsStream:
         """Closes the descriptor; call once both pump threads have returned."""
         self._closed = True
         self._sock.close()
+
+    def _ended(self) -> RecordError:
+        """What `recv` raises once reading was stopped or the channel aborted from outside
+        (a revocation): the caller's doing, so not logged or counted as a failure."""
+        if self._aborted:
+            return RecordError("aborted", "the channel was aborted")
+        return RecordError("stopped", "reading was stopped")
 
     def _fail(self, exc: PqcError) -> PqcError:
         if not self._aborted:

@@ -93,7 +93,7 @@ def _channel_to_app(stream: TlsStream, app: socket.socket, http: HttpRequestFilt
         with contextlib.suppress(PqcError, OSError):
             stream.send(forbidden_response(exc.reason))
     except RecordError as exc:
-        if not stream.stopped:
+        if exc.field not in ("stopped", "aborted"):  # those two: ended from outside
             metrics.failures.labels("record", exc.field).inc()
     except PqcError as exc:
         metrics.failures.labels("record", type(exc).__name__).inc()
