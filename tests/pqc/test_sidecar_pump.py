@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from pqfed.cli import build_parser
+from pqfed.pqc.cli import sidecar_config
 from pqfed.pqc.identity import Role
 from pqfed.pqc.sidecar import Endpoint, Route, Sidecar, SidecarConfig
 from pqfed.pqc.sidecar.config import ChannelProtocolName, ConfigError, DataPath
@@ -354,3 +356,12 @@ def test_data_path_config_names_the_field() -> None:
         with pytest.raises(ConfigError) as err:
             SidecarConfig.from_mapping({**base, **bad})
         assert err.value.field == fld
+    args = build_parser().parse_args(["sidecar", "--protocol", "tls13", "--data-path",
+                                      "asyncio", "--max-pump-channels", "3", "--route",
+                                      "127.0.0.1:1=h:2"])
+    cfg = sidecar_config(args)
+    assert cfg.data_path is DataPath.EVENT_LOOP and cfg.max_pump_channels == 3
+    with pytest.raises(ConfigError) as err:
+        sidecar_config(build_parser().parse_args(["sidecar", "--data-path", "threads",
+                                                  "--route", "127.0.0.1:1=h:2"]))
+    assert err.value.field == "dataPath" and "protocol tls13" in str(err.value)
