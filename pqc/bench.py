@@ -360,10 +360,12 @@ def _wait_live(admin_port: int, timeout: float = 30) -> None:
     raise TimeoutError(f"sidecar admin port {admin_port} never answered /healthz")
 
 
-def _sidecar_pair(d: Path, protocol: str) -> tuple[int, int, list[subprocess.Popen[bytes]]]:
-    """A client and an aggregator sidecar (`pqfed sidecar`, each its own process) speaking
-    `protocol`; returns the client's plaintext entry port, the sink port the aggregator
-    forwards to, and the processes."""
+def _sidecar_pair(d: Path, variant: str) -> tuple[int, int, list[subprocess.Popen[bytes]]]:
+    """A client and an aggregator sidecar (`pqfed sidecar`, each its own process) of
+    `variant` (a protocol, or `tls13-asyncio`: TLS 1.3 with `--data-path asyncio`); returns
+    the client's plaintext entry port, the sink port the aggregator forwards to, and the
+    processes."""
+    protocol, _, data_path = variant.partition("-")
     d.mkdir()
     if protocol == "tls13":
         from pqfed.pqc.pki import NodeURI, X509CertificateAuthority
@@ -387,6 +389,8 @@ def _sidecar_pair(d: Path, protocol: str) -> tuple[int, int, list[subprocess.Pop
             "--log-level", "warning"]
     if protocol != "pqfed1":  # the default; trees from before --protocol have only it
         base += ["--protocol", protocol]
+    if data_path:
+        base += ["--data-path", data_path]
     procs = [
         subprocess.Popen([*base, "--cert", str(d / "agg.crt"), "--key", str(d / "agg.key"),
                           "--listen", f"127.0.0.1:{secure}", "--upstream",
@@ -405,17 +409,21 @@ def _sidecar_pair(d: Path, protocol: str) -> tuple[int, int, list[subprocess.Pop
     return entry, sink, procs
 
 
-THROUGHPUT_VARIANTS = ("direct", "plaintext", "pqfed1", "tls13")
-SIDECAR_VARIANTS = ("pqfed1", "tls13")
+THROUGHPUT_VARIANTS = ("direct", "plaintext", "pqfed1", "tls13-asyncio", "tls13")
+# tls13-asyncio: TLS 1.3 with its data path on the event loop (`--data-path asyncio`, the
+# path before pump threads), for the comparison in one run.
+SIDECAR_VARIANTS = ("pqfed1", "tls13-asyncio", "tls13")
 
 
 def sidecar_variants() -> tuple[str, ...]:
-    """The channel protocols this tree's sidecar speaks (`make bench-regress` runs this
-    driver against older trees, whose sidecar has only pqfed1)."""
-    try:
-        import pqfed.pqc.sidecar.protocols  # noqa: F401
-    except ImportError:
+    """The sidecar variants this tree has (`make bench-regress` runs this driver against
+    older trees, whose sidecar has only pqfed1, or TLS 1.3 on the event loop only)."""
+    from importlib.util import find_spec
+
+    if find_spec("pqfed.pqc.sidecar.protocols") is None:
         return SIDECAR_VARIANTS[:1]
+    if find_spec("pqfed.pqc.sidecar.pump") is None:
+        return ("pqfed1", "tls13")
     return SIDECAR_VARIANTS
 
 
@@ -435,6 +443,7 @@ def bench_throughput(total: int, runs: int = 5) -> dict[str, Any]:
     each run starting with the next variant; ratios are taken within a run. Direct TCP
     (source straight to sink) is measured in the same turns as the ceiling."""
     res: dict[str, Any] = {"bytes": total, "runs": runs}
+    load_start = os.getloadavg()[0]
     ctx = get_context("spawn")
     entries: dict[str, tuple[int, int]] = {}
     relays: list[Any] = []
@@ -455,11 +464,11 @@ def bench_throughput(total: int, runs: int = 5) -> dict[str, Any]:
             # sidecar pairs: source -> client sidecar -> channel -> aggregator sidecar -> sink
             pids: dict[str, tuple[int, int]] = {
                 "plaintext": (int(relays[0].pid or 0), int(relays[1].pid or 0))}
-            for protocol in sidecar_variants():
-                entry, sink, procs = _sidecar_pair(Path(tmp) / protocol, protocol)
+            for variant in sidecar_variants():
+                entry, sink, procs = _sidecar_pair(Path(tmp) / variant, variant)
                 sidecars += procs
-                entries[protocol] = (entry, sink)
-                pids[protocol] = (procs[0].pid, procs[1].pid)
+                entries[variant] = (entry, sink)
+                pids[variant] = (procs[0].pid, procs[1].pid)
             import psutil
 
             variants = ("direct", "plaintext", *sidecar_variants())
@@ -494,6 +503,8 @@ def bench_throughput(total: int, runs: int = 5) -> dict[str, Any]:
                 proc.wait(10)
             for p in relays:
                 p.terminate()
+    # The host's 1-minute load average, start and end: the wall-clock rates depend on it.
+    res["load"] = f"{load_start:.1f}, {os.getloadavg()[0]:.1f} ({usable_cpus()} CPUs)"
     res["Bps"] = {v: _spread(x) for v, x in samples.items()}
     # CPU of the two middle processes (relays or sidecars) per MiB carried: steadier than
     # wall-clock rates on a shared host.
@@ -510,7 +521,8 @@ def throughput_report(t: dict[str, Any]) -> str:
     names = {"direct": "direct TCP, no relay (ceiling)",
              "plaintext": "plaintext relay pair (baseline)",
              "pqfed1": "sidecar pair, pqfed1 (X25519+ML-KEM-768, AES-256-GCM)",
-             "tls13": "sidecar pair, TLS 1.3 (X25519MLKEM768, AES-256-GCM)"}
+             "tls13-asyncio": "sidecar pair, TLS 1.3, data path on the event loop",
+             "tls13": "sidecar pair, TLS 1.3 (X25519MLKEM768, AES-256-GCM), pump threads"}
     lines = [f"{t['runs']} runs of {t['bytes'] >> 20} MiB each, variants in turn; cells: "
              "median (min-max)", "", "| channel | MB/s | / plaintext relays, same run | "
              "/ direct TCP, same run | CPU of the two relays or sidecars, ms per MiB |",
@@ -530,6 +542,8 @@ def throughput_report(t: dict[str, Any]) -> str:
                      f"{b['max'] / 1e6:.0f}) | {pct(t['ratio'].get(v))} | "
                      f"{pct(t['ratio_of_direct'].get(v))} | {cost} |")
     rss = t["sidecar_rss_mib"]
+    if "load" in t:
+        lines += ["", f"Load average (1 min) at the start and the end: {t['load']}"]
     lines += ["", "RSS (MiB): " + "; ".join(
         f"{p}: {v['aggregator']:.0f} + {v['client']:.0f}" for p, v in rss.items())]
     return "\n".join(lines) + "\n"

@@ -116,6 +116,7 @@ def sidecar_config(args: argparse.Namespace) -> SidecarConfig:
     """The sidecar's config from `pqfed sidecar` flags, or from --config YAML."""
     from pqfed.pqc.sidecar.config import (
         ChannelProtocolName,
+        DataPath,
         Endpoint,
         Route,
         SidecarConfig,
@@ -140,6 +141,8 @@ def sidecar_config(args: argparse.Namespace) -> SidecarConfig:
         crl=Path(args.crl) if args.crl else None,
         reload_interval_s=args.reload_interval,
         protocol=ChannelProtocolName.parse(args.protocol, "--protocol"),
+        data_path=DataPath.parse(args.data_path, "--data-path"),
+        max_pump_channels=args.max_pump_channels,
     )
 
 
@@ -253,6 +256,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                          "DEFAULT_PROTOCOL, pqfed1): pqfed1 (pqfed certificates) or tls13 "
                          "(TLS 1.3; --cert/--key/--ca/--crl are then X.509 PEM: ML-DSA-65 "
                          "certificate, PKCS#8 key, X.509 CA, X.509 CRL)")
+    sc.add_argument("--data-path", default=None, choices=["threads", "asyncio"],
+                    help="where channel data moves: threads (two pump threads per channel, "
+                         "tls13 only; its default) or asyncio (the event loop; pqfed1's)")
+    sc.add_argument("--max-pump-channels", type=int, default=64,
+                    help="channels on pump threads at most; more stay on the event loop")
     sc.add_argument("--log-level", default="info")
     sc.add_argument("--backend", choices=["auto", "pyca", "liboqs"],
                     help="crypto backend (default: $PQFED_CRYPTO_BACKEND, else auto)")

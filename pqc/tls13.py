@@ -24,12 +24,22 @@ every core.
 In TLS 1.3 the client's handshake completes before the server has judged the client's
 certificate (RFC 8446 §4.4.2, §4.6.3): a client refused by the server learns it from the alert
 on its first `recv` (HandshakeError('peer_alert')), the server from its own handshake.
+
+Bulk data can leave the event loop: `TlsChannel.detach` hands an established channel's socket
+and OpenSSL connection to a `TlsStream`, whose blocking `send`/`recv` run in pump threads
+(pqfed.pqc.sidecar.pump) with large preallocated buffers; OpenSSL and the socket calls release
+the GIL. The module stays one (past 500 lines) because both paths share the connection, its
+memory BIOs and the record and error handling below.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -67,6 +77,9 @@ SIGNATURE_ALGORITHMS = "mldsa65"
 CIPHERSUITES = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 READ_CHUNK = 1 << 16
 WRITE_CHUNK = 1 << 16
+# A TlsStream's buffers (allocated once per stream, so glibc's mmap threshold does not apply):
+# one socket read, one SSL_write and the plaintext of one `recv` at most.
+BULK_CHUNK = 1 << 18
 # RFC 8446 §5.2: a TLS 1.3 record carries at most 2^14 bytes of plaintext and adds a 5-byte
 # header, the inner content type (1 byte) and the AEAD tag (16 bytes for both our suites).
 RECORD_PLAINTEXT = 1 << 14
@@ -309,6 +322,7 @@ class TlsChannel:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._plaintext = _PlaintextReader()
+        self._stream: TlsStream | None = None
 
     @property
     def peername(self) -> str:
@@ -382,7 +396,24 @@ class TlsChannel:
 
     def abort(self) -> None:
         self._closed = True
-        self._writer.transport.abort()
+        if self._stream is not None:
+            self._stream.abort()
+        else:
+            self._writer.transport.abort()
+
+    def detach(self) -> TlsStream | None:
+        """Takes the channel off the event loop: its socket (blocking from now on), the OpenSSL
+        connection and whatever the stream reader had buffered go to a `TlsStream` for pump
+        threads; `abort` then aborts the stream. None (and the channel stays as it was) while
+        records still wait in the transport's write buffer or the socket is gone."""
+        if self._closed or self._stream is not None:
+            return None
+        taken = take_socket(self._reader, self._writer)
+        if taken is None:
+            return None
+        sock, buffered = taken
+        self._stream = TlsStream(sock, self._conn, buffered, self.peer.node_id)
+        return self._stream
 
     async def _fail(self, exc: PqcError) -> NoReturn:
         log.warning("closing TLS channel to %s (%s): %s", self.peer.node_id, self.peername, exc)
@@ -411,8 +442,9 @@ class _PlaintextReader:
     gives at most one record's plaintext) and copies it out; a bulk transfer then pays a
     Python round trip, an allocation, a copy and (at the end) an exception per 16 KiB. Here
     SSL_read writes straight into one buffer, record after record, and the caller gets one
-    `bytes` copy. Its error handling stays pyOpenSSL's (`_raise_ssl_error`): this class and
-    `set_groups`/`set_signature_algorithms` are the only places reaching past pyOpenSSL's
+    `bytes` copy (`read`), or none (`read_into`, for `TlsStream`). Its error handling stays
+    pyOpenSSL's (`_raise_ssl_error`): this class, `TlsStream` (the connection's memory BIOs)
+    and `set_groups`/`set_signature_algorithms` are the only places reaching past pyOpenSSL's
     public API (pinned: pyOpenSSL 26.4)."""
 
     def __init__(self, size: int = READ_CHUNK) -> None:
@@ -423,6 +455,16 @@ class _PlaintextReader:
     def read(self, conn: SSL.Connection) -> bytes:
         """The plaintext available now (b"" if none); raises SSL.Error (ZeroReturnError for
         close_notify) once the data before it has been returned."""
+        got = self.read_into(conn)
+        return bytes(memoryview(self._buf)[:got]) if got else b""
+
+    @property
+    def buffer(self) -> memoryview:
+        return memoryview(self._buf)
+
+    def read_into(self, conn: SSL.Connection) -> int:
+        """Decrypts what it can into `buffer`; returns how many bytes (0 if none). Errors as
+        `read`."""
         if self._error is not None:
             raise self._error
         ssl = conn._ssl  # pyOpenSSL internal: see the class docstring
@@ -441,7 +483,220 @@ class _PlaintextReader:
                     raise
                 self._error = err  # after the data that came before it
             break
-        return bytes(memoryview(self._buf)[:got]) if got else b""
+        return got
+
+
+def take_socket(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                ) -> tuple[socket.socket, bytes] | None:
+    """Takes a connected TCP socket out of asyncio for blocking use in threads: a duplicate
+    of its descriptor, and the bytes the StreamReader had read but nobody consumed. The
+    transport is closed without flushing or shutting down (the duplicate keeps the
+    connection open). None if the transport still holds unsent bytes or the socket is gone.
+
+    asyncio has no public way to read a StreamReader's buffer without waiting; `_buffer` is
+    read once, with reading paused (Python 3.11-3.13 keep it there)."""
+    transport = writer.transport
+    sock = writer.get_extra_info("socket")
+    if (sock is None or not isinstance(transport, asyncio.Transport)
+            or transport.is_closing() or transport.get_write_buffer_size()):
+        return None
+    transport.pause_reading()
+    try:
+        dup = socket.socket(fileno=os.dup(sock.fileno()))
+    except OSError:
+        transport.resume_reading()
+        return None
+    buffered: bytearray = reader._buffer  # type: ignore[attr-defined]  # see the docstring
+    taken = bytes(buffered)
+    buffered.clear()
+    transport.abort()  # closes asyncio's descriptor only: no FIN, no RST
+    dup.setblocking(True)
+    return dup, taken
+
+
+class TlsStream:
+    """An established TLS 1.3 channel's data path for threads: blocking `send` and `recv`
+    on the socket, one thread each way.
+
+    OpenSSL does not allow two threads in one SSL object at once, so every call on it holds
+    `_ssl_lock`; the socket calls (which block) run outside it, and a second lock keeps the
+    records on the wire in the order OpenSSL produced them (a KeyUpdate answer made while
+    reading goes between data records). The memory BIOs of the handshake stay: data is moved
+    between them and the socket with preallocated BULK_CHUNK buffers, in one call per chunk.
+
+    Semantics as `TlsChannel`: `recv` raises ChannelClosed after the peer's close_notify and
+    RecordError (after aborting) on a bad record or a stream cut without close_notify; `close`
+    sends close_notify; `abort` shuts the socket down, which wakes both threads. The socket's
+    descriptor is closed by `release`, once no thread uses it any more."""
+
+    def __init__(self, sock: socket.socket, conn: SSL.Connection, buffered: bytes,
+                 peer: str, chunk: int = BULK_CHUNK) -> None:
+        self._sock = sock
+        self._conn = conn
+        self._peer = peer
+        self._ssl_lock = threading.Lock()
+        self._wire_lock = threading.Lock()
+        self._chunk = chunk
+        self._inbuf = bytearray(chunk)
+        self._plaintext = _PlaintextReader(chunk)
+        records = -(-chunk // RECORD_PLAINTEXT)
+        self._outbuf = bytearray(chunk + records * RECORD_OVERHEAD + 4096)
+        self._outptr = _ffi.from_buffer(self._outbuf)
+        self._closed = False
+        self._aborted = False
+        self._stopped = False
+        self.bytes_sent = 0
+        self.bytes_received = len(buffered)
+        if buffered:
+            self._bio_write(buffered)
+
+    def _bio_write(self, data: bytes | memoryview) -> None:
+        """Into the incoming memory BIO (pyOpenSSL's `bio_write` takes bytes only)."""
+        with _ffi.from_buffer(data) as ptr:
+            if _lib.BIO_write(self._conn._into_ssl, ptr, len(data)) != len(data):
+                raise RecordError("tls", "the incoming memory BIO refused data")
+
+    def _take_records(self) -> memoryview:
+        """Everything OpenSSL wrote into the outgoing memory BIO; call with _ssl_lock held."""
+        wbio, size, got = self._conn._from_ssl, len(self._outbuf), 0
+        while got < size:
+            n = _lib.BIO_read(wbio, self._outptr + got, size - got)
+            if n <= 0:
+                break
+            got += n
+        view = memoryview(self._outbuf)[:got]
+        if got == size:  # more than one chunk's records (rare): take the rest too
+            rest = _drain_bio(self._conn)
+            if rest:
+                return memoryview(bytes(view) + rest)
+        return view
+
+    def _send_records(self, records: memoryview) -> None:
+        """Sends records taken under _ssl_lock; the caller holds _wire_lock (taken before
+        releasing _ssl_lock, so records leave in the order they were made)."""
+        try:
+            self._sock.sendall(records)
+        except OSError as exc:
+            raise self._fail(RecordError("connection", f"send failed: {exc}")) from None
+        self.bytes_sent += len(records)
+
+    def send(self, data: bytes | memoryview) -> None:
+        """Encrypts and sends all of `data`, one SSL_write and one socket write per chunk."""
+        view = memoryview(data)
+        for off in range(0, len(view), self._chunk):
+            if self._closed:
+                raise ChannelClosed("channel is closed")
+            piece = view[off : off + self._chunk]
+            self._ssl_lock.acquire()
+            try:
+                self._conn.sendall(piece)
+                records = self._take_records()
+                self._wire_lock.acquire()
+            except SSL.Error as err:
+                self._ssl_lock.release()
+                raise self._fail(RecordError("tls", _tls_reason(err))) from None
+            self._ssl_lock.release()
+            try:
+                self._send_records(records)
+            finally:
+                self._wire_lock.release()
+
+    def recv(self) -> memoryview:
+        """The plaintext of every record received so far (at least one byte, up to the
+        chunk), valid until the next `recv`; raises as `TlsChannel.recv`."""
+        while True:
+            self._ssl_lock.acquire()
+            try:
+                got = self._plaintext.read_into(self._conn)
+                answer = self._take_records()  # e.g. a KeyUpdate answer
+                if answer:
+                    self._wire_lock.acquire()
+            except SSL.ZeroReturnError:
+                self._ssl_lock.release()
+                self._closed = True
+                raise ChannelClosed(f"peer {self._peer} closed the channel") from None
+            except SSL.Error as err:
+                self._ssl_lock.release()
+                exc = _handshake_error(err)
+                raise self._fail(RecordError("tls", exc.reason) if exc.field != "peer_alert"
+                                 else exc) from None
+            self._ssl_lock.release()
+            if answer:
+                try:
+                    self._send_records(answer)
+                finally:
+                    self._wire_lock.release()
+            if got:
+                return self._plaintext.buffer[:got]
+            try:
+                n = self._sock.recv_into(self._inbuf)
+            except OSError as exc:
+                if self._stopped or self._aborted:
+                    raise self._ended() from None
+                raise self._fail(RecordError("connection", f"receive failed: {exc}")) from None
+            if not n:
+                if self._stopped or self._aborted:
+                    raise self._ended()
+                raise self._fail(RecordError(
+                    "close", "connection ended without close_notify (truncation)"))
+            self.bytes_received += n
+            with self._ssl_lock:
+                self._bio_write(memoryview(self._inbuf)[:n])
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """close_notify (RFC 8446 §6.1) unless closed or aborted already, then the TCP close
+        (FIN); waits at most `timeout_s` for the socket to take the alert."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(SSL.Error, OSError), self._ssl_lock:
+            self._conn.shutdown()
+            records = bytes(self._take_records())
+            self._sock.settimeout(timeout_s)
+            self._sock.sendall(records)
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR)
+
+    def stop_reading(self) -> None:
+        """Wakes a thread blocked in `recv`: it raises RecordError('stopped') (nothing is
+        aborted or logged) instead of waiting for more records. After `abort`, `recv`
+        raises RecordError('aborted') alike."""
+        self._stopped = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RD)
+
+    @property
+    def stopped(self) -> bool:
+        """`stop_reading` was called."""
+        return self._stopped
+
+    def abort(self) -> None:
+        """Ends the connection without close_notify; blocked `send` and `recv` return."""
+        self._closed = self._aborted = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
+    def release(self) -> None:
+        """Closes the descriptor; call once both pump threads have returned."""
+        self._closed = True
+        self._sock.close()
+
+    def _ended(self) -> RecordError:
+        """What `recv` raises once reading was stopped or the channel aborted from outside
+        (a revocation): the caller's doing, so not logged or counted as a failure."""
+        if self._aborted:
+            return RecordError("aborted", "the channel was aborted")
+        return RecordError("stopped", "reading was stopped")
+
+    def _fail(self, exc: PqcError) -> PqcError:
+        if not self._aborted:
+            log.warning("closing TLS channel to %s: %s", self._peer, exc)
+        self.abort()
+        return exc
 
 
 async def _run_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

@@ -85,6 +85,23 @@ PROBE_PORT: Final = 9902
 DEFAULT_PROTOCOL = ChannelProtocolName.PQFED1
 
 
+class DataPath(enum.Enum):
+    """Where an established channel's bytes are moved (docs/protocol.md, "Data path")."""
+
+    THREADS = "threads"  # two pump threads per channel, OpenSSL on large buffers (tls13 only)
+    EVENT_LOOP = "asyncio"  # the sidecar's event loop, 64 KiB per round (both protocols)
+
+    @classmethod
+    def parse(cls, text: str | None, field_name: str = "dataPath") -> DataPath | None:
+        if text is None:
+            return None
+        try:
+            return cls(text)
+        except ValueError:
+            raise ConfigError(field_name, f"{text!r} is not one of: "
+                              f"{', '.join(p.value for p in cls)}") from None
+
+
 # The TLS 1.3 name of each group the tls13 protocol offers (draft-ietf-tls-ecdhe-mlkem).
 TLS_GROUP_NAMES: dict[Group, str] = {Group.X25519_MLKEM768: "X25519MLKEM768"}
 
@@ -130,8 +147,20 @@ class SidecarConfig:
     crl: Path | None = None
     reload_interval_s: float = 2.0
     protocol: ChannelProtocolName = DEFAULT_PROTOCOL
+    # None: the protocol's own (tls13: threads; pqfed1, whose records are sealed in Python:
+    # the event loop). THREADS bounds its threads: past max_pump_channels channels (two
+    # threads each) a channel stays on the event loop.
+    data_path: DataPath | None = None
+    max_pump_channels: int = 64
 
     def __post_init__(self) -> None:
+        if (self.data_path is DataPath.THREADS
+                and self.protocol is not ChannelProtocolName.TLS13):
+            raise ConfigError("dataPath", "threads needs protocol tls13 (pqfed1 runs on the "
+                              "event loop): drop dataPath or set protocol tls13")
+        if self.max_pump_channels < 0:
+            raise ConfigError("maxPumpChannels", "must be >= 0 (0: every channel on the event "
+                              "loop)")
         if self.protocol is ChannelProtocolName.TLS13:
             bad = [g.name for g in self.groups if g not in TLS_GROUP_NAMES]
             if bad:
@@ -176,6 +205,13 @@ class SidecarConfig:
                               "API: give operatorUpstream instead")
 
     @property
+    def pump_threads(self) -> bool:
+        """Whether established channels move their bytes on pump threads."""
+        if self.data_path is None:
+            return self.protocol is ChannelProtocolName.TLS13
+        return self.data_path is DataPath.THREADS
+
+    @property
     def inbound_peer_roles(self) -> tuple[Role, ...]:
         """Who may open a channel to `listen`: the allowed client roles, and the operator
         when `operator_upstream` is set (its channels go there, limited to GET)."""
@@ -187,7 +223,7 @@ class SidecarConfig:
         known = {"cert", "key", "ca", "listen", "upstream", "routes", "admin", "groups",
                  "suites", "handshakeTimeoutSeconds", "cryptoThreads", "allowPathPrefixes",
                  "operatorUpstream", "maxPendingHandshakes", "probes", "crl",
-                 "reloadIntervalSeconds", "protocol"}
+                 "reloadIntervalSeconds", "protocol", "dataPath", "maxPumpChannels"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(sorted(unknown)[0],
@@ -227,6 +263,9 @@ class SidecarConfig:
             reload_interval_s=float(data.get("reloadIntervalSeconds", 2.0)),
             protocol=ChannelProtocolName.parse(
                 None if data.get("protocol") is None else str(data["protocol"])),
+            data_path=DataPath.parse(
+                None if data.get("dataPath") is None else str(data["dataPath"])),
+            max_pump_channels=int(data.get("maxPumpChannels", 64)),
         )
 
     @classmethod

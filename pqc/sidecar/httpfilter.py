@@ -78,7 +78,7 @@ class HttpRequestFilter:
         self._trailer = 0  # bytes of the current trailer section
         self.requests = 0
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes | memoryview) -> bytes:
         self._buf += data
         out = bytearray()
         while self._buf:

@@ -31,6 +31,12 @@ class SidecarMetrics:
             "pqfed_channels_negotiated", "Channels established, by the protocol version and "
             "key-exchange group they negotiated", ["version", "group"], registry=r)
         self.active = Gauge("pqfed_connections_active", "Open secure channels", registry=r)
+        self.pump_channels = Gauge(
+            "pqfed_pump_channels", "Channels whose data path runs on pump threads (TLS 1.3)",
+            registry=r)
+        self.pump_overflow = Counter(
+            "pqfed_pump_overflow", "Channels kept on the event loop because max_pump_channels "
+            "channels were on pump threads", registry=r)
         self.crl_number = Gauge("pqfed_revocation_list_number",
                                 "Number of the CA revocation list in force (-1: none)",
                                 registry=r)

@@ -30,6 +30,8 @@ from pqfed.pqc.sidecar.config import OPERATOR_PATHS, ConfigError, Endpoint, Rout
 from pqfed.pqc.sidecar.httpfilter import HttpRequestFilter, RequestRejected, forbidden_response
 from pqfed.pqc.sidecar.metrics import SidecarMetrics
 from pqfed.pqc.sidecar.protocols import Channel, ChannelProtocol, Peer, make_protocol
+from pqfed.pqc.sidecar.pump import PumpCapacity, PumpPair
+from pqfed.pqc.tls13 import TlsChannel, take_socket
 
 log = logging.getLogger("pqfed.sidecar")
 PUMP_CHUNK = 1 << 16
@@ -63,6 +65,8 @@ class Sidecar:
         self._pending = 0  # inbound handshakes in progress (not yet authenticated)
         self.ready = False
         self.bound: dict[str, int] = {}
+        self._pumps = (PumpCapacity(config.max_pump_channels, self.metrics)
+                       if config.pump_threads else None)
 
     @property
     def crl_number(self) -> int | None:
@@ -220,6 +224,13 @@ class Sidecar:
     async def _splice(self, channel: Channel, app_r: asyncio.StreamReader,
                       app_w: asyncio.StreamWriter, http: HttpRequestFilter | None = None
                       ) -> None:
+        if (self._pumps is not None and isinstance(channel, TlsChannel)
+                and self._pumps.take()):
+            try:
+                if await self._splice_threads(channel, app_r, app_w, http):
+                    return
+            finally:
+                self._pumps.give()
         self.metrics.active.inc()
         up = asyncio.ensure_future(self._app_to_channel(app_r, channel))
         down = asyncio.ensure_future(self._channel_to_app(channel, app_w, http))
@@ -245,6 +256,39 @@ class Sidecar:
             self.metrics.bytes.labels("tx").inc(channel.bytes_sent)
             self.metrics.bytes.labels("rx").inc(channel.bytes_received)
             self.metrics.active.dec()
+
+    async def _splice_threads(self, channel: TlsChannel, app_r: asyncio.StreamReader,
+                              app_w: asyncio.StreamWriter, http: HttpRequestFilter | None
+                              ) -> bool:
+        """`_splice` on two pump threads (pump.py), with the same outcome rules; False (and
+        nothing changed) if the channel cannot leave the event loop now."""
+        stream = channel.detach()
+        if stream is None:
+            return False
+        taken = take_socket(app_r, app_w)
+        if taken is None:  # the app connection is gone already
+            self.metrics.failures.labels("record", "connection").inc()
+            stream.abort()
+            stream.release()
+            _reset(app_w)
+            return True
+        app, buffered = taken
+        self.metrics.active.inc()
+        pair = PumpPair(stream, app, buffered, http, self.metrics, channel.peer.node_id)
+        self._channels[channel] = (pair.up, pair.down)
+        clean = False
+        try:
+            pair.start()
+            await asyncio.wait({pair.up, pair.down}, return_when=asyncio.FIRST_COMPLETED)
+            clean = (_finished(pair.down) and pair.down.result()) or (
+                _finished(pair.up) and pair.up.result() and not pair.down.done())
+        finally:
+            self._channels.pop(channel, None)
+            await pair.finish(clean, self.config.handshake_timeout_s)
+            self.metrics.bytes.labels("tx").inc(stream.bytes_sent)
+            self.metrics.bytes.labels("rx").inc(stream.bytes_received)
+            self.metrics.active.dec()
+        return True
 
     async def _app_to_channel(self, app_r: asyncio.StreamReader, channel: Channel) -> None:
         while data := await app_r.read(PUMP_CHUNK):
