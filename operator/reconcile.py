@@ -578,9 +578,9 @@ def _revocation_status(job: m.JobRef, spec: FederationJobSpec, new: Manifest,
                                       "True" if revoked else "False",
                                       "Revoked" if revoked else "NothingRevoked",
                                       "; ".join(parts), now)
-    left = spec.clients - sum(1 for n in revoked if n.startswith("client-"))
+    left = spec.total_clients - sum(1 for n in revoked if n.startswith("client-"))
     if left < spec.min_clients:
-        return (f"{left} of {spec.clients} clients left after revoking "
+        return (f"{left} of {spec.total_clients} clients left after revoking "
                 f"{', '.join(revoked)}: fewer than minClients={spec.min_clients}")
     return None
 
@@ -721,7 +721,7 @@ def _merge_progress(new: Manifest, agg: Mapping[str, Any], spec: FederationJobSp
     fresh = [r for r in new["rounds"] if r["round"] > before and r["round"] not in known]
     if current >= 1 and new["rounds"]:
         last = new["rounds"][-1]
-        per_round = spec.clients_per_round or spec.clients
+        per_round = spec.per_round
         got = len(last.get("participants") or [])
         text = (f"round {last['round']}/{total}: accuracy {last.get('accuracy', 0):.4f}, "
                 f"{got}/{per_round} clients aggregated")
