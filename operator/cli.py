@@ -307,3 +307,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     approve.add_argument("--node", required=True, help="the node id the site requested")
     approve.add_argument("--deny", metavar="REASON", help="deny the request instead")
     approve.set_defaults(func=_approve)
+    from pqfed.operator import site
+
+    site.register(sub)
