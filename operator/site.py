@@ -15,7 +15,7 @@ then runs what an operator-run client pod runs, as two host processes:
 No new transport: the aggregator sees one more TLS 1.3 client of its job's CA. Before
 starting, the directory is checked (`check_site`): every file present, the certificate the
 job's CA issued for this key, a client of this job listed in `spec.externalClients`; each
-problem is a `SiteError` naming the file or field and the fix. With `--kubeconfig`/`--job`,
+problem is a `SiteError` naming the file or field and the fix. With `--job`,
 `run` re-fetches the ConfigMap every `--refresh` seconds, so the site's sidecar takes every
 newer CRL the operator publishes (and stays inside its nextUpdate).
 """
@@ -174,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
     from pqfed.services.procs import ManagedProcess
 
     directory = Path(args.dir).resolve()
-    refresh = bool(args.kubeconfig and args.job)
+    refresh = bool(args.job)
     if refresh:
         write_fetched(_fetch_data(argparse.Namespace(**{**vars(args), "node": args.node or
                                                         _node_of(directory)})), directory)
@@ -245,7 +245,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     site_sub = site.add_subparsers(dest="site_command", required=True)
 
     def kube(p: argparse.ArgumentParser, required: bool) -> None:
-        p.add_argument("--kubeconfig", required=required)
+        p.add_argument("--kubeconfig", help="default: $KUBECONFIG, ~/.kube/config")
         p.add_argument("-n", "--namespace")
         p.add_argument("--job", required=required, help="the FederationJob")
 
@@ -271,7 +271,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     kube(run, False)
     run.add_argument("--node", help="the site's node id (default: its certificate's)")
     run.add_argument("--refresh", type=float, default=60.0,
-                     help="with --kubeconfig and --job: re-fetch JOB-cert-NODE this often "
+                     help="with --job: re-fetch JOB-cert-NODE this often "
                           "(seconds), so the sidecar takes each newer CRL")
     run.set_defaults(func=_run)
 
