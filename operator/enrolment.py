@@ -242,6 +242,27 @@ def stale_crl_snapshots(job: str, configmaps: Mapping[str, Mapping[str, Any]], c
         and (cm.get("data") or {}).get(CRL_FILE) != crl_pem))
 
 
+def published_serials(job: str, configmaps: Mapping[str, Mapping[str, Any]]
+                      ) -> dict[str, int]:
+    """{node id: X.509 serial} of the certificates published in the job's `job-cert-<node>`
+    ConfigMaps: what `pqfed revoke --node <node>` puts on the job's CRL for an external
+    node. A ConfigMap whose certificate does not parse is left out (and logged by the
+    caller's next issuance)."""
+    out: dict[str, int] = {}
+    prefix = certificate_configmap_name(job, "")
+    for name, cm in configmaps.items():
+        labels = (cm.get("metadata") or {}).get("labels") or {}
+        pem = (cm.get("data") or {}).get(CERT_KEY)
+        if (not name.startswith(prefix) or labels.get(COMPONENT_LABEL) != ENROLMENT_COMPONENT
+                or not pem):
+            continue
+        try:
+            out[name[len(prefix):]] = x509.load_pem_x509_certificate(pem.encode()).serial_number
+        except ValueError:
+            continue
+    return out
+
+
 class EnrolmentRefused(ValueError):
     """`pqfed approve` found the request unfit; `reason` as in the Enrolment condition."""
 

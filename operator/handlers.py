@@ -261,10 +261,12 @@ def observe(ctx: OperatorContext, job: m.JobRef, spec: FederationJobSpec | None 
     secrets = {_name(s): s for s in children["secrets"]}
     checkpoint = secrets.get(m.checkpoint_secret_name(job.name))
     certificates, crl = observe_credentials(job, secrets)
+    configmaps = {_name(c): c for c in children["configmaps"]}
     return reconcile.Observed(
         certificates=certificates, crl=crl,
+        external_certificates=enrolment.published_serials(job.name, configmaps),
         secrets=frozenset(secrets),
-        configmaps={_name(c): c for c in children["configmaps"]},
+        configmaps=configmaps,
         services=frozenset(_name(s) for s in children["services"]),
         network_policies=frozenset(_name(p) for p in children["networkpolicies"]),
         checkpoint=_keys_only(checkpoint) if checkpoint else None,

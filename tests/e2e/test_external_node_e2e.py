@@ -7,7 +7,9 @@ for the certificate, CA, CRL and spec, and `pqfed site run` starting the site's 
 sidecar and Flower client as host processes that reach the aggregator pod's PQC port. The job
 (2 operator clients + the external node, minClients 3) succeeds with the external node among
 every round's participants, its updates signed with the site's key; the site's private key is
-in no Secret or ConfigMap of the cluster."""
+in no Secret or ConfigMap of the cluster. A second job revokes its external node mid-run
+(`pqfed revoke`): the site's CRL snapshot lists it, the aggregator refuses the site, and the
+rounds after go on without it."""
 
 from __future__ import annotations
 
@@ -22,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from pqfed.operator import enrolment, identities
 from pqfed.operator import pods as m
+from pqfed.pqc.pki.profile import load_certificate_pem
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -119,6 +123,115 @@ def test_an_external_node_takes_part_in_a_tls13_job(testbed: Any, tmp_path: Path
         for c in bed.core.list_namespaced_config_map(ns).items:
             assert all(key_body[:64] not in v for v in (c.data or {}).values())
     bed.delete_job(name)
+
+
+REVOKED = "hospital-2"
+REVOKE_SPEC: dict[str, Any] = {"task": "breast-cancer", "clients": 2, "minClients": 2,
+                               "rounds": 8, "channel": {"protocol": "tls13"},
+                               "timeouts": {"roundSeconds": 120},
+                               "externalClients": [{"nodeId": REVOKED}]}
+
+
+@pytest.mark.timeout(900)
+def test_a_revoked_external_node_is_cut_off_and_its_crl_snapshot_refreshed(
+        testbed: Any, tmp_path: Path) -> None:
+    """`pqfed revoke` on an external node: its X.509 serial goes on the job's CRL, the
+    aggregator refuses the site's channel and updates from then on, the job goes on with the
+    operator's clients, and the CRL snapshot in JOB-cert-NODE (re-fetched by `pqfed site
+    run`) lists the serial."""
+    bed = testbed
+    name = bed.unique_name("rev")
+    bed.create_job(name, REVOKE_SPEC)
+    bed.wait_phase(name, ("Running", *TERMINAL), 60)
+    site = _enrol(bed, name, REVOKED, tmp_path)
+    serial = load_certificate_pem((site / "tls.crt").read_bytes()).serial_number
+    kube = ("--kubeconfig", bed.kubeconfig, "-n", bed.namespace, "--job", name)
+    ip = bed.wait_for(lambda: _aggregator_ip(bed, name), 240, "the aggregator pod Ready", 1.0,
+                      lambda: bed.diagnose(name))
+    node = _start_site(site, ip, kube, tmp_path / "site-run.log")
+    try:
+        def took_part() -> int | None:
+            st = bed.status(name)
+            assert st.get("phase") not in TERMINAL, bed.diagnose(name)
+            return next((r["round"] for r in st.get("rounds") or []
+                         if REVOKED in r["participants"]), None)
+
+        first = bed.wait_for(took_part, 360, f"a round with {REVOKED}", 1.0,
+                             lambda: bed.diagnose(name) + _site_logs(site))
+        revoked = _cli("revoke", *kube, "--node", REVOKED, "--reason", "key-compromise")
+        assert revoked.returncode == 0, revoked.stderr
+        # The operator's CRL, copied into JOB-cert-NODE, reaches the site's directory.
+        bed.wait_for(lambda: serial in {r.serial_number for r in x509.load_pem_x509_crl(
+            (site / "crl.pem").read_bytes())}, 120, "the site's CRL snapshot to list it",
+            1.0, lambda: bed.diagnose(name))
+        # The aggregator's pod holds the new CRL once its sidecar refuses or cuts the site;
+        # its ServerApp re-reads the same file before it verifies the next updates.
+        refused = f"serial {serial:#x} is revoked"
+        bed.wait_for(lambda: refused in _aggregator_sidecar_log(bed, name), 120,
+                     "the aggregator's sidecar to refuse the site", 1.0,
+                     lambda: bed.diagnose(name))
+        at_revocation = max(r["round"] for r in bed.status(name)["rounds"])
+        st = bed.wait_phase(name, TERMINAL, 600)
+    finally:
+        os.killpg(node.pid, signal.SIGTERM)
+        node.wait(30)
+    assert st["phase"] == "Succeeded", bed.diagnose(name)
+    rounds = st["rounds"]
+    assert len(rounds) == REVOKE_SPEC["rounds"] and first <= at_revocation
+    # A round in flight may still count it; every round started after that one does not.
+    later = [r for r in rounds if r["round"] > at_revocation + 1]
+    assert later and all(sorted(r["participants"]) == ["client-0", "client-1"]
+                         for r in later), rounds
+    assert REVOKED in _condition(bed, name, "NodesRevoked")
+    bed.delete_job(name)
+
+
+def _aggregator_sidecar_log(bed: Any, name: str) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted(
+        (bed.dir / "cluster" / "agents").glob(
+            f"*/pods/{bed.namespace}_{m.aggregator_pod_name(name)}*/sidecar*.log")))
+
+
+def _enrol(bed: Any, name: str, node: str, tmp_path: Path) -> Path:
+    """The site's side of docs/pki.md: key and request, submission, (the admin's approval),
+    fetch. Returns the site directory."""
+    site = tmp_path / "site"
+    made = _cli("ca", "csr", "--federation", name, "--role", "client", "--node-id", node,
+                "--out", str(site))
+    assert made.returncode == 0, made.stderr
+    bed.core.create_namespaced_config_map(bed.namespace, {
+        "metadata": {"name": enrolment.request_configmap_name(name, node),
+                     "labels": {enrolment.CSR_LABEL: name}},
+        "data": {enrolment.CSR_KEY: (site / "tls.csr").read_text()}})
+    kube = ("--kubeconfig", bed.kubeconfig, "-n", bed.namespace, "--job", name)
+    bed.wait_for(lambda: "AwaitingApproval" in _enrolment(bed, name), 60, "the request seen",
+                 1.0, lambda: bed.diagnose(name))
+    approved = _cli("approve", *kube, "--node", node)
+    assert approved.returncode == 0, approved.stderr
+    cert_cm = enrolment.certificate_configmap_name(name, node)
+    bed.wait_for(lambda: _configmap(bed, cert_cm), 60, f"ConfigMap {cert_cm}", 1.0,
+                 lambda: bed.diagnose(name))
+    fetched = _cli("site", "fetch", *kube, "--node", node, "--out", str(site))
+    assert fetched.returncode == 0, fetched.stderr
+    return site
+
+
+def _start_site(site: Path, ip: str, kube: tuple[str, ...], log_path: Path
+                ) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pqfed.cli", "site", "run", "--dir", str(site),
+             "--aggregator", f"{ip}:{m.PQC_PORT}", "--partition", "1",
+             "--route-port", str(_free_port()), "--runtime-port", str(_free_port()),
+             "--admin-port", str(_free_port()), *kube, "--refresh", "5"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _condition(bed: Any, name: str, type_: str) -> str:
+    for cond in bed.status(name).get("conditions") or []:
+        if cond.get("type") == type_:
+            return str(cond.get("message", ""))
+    return ""
 
 
 def _enrolment(bed: Any, name: str) -> str:

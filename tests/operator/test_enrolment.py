@@ -196,3 +196,20 @@ def test_the_published_crl_snapshot_follows_the_jobs_crl(good: str) -> None:
     cms[m.job_configmap_name(JOB)] = m.job_configmap(job, TLS13)
     assert enrolment.stale_crl_snapshots(JOB, cms, new) == (f"{JOB}-cert-hospital-a",)
     assert enrolment.stale_crl_snapshots(JOB, cms, "") == ()  # no list published yet
+
+
+def test_the_published_serials_are_what_revocation_lists(good: str) -> None:
+    ca_data = identities.issue_ca(JOB, "ML-DSA-65", x509_ca=True)
+    ca = identities.load_x509_ca(ca_data)
+    assert ca is not None
+    d = _decide(good, _approved(good))
+    assert d.csr is not None
+    cert = sign_request(ca, d.csr, IssuancePolicy(roles=(Role.CLIENT,), node_id=NODE))
+    cm = enrolment.certificate_configmap(m.JobRef(JOB, "fl", "u"), NODE,
+                                         cert.public_bytes(Encoding.PEM).decode(),
+                                         ca_data[identities.X509_CA_KEY], "", TLS13)
+    broken = {**cm, "metadata": {**cm["metadata"], "name": f"{JOB}-cert-other"},
+              "data": {**cm["data"], "tls.crt": "not a certificate"}}
+    cms = {cm["metadata"]["name"]: cm, broken["metadata"]["name"]: broken,
+           m.job_configmap_name(JOB): m.job_configmap(m.JobRef(JOB, "fl", "u"), TLS13)}
+    assert enrolment.published_serials(JOB, cms) == {NODE: cert.serial_number}
