@@ -25,7 +25,7 @@
 # X.509, PKCS#10 and CRLs are all in. Default optimisation (-O3) and assembly, as released.
 #
 # Needs perl, make and a C compiler (apt-get installed when missing and running as root), and
-# cargo (>= 1.60) for the download. Run it at low priority on a shared machine (`nice`).
+# cargo for the download (lib.sh). Run it at low priority on a shared machine (`nice`).
 # Idempotent: nothing is rebuilt when the program and its stamp are current.
 #
 # Usage: build-openssl35.sh [--force] [--check] [--print-path]
@@ -64,14 +64,17 @@ while [[ $# -gt 0 ]]; do
 done
 
 ARCH="$(host_arch)"
-# The stamp covers what the program depends on: the source release, the options, this script.
-STAMP_TEXT="openssl-src=$OPENSSL_SRC_VERSION arch=$ARCH script=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16)"
+# The stamp covers what the program depends on: the source release and the options (not the
+# whole script, so that editing a comment does not cost a rebuild).
+OPTIONS_HASH="$(echo "${CONFIGURE_OPTIONS[*]}" | sha256sum | cut -c1-16)"
+STAMP_TEXT="openssl-src=$OPENSSL_SRC_VERSION arch=$ARCH options=$OPTIONS_HASH"
 current() {
     [[ -x "$OUT/bin/openssl" && "$(cat "$OUT/.stamp" 2>/dev/null)" == "$STAMP_TEXT" ]]
 }
 if [[ $CHECK -eq 1 ]]; then
     current && exit 0
-    echo "OpenSSL $OPENSSL_VERSION's openssl program is not built (or is stale) in $OUT: run \`make interop\`" >&2
+    echo "OpenSSL $OPENSSL_VERSION's openssl program is not built (or is stale) in $OUT:" \
+        "run \`make interop\`" >&2
     exit 1
 fi
 mkdir -p "$BASE"

@@ -572,7 +572,7 @@ def test_build_check_names_the_make_target_and_sees_a_stale_stamp(tmp_path: Path
     program.parent.mkdir(parents=True)
     program.write_bytes(b"")
     program.chmod(0o755)
-    (program.parents[1] / ".stamp").write_text("openssl-src=300.0.0 arch=amd64 script=old\n")
+    (program.parents[1] / ".stamp").write_text("openssl-src=300.0.0 arch=amd64 options=old\n")
     assert _build("--check", cache=tmp_path).returncode == 1
 
 
