@@ -44,10 +44,9 @@ TIMEOUT_S = 60
 class OpenSSL35:
     program: Path
 
-    def run(self, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(self.program), *args], input=stdin.decode() if stdin else None,
-                              capture_output=True, text=True, check=False, timeout=TIMEOUT_S,
-                              env=_env())
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(self.program), *args], capture_output=True, text=True,
+                              check=False, timeout=TIMEOUT_S, env=_env())
 
     def ok(self, *args: str) -> str:
         out = self.run(*args)
