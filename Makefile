@@ -7,7 +7,7 @@ export PQFED_CACHE ?= $(HOME)/.cache/pqfed
 
 .PHONY: all venv demo test test-fast lint typecheck fuzz bench-pqc bench-fl bench-mia \
         bench-testbed bench-scale bench-install bench-regress cluster-binaries cluster-up cluster-down \
-        clean liboqs liboqs-arm64 vectors images interop \
+        clean liboqs liboqs-arm64 vectors images interop openssl35 \
         images-prereqs images-push bench-capacity
 
 all: test
@@ -110,10 +110,13 @@ liboqs-arm64:
 	pqc/native/build-liboqs.sh --arch arm64
 
 # The TLS 1.3 interop peer (tests/pqc/interop: Go 1.27's crypto/tls, toolchain pinned) in
-# $(PQFED_CACHE)/interop/bin, for tests/pqc/test_tls13_interop.py; OpenSSL 3.5's `openssl`
-# (crates.io openssl-src, pinned) in $(PQFED_CACHE)/openssl35, for test_openssl35_interop.py.
+# $(PQFED_CACHE)/interop/bin, for tests/pqc/test_tls13_interop.py.
 interop:
 	pqc/native/build-interop.sh
+
+# OpenSSL 3.5's `openssl` program (crates.io openssl-src, pinned) in $(PQFED_CACHE)/openssl35,
+# for tests/pqc/test_openssl35_interop.py (`make test` builds it in the background).
+openssl35:
 	pqc/native/build-openssl35.sh
 
 # The X-Wing draft's test vectors (third-party data, never committed), from the crates.io

@@ -74,7 +74,7 @@ current() {
 if [[ $CHECK -eq 1 ]]; then
     current && exit 0
     echo "OpenSSL $OPENSSL_VERSION's openssl program is not built (or is stale) in $OUT:" \
-        "run \`make interop\`" >&2
+        "run \`make openssl35\`" >&2
     exit 1
 fi
 mkdir -p "$BASE"

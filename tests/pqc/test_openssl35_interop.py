@@ -1,6 +1,6 @@
 """Our X.509 objects and TLS 1.3 channel through OpenSSL 3.5's `openssl` program: the tooling a
 site's IT has, and a second OpenSSL built independently of the OpenSSL 4.0.3 that pqfed runs on
-(pqc/native/build-openssl35.sh; `make interop` builds it into the cache).
+(pqc/native/build-openssl35.sh; `make openssl35` builds it into the cache).
 
 The certificates, request and CRL are made the way a federation makes them, with the CLI
 (`pqfed ca x509-init|csr|sign|x509-crl`), and read from the files it writes. The TLS tests run
@@ -53,6 +53,9 @@ class OpenSSL35:
         assert out.returncode == 0, (args, out.stdout, out.stderr)
         return out.stdout + out.stderr
 
+# Built in the background by `make test` (tests/run-all.sh): these run once it is done.
+pytestmark = pytest.mark.openssl35
+
 
 def _env() -> dict[str, str]:
     """The caller's environment without OpenSSL's own variables (a stray OPENSSL_CONF or
@@ -63,12 +66,12 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def openssl() -> OpenSSL35:
-    # Never a skip: `make interop` builds it (.ci/run does before `make test`), so absence is
+    # Never a skip: `make openssl35` builds it (`make test` does, in the background), so absence is
     # a broken setup, as with the Go peer and liboqs.
     check = subprocess.run([str(BUILD), "--check"], capture_output=True, text=True,
                            check=False, timeout=60)
     if check.returncode != 0:
-        pytest.fail(f"OpenSSL 3.5's openssl program is not built: run `make interop`\n"
+        pytest.fail(f"OpenSSL 3.5's openssl program is not built: run `make openssl35`\n"
                     f"{check.stderr}")
     out = subprocess.run([str(BUILD), "--print-path"], capture_output=True, text=True,
                          check=True, timeout=60)
@@ -567,7 +570,7 @@ def test_build_check_names_the_make_target_and_sees_a_stale_stamp(tmp_path: Path
     program = tmp_path / "openssl35" / "dist" / "bin" / "openssl"
     assert out.returncode == 0 and Path(out.stdout.strip()) == program
     out = _build("--check", cache=tmp_path)
-    assert out.returncode == 1 and "run `make interop`" in out.stderr
+    assert out.returncode == 1 and "run `make openssl35`" in out.stderr
     program.parent.mkdir(parents=True)
     program.write_bytes(b"")
     program.chmod(0o755)
