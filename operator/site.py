@@ -39,7 +39,14 @@ from pqfed.pqc.pki import Usage, X509TrustAnchor
 from pqfed.pqc.pki.profile import NodeCertificate, load_certificate_pem, load_private_key_pem
 from pqfed.pqc.sidecar.config import ADMIN_PORT
 from pqfed.pqc.truststore import CRL_FILE
-from pqfed.services import ROUTE_PORT, RUNTIME_PORT, FederationJobSpec, JobSpecError
+from pqfed.services import (
+    ROUTE_PORT,
+    RUNTIME_PORT,
+    FederationJobSpec,
+    JobSpecError,
+    ManagedProcess,
+    load_spec,
+)
 
 KEY_FILE: Final = "tls.key"
 FETCHED: Final = (enrolment.CERT_KEY, enrolment.CA_KEY, CRL_FILE, m.SPEC_FILE)
@@ -67,7 +74,6 @@ class Site:
 
 def check_site(directory: Path) -> Site:
     """Everything `pqfed site run` needs, checked before anything starts."""
-    from pqfed.services.fl_node import load_spec  # Flower's runtime: only when running
     if not (directory / KEY_FILE).is_file():
         raise SiteError(KEY_FILE, f"missing in {directory}; make the key and request on this "
                                   "site with `pqfed ca csr --out DIR` (docs/pki.md)")
@@ -171,8 +177,6 @@ def node_commands(site: Site, aggregator: str, partition: int, state: Path, *,
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pqfed.services.procs import ManagedProcess
-
     directory = Path(args.dir).resolve()
     refresh = bool(args.job)
     if refresh:

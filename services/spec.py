@@ -20,6 +20,7 @@ the CRD generator and its test read them side by side.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -908,3 +909,13 @@ def load_job(path: Path) -> FederationJobFile:
     except (OSError, UnicodeDecodeError) as exc:
         raise JobSpecError(str(path), {"(file)": str(exc)}) from None
     return parse_job(read_job_document(text, str(path)), str(path))
+
+
+def load_spec(path: Path) -> tuple[str, FederationJobSpec]:
+    """A job YAML (FederationJob manifest) or the JSON spec the operator mounts in its pods
+    (`{"name": ..., "spec": ...}`): the job's name and its checked spec."""
+    if path.suffix in (".yaml", ".yml"):
+        job = load_job(path)
+        return job.name, job.spec
+    data = json.loads(path.read_text())
+    return str(data["name"]), parse_spec(data["spec"], str(path))
