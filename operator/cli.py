@@ -294,7 +294,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     revoke = kube(sub.add_parser("revoke", help="revoke a node of a running FederationJob: its "
                                  "certificates go on the job CA's revocation list"))
     revoke.add_argument("--job", required=True)
-    revoke.add_argument("--node", required=True, help="node id, e.g. client-2 or edge-0")
+    revoke.add_argument("--node", required=True, help="node id, e.g. client-2, edge-0 or an "
+                        "external client's (spec.externalClients)")
     revoke.add_argument("--reason", default="unspecified",
                         help="RFC 5280 reason: unspecified, key-compromise, "
                              "affiliation-changed, superseded, cessation-of-operation, "
@@ -307,3 +308,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     approve.add_argument("--node", required=True, help="the node id the site requested")
     approve.add_argument("--deny", metavar="REASON", help="deny the request instead")
     approve.set_defaults(func=_approve)
+    from pqfed.operator import site
+
+    site.register(sub)

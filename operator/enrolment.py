@@ -22,8 +22,14 @@ different permission approves or denies it, and only then does the signer issue.
 3. The operator (this module decides, handlers.py applies) verifies the request (PKCS#10
    self-signature = proof of possession, ML-DSA-65 key, SAN URI pqfed://JOB/client/NODE,
    no CA bit, no other extensions), signs it with the job's X.509 CA and publishes ConfigMap
-   `JOB-cert-NODE` (`tls.crt`, `ca.crt`, `crl.pem`: nothing secret) for the site to fetch.
-   Every refusal names its reason in the job's `Enrolment` condition and an Event.
+   `JOB-cert-NODE` (`tls.crt`, `ca.crt`, `crl.pem`, `spec.json`: nothing secret) for the
+   site to fetch (`pqfed site fetch`). Every refusal names its reason in the job's
+   `Enrolment` condition and an Event. Whenever the job's X.509 CRL changes (a revocation,
+   a list re-signed before its nextUpdate), the operator copies it into every published
+   `JOB-cert-NODE` (`stale_crl_snapshots`), so a site that re-fetches holds the newest list.
+4. The site runs its node (`pqfed site run`): its own TLS 1.3 sidecar and Flower client;
+   the job lists it in `spec.externalClients`, and the aggregator accepts its updates signed
+   with the site's key (pqc/signing.py `verify_update_x509`).
 
 The operator never holds an enrolled node's private key: it only ever sees the request.
 """
@@ -31,6 +37,7 @@ The operator never holds an enrolled node's private key: it only ever sees the r
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -47,6 +54,10 @@ from pqfed.services import NODE_LABEL, FederationJobSpec
 
 CSR_LABEL: Final = "pqfed.io/csr-for"  # on a request ConfigMap: the job it is for
 CSR_KEY: Final = "tls.csr"
+CERT_KEY: Final = "tls.crt"  # in JOB-cert-NODE, beside CA_KEY, crl.pem and spec.json
+CA_KEY: Final = "ca.crt"
+COMPONENT_LABEL: Final = "app.kubernetes.io/component"  # pods.labels()
+ENROLMENT_COMPONENT: Final = "enrolment"  # that label on JOB-cert-NODE
 APPROVE_PREFIX: Final = "approve.pqfed.io/"
 DENY_PREFIX: Final = "deny.pqfed.io/"
 ENROLMENT: Final = "Enrolment"  # the FederationJob condition
@@ -200,15 +211,56 @@ def plan_enrolment(job: str, spec: FederationJobSpec, requests: Mapping[str, str
 
 
 def certificate_configmap(job: m.JobRef, node_id: str, cert_pem: str, ca_pem: str,
-                          crl_pem: str) -> dict[str, Any]:
-    """What the site fetches: its certificate, the job's X.509 CA and CRL (all public; the
-    layout of its `pqfed ca csr` directory, so `pqfed sidecar --protocol tls13` reads it)."""
+                          crl_pem: str, spec: FederationJobSpec) -> dict[str, Any]:
+    """What the site fetches: its certificate, the job's X.509 CA and CRL and the job's spec
+    (all public; the layout of its `pqfed ca csr` directory, so `pqfed site run` and
+    `pqfed sidecar --protocol tls13` read it)."""
+    doc = json.dumps(m.spec_document(job.name, spec), indent=1, sort_keys=True)
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": certificate_configmap_name(job.name, node_id),
                          "namespace": job.namespace,
-                         "labels": m.labels(job.name, "enrolment", **{NODE_LABEL: node_id}),
+                         "labels": m.labels(job.name, ENROLMENT_COMPONENT,
+                                            **{NODE_LABEL: node_id}),
                          "ownerReferences": [m.owner_reference(job)]},
-            "data": {"tls.crt": cert_pem, "ca.crt": ca_pem, CRL_FILE: crl_pem}}
+            "data": {CERT_KEY: cert_pem, CA_KEY: ca_pem, CRL_FILE: crl_pem,
+                     m.SPEC_FILE: doc}}
+
+
+def stale_crl_snapshots(job: str, configmaps: Mapping[str, Mapping[str, Any]], crl_pem: str
+                        ) -> tuple[str, ...]:
+    """The published `job-cert-<node>` ConfigMaps (name -> object) whose CRL snapshot is not
+    the job's current X.509 CRL `crl_pem`: each is patched with it. An empty `crl_pem` (no
+    list published yet) changes nothing."""
+    if not crl_pem:
+        return ()
+    prefix = certificate_configmap_name(job, "")
+    return tuple(sorted(
+        name for name, cm in configmaps.items()
+        if name.startswith(prefix)
+        and ((cm.get("metadata") or {}).get("labels") or {}).get(COMPONENT_LABEL)
+        == ENROLMENT_COMPONENT
+        and (cm.get("data") or {}).get(CRL_FILE) != crl_pem))
+
+
+def published_serials(job: str, configmaps: Mapping[str, Mapping[str, Any]]
+                      ) -> dict[str, int]:
+    """{node id: X.509 serial} of the certificates published in the job's `job-cert-<node>`
+    ConfigMaps: what `pqfed revoke --node <node>` puts on the job's CRL for an external
+    node. A ConfigMap whose certificate does not parse is left out (and logged by the
+    caller's next issuance)."""
+    out: dict[str, int] = {}
+    prefix = certificate_configmap_name(job, "")
+    for name, cm in configmaps.items():
+        labels = (cm.get("metadata") or {}).get("labels") or {}
+        pem = (cm.get("data") or {}).get(CERT_KEY)
+        if (not name.startswith(prefix) or labels.get(COMPONENT_LABEL) != ENROLMENT_COMPONENT
+                or not pem):
+            continue
+        try:
+            out[name[len(prefix):]] = x509.load_pem_x509_certificate(pem.encode()).serial_number
+        except ValueError:
+            continue
+    return out
 
 
 class EnrolmentRefused(ValueError):

@@ -57,6 +57,7 @@ from pqfed.pqc import (
 from pqfed.pqc.pki import IssuancePolicy, sign_request
 from pqfed.pqc.pki.profile import certificate_pem, load_certificate_pem
 from pqfed.pqc.tls13 import TlsContext
+from pqfed.pqc.truststore import CRL_FILE
 from pqfed.services import API_GROUP, API_VERSION, JOB_LABEL, NODE_LABEL, PLURAL, FederationJobSpec
 
 FINALIZER: Final = "pqfed.io/cleanup"
@@ -260,10 +261,12 @@ def observe(ctx: OperatorContext, job: m.JobRef, spec: FederationJobSpec | None 
     secrets = {_name(s): s for s in children["secrets"]}
     checkpoint = secrets.get(m.checkpoint_secret_name(job.name))
     certificates, crl = observe_credentials(job, secrets)
+    configmaps = {_name(c): c for c in children["configmaps"]}
     return reconcile.Observed(
         certificates=certificates, crl=crl,
+        external_certificates=enrolment.published_serials(job.name, configmaps),
         secrets=frozenset(secrets),
-        configmaps={_name(c): c for c in children["configmaps"]},
+        configmaps=configmaps,
         services=frozenset(_name(s) for s in children["services"]),
         network_policies=frozenset(_name(p) for p in children["networkpolicies"]),
         checkpoint=_keys_only(checkpoint) if checkpoint else None,
@@ -460,10 +463,18 @@ def enrol(ctx: OperatorContext, body: Any, job: m.JobRef, spec: FederationJobSpe
     issued = frozenset(n for n in requests if enrolment.certificate_configmap_name(
         job.name, n) in observed.configmaps)
     plan = enrolment.plan_enrolment(job.name, spec, requests, annotations, issued, status, now)
+    crl: dict[str, str] = {}
+    if issued or plan.to_issue:
+        crl = _secret_data(ctx.core, job.namespace, m.crl_secret_name(job.name))
+    # The CRL snapshot in every published JOB-cert-NODE follows the job's X.509 CRL.
+    for name in enrolment.stale_crl_snapshots(job.name, observed.configmaps,
+                                              crl.get(identities.X509_CRL_KEY, "")):
+        ctx.core.patch_namespaced_config_map(name, job.namespace, {"data": {
+            CRL_FILE: crl[identities.X509_CRL_KEY]}})
+        log.info("job %s/%s: CRL snapshot in %s refreshed", job.namespace, job.name, name)
     if plan.to_issue:
         ca_data = _secret_data(ctx.core, job.namespace, m.ca_secret_name(job.name))
         x509_ca = identities.load_x509_ca(ca_data)
-        crl = _secret_data(ctx.core, job.namespace, m.crl_secret_name(job.name))
         assert x509_ca is not None  # decide() refuses requests of pqfed1 jobs
         for d in plan.to_issue:
             assert d.csr is not None
@@ -472,7 +483,7 @@ def enrol(ctx: OperatorContext, body: Any, job: m.JobRef, spec: FederationJobSpe
                 validity_s=spec.crypto.certificate_lifetime_seconds))
             _create(ctx, enrolment.certificate_configmap(
                 job, d.node_id, certificate_pem(cert).decode(),
-                ca_data[identities.X509_CA_KEY], crl.get(identities.X509_CRL_KEY, "")))
+                ca_data[identities.X509_CA_KEY], crl.get(identities.X509_CRL_KEY, ""), spec))
             log.info("job %s/%s: issued %s serial %#x for an enrolled site key", job.namespace,
                      job.name, d.node_id, cert.serial_number)
     for ev in plan.events:

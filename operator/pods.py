@@ -200,7 +200,7 @@ def secret(job: JobRef, name: str, data: dict[str, str], component: str,
 
 
 def spec_document(job_name: str, spec: FederationJobSpec) -> Manifest:
-    """What `pqfed fl --spec FILE.json` reads (services/fl_node.load_spec)."""
+    """What `pqfed fl --spec FILE.json` reads (services/spec.load_spec)."""
     return {"name": job_name,
             "spec": spec.model_dump(mode="json", by_alias=True, exclude_none=True)}
 

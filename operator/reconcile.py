@@ -128,6 +128,9 @@ class Observed:
     checkpoint: Manifest | None = None  # the checkpoint Secret (its keys; values dropped)
     certificates: Mapping[str, CertState] = field(default_factory=dict)  # by node id
     crl: CrlState | None = None
+    # External nodes (spec.externalClients): the X.509 serial of the certificate published
+    # in their JOB-cert-NODE (enrolment.published_serials), by node id.
+    external_certificates: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -255,10 +258,12 @@ def revocation_requests(annotations: Mapping[str, str] | None
 
 
 def revocable_nodes(spec: FederationJobSpec) -> list[str]:
-    """Nodes an admin may cut off a running job: clients and edge aggregators. The aggregator
-    is the job (cancel it instead); the operator's identity is the operator's own."""
+    """Nodes an admin may cut off a running job: clients (the operator's and the external
+    ones) and edge aggregators. The aggregator is the job (cancel it instead); the
+    operator's identity is the operator's own."""
     return ([m.client_node_id(i) for i in range(spec.clients)]
-            + [m.edge_node_id(e) for e in range(_edges(spec))])
+            + [m.edge_node_id(e) for e in range(_edges(spec))]
+            + list(spec.external_node_ids))
 
 
 def revoked_nodes(spec: FederationJobSpec, annotations: Mapping[str, str] | None
@@ -510,13 +515,19 @@ def plan_credentials(job: m.JobRef, spec: FederationJobSpec, observed: Observed,
     newly: list[str] = []
     for node in sorted(revoked):
         cert = observed.certificates.get(node)
-        if cert is None:
+        external = observed.external_certificates.get(node)
+        if cert is None and external is None:
             continue  # never issued: nothing to revoke (and no pod will be created)
         reason = requests[node]
         code = reason if isinstance(reason, RevocationReason) else RevocationReason.UNSPECIFIED
-        serials = [x for x in (cert.serial, cert.previous_serial)
-                   if x is not None and x not in listed]
-        x509_serials = [x for x in cert.x509_serials if tls13 and x not in listed_x509]
+        if cert is not None:
+            serials = [x for x in (cert.serial, cert.previous_serial)
+                       if x is not None and x not in listed]
+            x509_serials = [x for x in cert.x509_serials if tls13 and x not in listed_x509]
+        else:  # an external node: only the X.509 certificate the job's CA issued it
+            serials = []
+            x509_serials = [external] if external is not None and tls13 \
+                and external not in listed_x509 else []
         new += [(x, code) for x in serials]
         new_x509 += x509_serials
         if serials or x509_serials:
@@ -559,6 +570,8 @@ def _revocation_status(job: m.JobRef, spec: FederationJobSpec, new: Manifest,
     names = {m.client_node_id(i): m.client_pod_name(job.name, i) for i in range(spec.clients)}
     names.update({m.edge_node_id(e): m.edge_pod_name(job.name, e) for e in range(_edges(spec))})
     for node in revoked:
+        if node not in names:
+            continue  # an external node: no pod here; its channels end with the new CRL
         pod = observed.pods.get(names[node])
         if pod is not None and not (pod.get("metadata") or {}).get("deletionTimestamp"):
             plan.delete_pods.append(names[node])
@@ -578,9 +591,11 @@ def _revocation_status(job: m.JobRef, spec: FederationJobSpec, new: Manifest,
                                       "True" if revoked else "False",
                                       "Revoked" if revoked else "NothingRevoked",
                                       "; ".join(parts), now)
-    left = spec.clients - sum(1 for n in revoked if n.startswith("client-"))
+    external = set(spec.external_node_ids)
+    left = spec.total_clients - sum(1 for n in revoked
+                                    if n.startswith("client-") or n in external)
     if left < spec.min_clients:
-        return (f"{left} of {spec.clients} clients left after revoking "
+        return (f"{left} of {spec.total_clients} clients left after revoking "
                 f"{', '.join(revoked)}: fewer than minClients={spec.min_clients}")
     return None
 
@@ -721,7 +736,7 @@ def _merge_progress(new: Manifest, agg: Mapping[str, Any], spec: FederationJobSp
     fresh = [r for r in new["rounds"] if r["round"] > before and r["round"] not in known]
     if current >= 1 and new["rounds"]:
         last = new["rounds"][-1]
-        per_round = spec.clients_per_round or spec.clients
+        per_round = spec.per_round
         got = len(last.get("participants") or [])
         text = (f"round {last['round']}/{total}: accuracy {last.get('accuracy', 0):.4f}, "
                 f"{got}/{per_round} clients aggregated")

@@ -24,13 +24,32 @@ Encodings (big-endian, pqc/encoding.py: `text` is a u8 length + UTF-8, `raw` fix
                      u32 model_version | raw[32] digest | u64 timestamp
 
 Version 1 update manifests (no signed weight) are refused: the weight must be signed.
+
+Site-held keys (tls13 jobs, docs/pki.md): a site enrolled through a PKCS#10 request holds an
+ML-DSA-65 key and the X.509 certificate the job's CA issued for it, and no pqfed-format
+identity. It signs the same UpdateManifest under the same context with that key
+(`sign_update_x509`); the envelope carries its DER certificate instead of a pqfed one:
+
+  X509SignedUpdate:  vec16 manifest | vec16 signature | vec16 certificate (X.509 DER)
+
+The aggregator checks the certificate against the job's X.509 CA and CRL (RFC 5280 path of
+length one, the profile of pqc/pki/profile.py: role client, EKU clientAuth), that its URI's
+node id is the manifest's sender and one of the job's external clients, then the signature
+and the manifest as for the pqfed form (`verify_update_x509`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature as CryptoInvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import mldsa
 
 from pqfed.pqc.armor import armor, unarmor
 from pqfed.pqc.backends import get_backend
@@ -43,6 +62,7 @@ from pqfed.pqc.errors import (
     UpdateRejected,
 )
 from pqfed.pqc.identity import Certificate, Identity, Role, TrustAnchor
+from pqfed.pqc.pki.profile import NodeCertificate, Usage, check_ml_dsa_65_key, read_node_uri
 
 UPDATE_CONTEXT = b"pqfed/update/v1"
 DIGEST_LEN = 32
@@ -174,6 +194,13 @@ def verify_update(
                                  m.to_bytes(), signed.signature, UPDATE_CONTEXT)
     except InvalidSignature:
         raise UpdateRejected(who, "signature does not verify") from None
+    return _check_manifest(m, payload, job, round_number)
+
+
+def _check_manifest(m: UpdateManifest, payload: bytes, job: str, round_number: int
+                    ) -> UpdateManifest:
+    """What both forms check after the signature: job, round, digest and size."""
+    who = m.node_id
     if m.job != job:
         raise UpdateRejected(who, f"manifest job {m.job!r} is not {job!r}")
     if m.round != round_number:
@@ -182,6 +209,92 @@ def verify_update(
     if m.size != len(payload) or m.digest != update_digest(payload):
         raise UpdateRejected(who, "update bytes do not match the signed digest (tampered)")
     return m
+
+
+# ---------------------------------------------------------------- site-held X.509 keys --
+
+class X509Verifier(Protocol):
+    """`X509TrustAnchor`, or a store that re-reads the CRL (`pqc.truststore.X509TrustStore`)."""
+
+    def verify(self, cert: x509.Certificate, *, now: float | None = None,
+               roles: tuple[Role, ...] | None = None, node_id: str | None = None,
+               usage: Usage | None = None) -> NodeCertificate: ...
+
+
+@dataclass(frozen=True, slots=True)
+class X509SignedUpdate:
+    """Manifest + signature by a site-held ML-DSA-65 key + that site's X.509 certificate."""
+
+    manifest: UpdateManifest
+    signature: bytes
+    certificate: x509.Certificate
+
+    def to_bytes(self) -> bytes:
+        der = self.certificate.public_bytes(serialization.Encoding.DER)
+        return (Writer().vec16(self.manifest.to_bytes()).vec16(self.signature).vec16(der)
+                .getvalue())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> X509SignedUpdate:
+        r = Reader(data, "x509_signed_update")
+        manifest = r.vec16("manifest", 1, 1024)
+        signature = r.vec16("signature", 1, 8192)
+        der = r.vec16("certificate", 1, 16384)
+        r.finish()
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError as exc:
+            raise DecodeError("x509_signed_update.certificate", f"not X.509 DER: {exc}") from None
+        return cls(UpdateManifest.from_bytes(manifest), signature, cert)
+
+
+def sign_update_x509(key: mldsa.MLDSA65PrivateKey, certificate: x509.Certificate, job: str,
+                     round_number: int, payload: bytes, *, num_examples: int = 0,
+                     contributors: int = 1) -> X509SignedUpdate:
+    """`sign_update` with a site-held key: the manifest names the node of the certificate's
+    URI, and the key must be the certificate's."""
+    if not 0 <= num_examples <= MAX_WEIGHT:
+        raise ValueError(f"num_examples: {num_examples} is not in [0, {MAX_WEIGHT}]")
+    if not 1 <= contributors <= 0xFFFFFFFF:
+        raise ValueError(f"contributors: {contributors} must be >= 1")
+    if certificate.public_key() != key.public_key():
+        raise CertificateError("public_key", "the key is not the certificate's; use the key "
+                                             "`pqfed ca csr` made for this certificate")
+    uri = read_node_uri(certificate)
+    manifest = UpdateManifest(uri.federation, job, round_number, uri.node_id,
+                              update_digest(payload), len(payload), int(time.time()),
+                              num_examples, contributors)
+    return X509SignedUpdate(manifest, key.sign(manifest.to_bytes(), UPDATE_CONTEXT),
+                            certificate)
+
+
+def verify_update_x509(
+    signed: X509SignedUpdate, payload: bytes, trust: X509Verifier, *, job: str,
+    round_number: int, node_ids: Collection[str], roles: tuple[Role, ...] = (Role.CLIENT,),
+) -> UpdateManifest:
+    """An update signed with a site-held key: the certificate chains to the job's X.509 CA, is
+    not on its CRL, is a client's (role and EKU clientAuth) and names the manifest's sender,
+    which must be one of `node_ids` (the job's external clients); then the signature, job,
+    round, digest and size. Raises UpdateRejected naming what did not match."""
+    m = signed.manifest
+    who = m.node_id
+    if who not in node_ids:
+        raise UpdateRejected(who, "node_id: not one of the job's externalClients ("
+                                  f"{', '.join(sorted(node_ids)) or 'none'}); only they sign "
+                                  "with site-held X.509 keys")
+    try:
+        node = trust.verify(signed.certificate, roles=roles, node_id=who, usage=Usage.CLIENT)
+    except CertificateError as exc:
+        raise UpdateRejected(who, f"signer certificate: {exc.field}: {exc.reason}") from None
+    if m.federation != node.federation:
+        raise UpdateRejected(who, f"manifest federation {m.federation!r} is not the signer's "
+                                  f"{node.federation!r}")
+    try:
+        check_ml_dsa_65_key(signed.certificate.public_key()).verify(
+            signed.signature, m.to_bytes(), UPDATE_CONTEXT)
+    except CryptoInvalidSignature:
+        raise UpdateRejected(who, "signature does not verify") from None
+    return _check_manifest(m, payload, job, round_number)
 
 
 # ---------------------------------------------------------------- downlink ---------------

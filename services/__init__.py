@@ -42,7 +42,7 @@ if TYPE_CHECKING:
         SUPERLINK_ROUTE,
     )
     from pqfed.services.ports import LOCALHOST, free_port, free_ports
-    from pqfed.services.procs import terminate_process_tree
+    from pqfed.services.procs import ManagedProcess, terminate_process_tree
     from pqfed.services.records import BLOB_KEY, UPDATE_KEY, array_record, blob_of, float_arrays
     from pqfed.services.rounds import read_status
     from pqfed.services.runner import Interrupted, run_local
@@ -61,6 +61,7 @@ if TYPE_CHECKING:
         SpecRule,
         check_runnable,
         load_job,
+        load_spec,
         parse_spec,
     )
 
@@ -69,7 +70,7 @@ EXPORTS: dict[str, str] = {
     **dict.fromkeys(("API_GROUP", "API_VERSION", "API_GROUP_VERSION", "KIND", "PLURAL",
                      "NAME_MAX", "NAME_PATTERN", "RULES", "OPERATOR_ONLY", "SpecRule",
                      "FederationJobSpec", "JobSpecError", "parse_spec", "load_job",
-                     "check_runnable"), "pqfed.services.spec"),
+                     "check_runnable", "load_spec"), "pqfed.services.spec"),
     **dict.fromkeys(("JOB_LABEL", "ROLE_LABEL", "INDEX_LABEL", "NODE_LABEL", "ROUND_ANNOTATION",
                      "TESTBED_LABEL", "LOG_DIR_ANNOTATION", "NET_ANNOTATION"),
                     "pqfed.services.labels"),
@@ -78,7 +79,7 @@ EXPORTS: dict[str, str] = {
                     "pqfed.services.node_defaults"),
     **dict.fromkeys(("edge_of", "edge_members", "edge_node_id"), "pqfed.services.hierarchy"),
     **dict.fromkeys(("LOCALHOST", "free_port", "free_ports"), "pqfed.services.ports"),
-    "terminate_process_tree": "pqfed.services.procs",
+    **dict.fromkeys(("terminate_process_tree", "ManagedProcess"), "pqfed.services.procs"),
     "read_status": "pqfed.services.rounds",
     # for the capacity benchmark's emulated clients (testbed/bench/capacity_client.py)
     **dict.fromkeys(("BLOB_KEY", "UPDATE_KEY", "array_record", "blob_of", "float_arrays"),
@@ -127,6 +128,7 @@ __all__ = [
     "IdlePoller",
     "Interrupted",
     "JobSpecError",
+    "ManagedProcess",
     "SpecRule",
     "array_record",
     "blob_of",
@@ -140,6 +142,7 @@ __all__ = [
     "free_ports",
     "install_fast_poll",
     "load_job",
+    "load_spec",
     "parse_spec",
     "read_status",
     "run_local",

@@ -15,7 +15,6 @@ that runs the ClientApp for each message.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -36,7 +35,7 @@ from pqfed.services.node_defaults import (
     SUPERLINK_ROUTE,
 )
 from pqfed.services.rounds import read_status
-from pqfed.services.spec import FederationJobSpec, check_runnable, load_job, parse_spec
+from pqfed.services.spec import check_runnable, load_spec
 
 log = logging.getLogger("pqfed.fl")
 
@@ -86,15 +85,6 @@ def _tuning(preload: tuple[str, ...]) -> fr.FlowerTuning:
     stock Flower."""
     return fr.FlowerTuning() if _stock() else fr.FlowerTuning.fast(
         FAST_POLL_S, preload, idle_backoff=_idle_backoff())
-
-
-def load_spec(path: Path) -> tuple[str, FederationJobSpec]:
-    """A job YAML (FederationJob manifest) or a JSON spec with a "name" field."""
-    if path.suffix in (".yaml", ".yml"):
-        job = load_job(path)
-        return job.name, job.spec
-    data = json.loads(path.read_text())
-    return str(data["name"]), parse_spec(data["spec"], str(path))
 
 
 def _serve_status(state_dir: Path, port: int) -> None:

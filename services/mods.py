@@ -33,9 +33,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from pqfed.pqc import ModelManifest, ModelRejected, SignedModel, sign_update, verify_model
+from pqfed.pqc.signing import sign_update_x509
 from pqfed.services import compression
 from pqfed.services.downlink import Broadcast, Held, apply, weights_digest
-from pqfed.services.identity_dir import load_identity
+from pqfed.services.identity_dir import is_site_directory, load_identity, load_site_key
 from pqfed.services.records import (
     AGGREGATOR_NODE_ID,
     BLOB_KEY,
@@ -47,6 +48,7 @@ from pqfed.services.records import (
     PUBLIC_KEY,
     PUBLIC_META_KEY,
     RESIDUAL_KEY,
+    SITE_SIGNED,
     UPDATE_KEY,
     Weights,
     array_record,
@@ -248,7 +250,8 @@ def _is_blob(record: ArrayRecord) -> bool:
 def sign_update_mod(msg: Message, context: Context, call_next: Handler) -> Message:
     """Signs a training reply's encoded update with the node's identity (ML-DSA over the
     blob, the job, the round and the aggregation weight: the examples and clients it stands
-    for, which the aggregator takes from the signed manifest only)."""
+    for, which the aggregator takes from the signed manifest only): the pqfed-format identity
+    of an operator-run node, or a site's own X.509 key (an external node)."""
     reply = call_next(msg, context)
     if not _is_train(msg) or reply.has_error():
         return reply
@@ -258,15 +261,23 @@ def sign_update_mod(msg: Message, context: Context, call_next: Handler) -> Messa
     if not _is_blob(array_record(reply.content, "arrays")):
         raise ModChainError("sign_update_mod", "got dense weights, not an encoded update; "
                                                "encode_update_mod must come after (inside) it")
-    ident, _ = load_identity(str(context.node_config["identity-dir"]))
+    directory = str(context.node_config["identity-dir"])
     metrics = metric_record(reply.content)
+    job, rnd, blob = str(context.run_config["job"]), round_of(msg), blob_of(reply.content)
+    weight = {"num_examples": int(number(metrics.get("num-examples", 0))),
+              "contributors": int(number(metrics.get("clients", 1)))}
     t0 = time.perf_counter()
-    signed = sign_update(ident, str(context.run_config["job"]), round_of(msg),
-                         blob_of(reply.content),
-                         num_examples=int(number(metrics.get("num-examples", 0))),
-                         contributors=int(number(metrics.get("clients", 1))))
+    if is_site_directory(directory):
+        # An external node (spec.externalClients): its own key and the X.509 certificate the
+        # job's CA issued for it; the aggregator checks it against that CA (pqc/signing.py).
+        key, cert = load_site_key(directory)
+        field, signed = SITE_SIGNED, sign_update_x509(key, cert, job, rnd, blob,
+                                                      **weight).to_bytes()
+    else:
+        ident, _ = load_identity(directory)
+        field, signed = "signed", sign_update(ident, job, rnd, blob, **weight).to_bytes()
     metrics["sign-seconds"] = time.perf_counter() - t0
-    reply.content[UPDATE_KEY] = ConfigRecord({"signed": signed.to_bytes()})
+    reply.content[UPDATE_KEY] = ConfigRecord({field: signed})
     return reply
 
 

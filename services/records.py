@@ -21,6 +21,9 @@ from pqfed.services.spec import FederationJobSpec, parse_spec
 
 # -- message records
 UPDATE_KEY = "pqfed-update"  # ConfigRecord carrying the signed manifest of an update
+# In that record: "signed" (pqc.signing.SignedUpdate, a pqfed-format identity) or SITE_SIGNED
+# (X509SignedUpdate, an external node's site-held X.509 key).
+SITE_SIGNED = "signed-x509"
 BLOB_KEY = "blob"  # the one array of an encoded update or a compressed broadcast
 BROADCAST_KEY = "pqfed-broadcast"  # ConfigRecord marking a compressed model broadcast
 MODEL_SIG_KEY = "pqfed-model-sig"  # ConfigRecord: the central aggregator's SignedModel

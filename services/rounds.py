@@ -93,11 +93,11 @@ def epsilon_after(spec: FederationJobSpec, rounds: int) -> float | None:
     )
     from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-    per_round = spec.clients_per_round or spec.clients
-    acc = RdpAccountant(PrivacyConfig(p.delta, spec.clients,
+    per_round, population = spec.per_round, spec.total_clients
+    acc = RdpAccountant(PrivacyConfig(p.delta, population,
                                       NeighboringRelation.ADD_OR_REMOVE_ONE,
                                       SamplingMethod.NO_AMPLIFICATION))
-    acc.compose(GaussianPrivacyEvent(p.noise_multiplier, per_round, spec.clients), rounds)
+    acc.compose(GaussianPrivacyEvent(p.noise_multiplier, per_round, population), rounds)
     return float(acc.get_epsilon(p.delta))
 
 

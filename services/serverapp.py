@@ -42,13 +42,20 @@ from pqfed.pqc import (
     sign_model,
     verify_update,
 )
+from pqfed.pqc.signing import X509SignedUpdate, X509Verifier, verify_update_x509
 from pqfed.services import compression, downlink
 from pqfed.services.downlink import Broadcaster, weights_digest
-from pqfed.services.identity_dir import identity_source, load_identity, trust_store
+from pqfed.services.identity_dir import (
+    identity_source,
+    load_identity,
+    trust_store,
+    x509_trust_store,
+)
 from pqfed.services.records import (
     BLOB_KEY,
     BROADCAST_KEY,
     MODEL_SIG_KEY,
+    SITE_SIGNED,
     UPDATE_KEY,
     blob_of,
     config_record,
@@ -70,15 +77,21 @@ class VerifiedStrategy(Strategy):
     `model_signer`: the central aggregator's identity, which signs each model version it
     sends (pqc.signing.sign_model). An edge has none: it sets `relay_model_sig` each round to
     the central aggregator's signature of the model it forwards, unchanged; `renewed` gives
-    the model signer's current identity after a certificate renewal."""
+    the model signer's current identity after a certificate renewal.
+
+    `sites` (tls13 jobs with spec.externalClients): the job's X.509 CA and CRL and the
+    external node ids; updates signed with a site-held X.509 key are verified against them
+    (pqc.signing.verify_update_x509). Without it such an update is refused."""
 
     def __init__(self, inner: Strategy, *, trust: TrustAnchor | TrustStore, job: str,
                  recorder: RoundRecorder, audit: AuditLog | None, round_offset: int,
                  min_clients: int, roles: tuple[Role, ...] = (Role.CLIENT,),
                  downlink: Broadcaster | None = None,
                  model_signer: Identity | None = None,
-                 renewed: Callable[[], Identity] | None = None) -> None:
+                 renewed: Callable[[], Identity] | None = None,
+                 sites: tuple[X509Verifier, tuple[str, ...]] | None = None) -> None:
         self.inner = inner
+        self.sites = sites
         self.downlink = downlink
         self.model_signer = model_signer
         # Where a renewed model-signer identity comes from (the identity directory).
@@ -179,16 +192,18 @@ class VerifiedStrategy(Strategy):
                 self.downlink.forget(node)  # it may not hold the public model: send it whole
             return None
         try:
-            raw = config_record(reply.content, UPDATE_KEY)["signed"]
-            if not isinstance(raw, bytes):
-                raise TypeError("signed manifest is not bytes")
-            signed = SignedUpdate.from_bytes(raw)
+            record = config_record(reply.content, UPDATE_KEY)
             blob = blob_of(reply.content)
             t0 = time.perf_counter()
-            # The newest revocation list in force (a TrustStore re-reads it mid-job).
-            manifest = verify_update(signed, blob, self.trust.anchor, job=self.job,
-                                     round_number=rnd,
-                                     roles=self.roles)
+            if SITE_SIGNED in record:
+                manifest = self._verify_site(record[SITE_SIGNED], blob, rnd)
+            else:
+                raw = record["signed"]
+                if not isinstance(raw, bytes):
+                    raise TypeError("signed manifest is not bytes")
+                # The newest revocation list in force (a TrustStore re-reads it mid-job).
+                manifest = verify_update(SignedUpdate.from_bytes(raw), blob, self.trust.anchor,
+                                         job=self.job, round_number=rnd, roles=self.roles)
             self.recorder.add_crypto(rnd, time.perf_counter() - t0)
             self._check_vote(rnd, manifest)
             delta = compression.decode(blob, self._global)
@@ -223,6 +238,18 @@ class VerifiedStrategy(Strategy):
         weights = [g + d for g, d in zip(self._global, delta, strict=True)]
         reply.content = RecordDict({"arrays": ArrayRecord(list(weights)), "metrics": metrics})
         return reply
+
+    def _verify_site(self, raw: object, blob: bytes, rnd: int) -> UpdateManifest:
+        """An external node's update, signed with its site-held X.509 key."""
+        if not isinstance(raw, bytes):
+            raise TypeError("site-signed manifest is not bytes")
+        signed = X509SignedUpdate.from_bytes(raw)
+        if self.sites is None:
+            raise UpdateRejected(signed.manifest.node_id, "signed with an X.509 site key, "
+                                 "but this job has no externalClients")
+        trust, node_ids = self.sites
+        return verify_update_x509(signed, blob, trust, job=self.job, round_number=rnd,
+                                  node_ids=node_ids, roles=self.roles)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -277,12 +304,16 @@ def main(grid: Grid, context: Context) -> None:
     # In hierarchical mode only edge aggregators may send updates here (services/edge.py).
     roles = (Role.EDGE,) if spec.hierarchy.enabled else (Role.CLIENT,)
     trust = trust_store(str(context.run_config["identity-dir"]))
+    # External nodes sign with their site-held X.509 keys: checked against the job's X.509 CA
+    # and CRL, which every pod of a tls13 job holds (re-read when the CRL changes).
+    sites = ((x509_trust_store(str(context.run_config["identity-dir"])),
+              spec.external_node_ids) if spec.external_clients else None)
     strategy = VerifiedStrategy(build_strategy(spec), trust=trust, job=job, recorder=recorder,
                                 audit=audit, round_offset=done, min_clients=spec.min_clients,
                                 roles=roles, downlink=downlink.for_spec(spec),
                                 # edges forward the model: sign it for their clients
                                 model_signer=ident if spec.hierarchy.enabled else None,
-                                renewed=renewed)
+                                renewed=renewed, sites=sites)
     train_config = ConfigRecord()  # FedProx adds "proximal-mu" itself
     strategy.start(grid, ArrayRecord(list(initial)), num_rounds=rounds,
                    timeout=spec.timeouts.round_seconds, train_config=train_config,

@@ -20,6 +20,7 @@ the CRD generator and its test read them side by side.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -324,6 +325,26 @@ class PlacementSpec(_Spec):
                                            "topology spread constraint on the hostname)")
 
 
+# A node id of a site (pqfed://<job>/client/<node id>, docs/pki.md): the node URI's label rule.
+NODE_ID_PATTERN: Final = r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$"
+# Node ids the operator issues to the nodes it runs (operator/pods.py); a site cannot take one.
+RESERVED_NODE_IDS: Final = ("aggregator", "operator")
+RESERVED_NODE_ID_PATTERN: Final = r"^(client|edge)-[0-9]+$"
+
+
+class ExternalClientSpec(_Spec):
+    """A client the operator does not run: a site that keeps its own ML-DSA-65 key, enrolled
+    through a PKCS#10 request and an admin's approval (docs/pki.md), running its own sidecar
+    and Flower client (`pqfed site run`)."""
+
+    node_id: str = Field(
+        min_length=1, max_length=63, pattern=NODE_ID_PATTERN,
+        description="The site's node id: the last segment of its certificate's URI "
+        "pqfed://<job>/client/<nodeId> and of its request ConfigMap <job>-csr-<nodeId>. "
+        "Lowercase letters, digits, '-' and '.'; not aggregator, operator, client-N or edge-N "
+        "(the operator's own nodes)")
+
+
 class FederationJobSpec(_Spec):
     task: TaskName = Field(
         "breast-cancer", description="What to learn: breast-cancer (Wisconsin diagnostic, "
@@ -348,6 +369,13 @@ class FederationJobSpec(_Spec):
     hierarchy: HierarchySpec = Field(default_factory=HierarchySpec)
     crypto: CryptoSpec = Field(default_factory=CryptoSpec)
     channel: ChannelSpec = Field(default_factory=ChannelSpec)
+    external_clients: list[ExternalClientSpec] = Field(
+        default_factory=list, max_length=100,
+        description="Clients run by their sites, not by the operator (tls13 jobs only): each "
+        "enrols its own key (docs/pki.md) and counts as a client like the `clients` the "
+        "operator runs (minClients, clientsPerRound and the rounds' participants count both). "
+        "One that never connects is treated like a lost client: its rounds go on without it, "
+        "and a round with fewer than minClients valid updates keeps the global model")
     timeouts: TimeoutSpec = Field(default_factory=TimeoutSpec)
     placement: PlacementSpec = Field(default_factory=PlacementSpec)
     image: str = Field(f"{IMAGE_PREFIX}/fl:{IMAGE_VERSION}", min_length=1,
@@ -362,8 +390,17 @@ class FederationJobSpec(_Spec):
                                            "[registry/]repository[:tag][@sha256:digest]")
 
     @property
+    def total_clients(self) -> int:
+        """The operator's clients plus the external ones."""
+        return self.clients + len(self.external_clients)
+
+    @property
+    def external_node_ids(self) -> tuple[str, ...]:
+        return tuple(e.node_id for e in self.external_clients)
+
+    @property
     def per_round(self) -> int:
-        return self.clients_per_round or self.clients
+        return self.clients_per_round or self.total_clients
 
     @model_validator(mode="after")
     def _cross_field(self) -> FederationJobSpec:
@@ -406,8 +443,10 @@ class OperatorOnlyRule:
     reason: str
 
 
-# Per-round client count (`clientsPerRound or clients`).
-_PER_ROUND: Final = "(has(self.clientsPerRound) ? self.clientsPerRound : self.clients)"
+# Every client: the operator's and the external ones (`FederationJobSpec.total_clients`).
+_TOTAL: Final = "(self.clients + size(self.externalClients))"
+# Per-round client count (`clientsPerRound or` all clients).
+_PER_ROUND: Final = f"(has(self.clientsPerRound) ? self.clientsPerRound : {_TOTAL})"
 _KRUM: Final = ("Krum", "MultiKrum")
 
 
@@ -418,14 +457,16 @@ def _krum_ok(clients: int, byzantine: int) -> bool:
 RULES: Final[tuple[SpecRule, ...]] = (
     SpecRule(
         "minClients<=clients", "minClients",
-        "self.minClients <= self.clients",
-        "minClients must be <= clients; lower minClients or add clients",
-        lambda s: s.min_clients <= s.clients),
+        f"self.minClients <= {_TOTAL}",
+        "minClients must be <= clients (plus externalClients); lower minClients or add "
+        "clients",
+        lambda s: s.min_clients <= s.total_clients),
     SpecRule(
         "clientsPerRound<=clients", "clientsPerRound",
-        "!has(self.clientsPerRound) || self.clientsPerRound <= self.clients",
-        "clientsPerRound must be <= clients; lower clientsPerRound or add clients",
-        lambda s: s.per_round <= s.clients),
+        f"!has(self.clientsPerRound) || self.clientsPerRound <= {_TOTAL}",
+        "clientsPerRound must be <= clients (plus externalClients); lower clientsPerRound or "
+        "add clients",
+        lambda s: s.per_round <= s.total_clients),
     SpecRule(
         "clientsPerRound>=minClients", "clientsPerRound",
         "!has(self.clientsPerRound) || self.clientsPerRound >= self.minClients",
@@ -549,6 +590,37 @@ RULES: Final[tuple[SpecRule, ...]] = (
         "ML-KEM-768 or channel.protocol pqfed1",
         lambda s: s.channel.protocol != "tls13" or s.crypto.kem == "ML-KEM-768"),
     SpecRule(
+        "external-tls13", "externalClients",
+        "size(self.externalClients) == 0 || self.channel.protocol == 'tls13'",
+        "externalClients: sites join with X.509 certificates from the job's CA, which only "
+        "tls13 jobs have; set channel.protocol: tls13 or remove externalClients",
+        lambda s: not s.external_clients or s.channel.protocol == "tls13"),
+    SpecRule(
+        "external-node-ids-unique", "externalClients",
+        "self.externalClients.all(x, self.externalClients.exists_one(y, y.nodeId == x.nodeId))",
+        "externalClients: each nodeId may appear once; remove the duplicate",
+        lambda s: len(set(s.external_node_ids)) == len(s.external_clients)),
+    SpecRule(
+        "external-node-ids-reserved", "externalClients",
+        "self.externalClients.all(x, !(x.nodeId in "
+        f"{list(RESERVED_NODE_IDS)!r}) && !x.nodeId.matches('{RESERVED_NODE_ID_PATTERN}'))",
+        "externalClients: aggregator, operator, client-N and edge-N name the operator's own "
+        "nodes; use another nodeId (the one the site's request names)",
+        lambda s: not any(n in RESERVED_NODE_IDS or re.fullmatch(RESERVED_NODE_ID_PATTERN, n)
+                          for n in s.external_node_ids)),
+    SpecRule(
+        "external-hierarchy", "externalClients",
+        "!self.hierarchy.enabled || size(self.externalClients) == 0",
+        "externalClients: external clients join the central aggregator, which accepts only "
+        "edges in hierarchical jobs; disable hierarchy or remove externalClients",
+        lambda s: not (s.hierarchy.enabled and s.external_clients)),
+    SpecRule(
+        "external-secagg", "externalClients",
+        "!self.secureAggregation.enabled || size(self.externalClients) == 0",
+        "externalClients: secure aggregation is not available with external clients in this "
+        "release; disable secureAggregation or remove externalClients",
+        lambda s: not (s.secure_aggregation.enabled and s.external_clients)),
+    SpecRule(
         "natural-partition-only-hapt", "dataset.partition",
         "self.dataset.partition != 'natural' || self.task == 'hapt'",
         "dataset.partition: natural is HAPT's per-subject split; use iid or dirichlet:<alpha> "
@@ -611,6 +683,8 @@ _PATTERN_HINTS: Final[Mapping[str, str]] = {
     "sidecarImage": "not an image reference: [registry[:port]/]repository[:tag]"
                     "[@sha256:<64 hex>], the repository in lowercase, no spaces",
     "dataset.partition": "use iid, natural or dirichlet:<alpha> with alpha > 0",
+    "externalClients": "not a node id: 1-63 of [a-z0-9.-], starting and ending with a "
+                       "letter or digit (the --node-id the site gave `pqfed ca csr`)",
     "placement.nodeSelector": "not a Kubernetes label value: at most 63 of [-A-Za-z0-9_.], "
                               "starting and ending alphanumeric",
     "placement.aggregatorNodeSelector": "not a Kubernetes label value: at most 63 of "
@@ -622,7 +696,8 @@ def _path(loc: tuple[int | str, ...]) -> str:
     parts = [str(p) for p in loc]
     if parts and parts[-1] == "[key]":  # a map key: spec.placement.nodeSelector["bad key"]
         return ".".join(parts[:-2]) + f"[{parts[-2]!r}]"
-    return ".".join(parts)
+    # A list index as the API server writes it: spec.externalClients[0].nodeId
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
 
 
 def _problems(exc: ValidationError) -> dict[str, str]:
@@ -834,3 +909,13 @@ def load_job(path: Path) -> FederationJobFile:
     except (OSError, UnicodeDecodeError) as exc:
         raise JobSpecError(str(path), {"(file)": str(exc)}) from None
     return parse_job(read_job_document(text, str(path)), str(path))
+
+
+def load_spec(path: Path) -> tuple[str, FederationJobSpec]:
+    """A job YAML (FederationJob manifest) or the JSON spec the operator mounts in its pods
+    (`{"name": ..., "spec": ...}`): the job's name and its checked spec."""
+    if path.suffix in (".yaml", ".yml"):
+        job = load_job(path)
+        return job.name, job.spec
+    data = json.loads(path.read_text())
+    return str(data["name"]), parse_spec(data["spec"], str(path))

@@ -18,7 +18,7 @@ from pqfed.services.spec import FederationJobSpec
 
 
 def clients_per_round(spec: FederationJobSpec) -> int:
-    return spec.clients_per_round or spec.clients
+    return spec.per_round
 
 
 def build_strategy(spec: FederationJobSpec, level: Literal["central", "edge"] = "central"
@@ -30,7 +30,9 @@ def build_strategy(spec: FederationJobSpec, level: Literal["central", "edge"] = 
     strategies see individual client updates) and FedAvg over the edges' aggregates at the
     central aggregator, weighted by the examples behind each."""
     per_round = clients_per_round(spec)
-    fraction = per_round / spec.clients
+    # Flower samples this fraction of the connected nodes: the operator's clients and the
+    # external ones alike.
+    fraction = per_round / spec.total_clients
     n = spec.min_clients
     if spec.hierarchy.enabled:
         if level == "central":

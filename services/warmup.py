@@ -31,7 +31,7 @@ def warm_up() -> None:
     if spec_path and partition is not None:
         from pathlib import Path
 
-        from pqfed.services.fl_node import load_spec
+        from pqfed.services.spec import load_spec
         from pqfed.services.task import client_data
 
         _, spec = load_spec(Path(spec_path))

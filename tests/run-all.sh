@@ -5,11 +5,11 @@
 # take about as long as the tests that need neither, and those tests leave CPU idle while
 # they wait for the processes they start. So:
 #
-#   1. `make cluster-binaries images` starts in the background at the lowest priority, in a
+#   1. `make cluster-binaries images openssl35` starts in the background at the lowest priority, in a
 #      scheduler group of its own (autogroup nice 19): it takes only what the tests leave.
 #      When everything is built already it ends in seconds.
-#   2. Meanwhile: lint and types, then every test that needs neither (`-m "not cluster and
-#      not images"`), at normal priority.
+#   2. Meanwhile: lint and types, then every test that needs none of it (`-m "not cluster
+#      and not images and not openssl35"`), at normal priority.
 #   3. When the build is done: the tests on the real node (`real_node`: one private cluster
 #      with kubelet + containerd, mostly waiting for image imports and containers) beside
 #      every other cluster and image test. Each of those tests runs its own cluster (own
@@ -30,13 +30,13 @@ start=$SECONDS
 say() { printf '[make test %4ds] %s\n' "$((SECONDS - start))" "$*"; }
 
 if [[ "${PQFED_TEST_SERIAL:-0}" == 1 ]]; then
-    make lint cluster-binaries images || exit 1
+    make lint cluster-binaries images openssl35 || exit 1
     exec "$BIN/python" -m pytest -q "${EXTRA[@]}"
 fi
 
 # 1. The build, in its own session (so its own autogroup) at nice 19.
 say "building the cluster binaries and images in the background ($LOGS/build.log)"
-setsid -w bash -c 'echo 19 > /proc/self/autogroup 2>/dev/null; exec nice -n 19 make -j2 cluster-binaries images' \
+setsid -w bash -c 'echo 19 > /proc/self/autogroup 2>/dev/null; exec nice -n 19 make -j2 cluster-binaries images openssl35' \
     >"$LOGS/build.log" 2>&1 &
 build=$!
 stop_build() { kill -TERM -- "-$build" 2>/dev/null; }
@@ -45,7 +45,7 @@ trap stop_build EXIT INT TERM
 # 2. Lint, types, and the tests that need no build.
 make lint || { say "lint failed"; exit 1; }
 say "tests that need no cluster and no image"
-"$BIN/python" -m pytest -q -m "not cluster and not images" "${EXTRA[@]}"
+"$BIN/python" -m pytest -q -m "not cluster and not images and not openssl35" "${EXTRA[@]}"
 unit=$?
 say "those tests: exit $unit"
 
@@ -63,7 +63,7 @@ say "build done"
 say "real-node tests in the background ($LOGS/real-node.log); the other cluster and image tests here"
 "$BIN/python" -m pytest -q -m "real_node" "${EXTRA[@]}" >"$LOGS/real-node.log" 2>&1 &
 real=$!
-"$BIN/python" -m pytest -q -m "(cluster or images) and not real_node" "${EXTRA[@]}"
+"$BIN/python" -m pytest -q -m "(cluster or images or openssl35) and not real_node" "${EXTRA[@]}"
 cluster=$?
 wait "$real"
 realrc=$?

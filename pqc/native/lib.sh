@@ -63,3 +63,18 @@ TOML
         | python3 -c 'import json,sys; m=json.load(sys.stdin); print(next(p["manifest_path"] for p in m["packages"] if p["name"]==sys.argv[1]))' "$name")"
     dirname "$manifest"
 }
+
+# crate_archive NAME VERSION SHA256 WORK: fetch_crate, then print the path of the .crate file
+# cargo downloaded, after checking its own SHA-256 against the pin (the unpacked copy under
+# cargo's registry/src is not checked by cargo again, so callers that need the sources unpack
+# this archive themselves).
+crate_archive() {
+    local name="$1" version="$2" sha256="$3" work="$4" archive got
+    fetch_crate "$name" "$version" "$sha256" "$work" >/dev/null
+    archive="$(find "${CARGO_HOME:-$HOME/.cargo}/registry/cache" -name "$name-$version.crate" \
+        2>/dev/null | head -1 || true)"
+    [[ -f "$archive" ]] || die "cargo fetched $name $version but its .crate is not in ${CARGO_HOME:-$HOME/.cargo}/registry/cache"
+    got="$(sha256sum "$archive" | cut -d' ' -f1)"
+    [[ "$got" == "$sha256" ]] || die "$archive has sha256 $got, expected $sha256"
+    echo "$archive"
+}

@@ -346,6 +346,32 @@ def broadcast_target() -> Target:
     return Target("broadcast", run, (DownlinkError,), seeds, tokens, weight=1.5)
 
 
+def signed_update_target() -> Target:
+    """The two update envelopes an aggregator parses from every client: the pqfed form
+    (`SignedUpdate`) and the site-held X.509 form (`X509SignedUpdate`, its DER certificate
+    included)."""
+    from cryptography.hazmat.primitives.asymmetric import mldsa
+
+    from pqfed.pqc.errors import PqcError
+    from pqfed.pqc.identity import Role
+    from pqfed.pqc.pki import NodeURI, X509CertificateAuthority
+    from pqfed.pqc.signing import SignedUpdate, X509SignedUpdate, sign_update, sign_update_x509
+
+    def run(data: bytes) -> object:
+        if data[:1] == b"\x01":
+            return X509SignedUpdate.from_bytes(data[1:])
+        return SignedUpdate.from_bytes(data[1:])
+
+    ca = X509CertificateAuthority.generate("fed-fuzz")
+    key = mldsa.MLDSA65PrivateKey.from_seed_bytes(bytes(range(32)))
+    cert = ca.issue(NodeURI("fed-fuzz", Role.CLIENT, "hospital-1"), key.public_key())
+    x509_form = sign_update_x509(key, cert, "job", 3, b"update" * 10, num_examples=5)
+    pqfed_form = sign_update(_pki()["aggregator"], "job", 3, b"update" * 10, num_examples=5)
+    seeds = [b"\x00" + pqfed_form.to_bytes(), b"\x01" + x509_form.to_bytes()]
+    tokens = [b"\x00\x00", b"\xff\xff", b"\x30\x82", b"\x06\x09", b"\x00" * 8]
+    return Target("signed-update", run, (PqcError,), seeds, tokens)
+
+
 _PKI: dict[str, Any] = {}
 
 
@@ -398,7 +424,7 @@ def _pki() -> dict[str, Any]:
 
 def all_targets(work: Path) -> list[Target]:
     return [http_target(), record_target(), pem_target(), audit_target(work),
-            compression_target(), broadcast_target()]
+            compression_target(), broadcast_target(), signed_update_target()]
 
 
 # --- the loop ----------------------------------------------------------------------------------

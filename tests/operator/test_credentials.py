@@ -200,3 +200,26 @@ def test_revoke_cli_refuses_bad_input_before_any_request(
 
     assert main(["revoke", "--job", "bc", "--kubeconfig", "/nonexistent", *args]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_revoking_an_external_node_puts_its_x509_serial_on_the_crl() -> None:
+    """An external node (spec.externalClients) has no pod and no pqfed identity: its revocation
+    lists the serial of the certificate published in JOB-cert-NODE on the job's X.509 CRL, and
+    it counts against minClients like a client."""
+    spec = spec_of(clients=2, minClients=2, channel={"protocol": "tls13"},
+                   externalClients=[{"nodeId": "hospital-1"}])
+    status, observed = started(spec)
+    observed = dataclasses.replace(_certs(observed, spec), external_certificates={
+        "hospital-1": 0xABC})
+    certs = {n: c for n, c in observed.certificates.items() if n != "hospital-1"}
+    observed = dataclasses.replace(observed, certificates=certs,
+                                   crl=dataclasses.replace(observed.crl, x509_serials=frozenset()))
+    plan = reconcile.plan_tick(JOB, spec, status, observed, LATER,
+                               annotations=_revoke("hospital-1"), clock=T0 + 60)
+    assert plan.crl == reconcile.CrlUpdate((), "revoked hospital-1", (0xABC,))
+    assert plan.delete_pods == [] and plan.status.get("phase") is None  # 2 clients left
+    assert "hospital-1 (key-compromise)" in cond(plan.status, "NodesRevoked")["message"]
+    # One more revoked client and fewer than minClients are left: the job fails.
+    plan = reconcile.plan_tick(JOB, spec, status, observed, LATER,
+                               annotations=_revoke("hospital-1", "client-0"), clock=T0 + 60)
+    assert plan.status["phase"] == "Failed" and "1 of 3 clients left" in plan.status["message"]

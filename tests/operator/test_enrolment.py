@@ -4,6 +4,7 @@ it names its reason, and nothing is issued."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -56,9 +57,10 @@ def test_an_approved_request_is_issued_by_the_jobs_x509_ca(good: str) -> None:
     assert node.node_id == NODE and cert.public_key() == d.csr.public_key()
     cm = enrolment.certificate_configmap(m.JobRef(JOB, "fl", "u"), NODE,
                                          cert.public_bytes(Encoding.PEM).decode(),
-                                         ca_data[identities.X509_CA_KEY], "")
+                                         ca_data[identities.X509_CA_KEY], "", TLS13)
     assert cm["metadata"]["name"] == f"{JOB}-cert-{NODE}"
-    assert set(cm["data"]) == {"tls.crt", "ca.crt", "crl.pem"}
+    assert set(cm["data"]) == {"tls.crt", "ca.crt", "crl.pem", "spec.json"}
+    assert json.loads(cm["data"]["spec.json"])["name"] == JOB  # what `pqfed site run` reads
     assert "PRIVATE" not in str(cm)  # the operator only ever had the public key
     assert load_certificate_pem(cm["data"]["tls.crt"]) == cert
 
@@ -172,3 +174,42 @@ def test_pqfed_approve_checks_what_the_operator_checks(good: str) -> None:
     assert uri == f"pqfed://{JOB}/client/{NODE}" and fingerprint.startswith("sha256:")
     with pytest.raises(enrolment.EnrolmentRefused, match="WrongRole"):
         enrolment.approval(JOB, TLS13, NODE, _csr(NodeURI(JOB, Role.EDGE, NODE)))
+
+
+def test_the_published_crl_snapshot_follows_the_jobs_crl(good: str) -> None:
+    """Every JOB-cert-NODE whose crl.pem is not the job's current X.509 CRL is refreshed;
+    nothing else (another job's, another component's, an up-to-date one) is touched."""
+    ca_data = identities.issue_ca(JOB, "ML-DSA-65", x509_ca=True)
+    ca = identities.load_x509_ca(ca_data)
+    assert ca is not None
+    old, new = (ca.revocation_list(serials, n).public_bytes(Encoding.PEM).decode()
+                for n, serials in ((1, []), (2, [0x1234])))
+    job = m.JobRef(JOB, "fl", "u")
+
+    def published(node: str, crl: str, job_name: str = JOB) -> dict[str, Any]:
+        return enrolment.certificate_configmap(m.JobRef(job_name, "fl", "u"), node, "cert",
+                                               ca_data[identities.X509_CA_KEY], crl, TLS13)
+
+    cms = {c["metadata"]["name"]: c for c in (
+        published("hospital-a", old), published("hospital-b", new),
+        published("hospital-c", old, "fed-other"))}
+    cms[m.job_configmap_name(JOB)] = m.job_configmap(job, TLS13)
+    assert enrolment.stale_crl_snapshots(JOB, cms, new) == (f"{JOB}-cert-hospital-a",)
+    assert enrolment.stale_crl_snapshots(JOB, cms, "") == ()  # no list published yet
+
+
+def test_the_published_serials_are_what_revocation_lists(good: str) -> None:
+    ca_data = identities.issue_ca(JOB, "ML-DSA-65", x509_ca=True)
+    ca = identities.load_x509_ca(ca_data)
+    assert ca is not None
+    d = _decide(good, _approved(good))
+    assert d.csr is not None
+    cert = sign_request(ca, d.csr, IssuancePolicy(roles=(Role.CLIENT,), node_id=NODE))
+    cm = enrolment.certificate_configmap(m.JobRef(JOB, "fl", "u"), NODE,
+                                         cert.public_bytes(Encoding.PEM).decode(),
+                                         ca_data[identities.X509_CA_KEY], "", TLS13)
+    broken = {**cm, "metadata": {**cm["metadata"], "name": f"{JOB}-cert-other"},
+              "data": {**cm["data"], "tls.crt": "not a certificate"}}
+    cms = {cm["metadata"]["name"]: cm, broken["metadata"]["name"]: broken,
+           m.job_configmap_name(JOB): m.job_configmap(m.JobRef(JOB, "fl", "u"), TLS13)}
+    assert enrolment.published_serials(JOB, cms) == {NODE: cert.serial_number}

@@ -89,7 +89,7 @@ def test_mutation_harness_small_budget() -> None:
     with harness.work_dir() as work:
         results = harness.run_all(6000, 7, work, log=lines.append)
     assert {r.name for r in results} == {"http-filter", "record-open", "pem-armor", "audit-log",
-                                         "compression", "broadcast"}
+                                         "compression", "broadcast", "signed-update"}
     assert [(r.name, r.crashes[:1]) for r in results if r.crashes] == [], lines
-    assert sum(r.inputs for r in results) >= 6000
+    assert sum(r.inputs for r in results) >= 6000 - len(results)  # shares are rounded
     assert all(r.rejected > 0 for r in results)  # the mutants reach the parsers' checks
