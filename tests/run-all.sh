@@ -9,7 +9,9 @@
 #      scheduler group of its own (autogroup nice 19): it takes only what the tests leave.
 #      When everything is built already it ends in seconds.
 #   2. Meanwhile: lint and types, then every test that needs none of it (`-m "not cluster
-#      and not images and not openssl35"`), at normal priority.
+#      and not images and not openssl35"`), at normal priority, in PQFED_TEST_WORKERS
+#      (default 2) pytest-xdist workers: most of their time is spent waiting for the
+#      federations they start, so two at a time fill the CPUs the build does not take.
 #   3. When the build is done: the tests on the real node (`real_node`: one private cluster
 #      with kubelet + containerd, mostly waiting for image imports and containers) beside
 #      every other cluster and image test. Each of those tests runs its own cluster (own
@@ -45,7 +47,8 @@ trap stop_build EXIT INT TERM
 # 2. Lint, types, and the tests that need no build.
 make lint || { say "lint failed"; exit 1; }
 say "tests that need no cluster and no image"
-"$BIN/python" -m pytest -q -m "not cluster and not images and not openssl35" "${EXTRA[@]}"
+"$BIN/python" -m pytest -q -n "${PQFED_TEST_WORKERS:-2}" \
+    -m "not cluster and not images and not openssl35" "${EXTRA[@]}"
 unit=$?
 say "those tests: exit $unit"
 
