@@ -12,6 +12,7 @@ and pod logs are copied to the session's tmp dir (`e2e*/`) before the cluster is
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -163,6 +164,20 @@ class Testbed:
             f"*/pods/{OPERATOR_NS}_*/operator*.log"), key=lambda p: p.stat().st_mtime)
         return "\n".join(f"== {p.parent.name}/{p.name}\n"
                          f"{p.read_text(errors='replace')[-tail:]}" for p in logs)
+
+    def stored_anywhere(self, text: str) -> list[str]:
+        """The Secrets and ConfigMaps of the job and operator namespaces that hold `text`
+        (e.g. a site's private key, which the operator must never see)."""
+        found = []
+        for ns in (self.namespace, self.operator_namespace):
+            for sec in self.core.list_namespaced_secret(ns).items:
+                if any(text in base64.b64decode(v).decode(errors="replace")
+                       for v in (sec.data or {}).values()):
+                    found.append(f"Secret {ns}/{sec.metadata.name}")
+            for cm in self.core.list_namespaced_config_map(ns).items:
+                if any(text in v for v in (cm.data or {}).values()):
+                    found.append(f"ConfigMap {ns}/{cm.metadata.name}")
+        return found
 
     def diagnose(self, name: str) -> str:
         lines = []

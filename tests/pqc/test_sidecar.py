@@ -18,6 +18,7 @@ from pqfed.pqc.sidecar import Endpoint, Route, Sidecar, SidecarConfig
 from pqfed.pqc.sidecar.admin import build_admin_app
 from pqfed.pqc.sidecar.config import ConfigError
 
+from .cuttable_relay import cuttable_relay
 from .sidecar_pki import Node, Pki, dial, make_pki
 
 
@@ -300,8 +301,6 @@ def test_a_channel_cut_mid_response_resets_the_app_connection(
     """The client app must not take a truncated response for a whole one: a channel that
     breaks (no authenticated close) ends its connection with a reset, not a FIN."""
     async def main() -> None:
-        cut: list[asyncio.StreamWriter] = []
-
         async def app_fn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             await r.read(100)
             w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\npartial")
@@ -313,25 +312,14 @@ def test_a_channel_cut_mid_response_resets_the_app_connection(
         await server.start()
 
         # A TCP relay in front of the aggregator's sidecar that we can cut.
-        async def relay(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-            sr, sw = await asyncio.open_connection("127.0.0.1", server.bound["listen"])
-            cut.append(cw)
-
-            async def pump(a: asyncio.StreamReader, b: asyncio.StreamWriter) -> None:
-                while data := await a.read(65536):
-                    b.write(data)
-                    await b.drain()
-
-            await asyncio.gather(pump(cr, sw), pump(sr, cw), return_exceptions=True)
-
-        mitm = await asyncio.start_server(relay, "127.0.0.1", 0)
-        side = _outbound(tmp_path, pki, client, mitm.sockets[0].getsockname()[1])
+        mitm = await cuttable_relay(server.bound["listen"])
+        side = _outbound(tmp_path, pki, client, mitm.port)
         await side.start()
         r, w = await asyncio.open_connection("127.0.0.1", side.bound["route0"])
         w.write(b"GET /v1/fleet/x HTTP/1.1\r\n\r\n")
         await w.drain()
         assert (await r.readuntil(b"partial")).endswith(b"partial")
-        cut[0].transport.abort()  # the network cuts the channel mid-response
+        mitm.links[0][0].transport.abort()  # the network cuts the channel mid-response
         with pytest.raises(ConnectionResetError):
             await asyncio.wait_for(r.read(), 10)
         w.close()

@@ -20,6 +20,7 @@ from pqfed.pqc.sidecar import Endpoint, Route, Sidecar, SidecarConfig
 from pqfed.pqc.sidecar.config import ChannelProtocolName, ConfigError, DataPath
 from pqfed.pqc.sidecar.pump import THREAD_NAME
 
+from .cuttable_relay import cuttable_relay
 from .sidecar_pki import X509Pki
 
 TLS13 = ChannelProtocolName.TLS13
@@ -178,28 +179,15 @@ def test_a_channel_cut_mid_upload_resets_the_upstream_app(tmp_path: Path,
         app = await asyncio.start_server(app_fn, "127.0.0.1", 0)
         server = _server(tmp_path, pki, app_port(app))
         await server.start()
-        cut: list[asyncio.StreamWriter] = []
-
-        async def relay(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-            sr, sw = await asyncio.open_connection("127.0.0.1", server.bound["listen"])
-            cut.append(sw)
-
-            async def pump(a: asyncio.StreamReader, b: asyncio.StreamWriter) -> None:
-                while data := await a.read(65536):
-                    b.write(data)
-                    await b.drain()
-
-            await asyncio.gather(pump(cr, sw), pump(sr, cw), return_exceptions=True)
-
-        mitm = await asyncio.start_server(relay, "127.0.0.1", 0)
-        client = _client(tmp_path, pki, mitm.sockets[0].getsockname()[1])
+        mitm = await cuttable_relay(server.bound["listen"])
+        client = _client(tmp_path, pki, mitm.port)
         await client.start()
         _, w = await asyncio.open_connection("127.0.0.1", client.bound["route0"])
         block = os.urandom(1 << 18)
         while received < 4 * MIB:
             w.write(block)
             await w.drain()
-        cut[0].transport.abort()  # FIN towards the aggregator's sidecar, no close_notify
+        mitm.links[0][1].transport.abort()  # FIN towards the aggregator's sidecar, no close_notify
         assert await asyncio.wait_for(outcome, 30) == "reset"
         assert _sample(server, "pqfed_channel_failures_total",
                        {"stage": "record", "field": "close"}) == 1
