@@ -25,6 +25,16 @@ def pytest_sessionstart(session: pytest.Session) -> None:
               f"{'ok' if gone.down_ok else 'failed, removed by hand'})")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test` runs its first phase in two workers, `--dist
+    loadgroup`), every `slow` test (a whole federation of processes) goes to one worker, one
+    after another, while the other worker takes the rest: two federations at once on two
+    cores starve each other's Flower processes (an edge's object pushes then time out)."""
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.xdist_group("federations"))
+
+
 @pytest.fixture(scope="session")
 def ca() -> CertificateAuthority:
     return CertificateAuthority.generate("fed-test")

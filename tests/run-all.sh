@@ -10,8 +10,8 @@
 #      When everything is built already it ends in seconds.
 #   2. Meanwhile: lint and types, then every test that needs none of it (`-m "not cluster
 #      and not images and not openssl35"`), at normal priority, in PQFED_TEST_WORKERS
-#      (default 2) pytest-xdist workers: most of their time is spent waiting for the
-#      federations they start, so two at a time fill the CPUs the build does not take.
+#      (default 2) pytest-xdist workers: the `slow` ones (whole federations) one after
+#      another in one worker, everything else in the other (tests/conftest.py).
 #   3. When the build is done: the tests on the real node (`real_node`: one private cluster
 #      with kubelet + containerd, mostly waiting for image imports and containers) beside
 #      every other cluster and image test. Each of those tests runs its own cluster (own
@@ -47,7 +47,7 @@ trap stop_build EXIT INT TERM
 # 2. Lint, types, and the tests that need no build.
 make lint || { say "lint failed"; exit 1; }
 say "tests that need no cluster and no image"
-"$BIN/python" -m pytest -q -n "${PQFED_TEST_WORKERS:-2}" \
+"$BIN/python" -m pytest -q -n "${PQFED_TEST_WORKERS:-2}" --dist loadgroup \
     -m "not cluster and not images and not openssl35" "${EXTRA[@]}"
 unit=$?
 say "those tests: exit $unit"
