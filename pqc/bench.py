@@ -286,7 +286,11 @@ async def _plain_relay(listen: int, target: int) -> None:
         w.close()
 
     async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        ur, uw = await asyncio.open_connection("127.0.0.1", target)
+        try:
+            ur, uw = await asyncio.open_connection("127.0.0.1", target)
+        except OSError:  # a readiness probe before the next hop listens: nothing to relay
+            w.close()
+            return
         await asyncio.gather(pump(r, uw), pump(ur, w), return_exceptions=True)
 
     srv = await asyncio.start_server(on_conn, "127.0.0.1", listen)
