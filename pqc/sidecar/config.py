@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from pqfed.pqc.handshake import Group, Suite
 from pqfed.pqc.identity import Role
@@ -56,6 +56,18 @@ class Route:
                    node or None)
 
 
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+def _member(cls: type[_E], text: str, field_name: str) -> _E:
+    """The member of `cls` whose value is `text`; ConfigError naming the field otherwise."""
+    try:
+        return cls(text)
+    except ValueError:
+        raise ConfigError(field_name, f"{text!r} is not one of: "
+                          f"{', '.join(str(m.value) for m in cls)}") from None
+
+
 class ChannelProtocolName(enum.Enum):
     """The wire protocol between sidecars. Both ends of a route must speak the same one."""
 
@@ -65,13 +77,7 @@ class ChannelProtocolName(enum.Enum):
     @classmethod
     def parse(cls, text: str | None, field_name: str = "protocol") -> ChannelProtocolName:
         """The named protocol; None (not given): DEFAULT_PROTOCOL."""
-        if text is None:
-            return DEFAULT_PROTOCOL
-        try:
-            return cls(text)
-        except ValueError:
-            raise ConfigError(field_name, f"{text!r} is not one of: "
-                              f"{', '.join(p.value for p in cls)}") from None
+        return DEFAULT_PROTOCOL if text is None else _member(cls, text, field_name)
 
 
 # The sidecar's admin API (/identity, /metrics, ...; loopback only) and probe listener
@@ -93,13 +99,7 @@ class DataPath(enum.Enum):
 
     @classmethod
     def parse(cls, text: str | None, field_name: str = "dataPath") -> DataPath | None:
-        if text is None:
-            return None
-        try:
-            return cls(text)
-        except ValueError:
-            raise ConfigError(field_name, f"{text!r} is not one of: "
-                              f"{', '.join(p.value for p in cls)}") from None
+        return None if text is None else _member(cls, text, field_name)
 
 
 # The TLS 1.3 name of each group the tls13 protocol offers (draft-ietf-tls-ecdhe-mlkem).
