@@ -37,7 +37,7 @@ if [[ "${PQFED_TEST_SERIAL:-0}" == 1 ]]; then
 fi
 
 # 1. The build, in its own session (so its own autogroup) at nice 19.
-say "building the cluster binaries and images in the background ($LOGS/build.log)"
+say "building the cluster binaries, images and OpenSSL 3.5 in the background ($LOGS/build.log)"
 setsid -w bash -c 'echo 19 > /proc/self/autogroup 2>/dev/null; exec nice -n 19 make -j2 cluster-binaries images openssl35' \
     >"$LOGS/build.log" 2>&1 &
 build=$!
@@ -53,13 +53,14 @@ unit=$?
 say "those tests: exit $unit"
 
 say "waiting for the build"
-if ! wait "$build"; then
-    trap - EXIT INT TERM
+wait "$build"
+built=$?
+trap - EXIT INT TERM
+if [[ $built -ne 0 ]]; then
     say "the build failed; the end of $LOGS/build.log:"
     tail -n 60 "$LOGS/build.log"
     exit 1
 fi
-trap - EXIT INT TERM
 say "build done"
 
 # 3. The real node's tests beside the other cluster and image tests.
