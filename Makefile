@@ -5,10 +5,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.pqfed-installed
 export PQFED_CACHE ?= $(HOME)/.cache/pqfed
 
+# a literal comma inside $(or ...) defaults
+comma := ,
 .PHONY: all venv demo test test-fast lint typecheck fuzz bench-pqc bench-fl bench-mia \
         bench-testbed bench-scale bench-install bench-regress cluster-binaries cluster-up cluster-down \
         clean liboqs liboqs-arm64 vectors images interop openssl35 \
-        images-prereqs images-push bench-capacity
+        images-prereqs images-push bench-capacity bench-overhead
 
 all: test
 
@@ -69,8 +71,14 @@ bench-scale: $(STAMP) liboqs
 # One real aggregator under 10..1,000 emulated clients (testbed/bench/capacity.py), e.g.
 # make bench-capacity CLIENTS=10,30,100 POLL=1.0
 bench-capacity: $(STAMP) liboqs
-	$(BIN)/pqfed bench capacity --clients $(or $(CLIENTS),10,30,100,300,1000) \
+	$(BIN)/pqfed bench capacity --clients $(or $(CLIENTS),10$(comma)30$(comma)100$(comma)300$(comma)1000) \
 	  --poll $(or $(POLL),0.1) --out results/bench-capacity
+
+# A 3-client federation's round overhead beyond compute, poll variants alternating
+# (testbed/bench/overhead.py), e.g. make bench-overhead VARIANTS=before,after,longpoll
+bench-overhead: $(STAMP) liboqs
+	$(BIN)/pqfed bench overhead --variants $(or $(VARIANTS),after$(comma)longpoll) \
+	  --runs $(or $(RUNS),3) --out results/bench-overhead
 
 # This checkout vs BASE (a commit) in one run, alternating: bench-pqc steps and whole-federation
 # round times (testbed/regress.py). E.g. make bench-regress BASE=258dc25 RUNS=3

@@ -66,6 +66,11 @@ IDLE_BACKOFF = fr.IdleBackoff(window_s=1.0, cap_s=2.0, factor=2.0)
 # The SuperLink's middlewares without the BaseHTTPMiddleware layers that only pass a Fleet
 # request on (services/flower/patches.py). PQFED_SUPERLINK_MIDDLEWARE=stock: Flower's stack.
 SUPERLINK_MIDDLEWARE = "asgi"
+# The SuperLink holds an empty Fleet pull up to this long, answering as soon as the node has
+# an instruction (services/flower/longpoll.py): idle nodes ask once per hold instead of once
+# per back-off cap, and a new instruction reaches them at once. PQFED_LONG_POLL=0: answered at
+# once (the node-side back-off alone); PQFED_LONG_POLL=S holds up to S seconds.
+LONG_POLL_S = 10.0
 
 
 def _stock() -> bool:
@@ -78,6 +83,18 @@ def _idle_backoff() -> fr.IdleBackoff | None:
 
 def _superlink_middleware() -> str:
     return os.environ.get("PQFED_SUPERLINK_MIDDLEWARE", "") or SUPERLINK_MIDDLEWARE
+
+
+def _long_poll() -> float | None:
+    value = os.environ.get("PQFED_LONG_POLL", "")
+    if value == "":
+        return LONG_POLL_S if _superlink_middleware() == "asgi" else None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise fr.FlowerTuningError("long_poll_s", f"PQFED_LONG_POLL={value!r} is not a "
+                                   "number of seconds (0 turns the long poll off)") from None
+    return seconds or None
 
 
 def _tuning(preload: tuple[str, ...]) -> fr.FlowerTuning:
@@ -125,7 +142,8 @@ def _superlink(run_dir: Path, state: Path, args: argparse.Namespace, executor_na
                ) -> tuple[fr.SuperLinkProcess, fr.SuperExecProcess]:
     """The server side of an aggregator or an edge: SuperLink + the ServerApp launcher."""
     tuning = fr.FlowerTuning() if _stock() else fr.FlowerTuning(
-        poll_cap=FAST_POLL_S, superlink_middleware=_superlink_middleware())
+        poll_cap=FAST_POLL_S, superlink_middleware=_superlink_middleware(),
+        long_poll_s=_long_poll())
     link = fr.SuperLinkProcess(run_dir=run_dir, port=args.fleet_port, host=args.host,
                                isolation="process", database=_superlink_db(state),
                                tuning=tuning)

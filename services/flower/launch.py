@@ -3,7 +3,7 @@ installing pqfed's Flower patches (``exec``), or serve as the warm ClientApp for
 (``zygote``). The process layer (services/flower/processes.py) builds these command lines.
 
     python -m pqfed.services.flower exec [--poll-cap S] [--idle-backoff W,C,F] [--http IMPL]
-        [--superlink-middleware asgi] SCRIPT -- ARGS...
+        [--superlink-middleware asgi [--long-poll S]] SCRIPT -- ARGS...
     python -m pqfed.services.flower zygote --socket PATH [--preload MOD]... [--poll-cap S]
 """
 
@@ -28,6 +28,9 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--superlink-middleware", default="stock", choices=SUPERLINK_MIDDLEWARES,
                     help="flower-superlink: HTTP middleware stack "
                          "(FlowerTuning.superlink_middleware)")
+    ex.add_argument("--long-poll", type=float, default=None, metavar="SECONDS",
+                    help="flower-superlink with the asgi stack: hold an empty Fleet pull "
+                         "up to this long (FlowerTuning.long_poll_s)")
     ex.add_argument("--http", default=None, help="uvicorn HTTP/1.1 implementation (h11, "
                                                  "httptools) for every server of the script")
     ex.add_argument("script")
@@ -68,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             install_idle_backoff(ns.poll_cap, IdleBackoff.from_arg(ns.idle_backoff))
     if ns.script == "flower-superlink":
         if ns.superlink_middleware == "asgi":
-            install_asgi_middleware()  # before the peer binding, which wraps its result
+            # before the peer binding, which wraps its result
+            install_asgi_middleware(ns.long_poll)
         install_peer_binding()
     sys.argv = [ns.script, *args]
     result = fn()

@@ -470,7 +470,8 @@ class SuperNodeIdleBackoff(FlowerPatch[tuple[float, IdleBackoff]]):
     Setting: (the fast poll interval, `IdleBackoff`). ``start_client_internal``'s loop calls
     ``_pull_and_store_message`` (None: the SuperLink had no message) and, after a message,
     ``_push_messages``; both are looked up in the module at each call, so wrapping them
-    tells an `IdlePoller` what happened: an empty pull asks it for the next wait, a message
+    tells an `IdlePoller` what happened: an empty pull (and how long the SuperLink held it)
+    asks it for the next wait, a message
     or a pushed reply resets it to fast. The loop's ``time`` becomes an `IdleBackoffTime`
     (a `WakeableTime`, so `SuperNodeReplyWakeup` still holds): the sleep right after an
     empty pull is the idle one and lasts the poller's wait; the others stay capped.
@@ -506,9 +507,11 @@ class SuperNodeIdleBackoff(FlowerPatch[tuple[float, IdleBackoff]]):
         def after_pull(fn: Any) -> Any:
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
+                started = time.monotonic()
                 run_id = fn(*args, **kwargs)
-                if run_id is None:
-                    poller.empty_poll(time.monotonic())
+                if run_id is None:  # how long it took tells a held (long) poll
+                    now = time.monotonic()
+                    poller.empty_poll(now, waited=now - started)
                 else:
                     poller.activity(time.monotonic())
                 return run_id
@@ -744,7 +747,59 @@ def _control_paths_only(keys: Any) -> str | None:
     return f"sensitive routes outside /v1/control/: {bad}" if bad else None
 
 
-class SuperLinkAsgiMiddleware(FlowerPatch[None]):
+#: The Fleet pull a SuperLink long poll holds and the Runtime push that wakes it
+#: (services/flower/longpoll.py), with the protobuf request types flwr parses them into.
+LONG_POLL_PULL = ("POST", f"{FLEET_PATH_PREFIX}pull-messages")
+LONG_POLL_PUSH = ("POST", "/v1/runtime/push-messages")
+
+
+def _parses_long_poll_routes(table: Any) -> str | None:
+    names = {key: getattr(table.get(key), "__name__", None) for key in (LONG_POLL_PULL,
+                                                                        LONG_POLL_PUSH)}
+    want = {LONG_POLL_PULL: "PullMessagesRequest", LONG_POLL_PUSH: "PushAppMessagesRequest"}
+    return None if names == want else f"parses {names}, not {want}"
+
+
+def _stores_protobuf_response(cls: Any) -> str | None:
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError) as exc:
+        return f"source unavailable: {exc!r}"
+    ok = "state.protobuf_response = result" in source
+    return None if ok else "no longer stores the handler's result in request.state"
+
+
+def _long_poll_routes() -> Any:
+    """`LongPollRoutes` for flwr 1.42: the parsed requests and the handler's result live in
+    the request state (``ProtobufTranslationMiddleware``, ``ProtobufRoute``)."""
+    from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse
+    from flwr.proto.runtime_pb2 import PushAppMessagesRequest
+
+    from pqfed.services.flower.longpoll import LongPollRoutes
+
+    def state(scope: Any, key: str) -> Any:
+        return (scope.get("state") or {}).get(key)
+
+    def pull_node(scope: Any) -> int | None:
+        request = state(scope, "protobuf_request")
+        return int(request.node.node_id) if isinstance(request, PullMessagesRequest) else None
+
+    def pull_empty(scope: Any) -> bool:
+        response = state(scope, "protobuf_response")
+        return isinstance(response, PullMessagesResponse) and not response.messages_list
+
+    def pushed_nodes(scope: Any) -> list[int] | None:
+        request = state(scope, "protobuf_request")
+        if not isinstance(request, PushAppMessagesRequest):
+            return None
+        return [int(m.metadata.dst_node_id) for m in request.messages_list]
+
+    return LongPollRoutes(pull_path=LONG_POLL_PULL[1], push_path=LONG_POLL_PUSH[1],
+                          pull_node=pull_node, pull_empty=pull_empty,
+                          pushed_nodes=pushed_nodes)
+
+
+class SuperLinkAsgiMiddleware(FlowerPatch[float | None]):
     """The SuperLink's middlewares as pure ASGI where they act on a request, absent where
     they would only pass it on: same checks, same order, same responses.
 
@@ -764,9 +819,14 @@ class SuperLinkAsgiMiddleware(FlowerPatch[None]):
     * ``NodeAuthMiddleware``: a pure ASGI layer that calls flwr's own ``authenticate_node``
       in the thread pool for every Fleet request carrying a parsed protobuf request, as the
       stock one does: an unauthenticated or forged Fleet request is refused with 401;
-    * ``ProtobufTranslationMiddleware`` stays as it is (it does real work on every request).
+    * ``ProtobufTranslationMiddleware`` stays as it is (it does real work on every request);
+    * setting (``long_poll_s``) not None: innermost, `FleetLongPoll` (services/flower/
+      longpoll.py) holds an authenticated ``pull-messages`` that found nothing until a
+      Runtime ``push-messages`` addresses its node, or ``long_poll_s`` passed. It reads the
+      parsed request and the handler's result from the request state, where flwr's protobuf
+      translation and ``ProtobufRoute`` keep them (targets 6 and 7).
 
-    On another flwr: stock middlewares (correct, slower).
+    On another flwr: stock middlewares (correct, slower; no long poll).
 
     Upstream: still needed. flwr 1.42.0 ``flwr/superlink/main.py`` ``_get_middleware`` builds
     the stack from ``BaseHTTPMiddleware`` subclasses, with no setting.
@@ -784,11 +844,15 @@ class SuperLinkAsgiMiddleware(FlowerPatch[None]):
                params=("request",)),
         Target("flwr.supercore.error.http", "http_error_translator",
                params=("request", "call_next")),
+        Target("flwr.supercore.protobuf.translation", "PROTOBUF_REQUEST_TYPES",
+               expect=_parses_long_poll_routes),
+        Target("flwr.supercore.protobuf.routing", "ProtobufRoute",
+               expect=_stores_protobuf_response),
     )
     on_other_version = OnOtherVersion.STOCK
     without = "every SuperLink request passes eight BaseHTTPMiddleware layers"
 
-    def apply(self, setting: None, values: list[Any], flwr_version: str) -> None:
+    def apply(self, setting: float | None, values: list[Any], flwr_version: str) -> None:
         from google.protobuf.message import (  # type: ignore[import-untyped]
             Message as ProtobufMessage,
         )
@@ -796,9 +860,16 @@ class SuperLinkAsgiMiddleware(FlowerPatch[None]):
         from starlette.middleware import Middleware
         from starlette.requests import Request
 
-        stock_get, is_control_path, _, authenticate_node, translate = values
+        stock_get, is_control_path, _, authenticate_node, translate, _, _ = values
         if getattr(stock_get, "__pqfed_asgi__", False):
             return
+        long_poll: list[Any] = []
+        if setting is not None:
+            from pqfed.services.flower.longpoll import FleetLongPoll
+
+            long_poll.append(Middleware(FleetLongPoll, hold_s=setting,
+                                        routes=_long_poll_routes(),
+                                        report=logging.getLogger("flwr").info))
 
         def control(scope: Any) -> bool:
             return bool(is_control_path(scope["path"]))
@@ -886,7 +957,7 @@ class SuperLinkAsgiMiddleware(FlowerPatch[None]):
             return entry
 
         def get_middleware() -> list[Any]:
-            return [convert(e) for e in stock_get()]
+            return [*(convert(e) for e in stock_get()), *long_poll]
 
         get_middleware.__pqfed_asgi__ = True  # type: ignore[attr-defined]
         self.targets[0].set(get_middleware, flwr_version)
@@ -909,9 +980,11 @@ def pin_uvicorn_http(implementation: str, *, flwr_version: str | None = None) ->
     return UVICORN_HTTP_PIN.targets[1].name
 
 
-def install_asgi_middleware(*, flwr_version: str | None = None) -> bool:
-    """`SUPERLINK_ASGI_MIDDLEWARE` (before `install_peer_binding`, which wraps its stack)."""
-    return SUPERLINK_ASGI_MIDDLEWARE.install(None, flwr_version=flwr_version)
+def install_asgi_middleware(long_poll_s: float | None = None, *,
+                            flwr_version: str | None = None) -> bool:
+    """`SUPERLINK_ASGI_MIDDLEWARE`, holding empty Fleet pulls up to ``long_poll_s`` when given
+    (before `install_peer_binding`, which wraps its stack)."""
+    return SUPERLINK_ASGI_MIDDLEWARE.install(long_poll_s, flwr_version=flwr_version)
 
 
 def install_peer_binding(*, flwr_version: str | None = None) -> bool:

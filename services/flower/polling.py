@@ -19,8 +19,14 @@ The policy (`IdleBackoff` holds its numbers):
   ``cap_s`` later than at the fast rate; the first message resets it to fast, so the rest
   of that round (object pulls, reply, the next instruction) runs at full speed.
 
-Flower 1.42 has no way for the SuperLink to wake a node (no long poll, no push on the HTTP
-transport), so a bound on the idle wait is what the node side can give; the SuperNode patch
+* **Held polls are not idle time.** Flower 1.42 has no way for the SuperLink to wake a node
+  (no long poll, no push on the HTTP transport); pqfed's SuperLink holds an empty poll until
+  the node has an instruction or ``hold_s`` passed (services/flower/longpoll.py). A poll that
+  took ``cap_s`` or more was held (or its SuperLink is that slow): the next one follows at
+  the fast interval, so the node is always asking, and an idle node still sends at most one
+  request per ``cap_s``. Against a SuperLink that answers at once the back-off above holds.
+
+The bound on the idle wait is what the node side can give on its own; the SuperNode patch
 (services/flower/patches.py, `SuperNodeIdleBackoff`) and the capacity benchmark's emulated
 clients (testbed/bench/capacity_client.py) both drive this class. Times are passed in
 (``now``: a monotonic clock), so the policy is tested without sleeping.
@@ -49,10 +55,13 @@ class IdlePoller:
         self.delay = self.fast_s
         self._pending = None
 
-    def empty_poll(self, now: float) -> float:
-        """The SuperLink had no message: seconds to wait before the next poll."""
+    def empty_poll(self, now: float, waited: float = 0.0) -> float:
+        """The SuperLink had no message: seconds to wait before the next poll. ``waited``:
+        how long that poll took; one that took ``cap_s`` or more was held by the SuperLink
+        (a long poll, services/flower/longpoll.py), which did the waiting: ask again at the
+        fast interval. An idle node still asks at most once per ``cap_s``."""
         b = self.backoff
-        if now - self.last_activity < b.window_s:
+        if waited >= b.cap_s or now - self.last_activity < b.window_s:
             self.delay = self.fast_s
         else:
             self.delay = min(b.cap_s, max(self.fast_s, self.delay * b.factor))

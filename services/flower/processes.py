@@ -37,10 +37,12 @@ _STOCK = FlowerTuning()
 
 def exec_argv(script: str, poll_cap: float | None, http: str | None = None, *,
               idle_backoff: IdleBackoff | None = None,
-              superlink_middleware: str = "stock") -> list[str]:
+              superlink_middleware: str = "stock",
+              long_poll_s: float | None = None) -> list[str]:
     """argv that runs a flwr console script, optionally with capped poll sleeps (and idle
     back-off), uvicorn's HTTP/1.1 implementation pinned (patches.UVICORN_HTTP_PIN) and the
-    SuperLink's middlewares as pure ASGI (patches.SUPERLINK_ASGI_MIDDLEWARE)."""
+    SuperLink's middlewares as pure ASGI (patches.SUPERLINK_ASGI_MIDDLEWARE), holding empty
+    Fleet pulls up to ``long_poll_s`` (services/flower/longpoll.py)."""
     if poll_cap is None and http is None:
         return [str(BIN_DIR / script)]
     return [
@@ -50,6 +52,7 @@ def exec_argv(script: str, poll_cap: float | None, http: str | None = None, *,
         *(["--http", http] if http is not None else []),
         *(["--superlink-middleware", superlink_middleware]
           if superlink_middleware != "stock" else []),
+        *(["--long-poll", str(long_poll_s)] if long_poll_s is not None else []),
         script, "--",
     ]  # fmt: skip
 
@@ -156,7 +159,8 @@ class SuperLinkProcess(FlowerProcess):
         cmd = [
             *exec_argv("flower-superlink", self.tuning.poll_cap,
                        http=superlink_http_implementation(),
-                       superlink_middleware=self.tuning.superlink_middleware),
+                       superlink_middleware=self.tuning.superlink_middleware,
+                       long_poll_s=self.tuning.long_poll_s),
             "--insecure",
             "--isolation", self.isolation,
             "--disable-runtime-dependency-installation",

@@ -104,6 +104,10 @@ class FlowerTuning:
     idle_backoff: IdleBackoff | None = None
     #: The SuperLink's HTTP middleware stack (`SUPERLINK_MIDDLEWARES`).
     superlink_middleware: str = "stock"
+    #: The SuperLink holds a node's empty ``pull-messages`` up to this many seconds, answering
+    #: as soon as an instruction for that node is stored (services/flower/longpoll.py). Needs
+    #: the "asgi" middleware stack, which places that layer. ``None``: answered at once.
+    long_poll_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.poll_cap is not None and not self.poll_cap > 0:
@@ -135,6 +139,18 @@ class FlowerTuning:
             raise FlowerTuningError("superlink_middleware",
                                     f"{self.superlink_middleware!r}: choose one of "
                                     f"{', '.join(SUPERLINK_MIDDLEWARES)}")
+        if self.long_poll_s is not None:
+            from pqfed.services.flower.longpoll import LongPollError, check_hold
+
+            try:
+                object.__setattr__(self, "long_poll_s", check_hold(self.long_poll_s))
+            except LongPollError as exc:
+                raise FlowerTuningError("long_poll_s", exc.reason) from exc
+            if self.superlink_middleware != "asgi":
+                raise FlowerTuningError("long_poll_s", "the long poll is a layer of the "
+                                                       "'asgi' middleware stack: set "
+                                                       "superlink_middleware='asgi' or drop "
+                                                       "long_poll_s")
 
     @classmethod
     def fast(cls, poll: float = 0.1, preload: tuple[str, ...] = (),

@@ -46,12 +46,17 @@ from pqfed.services import (
     API_GROUP_VERSION,
     FLEET_PATH_PREFIX,
     KIND,
+    edge_members,
+    edge_node_id,
     free_ports,
+    load_spec,
     read_status,
     terminate_process_tree,
 )
 
 JOB_NAME = "capacity"
+PQFED = [sys.executable, "-m", "pqfed.cli"]
+GROUP = "X25519_MLKEM768"
 DEFAULT_CLIENTS = "10,30,100,300,1000"
 
 
@@ -62,15 +67,22 @@ class Variant:
 
     idle_backoff: bool  # clients back off as pqfed's SuperNodes (fl_node.IDLE_BACKOFF)
     superlink_middleware: str  # FlowerTuning.superlink_middleware of the SuperLink
+    long_poll: bool = False  # the SuperLink holds empty pulls (fl_node.LONG_POLL_S)
+
+    def env(self) -> dict[str, str]:
+        """The aggregator's environment for this variant (services/fl_node.py reads it)."""
+        return {"PQFED_SUPERLINK_MIDDLEWARE": self.superlink_middleware,
+                "PQFED_LONG_POLL": "" if self.long_poll else "0"}
 
 
 #: ``--variants``: "before" is pqfed before adaptive polling and the ASGI middlewares;
-#: "after" is what `pqfed fl` runs now.
+#: "after" adds both; "longpoll" (what `pqfed fl` runs now) adds the SuperLink's long poll.
 VARIANTS = {
     "before": Variant(idle_backoff=False, superlink_middleware="stock"),
     "backoff": Variant(idle_backoff=True, superlink_middleware="stock"),
     "asgi": Variant(idle_backoff=False, superlink_middleware="asgi"),
     "after": Variant(idle_backoff=True, superlink_middleware="asgi"),
+    "longpoll": Variant(idle_backoff=True, superlink_middleware="asgi", long_poll=True),
 }
 
 
@@ -96,26 +108,30 @@ class CapacitySettings:
     min_clients: int | None = None  # default: every client
     profile: bool = False  # py-spy the ServerApp and SuperLink (needs --py-spy)
     py_spy: str = ""
-    variant: str = "after"  # a key of VARIANTS
+    variant: str = "longpoll"  # a key of VARIANTS
+    edges: int = 0  # hierarchical mode: this many edge aggregators (0: flat)
 
 
 def job_document(s: CapacitySettings) -> dict[str, Any]:
-    """The job: the demo's task and compression, every client in every round."""
-    return {
-        "apiVersion": API_GROUP_VERSION, "kind": KIND,
-        "metadata": {"name": JOB_NAME},
-        "spec": {"task": "breast-cancer", "clients": s.clients,
-                 "minClients": s.min_clients or s.clients,
-                 "rounds": s.rounds, "dataset": {"partition": "iid"},
-                 "training": {"localEpochs": 1},
-                 "compression": {"method": "topk+int8", "topkFraction": s.topk_fraction},
-                 "timeouts": {"roundSeconds": s.round_seconds}},
-    }
+    """The job: the demo's task and compression, every client in every round (with edges:
+    every edge, each over all of its clients)."""
+    spec: dict[str, Any] = {
+        "task": "breast-cancer", "clients": s.clients,
+        "minClients": s.min_clients or (s.edges or s.clients),
+        "rounds": s.rounds, "dataset": {"partition": "iid"},
+        "training": {"localEpochs": 1},
+        "compression": {"method": "topk+int8", "topkFraction": s.topk_fraction},
+        "timeouts": {"roundSeconds": s.round_seconds}}
+    if s.edges:
+        spec["hierarchy"] = {"enabled": True, "edges": s.edges}
+    return {"apiVersion": API_GROUP_VERSION, "kind": KIND, "metadata": {"name": JOB_NAME},
+            "spec": spec}
 
 
-def enroll(run_dir: Path, clients: int) -> tuple[Path, Path]:
-    """A fresh federation CA and identities: the aggregator's and one per client
-    (identities/client-<i>/{tls.crt,tls.key,ca.crt}), as `pqfed run` writes them."""
+def enroll(run_dir: Path, clients: int, edges: int = 0) -> tuple[Path, Path]:
+    """A fresh federation CA and identities: the aggregator's, one per client
+    (identities/client-<i>/{tls.crt,tls.key,ca.crt}) and one per edge (identities/edge-<e>),
+    as `pqfed run` writes them."""
     ca = CertificateAuthority.generate(JOB_NAME)
     base = run_dir / "identities"
 
@@ -129,6 +145,8 @@ def enroll(run_dir: Path, clients: int) -> tuple[Path, Path]:
     agg = save("aggregator", Role.AGGREGATOR)
     for i in range(clients):
         save(f"client-{i}", Role.CLIENT)
+    for e in range(edges):
+        save(edge_node_id(e), Role.EDGE)
     return agg, base
 
 
@@ -148,7 +166,8 @@ def _pss_kib(pid: int) -> int:
 def _role(cmdline: str) -> str:
     for marker, role in (("flwr-serverapp", "serverapp"), ("flower-superlink", "superlink"),
                          ("flower-superexec", "superexec"), (" sidecar ", "sidecar"),
-                         ("fl aggregator", "fl-aggregator")):
+                         ("fl aggregator", "fl-aggregator"), ("fl edge", "fl-edge"),
+                         ("flower-supernode", "supernode")):
         if marker in cmdline:
             return role
     return "other"
@@ -261,42 +280,59 @@ class CapacityRun:
         job_file = self.run_dir / "job.yaml"
         job_file.write_text(yaml.safe_dump(job_document(s), sort_keys=False))
         t_enroll = time.perf_counter()
-        agg_dir, ids = enroll(self.run_dir, s.clients)
+        agg_dir, ids = enroll(self.run_dir, s.clients, s.edges)
         enroll_s = time.perf_counter() - t_enroll
         fleet, status_port, secure, admin = free_ports(4)
-        pqfed = [sys.executable, "-m", "pqfed.cli"]
         sidecar = self._spawn("sidecar-aggregator", [
-            *pqfed, "sidecar", "--cert", str(agg_dir / "tls.crt"), "--key",
+            *PQFED, "sidecar", "--cert", str(agg_dir / "tls.crt"), "--key",
             str(agg_dir / "tls.key"), "--ca", str(agg_dir / "ca.crt"),
             "--listen", f"127.0.0.1:{secure}", "--upstream", f"127.0.0.1:{fleet}",
-            "--allow-path-prefix", FLEET_PATH_PREFIX, "--group", "X25519_MLKEM768",
+            "--allow-path-prefix", FLEET_PATH_PREFIX, "--group", GROUP,
+            *(["--peer-role", "edge"] if s.edges else []),
             "--admin", f"127.0.0.1:{admin}", "--log-level", "warning"])
         state = self.run_dir / "state" / "aggregator"
         variant = VARIANTS[s.variant]
         aggregator = self._spawn("aggregator", [
-            *pqfed, "fl", "aggregator", "--spec", str(job_file), "--identity-dir",
+            *PQFED, "fl", "aggregator", "--spec", str(job_file), "--identity-dir",
             str(agg_dir), "--state-dir", str(state), "--fleet-port", str(fleet),
             "--status-port", str(status_port)],
-            env_extra={"PQFED_SUPERLINK_MIDDLEWARE": variant.superlink_middleware})
-        per = -(-s.clients // max(1, s.client_procs))
-        workers = []
+            env_extra=variant.env())
+        # Who each client dials: the aggregator's sidecar, or its edge's (hierarchical).
+        groups: list[tuple[str, str, list[int]]] = [
+            (f"127.0.0.1:{secure}", "aggregator", list(range(s.clients)))]
+        edge_roots: list[int] = []
+        if s.edges:
+            _, spec = load_spec(job_file)
+            groups = []
+            for e in range(s.edges):
+                address, roots = self._start_edge(e, ids, job_file, secure, variant)
+                edge_roots += roots
+                groups.append((address, edge_node_id(e), edge_members(spec, e)))
+        workers: list[_Spawned] = []
         t0 = time.perf_counter()
-        for w, first in enumerate(range(0, s.clients, per)):
-            count = min(per, s.clients - first)
-            argv = [sys.executable, "-m", "pqfed.testbed.bench.capacity_client",
-                    "--identities", str(ids), "--indices", f"{first}:{count}",
-                    "--aggregator", f"127.0.0.1:{secure}", "--poll", str(s.poll)]
-            if variant.idle_backoff:
-                from pqfed.services import IDLE_BACKOFF
+        procs_per_group = max(1, s.client_procs // len(groups))
+        for address, peer_id, members in groups:
+            per = -(-len(members) // procs_per_group)
+            for first in range(0, len(members), per):
+                chunk = members[first:first + per]
+                argv = [sys.executable, "-m", "pqfed.testbed.bench.capacity_client",
+                        "--identities", str(ids), "--indices", ",".join(map(str, chunk)),
+                        "--aggregator", address, "--peer-id", peer_id,
+                        "--poll", str(s.poll)]
+                if variant.idle_backoff:
+                    from pqfed.services import IDLE_BACKOFF
 
-                argv += ["--idle-backoff", IDLE_BACKOFF.to_arg()]
-            for i in s.tamper:
-                argv += ["--tamper", str(i)]
-            for i in s.replay:
-                argv += ["--replay", str(i)]
-            workers.append(self._spawn(f"clients-{w}", argv, stdout=subprocess.PIPE))
-        with TreeSampler([sidecar.popen.pid, aggregator.popen.pid]) as sampler:
-            rounds = self._watch(aggregator, workers, sampler, state, t0)
+                    argv += ["--idle-backoff", IDLE_BACKOFF.to_arg()]
+                for i in s.tamper:
+                    argv += ["--tamper", str(i)]
+                for i in s.replay:
+                    argv += ["--replay", str(i)]
+                workers.append(self._spawn(f"clients-{len(workers)}", argv,
+                                           stdout=subprocess.PIPE))
+        with TreeSampler([sidecar.popen.pid, aggregator.popen.pid]) as sampler, \
+                TreeSampler(edge_roots) as edge_sampler:
+            rounds = self._watch(aggregator, workers, sampler, state, t0,
+                                 edge_sampler if s.edges else None)
         counts: dict[str, Any] = {}
         for wk in workers:
             with contextlib.suppress(OSError):
@@ -312,20 +348,57 @@ class CapacityRun:
                     counts.update(json.loads(line).get("counts", {}))
         status = read_status(state) or {}
         audit = _audit_events(state / "audit.jsonl")
+        edges = [{"rounds": (read_status(self.run_dir / "state" / edge_node_id(e)) or {})
+                  .get("rounds", []),
+                  "audit": _audit_events(self.run_dir / "state" / edge_node_id(e)
+                                         / "audit.jsonl")} for e in range(s.edges)]
+        for rd in rounds:  # the clients' updates the edges accepted in that central round
+            per_edge: list[dict[str, Any]] = [
+                next((r for r in e["rounds"] if r.get("round") == rd["round"]), {})
+                for e in edges]
+            if edges:
+                rd["clients_accepted"] = sum(len(r.get("participants", [])) for r in per_edge)
+                rd["edge_seconds_max"] = max(r.get("durationSeconds", 0.0) for r in per_edge)
         return {"clients": s.clients, "variant": s.variant, "client_procs": s.client_procs,
+                "edges": s.edges, "edge_audit": [e["audit"] for e in edges],
                 "poll_s": s.poll,
                 "enroll_seconds": enroll_s, "rounds": rounds, "status": status,
                 "audit": audit, "client_counts": counts, "run_dir": str(self.run_dir)}
 
+    def _start_edge(self, e: int, ids: Path, job_file: Path, central: int, variant: Variant
+                    ) -> tuple[str, list[int]]:
+        """Edge ``e`` as `pqfed run` starts it: one sidecar (its clients in, the route to the
+        central aggregator out) and `pqfed fl edge`; returns its clients' address and the
+        pids to sample."""
+        node = edge_node_id(e)
+        d = ids / node
+        e_fleet, e_secure, e_route, e_runtime, e_admin = free_ports(5)
+        car = self._spawn(f"sidecar-{node}", [
+            *PQFED, "sidecar", "--cert", str(d / "tls.crt"), "--key", str(d / "tls.key"),
+            "--ca", str(d / "ca.crt"), "--group", GROUP,
+            "--listen", f"127.0.0.1:{e_secure}", "--upstream", f"127.0.0.1:{e_fleet}",
+            "--allow-path-prefix", FLEET_PATH_PREFIX,
+            "--route", f"127.0.0.1:{e_route}=127.0.0.1:{central}@aggregator",
+            "--admin", f"127.0.0.1:{e_admin}", "--log-level", "warning"])
+        edge = self._spawn(node, [
+            *PQFED, "fl", "edge", "--spec", str(job_file), "--index", str(e),
+            "--identity-dir", str(d), "--state-dir", str(self.run_dir / "state" / node),
+            "--superlink", f"127.0.0.1:{e_route}", "--fleet-port", str(e_fleet),
+            "--runtime-port", str(e_runtime)], env_extra=variant.env())
+        return f"127.0.0.1:{e_secure}", [car.popen.pid, edge.popen.pid]
+
     def _watch(self, aggregator: _Spawned, workers: list[_Spawned], sampler: TreeSampler,
-               state: Path, t0: float) -> list[dict[str, Any]]:
-        """Follows status.json; closes a round's CPU/PSS window at each status change."""
+               state: Path, t0: float, edge_sampler: TreeSampler | None = None
+               ) -> list[dict[str, Any]]:
+        """Follows status.json; closes a round's CPU/PSS window at each status change (the
+        edges' trees, when given, in the same windows)."""
         s = self.settings
         limit = s.round_seconds * (s.rounds + 2) + 120
         rounds: list[dict[str, Any]] = []
         seen = 0
         started: tuple[float, float] | None = None  # (wall, cpu) when round `seen+1` began
         roles0: dict[str, float] = {}
+        edge_cpu0 = 0.0
         profiler: subprocess.Popen[bytes] | None = None
         while aggregator.popen.poll() is None:
             if time.perf_counter() - t0 > limit:
@@ -340,6 +413,9 @@ class CapacityRun:
             if started is None and st.get("phase") == "Running":
                 cpu, _ = sampler.sample()
                 sampler.reset_peak()
+                if edge_sampler is not None:
+                    edge_cpu0 = edge_sampler.sample()[0]
+                    edge_sampler.reset_peak()
                 started = (time.perf_counter(), cpu)
                 roles0 = sampler.by_role()
                 if s.profile and profiler is None:
@@ -364,6 +440,13 @@ class CapacityRun:
                         "load_1m": os.getloadavg()[0],
                         "participants": rec.get("participants", []),
                     })
+                if edge_sampler is not None:
+                    edge_cpu = edge_sampler.sample()[0]
+                    edge_pss = edge_sampler.reset_peak() / 1024
+                    for rd in rounds[-share:]:
+                        rd["edge_cpu_seconds"] = (edge_cpu - edge_cpu0) / share
+                        rd["edge_peak_pss_mib"] = edge_pss
+                    edge_cpu0 = edge_cpu
                 seen = len(done)
                 started = (time.perf_counter(), cpu)
             time.sleep(0.1)
@@ -431,10 +514,12 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per client count, over every measured round of its repetitions (the first
     round of each job is left out: it carries connection set-up and the dense model)."""
     rows = []
-    keys = sorted({(r["clients"], r.get("variant", "after")) for r in runs},
-                  key=lambda k: (k[0], list(VARIANTS).index(k[1]) if k[1] in VARIANTS else 99))
-    for n, variant in keys:
-        mine = [r for r in runs if r["clients"] == n and r.get("variant", "after") == variant]
+    keys = sorted({(r["clients"], r.get("variant", "after"), r.get("edges", 0)) for r in runs},
+                  key=lambda k: (k[2], k[0],
+                                 list(VARIANTS).index(k[1]) if k[1] in VARIANTS else 99))
+    for n, variant, edges in keys:
+        mine = [r for r in runs if r["clients"] == n and r.get("variant", "after") == variant
+                and r.get("edges", 0) == edges]
         rounds = [rd for r in mine for rd in r["rounds"][1:]]
         if not rounds:
             rounds = [rd for r in mine for rd in r["rounds"]]
@@ -460,6 +545,15 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                                     for k in rd.get("cpu_by_role", {})})},
             "dispatch_median": median([rd["dispatch_seconds"] or 0.0 for rd in rounds]),
             "server_median": median([rd["server_seconds"] or 0.0 for rd in rounds]),
+            "edges": edges,
+            **({"edge_cpu_median": median([rd.get("edge_cpu_seconds", 0.0) for rd in rounds]),
+                "edge_cpu_ci": list(bootstrap_ci([rd.get("edge_cpu_seconds", 0.0)
+                                                  for rd in rounds])),
+                "edge_pss_peak_mib": max(rd.get("edge_peak_pss_mib", 0.0) for rd in rounds),
+                "clients_accepted_min": min(rd.get("clients_accepted", 0) for rd in rounds),
+                "edge_round_median": median([rd.get("edge_seconds_max", 0.0)
+                                             for rd in rounds])}
+               if edges else {}),
         })
     return rows
 
@@ -469,7 +563,9 @@ def report(rows: list[dict[str, Any]], failures: dict[str, str]) -> str:
              "CPU-s / round [95% CI] | CPU ms / client | of it SuperLink / sidecar / ServerApp |"
              " dispatch s | peak PSS MiB | accepted (min) | rejected | load 1-min |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    flat = [r for r in rows if not r.get("edges")]
+    hier = [r for r in rows if r.get("edges")]
+    for r in flat:
         lo, hi = r["latency_ci"]
         clo, chi = r.get("cpu_ci", (float("nan"), float("nan")))
         roles = r.get("cpu_by_role_median", {})
@@ -483,6 +579,25 @@ def report(rows: list[dict[str, Any]], failures: dict[str, str]) -> str:
             f"{split} | {r['dispatch_median']:.2f} | "
             f"{r['pss_peak_mib']:.0f} | {r['accepted_min']} | {r['rejected_max']} | "
             f"{r['load_1m'][0]:.1f}-{r['load_1m'][1]:.1f} |")
+    if hier:
+        lines += ["", "| clients | edges | variant | rounds | round s, median [95% CI] | "
+                  "central CPU-s / round [95% CI] | all edges CPU-s / round [95% CI] | edges "
+                  "CPU ms / client | slowest edge round s | central / edges peak PSS MiB | "
+                  "client updates accepted (min) | load 1-min |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in hier:
+            lo, hi = r["latency_ci"]
+            clo, chi = r["cpu_ci"]
+            elo, ehi = r["edge_cpu_ci"]
+            lines.append(
+                f"| {r['clients']} | {r['edges']} | {r.get('variant', '')} | {r['rounds']} | "
+                f"{r['latency_median']:.2f} [{lo:.2f}, {hi:.2f}] | "
+                f"{r['cpu_median']:.2f} [{clo:.2f}, {chi:.2f}] | "
+                f"{r['edge_cpu_median']:.2f} [{elo:.2f}, {ehi:.2f}] | "
+                f"{r['edge_cpu_median'] / r['clients'] * 1e3:.1f} | "
+                f"{r['edge_round_median']:.2f} | {r['pss_peak_mib']:.0f} / "
+                f"{r['edge_pss_peak_mib']:.0f} | {r['clients_accepted_min']}/{r['clients']} | "
+                f"{r['load_1m'][0]:.1f}-{r['load_1m'][1]:.1f} |")
     for n, why in failures.items():
         lines.append(f"| {n} | - | - | did not complete: {why} | | | | | | | | |")
     return "\n".join(lines) + "\n"
@@ -499,7 +614,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     variants = sorted({r.get("variant", "after") for r in rows},
                       key=lambda v: list(VARIANTS).index(v) if v in VARIANTS else 99)
     for v in variants:
-        mine = [r for r in rows if r.get("variant", "after") == v]
+        mine = [r for r in rows if r.get("variant", "after") == v and not r.get("edges")]
+        if not mine:
+            continue
         xs = [r["clients"] for r in mine]
         med = [r["latency_median"] for r in mine]
         err = [[m - r["latency_ci"][0] for m, r in zip(med, mine, strict=True)],
@@ -558,6 +675,9 @@ def run(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt(signal.Signals(signum).name)  # `finally` stops the processes
 
     signal.signal(signal.SIGTERM, stop)
+    if not 0 <= args.edges <= min(counts):
+        raise SystemExit(f"--edges {args.edges}: give 0 (flat) up to the smallest client "
+                         f"count ({min(counts)}); every edge needs a client")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not variants or any(v not in VARIANTS for v in variants):
         raise SystemExit(f"--variants {args.variants!r}: choose from {', '.join(VARIANTS)}, "
@@ -578,15 +698,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_one(args: argparse.Namespace, n: int, variant: str, rep: int, out: Path,
              failures: dict[str, str]) -> dict[str, Any] | None:
-    key = f"{n} ({variant})"
+    key = f"{n} ({variant}{f', {args.edges} edges' if args.edges else ''})"
     if key in failures:
         return None
     settings = CapacitySettings(
         clients=n, rounds=args.rounds, client_procs=args.client_procs, poll=args.poll,
         round_seconds=args.round_seconds,
         profile=bool(args.profile_at) and n == args.profile_at and rep == 0,
-        py_spy=args.py_spy, variant=variant)
-    name = f"n{n}-{variant}-r{rep}"
+        py_spy=args.py_spy, variant=variant, edges=args.edges)
+    name = f"n{n}{f'-e{args.edges}' if args.edges else ''}-{variant}-r{rep}"
     cap = CapacityRun(settings, out / name)
     print(f"capacity: {n} clients, {variant}, repetition {rep + 1}/{args.repeats}", flush=True)
     try:
@@ -602,7 +722,10 @@ def _run_one(args: argparse.Namespace, n: int, variant: str, rep: int, out: Path
         print(f"  round {rd['round']}: {rd['seconds']:.2f}s, cpu {rd['cpu_seconds']:.2f}s,"
               f" pss {rd['peak_pss_mib']:.0f} MiB, accepted {rd['accepted']}, "
               f"rejected {rd['rejected']}, load {rd['load_1m']:.1f}, cpu by part "
-              + ", ".join(f"{k} {v:.2f}" for k, v in rd["cpu_by_role"].items()), flush=True)
+              + ", ".join(f"{k} {v:.2f}" for k, v in rd["cpu_by_role"].items())
+              + (f"; edges cpu {rd['edge_cpu_seconds']:.2f}s, client updates accepted "
+                 f"{rd.get('clients_accepted')}" if "edge_cpu_seconds" in rd else ""),
+              flush=True)
     if not args.keep:
         import shutil
 
@@ -620,11 +743,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poll", type=float, default=0.1,
                    help="emulated clients' Fleet poll interval (pqfed SuperNodes: 0.1 s)")
     p.add_argument("--round-seconds", type=int, default=300, help="job's round timeout")
-    p.add_argument("--variants", default="after",
+    p.add_argument("--variants", default="longpoll",
                    help="comma-separated, alternated per client count and repetition: "
                         + "; ".join(f"{k}: idle back-off {'on' if v.idle_backoff else 'off'}, "
-                                    f"SuperLink middleware {v.superlink_middleware}"
+                                    f"SuperLink middleware {v.superlink_middleware}, long poll "
+                                    f"{'on' if v.long_poll else 'off'}"
                                     for k, v in VARIANTS.items()))
+    p.add_argument("--edges", type=int, default=0,
+                   help="hierarchical mode: this many edge aggregators between the clients "
+                        "and the aggregator (each a real `pqfed fl edge` with its sidecar)")
     p.add_argument("--profile-at", type=int, default=0,
                    help="py-spy the ServerApp and SuperLink at this client count")
     p.add_argument("--py-spy", default="py-spy", help="py-spy executable")

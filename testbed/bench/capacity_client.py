@@ -66,8 +66,10 @@ class ClientPlan:
 
 
 def start_sidecars(plans: list[ClientPlan], aggregator: str, groups: tuple[str, ...],
-                   loop: asyncio.AbstractEventLoop) -> dict[int, int]:
-    """One outbound sidecar per client, all in `loop`; returns index -> route port."""
+                   loop: asyncio.AbstractEventLoop, peer_id: str = "aggregator"
+                   ) -> dict[int, int]:
+    """One outbound sidecar per client, all in `loop`, to ``aggregator`` (the node
+    ``peer_id``: the aggregator, or an edge); returns index -> route port."""
     from pqfed.pqc import Group
     from pqfed.pqc.sidecar.config import Endpoint, Route, SidecarConfig
     from pqfed.pqc.sidecar.metrics import SidecarMetrics
@@ -82,7 +84,7 @@ def start_sidecars(plans: list[ClientPlan], aggregator: str, groups: tuple[str, 
             d = plan.identity_dir
             config = SidecarConfig(
                 cert=d / "tls.crt", key=d / "tls.key", ca=d / "ca.crt",
-                routes=(Route(Endpoint("127.0.0.1", 0), peer, "aggregator"),), admin=None,
+                routes=(Route(Endpoint("127.0.0.1", 0), peer, peer_id),), admin=None,
                 groups=tuple(Group[g] for g in groups), crypto_threads=1,
                 reload_interval_s=3600.0)
             sidecar = Sidecar(config, metrics)
@@ -172,9 +174,11 @@ def run_client(plan: ClientPlan, port: int, spec_json_path: Path, poll: float,
     with http_request_response(f"127.0.0.1:{port}", insecure=True) as conn:
         node_id, receive, send, get_run, get_fab, pull_object, push_object, confirm = conn
         while not stop.is_set():
+            asked = time.monotonic()
             got = receive()
-            if got is None:
-                stop.wait(poller.empty_poll(time.monotonic()) if poller else poll)
+            if got is None:  # a held (long) poll took the SuperLink's hold: ask again soon
+                now = time.monotonic()
+                stop.wait(poller.empty_poll(now, waited=now - asked) if poller else poll)
                 continue
             if poller:
                 poller.activity(time.monotonic())
@@ -214,11 +218,23 @@ def run_client(plan: ClientPlan, port: int, spec_json_path: Path, poll: float,
                 poller.activity(time.monotonic())
 
 
+def parse_indices(text: str) -> list[int]:
+    """``FIRST:COUNT`` or ``I,J,K``."""
+    if ":" in text:
+        first, count = (int(x) for x in text.split(":"))
+        return list(range(first, first + count))
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pqfed.testbed.bench.capacity_client")
     p.add_argument("--identities", required=True, help="directory with client-<i>/ dirs")
-    p.add_argument("--indices", required=True, help="FIRST:COUNT")
-    p.add_argument("--aggregator", required=True, help="the aggregator sidecar, HOST:PORT")
+    p.add_argument("--indices", required=True,
+                   help="FIRST:COUNT, or the client indices comma-separated")
+    p.add_argument("--aggregator", required=True,
+                   help="the sidecar the clients dial (aggregator's or edge's), HOST:PORT")
+    p.add_argument("--peer-id", default="aggregator",
+                   help="node id that sidecar must prove (aggregator, or edge-<e>)")
     p.add_argument("--group", default="X25519_MLKEM768")
     p.add_argument("--poll", type=float, default=0.1,
                    help="Fleet poll interval (pqfed SuperNodes: 0.1 s)")
@@ -237,13 +253,12 @@ def main(argv: list[str] | None = None) -> int:
 
     install_fast_poll(args.poll)  # what `pqfed fl client` runs its SuperNode with
     backoff = IdleBackoff.from_arg(args.idle_backoff) if args.idle_backoff else None
-    first, count = (int(x) for x in args.indices.split(":"))
     base = Path(args.identities)
     plans = [ClientPlan(i, base / f"client-{i}", tamper=i in args.tamper,
-                        replay=i in args.replay) for i in range(first, first + count)]
+                        replay=i in args.replay) for i in parse_indices(args.indices)]
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True, name="sidecars").start()
-    ports = start_sidecars(plans, args.aggregator, (args.group,), loop)
+    ports = start_sidecars(plans, args.aggregator, (args.group,), loop, args.peer_id)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threads = []

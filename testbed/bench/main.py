@@ -206,7 +206,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cl.add_argument("--federation-job",
                     help="NAMESPACE/NAME of a FederationJob whose round status to include")
 
-    roles = p.add_subparsers(dest="bench_role", metavar="{node,aggregator,capacity}")
+    roles = p.add_subparsers(dest="bench_role",
+                             metavar="{node,aggregator,capacity,overhead}")
     from pqfed.testbed.bench import aggregator, node
 
     np_ = roles.add_parser("node", help="(internal) the per-node benchmark; run by the driver")
@@ -220,4 +221,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cp = roles.add_parser("capacity", help="one real aggregator under 10-1,000 emulated "
                                            "clients (testbed/bench/capacity.py)")
     capacity.add_arguments(cp)
+    from pqfed.testbed.bench import overhead
+
+    op = roles.add_parser("overhead", help="a small federation's round overhead beyond "
+                                           "compute, variants alternating "
+                                           "(testbed/bench/overhead.py)")
+    overhead.add_arguments(op)
     p.set_defaults(func=run)

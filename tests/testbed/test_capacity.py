@@ -81,6 +81,53 @@ def test_variants_are_summarized_apart_in_a_fixed_order() -> None:
     rows = summarize(runs)
     assert [(r["clients"], r["variant"]) for r in rows] == [(10, "before"), (10, "after")]
     assert [r["cpu_median"] for r in rows] == [4.0, 1.0]
-    assert set(VARIANTS) == {"before", "backoff", "asgi", "after"}
+    assert set(VARIANTS) == {"before", "backoff", "asgi", "after", "longpoll"}
     assert not VARIANTS["before"].idle_backoff and VARIANTS["before"].superlink_middleware == "stock"
     assert VARIANTS["after"].idle_backoff and VARIANTS["after"].superlink_middleware == "asgi"
+    # the aggregator reads these (services/fl_node.py): only "longpoll" holds empty pulls
+    assert VARIANTS["after"].env()["PQFED_LONG_POLL"] == "0"
+    assert VARIANTS["longpoll"].env() == {"PQFED_SUPERLINK_MIDDLEWARE": "asgi",
+                                          "PQFED_LONG_POLL": ""}
+
+
+def test_a_hierarchical_job_and_its_rows() -> None:
+    from pqfed.services import edge_members, parse_spec
+    from pqfed.testbed.bench.capacity import job_document
+    from pqfed.testbed.bench.capacity_client import parse_indices
+
+    doc = job_document(CapacitySettings(clients=10, edges=3))
+    spec = parse_spec(doc["spec"], "capacity")  # the spec's own rules accept it
+    assert spec.hierarchy.enabled and spec.hierarchy.edges == 3 and spec.min_clients == 3
+    assert sorted(i for e in range(3) for i in edge_members(spec, e)) == list(range(10))
+    assert parse_indices("4:3") == [4, 5, 6] and parse_indices("1,4,7") == [1, 4, 7]
+    rnd = {"seconds": 2.0, "cpu_seconds": 1.0, "peak_pss_mib": 500.0, "accepted": 3,
+           "rejected": 0, "load_1m": 1.5, "dispatch_seconds": 0.1, "server_seconds": 0.2,
+           "edge_cpu_seconds": 3.0, "edge_peak_pss_mib": 2000.0, "clients_accepted": 10,
+           "edge_seconds_max": 1.5}
+    runs = [{"clients": 10, "variant": "longpoll", "edges": 3, "rounds": [rnd, rnd]},
+            {"clients": 10, "variant": "longpoll", "rounds": [rnd, rnd]}]
+    rows = summarize(runs)
+    assert [r["edges"] for r in rows] == [0, 3]  # flat and hierarchical apart
+    text = report(rows, {})
+    assert "| 10 | 3 | longpoll | 1 | 2.00 [2.00, 2.00] | 1.00" in text
+    assert "| 3.00 [3.00, 3.00] | 300.0 | 1.50 | 500 / 2000 | 10/10 |" in text
+
+
+@pytest.mark.slow
+def test_clients_behind_edges_are_verified_at_their_edge(tmp_path: Path) -> None:
+    """4 emulated clients behind 2 real edges (`pqfed fl edge` + sidecar): every client's
+    signed update is accepted at its edge in each round, each edge's at the aggregator."""
+    settings = CapacitySettings(clients=4, rounds=2, client_procs=2, round_seconds=120,
+                                edges=2)
+    cap = CapacityRun(settings, tmp_path / "run")
+    try:
+        result = cap.run()
+    finally:
+        cap.stop()
+    rounds = {r["round"]: r for r in result["rounds"]}
+    assert sorted(rounds) == [1, 2], result
+    for r in rounds.values():
+        assert sorted(r["participants"]) == ["edge-0", "edge-1"]
+        assert r["clients_accepted"] == 4 and r["edge_cpu_seconds"] > 0
+    assert [a.get("update-accepted") for a in result["edge_audit"]] == [4, 4]
+    assert result["audit"].get("update-accepted") == 4  # 2 edges x 2 rounds

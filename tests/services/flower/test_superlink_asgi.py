@@ -2,7 +2,9 @@
 `SuperLinkAsgiMiddleware`) keep Flower's checks and responses: on a real SuperLink, with the
 stock stack and with the ASGI one, a Fleet request without node authentication, with a forged
 signature, or signed by another key than the node it names is refused with the same 401;
-Flower's own SuperNode client registers and pulls; the Control API answers."""
+Flower's own SuperNode client registers and pulls; the Control API answers. With the long
+poll (services/flower/longpoll.py) as well, the refusals still come at once, and an
+authenticated pull that finds nothing is held for the hold time, then answered empty."""
 
 from __future__ import annotations
 
@@ -18,14 +20,23 @@ from pqfed.services.ports import free_port
 
 FLEET = "/v1/fleet/pull-messages"
 PROTOBUF = {"Content-Type": "application/protobuf"}
+HOLD_S = 1.5
+TUNINGS = {
+    "stock": fr.FlowerTuning(poll_cap=0.5),
+    "asgi": fr.FlowerTuning(poll_cap=0.5, superlink_middleware="asgi"),
+    "longpoll": fr.FlowerTuning(poll_cap=0.5, superlink_middleware="asgi", long_poll_s=HOLD_S),
+}
+
+LOGS: dict[str, Path] = {}
 
 
-@pytest.fixture(scope="module", params=["stock", "asgi"])
+@pytest.fixture(scope="module", params=list(TUNINGS))
 def superlink(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
               ) -> Iterator[tuple[str, str]]:
     stack = str(request.param)
-    link = fr.SuperLinkProcess(tmp_path_factory.mktemp(f"link-{stack}"), free_port(),
-                               tuning=fr.FlowerTuning(poll_cap=0.5, superlink_middleware=stack))
+    run_dir = tmp_path_factory.mktemp(f"link-{stack}")
+    LOGS[stack] = run_dir / "logs" / "superlink.log"
+    link = fr.SuperLinkProcess(run_dir, free_port(), tuning=TUNINGS[stack])
     try:
         link.start().wait_ready(90)
         yield stack, link.address
@@ -36,9 +47,31 @@ def superlink(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 def test_the_asgi_stack_is_what_the_superlink_runs(superlink: tuple[str, str],
                                                    tmp_path: Path) -> None:
     stack, _ = superlink
-    cmd = fr.SuperLinkProcess(tmp_path, 1, tuning=fr.FlowerTuning(
-        poll_cap=0.5, superlink_middleware=stack)).command()
-    assert ("--superlink-middleware" in cmd) == (stack == "asgi")
+    cmd = fr.SuperLinkProcess(tmp_path, 1, tuning=TUNINGS[stack]).command()
+    assert ("--superlink-middleware" in cmd) == (stack != "stock")
+    assert ("--long-poll" in cmd) == (stack == "longpoll")
+
+
+def test_an_empty_pull_is_held_only_with_the_long_poll(superlink: tuple[str, str],
+                                                       tmp_path: Path) -> None:
+    """Flower's own SuperNode client: the pull that finds nothing comes back empty, after
+    the hold with the long poll and at once without; the SuperLink logs what it held."""
+    import time
+
+    from flwr.supernode.fleet_http_connection import http_request_response
+
+    stack, address = superlink
+    with http_request_response(address, insecure=True) as conn:
+        receive = conn[1]
+        started = time.monotonic()
+        assert receive() is None
+        took = time.monotonic() - started
+    logged = "pqfed long poll: held 1, woken 0, delivered 0, expired 1" in \
+        LOGS[stack].read_text()
+    if stack == "longpoll":
+        assert took >= HOLD_S * 0.9 and logged, took
+    else:
+        assert took < HOLD_S * 0.9 and not logged, took
 
 
 def _pull_request(node_id: int) -> bytes:
@@ -105,6 +138,7 @@ def test_unauthenticated_and_forged_fleet_requests_are_refused_alike(
     assert own.status_code == 200, own.text  # the node itself is served
     for response in (bare, forged_sig, other_key):
         assert response.status_code == 401, response.text
+        assert response.elapsed.total_seconds() < HOLD_S * 0.9  # refused, never held
         assert response.json() == {"detail": "Invalid SuperNode authentication"}
 
 
