@@ -17,6 +17,8 @@ removes the trade-off from the SuperLink's side, the way HTTP long polling has a
   addressed (all held pulls when the destinations cannot be read).
 * A client that goes away while its pull is held is noticed (``http.disconnect``) and its
   pull is not run again, so no instruction is marked delivered to a closed connection.
+* When the server shuts down (`NodeWakeups.close`, called from uvicorn's shutdown), every
+  held pull is answered at once: a server waits for its open requests before it exits.
 * ``hold_s`` stays well under the HTTP client timeout of Flower's SuperNode (30 s,
   ``flwr.supercore.protobuf.client``), so any Flower 1.42 node, patched or not, only sees a
   slower empty answer. pqfed's SuperNodes (`IdlePoller`) ask again at the fast interval
@@ -108,6 +110,7 @@ class NodeWakeups:
     that lands while the handler runs is not missed. One event loop uses it."""
 
     def __init__(self) -> None:
+        self.closing = False  # the server is shutting down: hold nothing any more
         self._epoch = 0  # bumped by wake_all: every node is past it
         self._generation: dict[int, int] = {}
         self._events: dict[int, asyncio.Event] = {}
@@ -127,6 +130,12 @@ class NodeWakeups:
         events, self._events = self._events, {}
         for event in events.values():
             event.set()
+
+    def close(self) -> None:
+        """The server is shutting down: every held pull is answered now, none is held again
+        (a server waits for its open requests before it exits)."""
+        self.closing = True
+        self.wake_all()
 
     async def wait(self, node: int, seen: int, timeout_s: float) -> bool:
         """True when ``node`` was woken after generation ``seen``; False after ``timeout_s``."""
@@ -236,7 +245,7 @@ class FleetLongPoll:
                         self.stats.delivered += 1
                     break
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or self.wakeups.closing:
                     if held:
                         self.stats.expired += 1
                     break

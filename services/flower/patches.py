@@ -824,7 +824,9 @@ class SuperLinkAsgiMiddleware(FlowerPatch[float | None]):
       longpoll.py) holds an authenticated ``pull-messages`` that found nothing until a
       Runtime ``push-messages`` addresses its node, or ``long_poll_s`` passed. It reads the
       parsed request and the handler's result from the request state, where flwr's protobuf
-      translation and ``ProtobufRoute`` keep them (targets 6 and 7).
+      translation and ``ProtobufRoute`` keep them (targets 6 and 7). uvicorn's
+      ``Server.shutdown`` (target 8) first answers every held pull: uvicorn waits for open
+      requests before it exits, so a held pull would delay a SuperLink's stop by the hold.
 
     On another flwr: stock middlewares (correct, slower; no long poll).
 
@@ -848,6 +850,7 @@ class SuperLinkAsgiMiddleware(FlowerPatch[float | None]):
                expect=_parses_long_poll_routes),
         Target("flwr.supercore.protobuf.routing", "ProtobufRoute",
                expect=_stores_protobuf_response),
+        Target("uvicorn.server", "Server.shutdown", params=("self", "sockets")),
     )
     on_other_version = OnOtherVersion.STOCK
     without = "every SuperLink request passes eight BaseHTTPMiddleware layers"
@@ -860,16 +863,26 @@ class SuperLinkAsgiMiddleware(FlowerPatch[float | None]):
         from starlette.middleware import Middleware
         from starlette.requests import Request
 
-        stock_get, is_control_path, _, authenticate_node, translate, _, _ = values
+        stock_get, is_control_path, _, authenticate_node, translate, _, _, shutdown = values
         if getattr(stock_get, "__pqfed_asgi__", False):
             return
         long_poll: list[Any] = []
         if setting is not None:
-            from pqfed.services.flower.longpoll import FleetLongPoll
+            from pqfed.services.flower.longpoll import FleetLongPoll, NodeWakeups
 
+            wakeups = NodeWakeups()
             long_poll.append(Middleware(FleetLongPoll, hold_s=setting,
-                                        routes=_long_poll_routes(),
+                                        routes=_long_poll_routes(), wakeups=wakeups,
                                         report=logging.getLogger("flwr").info))
+            original_shutdown = getattr(shutdown, "__pqfed_original__", shutdown)
+
+            @functools.wraps(original_shutdown)
+            async def answer_held_pulls_first(server: Any, sockets: Any = None) -> None:
+                wakeups.close()
+                await original_shutdown(server, sockets)
+
+            answer_held_pulls_first.__pqfed_original__ = original_shutdown  # type: ignore[attr-defined]
+            self.targets[7].set(answer_held_pulls_first, flwr_version)
 
         def control(scope: Any) -> bool:
             return bool(is_control_path(scope["path"]))

@@ -1,5 +1,6 @@
-"""``pqfed bench overhead`` (``python -m pqfed.testbed.bench.overhead``): a whole small federation's round overhead
-beyond compute, between variants of how Flower polls (``--variants``, alternating).
+"""``pqfed bench overhead`` (``python -m pqfed.testbed.bench.overhead``): a whole small
+federation's round overhead beyond compute, between variants of how Flower polls
+(``--variants``, alternating).
 
 Each run is ``pqfed run`` (services/runner.py `run_local`: PQC sidecars, SuperLink, ServerApp,
 real SuperNodes with warm ClientApps training the breast-cancer MLP), so every figure is what

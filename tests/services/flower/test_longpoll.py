@@ -287,3 +287,19 @@ def test_what_the_layer_did_is_reported_while_pulls_are_held_and_at_shutdown() -
     asyncio.run(go())
     assert lines == ["pqfed long poll: held 1, woken 0, delivered 0, expired 1, disconnected 0",
                      "pqfed long poll: held 2, woken 0, delivered 0, expired 2, disconnected 0"]
+
+
+def test_shutting_down_answers_every_held_pull_and_holds_no_new_one() -> None:
+    async def go() -> None:
+        link = Link()
+        layer = FleetLongPoll(link, hold_s=5.0, routes=routes())
+        waiting = pull(layer, 7)
+        await asyncio.sleep(0.05)
+        layer.wakeups.close()  # uvicorn's shutdown (services/flower/patches.py)
+        await asyncio.wait_for(waiting.task, 1.0)
+        assert waiting.answered and waiting.scope["state"]["response"] == []
+        late = pull(layer, 8)
+        await asyncio.wait_for(late.task, 1.0)
+        assert late.answered and layer.stats.held == 1
+
+    asyncio.run(go())

@@ -151,3 +151,37 @@ def test_a_bad_protobuf_body_gets_flowers_error_response(superlink: tuple[str, s
                             headers={"Content-Type": "text/plain"})
     assert bad.status_code == 400 and "code" in bad.json()
     assert wrong_type.status_code in (400, 415) and "code" in wrong_type.json()
+
+
+def test_a_held_pull_does_not_delay_the_superlinks_stop(tmp_path: Path) -> None:
+    """uvicorn waits for open requests before it exits; the long poll answers its held pulls
+    when the server shuts down, so a stop is not a hold long."""
+    import threading
+    import time
+
+    from flwr.supernode.fleet_http_connection import http_request_response
+
+    link = fr.SuperLinkProcess(tmp_path, free_port(), tuning=fr.FlowerTuning(
+        poll_cap=0.5, superlink_middleware="asgi", long_poll_s=15.0))
+    answers: list[object] = []
+    held = threading.Event()
+
+    def hold() -> None:
+        with http_request_response(link.address, insecure=True) as conn:
+            held.set()
+            answers.append(conn[1]())
+
+    try:
+        link.start().wait_ready(90)
+        threading.Thread(target=hold, daemon=True).start()
+        assert held.wait(30)
+        time.sleep(1.0)  # the pull is on the SuperLink now, held
+    finally:
+        started = time.monotonic()
+        link.stop()
+        took = time.monotonic() - started
+    assert took < 10.0, took  # ManagedProcess.stop's kill timeout: it exited by itself
+    deadline = time.monotonic() + 10
+    while not answers and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert answers == [None]  # answered empty, not cut off
