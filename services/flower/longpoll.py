@@ -233,6 +233,7 @@ class FleetLongPoll:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.hold_s
         gone: asyncio.Task[Message] | None = None
+        waker: asyncio.Task[bool] | None = None
         held = False
         try:
             while True:
@@ -266,10 +267,12 @@ class FleetLongPoll:
             if held:
                 self._report()
         finally:
-            if gone is not None and not gone.done():
-                gone.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await gone
+            # also when this request is cancelled (its server or client went away)
+            for task in (waker, gone):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
     async def _run(self, scope: Scope, body: bytes) -> _Buffered:
         out = _Buffered()
