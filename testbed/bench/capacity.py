@@ -359,6 +359,8 @@ class CapacityRun:
             if edges:
                 rd["clients_accepted"] = sum(len(r.get("participants", [])) for r in per_edge)
                 rd["edge_seconds_max"] = max(r.get("durationSeconds", 0.0) for r in per_edge)
+                # new global model ready -> every client holds it: to the edges, then on
+                rd["edge_dispatch_max"] = max(r.get("dispatchSeconds") or 0.0 for r in per_edge)
         return {"clients": s.clients, "variant": s.variant, "client_procs": s.client_procs,
                 "edges": s.edges, "edge_audit": [e["audit"] for e in edges],
                 "poll_s": s.poll,
@@ -552,7 +554,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "edge_pss_peak_mib": max(rd.get("edge_peak_pss_mib", 0.0) for rd in rounds),
                 "clients_accepted_min": min(rd.get("clients_accepted", 0) for rd in rounds),
                 "edge_round_median": median([rd.get("edge_seconds_max", 0.0)
-                                             for rd in rounds])}
+                                             for rd in rounds]),
+                "distribution_median": median([(rd["dispatch_seconds"] or 0.0)
+                                               + rd.get("edge_dispatch_max", 0.0)
+                                               for rd in rounds])}
                if edges else {}),
         })
     return rows
@@ -582,9 +587,10 @@ def report(rows: list[dict[str, Any]], failures: dict[str, str]) -> str:
     if hier:
         lines += ["", "| clients | edges | variant | rounds | round s, median [95% CI] | "
                   "central CPU-s / round [95% CI] | all edges CPU-s / round [95% CI] | edges "
-                  "CPU ms / client | slowest edge round s | central / edges peak PSS MiB | "
-                  "client updates accepted (min) | load 1-min |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "CPU ms / client | slowest edge round s | distribution s (to edges + on to "
+                  "clients) | central / edges peak PSS MiB | client updates accepted (min) | "
+                  "load 1-min |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in hier:
             lo, hi = r["latency_ci"]
             clo, chi = r["cpu_ci"]
@@ -595,7 +601,8 @@ def report(rows: list[dict[str, Any]], failures: dict[str, str]) -> str:
                 f"{r['cpu_median']:.2f} [{clo:.2f}, {chi:.2f}] | "
                 f"{r['edge_cpu_median']:.2f} [{elo:.2f}, {ehi:.2f}] | "
                 f"{r['edge_cpu_median'] / r['clients'] * 1e3:.1f} | "
-                f"{r['edge_round_median']:.2f} | {r['pss_peak_mib']:.0f} / "
+                f"{r['edge_round_median']:.2f} | {r['distribution_median']:.2f} | "
+                f"{r['pss_peak_mib']:.0f} / "
                 f"{r['edge_pss_peak_mib']:.0f} | {r['clients_accepted_min']}/{r['clients']} | "
                 f"{r['load_1m'][0]:.1f}-{r['load_1m'][1]:.1f} |")
     for n, why in failures.items():

@@ -103,14 +103,14 @@ def test_a_hierarchical_job_and_its_rows() -> None:
     rnd = {"seconds": 2.0, "cpu_seconds": 1.0, "peak_pss_mib": 500.0, "accepted": 3,
            "rejected": 0, "load_1m": 1.5, "dispatch_seconds": 0.1, "server_seconds": 0.2,
            "edge_cpu_seconds": 3.0, "edge_peak_pss_mib": 2000.0, "clients_accepted": 10,
-           "edge_seconds_max": 1.5}
+           "edge_seconds_max": 1.5, "edge_dispatch_max": 0.4}
     runs = [{"clients": 10, "variant": "longpoll", "edges": 3, "rounds": [rnd, rnd]},
             {"clients": 10, "variant": "longpoll", "rounds": [rnd, rnd]}]
     rows = summarize(runs)
     assert [r["edges"] for r in rows] == [0, 3]  # flat and hierarchical apart
     text = report(rows, {})
     assert "| 10 | 3 | longpoll | 1 | 2.00 [2.00, 2.00] | 1.00" in text
-    assert "| 3.00 [3.00, 3.00] | 300.0 | 1.50 | 500 / 2000 | 10/10 |" in text
+    assert "| 3.00 [3.00, 3.00] | 300.0 | 1.50 | 0.50 | 500 / 2000 | 10/10 |" in text
 
 
 @pytest.mark.slow
