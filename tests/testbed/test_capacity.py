@@ -10,6 +10,7 @@ as for a real client. Fast: the statistics and the report on synthetic rows.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,10 +25,9 @@ from pqfed.testbed.bench.capacity import (
 )
 
 
-@pytest.mark.slow
-def test_emulated_clients_are_verified_and_misbehaviour_rejected(tmp_path: Path) -> None:
-    settings = CapacitySettings(clients=4, rounds=2, client_procs=2, round_seconds=120,
-                                tamper=(1,), replay=(2,), min_clients=1)
+def _two_rounds(settings: CapacitySettings, tmp_path: Path
+                ) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """One capacity run of 2 rounds: its result and its rounds by number."""
     cap = CapacityRun(settings, tmp_path / "run")
     try:
         result = cap.run()
@@ -35,6 +35,14 @@ def test_emulated_clients_are_verified_and_misbehaviour_rejected(tmp_path: Path)
         cap.stop()
     rounds = {r["round"]: r for r in result["rounds"]}
     assert sorted(rounds) == [1, 2], result
+    return result, rounds
+
+
+@pytest.mark.slow
+def test_emulated_clients_are_verified_and_misbehaviour_rejected(tmp_path: Path) -> None:
+    result, rounds = _two_rounds(CapacitySettings(
+        clients=4, rounds=2, client_procs=2, round_seconds=120, tamper=(1,), replay=(2,),
+        min_clients=1), tmp_path)
     # Round 1: the replaying client still sends its genuine first update.
     assert sorted(rounds[1]["participants"]) == ["client-0", "client-2", "client-3"]
     assert rounds[1]["rejected"] == 1  # the tampered update
@@ -117,15 +125,8 @@ def test_a_hierarchical_job_and_its_rows() -> None:
 def test_clients_behind_edges_are_verified_at_their_edge(tmp_path: Path) -> None:
     """4 emulated clients behind 2 real edges (`pqfed fl edge` + sidecar): every client's
     signed update is accepted at its edge in each round, each edge's at the aggregator."""
-    settings = CapacitySettings(clients=4, rounds=2, client_procs=2, round_seconds=120,
-                                edges=2)
-    cap = CapacityRun(settings, tmp_path / "run")
-    try:
-        result = cap.run()
-    finally:
-        cap.stop()
-    rounds = {r["round"]: r for r in result["rounds"]}
-    assert sorted(rounds) == [1, 2], result
+    result, rounds = _two_rounds(CapacitySettings(
+        clients=4, rounds=2, client_procs=2, round_seconds=120, edges=2), tmp_path)
     for r in rounds.values():
         assert sorted(r["participants"]) == ["edge-0", "edge-1"]
         assert r["clients_accepted"] == 4 and r["edge_cpu_seconds"] > 0
