@@ -297,6 +297,9 @@ class CapacityRun:
             str(agg_dir), "--state-dir", str(state), "--fleet-port", str(fleet),
             "--status-port", str(status_port)],
             env_extra=variant.env())
+        # The clients open thousands of connections, each from an ephemeral port: the
+        # aggregator's and the edges' ports (picked free, not yet bound) must be bound first.
+        self._wait_listening(status_port, aggregator)
         # Who each client dials: the aggregator's sidecar, or its edge's (hierarchical).
         groups: list[tuple[str, str, list[int]]] = [
             (f"127.0.0.1:{secure}", "aggregator", list(range(s.clients)))]
@@ -387,7 +390,23 @@ class CapacityRun:
             "--identity-dir", str(d), "--state-dir", str(self.run_dir / "state" / node),
             "--superlink", f"127.0.0.1:{e_route}", "--fleet-port", str(e_fleet),
             "--runtime-port", str(e_runtime)], env_extra=variant.env())
+        self._wait_listening(e_fleet, edge)
         return f"127.0.0.1:{e_secure}", [car.popen.pid, edge.popen.pid]
+
+    def _wait_listening(self, port: int, owner: _Spawned, timeout_s: float = 300.0) -> None:
+        """Until ``port`` on 127.0.0.1 accepts a connection (``owner`` binds it)."""
+        import socket
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if owner.popen.poll() is not None:
+                raise CapacityError(owner.name, f"exited with {owner.popen.returncode} before "
+                                    f"listening on {port}; see {self.run_dir}/logs")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port),
+                                                                        timeout=0.5):
+                return
+            time.sleep(0.2)
+        raise CapacityError(owner.name, f"not listening on {port} after {timeout_s:.0f}s")
 
     def _watch(self, aggregator: _Spawned, workers: list[_Spawned], sampler: TreeSampler,
                state: Path, t0: float, edge_sampler: TreeSampler | None = None
