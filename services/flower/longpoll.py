@@ -59,14 +59,14 @@ class LongPollError(ValueError):
         self.reason = reason
 
 
-def check_hold(hold_s: float, field: str = "hold_s") -> float:
+def check_hold(hold_s: float) -> float:
     """``hold_s`` as a float, or LongPollError: a positive number of seconds, at most half
     of `FLOWER_FLEET_CLIENT_TIMEOUT_S` (a held answer must reach the node before its client
     gives up, through two sidecars on a busy host)."""
     limit = FLOWER_FLEET_CLIENT_TIMEOUT_S / 2
     if isinstance(hold_s, bool) or not isinstance(hold_s, int | float) \
             or not 0 < hold_s <= limit:
-        raise LongPollError(field, f"{hold_s!r} must be a number of seconds in (0, {limit}] "
+        raise LongPollError("hold_s", f"{hold_s!r} must be a number of seconds in (0, {limit}] "
                                    f"(Flower's SuperNode gives up on a request after "
                                    f"{FLOWER_FLEET_CLIENT_TIMEOUT_S:g} s)")
     return float(hold_s)
@@ -228,30 +228,31 @@ class FleetLongPoll:
                 self.wakeups.wake(nodes)
 
     async def _pull(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await _read_body(receive)
         node = self.routes.pull_node(scope)
+        if node is None:  # no parsed pull request (Flower refuses it below): nothing to hold
+            await self.app(scope, receive, send)
+            return
+        body = await _read_body(receive)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.hold_s
-        gone: asyncio.Task[Message] | None = None
+        gone: asyncio.Task[Message] | None = None  # set once the pull is held
         waker: asyncio.Task[bool] | None = None
-        held = False
         try:
             while True:
-                seen = self.wakeups.generation(node) if node is not None else 0
+                seen = self.wakeups.generation(node)
                 result = await self._run(scope, body)
-                if node is None or result.status != 200:
+                if result.status != 200:
                     break
                 if not self.routes.pull_empty(scope):
-                    if held:
+                    if gone is not None:
                         self.stats.delivered += 1
                     break
                 remaining = deadline - loop.time()
                 if remaining <= 0 or self.wakeups.closing:
-                    if held:
+                    if gone is not None:
                         self.stats.expired += 1
                     break
                 if gone is None:
-                    held = True
                     self.stats.held += 1
                     gone = asyncio.ensure_future(_disconnect(receive))
                 waker = asyncio.ensure_future(self.wakeups.wait(node, seen, remaining))
@@ -264,7 +265,7 @@ class FleetLongPoll:
                     self.stats.woken += 1
             for message in result.messages:
                 await send(message)
-            if held:
+            if gone is not None:
                 self._report()
         finally:
             # also when this request is cancelled (its server or client went away)
