@@ -331,15 +331,12 @@ def run_edge(args: argparse.Namespace) -> int:
 
 def _run_finished(run_id: int, address: str) -> bool:
     """The edge's own run has finished. A Control API call that times out on a busy
-    SuperLink is no answer (as in `fr.wait_run`): the edge keeps serving instead of exiting,
+    SuperLink is no answer (`fr.try_run_status`): the edge keeps serving instead of exiting,
     which its aggregator would see as a lost node (300 clients behind 6 edges on 2 cores)."""
-    import httpx
-
-    try:
-        return fr.get_run_status(run_id, address).finished
-    except httpx.TimeoutException:
+    status = fr.try_run_status(run_id, address)
+    if status is None:
         log.warning("edge: the SuperLink's Control API did not answer in time; asking again")
-        return False
+    return status is not None and status.finished
 
 
 def _setup_logging() -> None:

@@ -68,6 +68,7 @@ from pqfed.services.flower.control import (
     list_nodes,
     stop_run,
     submit_run,
+    try_run_status,
     wait_nodes,
     wait_run,
 )
@@ -117,6 +118,7 @@ __all__ = [
     "stop_run",
     "submit_run",
     "superlink_http_implementation",
+    "try_run_status",
     "wait_nodes",
     "wait_run",
     "write_flower_config",

@@ -67,6 +67,17 @@ def get_run_status(run_id: int, control_address: str) -> RunStatus:
     return RunStatus(run_id, str(st.status), str(st.sub_status), str(st.details))
 
 
+def try_run_status(run_id: int, control_address: str) -> RunStatus | None:
+    """`get_run_status`, or None when the SuperLink did not answer in time: a late answer
+    from a busy SuperLink (many nodes polling) is asked again, not fatal."""
+    import httpx
+
+    try:
+        return get_run_status(run_id, control_address)
+    except httpx.TimeoutException:
+        return None
+
+
 def wait_run(
     run_id: int,
     control_address: str,
@@ -77,14 +88,10 @@ def wait_run(
 ) -> RunStatus:
     """Block until the run is finished (any sub-status); raise TimeoutError otherwise.
     Processes in ``watch`` are checked while waiting so a crash fails fast."""
-    import httpx
-
     deadline = time.monotonic() + timeout
     status: RunStatus | None = None
     while True:
-        # A late answer from a busy SuperLink (many nodes polling) is asked again, not fatal.
-        with contextlib.suppress(httpx.TimeoutException):
-            status = get_run_status(run_id, control_address)
+        status = try_run_status(run_id, control_address) or status
         if status is not None and status.finished:
             return status
         for proc in watch:

@@ -7,6 +7,7 @@ import pytest
 
 from pqfed.services import fl_node
 from pqfed.services import flower as fr
+from pqfed.services.flower import control
 
 
 def test_an_edge_takes_a_control_api_timeout_as_no_answer(
@@ -22,9 +23,10 @@ def test_an_edge_takes_a_control_api_timeout_as_no_answer(
         assert isinstance(answer, fr.RunStatus)
         return answer
 
-    monkeypatch.setattr(fr, "get_run_status", status)
+    monkeypatch.setattr(control, "get_run_status", status)
     # before: the timeout ended the edge (run_edge exited, its aggregator lost the node)
     assert [fl_node._run_finished(7, "127.0.0.1:1") for _ in range(3)] == [False, False, True]
-    monkeypatch.setattr(fr, "get_run_status", lambda *_: (_ for _ in ()).throw(KeyError(7)))
+    monkeypatch.setattr(control, "get_run_status",
+                        lambda *_: (_ for _ in ()).throw(KeyError(7)))
     with pytest.raises(KeyError):  # anything else still ends it
         fl_node._run_finished(7, "127.0.0.1:1")
