@@ -33,8 +33,8 @@ lint: $(STAMP)
 typecheck: lint
 
 # The README's test command: lint, types, then every test (unit, slow, cluster e2e). The
-# cluster binaries and images build in the background, at the lowest priority, while the
-# tests that need neither run (tests/run-all.sh says how).
+# cluster binaries and images build in the background, each in a scheduler group of its own,
+# while the tests that need neither run (tests/run-all.sh says how).
 # tests/run-all.sh makes the prerequisites itself (venv liboqs liboqs-arm64 vectors interop),
 # after starting the Go builds, which need none of them.
 test:

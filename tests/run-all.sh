@@ -46,27 +46,28 @@ if [[ "${PQFED_TEST_SERIAL:-0}" == 1 ]]; then
     exec "$BIN/python" -m pytest -q "${EXTRA[@]}"
 fi
 
-# A make run in the background, in its own session (so its own autogroup).
+# A make run in the background, in its own session (so its own autogroup), logging to $1.
 NICE="${PQFED_BUILD_NICE:-0}"
+builds=()
+build_logs=()
 background() {
     local log="$1"; shift
     setsid -w bash -c 'echo "$0" > /proc/self/autogroup 2>/dev/null; exec nice -n "$0" make "$@"' \
         "$NICE" "$@" >"$LOGS/$log" 2>&1 &
+    builds+=("$!")
+    build_logs+=("$log")
 }
-builds=()
 stop_builds() { for pid in "${builds[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done; }
 trap stop_builds EXIT INT TERM
 
 # 0. The Go and C builds, before anything else.
 say "building the cluster binaries and OpenSSL 3.5 in the background ($LOGS/build.log)"
 background build.log -j2 cluster-binaries openssl35
-builds+=("$!")
 
 # 1. The tests' prerequisites, then the images in the background.
 make "${PREREQS[@]}" || { say "the prerequisites failed"; exit 1; }
 say "building the images in the background ($LOGS/images.log)"
 background images.log images
-builds+=("$!")
 
 # 2. Lint, types, and the tests that need no build.
 make lint || { say "lint failed"; exit 1; }
@@ -80,9 +81,8 @@ say "waiting for the builds"
 failed=0
 for i in "${!builds[@]}"; do
     wait "${builds[$i]}" && continue
-    log=$([[ $i == 0 ]] && echo build.log || echo images.log)
-    say "a build failed; the end of $LOGS/$log:"
-    tail -n 60 "$LOGS/$log"
+    say "a build failed; the end of $LOGS/${build_logs[$i]}:"
+    tail -n 60 "$LOGS/${build_logs[$i]}"
     failed=1
 done
 trap - EXIT INT TERM
