@@ -14,6 +14,13 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pqfed.services.commands import (
+        SidecarRoute,
+        aggregator_command,
+        client_command,
+        edge_command,
+        sidecar_command,
+    )
     from pqfed.services.fl_node import IDLE_BACKOFF
     from pqfed.services.flower.patches import install_fast_poll
     from pqfed.services.flower.polling import IdlePoller
@@ -90,6 +97,8 @@ EXPORTS: dict[str, str] = {
     "IdlePoller": "pqfed.services.flower.polling",
     "IdleBackoff": "pqfed.services.flower.settings",
     **dict.fromkeys(("run_local", "Interrupted"), "pqfed.services.runner"),
+    **dict.fromkeys(("SidecarRoute", "sidecar_command", "aggregator_command", "edge_command",
+                     "client_command"), "pqfed.services.commands"),
 }
 
 __all__ = [
@@ -129,11 +138,15 @@ __all__ = [
     "Interrupted",
     "JobSpecError",
     "ManagedProcess",
+    "SidecarRoute",
     "SpecRule",
+    "aggregator_command",
     "array_record",
     "blob_of",
     "check_runnable",
+    "client_command",
     "client_mods",
+    "edge_command",
     "edge_members",
     "edge_node_id",
     "edge_of",
@@ -146,6 +159,7 @@ __all__ = [
     "parse_spec",
     "read_status",
     "run_local",
+    "sidecar_command",
     "terminate_process_tree",
 ]
 

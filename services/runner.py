@@ -27,8 +27,14 @@ from typing import IO, Any
 
 from pqfed.pqc import CertificateAuthority, Identity, Role
 from pqfed.pqc.backends import BACKEND_ENV
+from pqfed.services.commands import (
+    SidecarRoute,
+    aggregator_command,
+    client_command,
+    edge_command,
+    sidecar_command,
+)
 from pqfed.services.hierarchy import edge_members, edge_node_id
-from pqfed.services.node_defaults import FLEET_PATH_PREFIX
 from pqfed.services.ports import free_ports
 from pqfed.services.procs import terminate_process_tree
 from pqfed.services.rounds import read_status
@@ -138,22 +144,15 @@ class LocalFederation:
         agg_dir = self._identity_dir(agg, ca)
         edges = spec.hierarchy.edges if spec.hierarchy.enabled else 0
         (fleet, self.status_port, secure, agg_admin, *rest) = free_ports(4 + 3 * n + 5 * edges)
-        pqfed = [sys.executable, "-m", "pqfed.cli"]
         groups = "X25519_MLKEM1024" if spec.crypto.kem == "ML-KEM-1024" else "X25519_MLKEM768"
         if self.pqc:
-            self._spawn("sidecar-aggregator", [
-                *pqfed, "sidecar", "--cert", str(agg_dir / "tls.crt"), "--key",
-                str(agg_dir / "tls.key"), "--ca", str(agg_dir / "ca.crt"),
-                "--listen", f"127.0.0.1:{secure}", "--upstream", f"127.0.0.1:{fleet}",
-                "--allow-path-prefix", FLEET_PATH_PREFIX, "--group", groups,
-                *(["--peer-role", "edge"] if edges else []),
-                "--admin", f"127.0.0.1:{agg_admin}", "--log-level", "warning"])
+            self._spawn("sidecar-aggregator", sidecar_command(
+                agg_dir, groups, agg_admin, listen_port=secure, upstream_port=fleet,
+                edge_peers=bool(edges)))
             self.admin_ports["aggregator"] = agg_admin
-        self._spawn("aggregator", [
-            *pqfed, "fl", "aggregator", "--spec", str(self.job_file), "--identity-dir",
-            str(agg_dir), "--state-dir", str(self.run_dir / "state" / "aggregator"),
-            "--fleet-port", str(fleet), "--status-port", str(self.status_port),
-            *(["--poisoning"] if self.attackers else [])])
+        self._spawn("aggregator", aggregator_command(
+            self.job_file, agg_dir, self.run_dir / "state" / "aggregator", fleet,
+            self.status_port, poisoning=bool(self.attackers)))
         # Hierarchical jobs: clients dial their edge's sidecar instead of the aggregator's.
         direct = secure if self.pqc else fleet  # plaintext baseline: straight to SuperLink
         client_peer = {i: (f"127.0.0.1:{direct}", "aggregator") for i in range(n)}
@@ -168,19 +167,13 @@ class LocalFederation:
                 if self.pqc:
                     # One sidecar, both directions: inbound from the edge's clients to its
                     # SuperLink, outbound route to the central aggregator.
-                    self._spawn(f"sidecar-{node}", [
-                        *pqfed, "sidecar", "--cert", str(d / "tls.crt"), "--key",
-                        str(d / "tls.key"), "--ca", str(d / "ca.crt"), "--group", groups,
-                        "--listen", f"127.0.0.1:{e_secure}", "--upstream",
-                        f"127.0.0.1:{e_fleet}", "--allow-path-prefix", FLEET_PATH_PREFIX,
-                        "--route", f"127.0.0.1:{e_route}=127.0.0.1:{secure}@aggregator",
-                        "--admin", f"127.0.0.1:{e_admin}", "--log-level", "warning"])
+                    self._spawn(f"sidecar-{node}", sidecar_command(
+                        d, groups, e_admin, listen_port=e_secure, upstream_port=e_fleet,
+                        route=SidecarRoute(e_route, f"127.0.0.1:{secure}", "aggregator")))
                     self.admin_ports[node] = e_admin
-                self._spawn(node, [
-                    *pqfed, "fl", "edge", "--spec", str(self.job_file), "--index", str(e),
-                    "--identity-dir", str(d), "--state-dir",
-                    str(self.run_dir / "state" / node), "--superlink", upstream,
-                    "--fleet-port", str(e_fleet), "--runtime-port", str(e_runtime)])
+                self._spawn(node, edge_command(
+                    self.job_file, e, d, self.run_dir / "state" / node, upstream, e_fleet,
+                    e_runtime))
                 for i in edge_members(spec, e):
                     client_peer[i] = (f"127.0.0.1:{e_secure if self.pqc else e_fleet}", node)
         for i in range(n):
@@ -189,20 +182,13 @@ class LocalFederation:
             ident = ca.new_identity(f"client-{i}", Role.CLIENT, algorithm=spec.crypto.signature)
             d = self._identity_dir(ident, ca)
             if self.pqc:
-                self._spawn(f"sidecar-client-{i}", [
-                    *pqfed, "sidecar", "--cert", str(d / "tls.crt"), "--key",
-                    str(d / "tls.key"), "--ca", str(d / "ca.crt"), "--group", groups,
-                    "--route", f"127.0.0.1:{route}={peer}@{peer_id}",
-                    "--admin", f"127.0.0.1:{admin}", "--log-level", "warning"])
+                self._spawn(f"sidecar-client-{i}", sidecar_command(
+                    d, groups, admin, route=SidecarRoute(route, peer, peer_id)))
                 self.admin_ports[f"client-{i}"] = admin
             superlink = f"127.0.0.1:{route}" if self.pqc else peer
-            argv = [*pqfed, "fl", "client", "--spec", str(self.job_file), "--index", str(i),
-                    "--identity-dir", str(d), "--state-dir",
-                    str(self.run_dir / "state" / f"client-{i}"), "--superlink", superlink,
-                    "--runtime-port", str(runtime)]
-            if i in self.attackers:
-                argv += ["--attack", "label-flip"]
-            self._spawn(f"client-{i}", argv)
+            self._spawn(f"client-{i}", client_command(
+                self.job_file, i, d, self.run_dir / "state" / f"client-{i}", superlink,
+                runtime, attack="label-flip" if i in self.attackers else None))
 
     def aggregator(self) -> _Proc:
         return next(p for p in self.procs if p.name == "aggregator")

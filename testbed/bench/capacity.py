@@ -44,18 +44,20 @@ import yaml
 from pqfed.pqc import CertificateAuthority, Role
 from pqfed.services import (
     API_GROUP_VERSION,
-    FLEET_PATH_PREFIX,
     KIND,
+    SidecarRoute,
+    aggregator_command,
+    edge_command,
     edge_members,
     edge_node_id,
     free_ports,
     load_spec,
     read_status,
+    sidecar_command,
     terminate_process_tree,
 )
 
 JOB_NAME = "capacity"
-PQFED = [sys.executable, "-m", "pqfed.cli"]
 GROUP = "X25519_MLKEM768"
 DEFAULT_CLIENTS = "10,30,100,300,1000"
 
@@ -283,19 +285,13 @@ class CapacityRun:
         agg_dir, ids = enroll(self.run_dir, s.clients, s.edges)
         enroll_s = time.perf_counter() - t_enroll
         fleet, status_port, secure, admin = free_ports(4)
-        sidecar = self._spawn("sidecar-aggregator", [
-            *PQFED, "sidecar", "--cert", str(agg_dir / "tls.crt"), "--key",
-            str(agg_dir / "tls.key"), "--ca", str(agg_dir / "ca.crt"),
-            "--listen", f"127.0.0.1:{secure}", "--upstream", f"127.0.0.1:{fleet}",
-            "--allow-path-prefix", FLEET_PATH_PREFIX, "--group", GROUP,
-            *(["--peer-role", "edge"] if s.edges else []),
-            "--admin", f"127.0.0.1:{admin}", "--log-level", "warning"])
+        sidecar = self._spawn("sidecar-aggregator", sidecar_command(
+            agg_dir, GROUP, admin, listen_port=secure, upstream_port=fleet,
+            edge_peers=bool(s.edges)))
         state = self.run_dir / "state" / "aggregator"
         variant = VARIANTS[s.variant]
-        aggregator = self._spawn("aggregator", [
-            *PQFED, "fl", "aggregator", "--spec", str(job_file), "--identity-dir",
-            str(agg_dir), "--state-dir", str(state), "--fleet-port", str(fleet),
-            "--status-port", str(status_port)],
+        aggregator = self._spawn(
+            "aggregator", aggregator_command(job_file, agg_dir, state, fleet, status_port),
             env_extra=variant.env())
         # The clients open thousands of connections, each from an ephemeral port: the
         # aggregator's and the edges' ports (picked free, not yet bound) must be bound first.
@@ -378,18 +374,12 @@ class CapacityRun:
         node = edge_node_id(e)
         d = ids / node
         e_fleet, e_secure, e_route, e_runtime, e_admin = free_ports(5)
-        car = self._spawn(f"sidecar-{node}", [
-            *PQFED, "sidecar", "--cert", str(d / "tls.crt"), "--key", str(d / "tls.key"),
-            "--ca", str(d / "ca.crt"), "--group", GROUP,
-            "--listen", f"127.0.0.1:{e_secure}", "--upstream", f"127.0.0.1:{e_fleet}",
-            "--allow-path-prefix", FLEET_PATH_PREFIX,
-            "--route", f"127.0.0.1:{e_route}=127.0.0.1:{central}@aggregator",
-            "--admin", f"127.0.0.1:{e_admin}", "--log-level", "warning"])
-        edge = self._spawn(node, [
-            *PQFED, "fl", "edge", "--spec", str(job_file), "--index", str(e),
-            "--identity-dir", str(d), "--state-dir", str(self.run_dir / "state" / node),
-            "--superlink", f"127.0.0.1:{e_route}", "--fleet-port", str(e_fleet),
-            "--runtime-port", str(e_runtime)], env_extra=variant.env())
+        car = self._spawn(f"sidecar-{node}", sidecar_command(
+            d, GROUP, e_admin, listen_port=e_secure, upstream_port=e_fleet,
+            route=SidecarRoute(e_route, f"127.0.0.1:{central}", "aggregator")))
+        edge = self._spawn(node, edge_command(
+            job_file, e, d, self.run_dir / "state" / node, f"127.0.0.1:{e_route}", e_fleet,
+            e_runtime), env_extra=variant.env())
         self._wait_listening(e_fleet, edge)
         return f"127.0.0.1:{e_secure}", [car.popen.pid, edge.popen.pid]
 
