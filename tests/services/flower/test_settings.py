@@ -29,6 +29,7 @@ def test_frozen() -> None:
     ({"superexec_poll_interval": 61.0}, "superexec_poll_interval"),
     ({"preload": ("torch",)}, "preload"),  # without warm_clientapp nothing would preload
     ({"warm_clientapp": True, "preload": "torch"}, "preload"),  # a str, not a tuple
+    ({"long_poll_s": 5.0}, "long_poll_s"),  # a layer of the asgi stack only
 ])
 def test_bad_values_name_the_field(changes: dict[str, object], field: str) -> None:
     with pytest.raises(FlowerTuningError) as err:
