@@ -207,7 +207,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="NAMESPACE/NAME of a FederationJob whose round status to include")
 
     roles = p.add_subparsers(dest="bench_role",
-                             metavar="{node,aggregator,capacity,overhead}")
+                             metavar="{node,aggregator,capacity,overhead,fleet-cost}")
     from pqfed.testbed.bench import aggregator, node
 
     np_ = roles.add_parser("node", help="(internal) the per-node benchmark; run by the driver")
@@ -227,4 +227,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                            "compute, variants alternating "
                                            "(testbed/bench/overhead.py)")
     overhead.add_arguments(op)
+    from pqfed.testbed.bench import fleet_cost
+
+    fp = roles.add_parser("fleet-cost", help="one SuperLink's CPU per Fleet pull, apart from "
+                                             "any load (testbed/bench/fleet_cost.py)")
+    fleet_cost.add_arguments(fp)
     p.set_defaults(func=run)
