@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from pqfed.services.fl_node import IDLE_BACKOFF
     from pqfed.services.flower.patches import install_fast_poll
     from pqfed.services.flower.polling import IdlePoller
-    from pqfed.services.flower.settings import IdleBackoff
+    from pqfed.services.flower.processes import SuperLinkProcess
+    from pqfed.services.flower.settings import FlowerTuning, IdleBackoff
     from pqfed.services.hierarchy import edge_members, edge_node_id, edge_of
     from pqfed.services.labels import (
         INDEX_LABEL,
@@ -96,6 +97,9 @@ EXPORTS: dict[str, str] = {
     "IDLE_BACKOFF": "pqfed.services.fl_node",
     "IdlePoller": "pqfed.services.flower.polling",
     "IdleBackoff": "pqfed.services.flower.settings",
+    # for `pqfed bench fleet-cost` (testbed/bench/fleet_cost.py): one SuperLink as pqfed runs it
+    "FlowerTuning": "pqfed.services.flower.settings",
+    "SuperLinkProcess": "pqfed.services.flower.processes",
     **dict.fromkeys(("run_local", "Interrupted"), "pqfed.services.runner"),
     **dict.fromkeys(("SidecarRoute", "sidecar_command", "aggregator_command", "edge_command",
                      "client_command"), "pqfed.services.commands"),
@@ -133,6 +137,7 @@ __all__ = [
     "TESTBED_LABEL",
     "UPDATE_KEY",
     "FederationJobSpec",
+    "FlowerTuning",
     "IdleBackoff",
     "IdlePoller",
     "Interrupted",
@@ -140,6 +145,7 @@ __all__ = [
     "ManagedProcess",
     "SidecarRoute",
     "SpecRule",
+    "SuperLinkProcess",
     "aggregator_command",
     "array_record",
     "blob_of",

@@ -50,14 +50,13 @@ def measure(stack: str, nodes: int, pulls_per_node: int, run_dir: Path) -> Fleet
     import psutil
     from flwr.supernode.fleet_http_connection import http_request_response
 
-    from pqfed.services import flower as fr
-    from pqfed.services.ports import free_port
+    from pqfed.services import FlowerTuning, SuperLinkProcess, free_port
 
     if stack not in STACKS or nodes < 1 or pulls_per_node < 1:
         raise ValueError(f"stack {stack!r} (one of {STACKS}), nodes {nodes} and pulls "
                          f"{pulls_per_node} (both >= 1)")
-    tuning = fr.FlowerTuning(poll_cap=0.5, superlink_middleware=stack)
-    link = fr.SuperLinkProcess(run_dir, free_port(), tuning=tuning)
+    tuning = FlowerTuning(poll_cap=0.5, superlink_middleware=stack)
+    link = SuperLinkProcess(run_dir, free_port(), tuning=tuning)
     link.start().wait_ready(90)
     try:
         if link.proc is None or link.proc.popen is None:
