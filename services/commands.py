@@ -33,8 +33,8 @@ class SidecarRoute:
 
 
 def sidecar_command(identity_dir: Path, group: str, admin_port: int, *,
-            listen_port: int | None = None, upstream_port: int | None = None,
-            route: SidecarRoute | None = None, edge_peers: bool = False) -> list[str]:
+                    listen_port: int | None = None, upstream_port: int | None = None,
+                    route: SidecarRoute | None = None, edge_peers: bool = False) -> list[str]:
     """`pqfed sidecar`: inbound (``listen_port`` → the Fleet API on ``upstream_port``,
     Fleet paths only), outbound (``route``), or both, as an edge's sidecar is.
     ``edge_peers``: the inbound side serves edges, not clients."""
@@ -55,7 +55,7 @@ def sidecar_command(identity_dir: Path, group: str, admin_port: int, *,
 
 
 def aggregator_command(job_file: Path, identity_dir: Path, state_dir: Path, fleet_port: int,
-               status_port: int, *, poisoning: bool = False) -> list[str]:
+                       status_port: int, *, poisoning: bool = False) -> list[str]:
     """`pqfed fl aggregator`: SuperLink, ServerApp and the status endpoint."""
     return [*PQFED, "fl", "aggregator", "--spec", str(job_file),
             "--identity-dir", str(identity_dir), "--state-dir", str(state_dir),
@@ -63,8 +63,8 @@ def aggregator_command(job_file: Path, identity_dir: Path, state_dir: Path, flee
             *(["--poisoning"] if poisoning else [])]
 
 
-def edge_command(job_file: Path, index: int, identity_dir: Path, state_dir: Path, superlink: str,
-         fleet_port: int, runtime_port: int) -> list[str]:
+def edge_command(job_file: Path, index: int, identity_dir: Path, state_dir: Path,
+                 superlink: str, fleet_port: int, runtime_port: int) -> list[str]:
     """`pqfed fl edge` number ``index``, reaching the aggregator at ``superlink``."""
     return [*PQFED, "fl", "edge", "--spec", str(job_file), "--index", str(index),
             "--identity-dir", str(identity_dir), "--state-dir", str(state_dir),
@@ -72,8 +72,8 @@ def edge_command(job_file: Path, index: int, identity_dir: Path, state_dir: Path
             "--runtime-port", str(runtime_port)]
 
 
-def client_command(job_file: Path, index: int, identity_dir: Path, state_dir: Path, superlink: str,
-           runtime_port: int, *, attack: str | None = None) -> list[str]:
+def client_command(job_file: Path, index: int, identity_dir: Path, state_dir: Path,
+                   superlink: str, runtime_port: int, *, attack: str | None = None) -> list[str]:
     """`pqfed fl client` number ``index``, reaching its aggregator or edge at ``superlink``."""
     return [*PQFED, "fl", "client", "--spec", str(job_file), "--index", str(index),
             "--identity-dir", str(identity_dir), "--state-dir", str(state_dir),
