@@ -819,12 +819,7 @@ class SuperLinkAsgiMiddleware(FlowerPatch[float | None]):
     * ``NodeAuthMiddleware``: a pure ASGI layer that calls flwr's own ``authenticate_node``
       in the thread pool for every Fleet request carrying a parsed protobuf request, as the
       stock one does: an unauthenticated or forged Fleet request is refused with 401;
-    * ``ProtobufTranslationMiddleware``: for Fleet requests, a pure ASGI layer that calls
-      flwr's own media-type check, parser and response builder (targets 9-12) in the same
-      order and with the same errors: unary protobuf in, the handler's result out, a JSON
-      error response passed through, any other error response refused; every other request
-      (Control and Runtime APIs, whose streams it also serves) goes through the stock one.
-      `pqfed bench fleet-cost` measures what this saves per request;
+    * ``ProtobufTranslationMiddleware`` stays as it is (it does real work on every request);
     * setting (``long_poll_s``) not None: innermost, `FleetLongPoll` (services/flower/
       longpoll.py) holds an authenticated ``pull-messages`` that found nothing until a
       Runtime ``push-messages`` addresses its node, or ``long_poll_s`` passed. It reads the
@@ -856,22 +851,11 @@ class SuperLinkAsgiMiddleware(FlowerPatch[float | None]):
         Target("flwr.supercore.protobuf.routing", "ProtobufRoute",
                expect=_stores_protobuf_response),
         Target("uvicorn.server", "Server.shutdown", params=("self", "sockets")),
-        Target("flwr.supercore.protobuf.translation",
-               "ProtobufTranslationMiddleware._check_request_media_type", params=("request",)),
-        Target("flwr.supercore.protobuf.translation",
-               "ProtobufTranslationMiddleware._parse_request",
-               params=("body", "request_type")),
-        Target("flwr.supercore.protobuf.translation",
-               "ProtobufTranslationMiddleware._response_for",
-               params=("result", "stream_context")),
-        Target("flwr.supercore.protobuf.streaming", "get_protobuf_stream_context",
-               params=("request",)),
     )
     on_other_version = OnOtherVersion.STOCK
     without = "every SuperLink request passes eight BaseHTTPMiddleware layers"
 
     def apply(self, setting: float | None, values: list[Any], flwr_version: str) -> None:
-        from flwr.supercore.error import ApiErrorCode, FlowerError
         from google.protobuf.message import (  # type: ignore[import-untyped]
             Message as ProtobufMessage,
         )
@@ -879,8 +863,7 @@ class SuperLinkAsgiMiddleware(FlowerPatch[float | None]):
         from starlette.middleware import Middleware
         from starlette.requests import Request
 
-        (stock_get, is_control_path, _, authenticate_node, translate, request_types, _,
-         shutdown, check_media_type, parse_request, response_for, stream_context) = values
+        stock_get, is_control_path, _, authenticate_node, translate, _, _, shutdown = values
         if getattr(stock_get, "__pqfed_asgi__", False):
             return
         long_poll: list[Any] = []
@@ -958,76 +941,6 @@ class SuperLinkAsgiMiddleware(FlowerPatch[float | None]):
                     response = await translate(Request(scope, receive), raise_it)
                     await response(scope, receive, send)
 
-        class FleetProtobuf:
-            """flwr's ``ProtobufTranslationMiddleware`` without ``BaseHTTPMiddleware`` for
-            Fleet requests (``dispatch`` of flwr 1.42.0, step for step); ``stock`` (that
-            middleware, unchanged) for every other request."""
-
-            __pqfed_asgi__ = True
-
-            def __init__(self, app: Any, stock: Any) -> None:
-                self.app = app
-                self.stock = stock(app)
-
-            async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-                if scope["type"] != "http" or not str(scope["path"]).startswith(
-                        FLEET_PATH_PREFIX):
-                    await self.stock(scope, receive, send)
-                    return
-                request = Request(scope, receive)
-                request_type = request_types.get((request.method, request.url.path))
-                if request_type is None:
-                    await self.app(scope, receive, send)
-                    return
-                check_media_type(request)
-                body = await request.body()
-                request.state.protobuf_request = parse_request(body, request_type)
-                replayed = False
-
-                async def replay() -> Any:  # the body once more, as BaseHTTPMiddleware does
-                    nonlocal replayed
-                    if replayed:
-                        return await receive()
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-
-                start: dict[str, Any] = {}
-                chunks: list[bytes] = []
-
-                async def capture(message: Any) -> None:
-                    if message["type"] == "http.response.start":
-                        start.update(message)
-                    elif message["type"] == "http.response.body":
-                        chunks.append(message.get("body", b""))
-
-                await self.app(scope, replay, capture)
-                if not start:
-                    raise RuntimeError("No response returned.")  # as BaseHTTPMiddleware
-                status = int(start["status"])
-                raw = list(start.get("headers", []))
-                if status >= 400:
-                    content_type = next((v.decode("latin-1") for k, v in raw
-                                         if k.lower() == b"content-type"), "")
-                    media_type = content_type.partition(";")[0].strip().lower()
-                    if media_type == "application/json" or media_type.endswith("+json"):
-                        await send(start)
-                        await send({"type": "http.response.body", "body": b"".join(chunks)})
-                        return
-                    raise FlowerError(ApiErrorCode.INVALID_PROTOBUF_RESPONSE,
-                                      "Protobuf route returned a non-JSON HTTP error response "
-                                      f"with Content-Type {content_type!r}.")
-                if not hasattr(request.state, "protobuf_response"):
-                    raise FlowerError(ApiErrorCode.INVALID_PROTOBUF_RESPONSE,
-                                      "Protobuf response missing from request state after "
-                                      "handler completed.")
-                response = response_for(request.state.protobuf_response,
-                                        stream_context(request))
-                del request.state.protobuf_response
-                response.status_code = status
-                response.headers.raw.extend(h for h in raw
-                                            if h[0] not in (b"content-length", b"content-type"))
-                await response(scope, receive, send)
-
         class NodeAuth:
             """flwr's ``NodeAuthMiddleware`` without ``BaseHTTPMiddleware``."""
 
@@ -1054,8 +967,6 @@ class SuperLinkAsgiMiddleware(FlowerPatch[float | None]):
                 return Middleware(ErrorTranslation)
             if label == "NodeAuthMiddleware":
                 return Middleware(NodeAuth)
-            if label == "ProtobufTranslationMiddleware":
-                return Middleware(FleetProtobuf, stock=entry.cls)
             return entry
 
         def get_middleware() -> list[Any]:

@@ -146,9 +146,9 @@ ERRORS: dict[str, list[tuple[int, object]]] = {}
 
 
 def test_a_bad_protobuf_body_gets_flowers_error_response(superlink: tuple[str, str]) -> None:
-    """Errors of the protobuf translation (Fleet requests: pqfed's pure ASGI layer on the
-    asgi stacks) and below it become the very responses the stock stack gives: a body that is
-    not protobuf, a wrong media type, a method the route lacks, an unknown Fleet path."""
+    """Errors of the protobuf translation and below it, through the asgi stack's error
+    translator, become the very responses the stock stack gives: a body that is not
+    protobuf, a wrong media type, a method the route lacks, an unknown Fleet path."""
     stack, address = superlink
     url = f"http://{address}{FLEET}"
     bad = httpx.post(url, content=b"\xff\xff\xff", headers=PROTOBUF)
